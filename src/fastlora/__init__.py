@@ -1,0 +1,23 @@
+"""fastlora: LoRA and QLoRA fine-tuning made fast and lean by a torch.compile backend.
+
+    model = torch.compile(model, backend="fastlora")      # no import needed for this line
+    ...
+    import fastlora
+    print(fastlora.last_report())
+
+Public API: the backend name ``"fastlora"`` and its ``options`` (``Options``), the rewrite
+report (``last_report``, ``reports``), and ``register_pattern`` for your own fusions.
+"""
+from .backend import fastlora_backend
+from .options import Options
+from .pattern import Match, Pattern, Reject, register_pattern, registered_patterns
+from .pattern import unregister_pattern
+from .report import Report, Reports, clear_reports, last_report, reports
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fastlora_backend", "Options", "Pattern", "Match", "Reject", "register_pattern",
+    "unregister_pattern", "registered_patterns", "Report", "Reports", "last_report", "reports",
+    "clear_reports",
+]

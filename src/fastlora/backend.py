@@ -1,0 +1,77 @@
+"""The ``backend="fastlora"`` entry point: the whole pipeline, top to bottom.
+
+    receive the Dynamo graph  ->  canonicalize a copy  ->  match and rewrite patterns into
+    torch.ops.fastlora.* calls  ->  hand the result to inductor (compile_fx)  ->  publish the report
+
+Registered through the ``torch_dynamo_backends`` entry point, so ``torch.compile(model,
+backend="fastlora")`` works without importing fastlora first. Options come through
+``torch.compile(..., options={...})`` (see ``Options``).
+"""
+from __future__ import annotations
+
+import itertools
+import traceback
+
+import torch
+from torch import fx
+
+from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
+from .canonicalize import canonicalize
+from .options import Options
+from .pattern import registered_patterns
+from .report import Report, log, publish
+from .rewriter import apply_patterns
+
+_graph_counter = itertools.count()
+
+
+def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
+                     mode: str | None = None):
+    opts = Options.parse(options)
+    patterns = registered_patterns()
+    opts.check_pattern_names({p.name for p in patterns})
+    report = Report(next(_graph_counter), opts.as_dict())
+
+    # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.
+    rewritten = _copy(gm)
+    try:
+        canonicalize(rewritten.graph)
+        # 3-4. Match and rewrite.
+        active = [p for p in patterns if p.name not in opts.disable]
+        apply_patterns(rewritten.graph, active, report, strict=opts.strict)
+        rewritten.graph.lint()
+        rewritten.recompile()
+    except Exception as e:
+        if opts.strict:
+            raise
+        report.fallback = f"an internal error occurred ({type(e).__name__}: {e})"
+        report.errors.append(traceback.format_exc())
+        report.matches.clear()
+        log.warning("fastlora: compiling graph %d without rewrites: %s", report.index, e)
+        rewritten = gm
+
+    # 6. Publish the report (logger `fastlora`, tlparse artifact, stdout when asked).
+    publish(report, example_inputs, opts.print_report)
+
+    # 5. Codegen of everything else.
+    return _inner_compile(rewritten, example_inputs, opts.compiler, mode)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None):
+    if compiler == "eager":
+        return gm.forward
+    if compiler == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = torch._inductor.list_mode_options(mode) if mode else None
+    return compile_fx(gm, example_inputs, config_patches=patches)

@@ -1,0 +1,221 @@
+"""Step 2 of the pipeline: put a Dynamo FX graph into one canonical spelling.
+
+Dynamo records what the model's Python did, so one computation arrives in many spellings:
+``x.pow(2)`` (call_method) and ``torch.pow(x, 2)`` (call_function), ``a * b`` (operator.mul) and
+``torch.mul(a, b)``, ``linear(x, w)`` and ``linear(x, w, None)``, ``x.float()`` and
+``x.to(torch.float32)``. Patterns are traced from plain PyTorch functions and pass through the
+same function, so the matcher compares canonical targets and positional arguments only.
+
+Rules (each keeps the graph's meaning exactly):
+- call_method ``m`` becomes call_function ``torch.m`` where that takes the same arguments
+  (``_SAME_AS_FUNCTION``), else ``torch.Tensor.m``; ``operator.*`` arithmetic becomes ``torch.*``.
+- every dtype cast (``to``, ``float``, ``half``, ``bfloat16``, ``double``, ``type``, ``type_as``)
+  becomes ``torch.Tensor.to(x, dtype)``; a cast that changes nothing (same dtype and device,
+  read from ``meta["example_value"]``) is removed, its users reading its input.
+- ``x * x`` becomes ``torch.pow(x, 2)``.
+- arguments become positional with defaults filled in, for the ops in ``_SIGNATURES``.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+# The one callable each cast is rewritten to.
+CAST = torch.Tensor.to
+
+_OPERATOR_TO_TORCH = {
+    operator.add: torch.add, operator.iadd: torch.add,
+    operator.sub: torch.sub, operator.isub: torch.sub,
+    operator.mul: torch.mul, operator.imul: torch.mul,
+    operator.truediv: torch.div, operator.itruediv: torch.div,
+    operator.neg: torch.neg,
+    operator.pow: torch.pow,
+    operator.matmul: torch.matmul,
+}
+
+_NAMED_CASTS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
+                "double": torch.float64}
+
+_REQUIRED = object()
+_KW_ONLY = ("*", None)
+# target -> parameters and defaults in order; those after "*" are keyword-only. Arguments are
+# rewritten as positional (up to "*") and keyword (after it) with every default filled in.
+_SIGNATURES: dict = {
+    F.linear: [("input", _REQUIRED), ("weight", _REQUIRED), ("bias", None)],
+    torch.mean: [("input", _REQUIRED), ("dim", None), ("keepdim", False), _KW_ONLY,
+                 ("dtype", None)],
+    torch.sum: [("input", _REQUIRED), ("dim", None), ("keepdim", False), _KW_ONLY,
+                ("dtype", None)],
+    torch.pow: [("input", _REQUIRED), ("exponent", _REQUIRED)],
+    torch.add: [("input", _REQUIRED), ("other", _REQUIRED), _KW_ONLY, ("alpha", 1)],
+    torch.sub: [("input", _REQUIRED), ("other", _REQUIRED), _KW_ONLY, ("alpha", 1)],
+    torch.mul: [("input", _REQUIRED), ("other", _REQUIRED)],
+    torch.div: [("input", _REQUIRED), ("other", _REQUIRED), _KW_ONLY, ("rounding_mode", None)],
+    torch.rsqrt: [("input", _REQUIRED)],
+    torch.sqrt: [("input", _REQUIRED)],
+    torch.neg: [("input", _REQUIRED)],
+    torch.tanh: [("input", _REQUIRED)],
+    torch.cat: [("tensors", _REQUIRED), ("dim", 0)],
+    F.silu: [("input", _REQUIRED), ("inplace", False)],
+    F.gelu: [("input", _REQUIRED), _KW_ONLY, ("approximate", "none")],
+    F.layer_norm: [("input", _REQUIRED), ("normalized_shape", _REQUIRED), ("weight", None),
+                   ("bias", None), ("eps", 1e-5)],
+    F.dropout: [("input", _REQUIRED), ("p", 0.5), ("training", True), ("inplace", False)],
+    F.cross_entropy: [("input", _REQUIRED), ("target", _REQUIRED), ("weight", None),
+                      ("size_average", None), ("ignore_index", -100), ("reduce", None),
+                      ("reduction", "mean"), ("label_smoothing", 0.0)],
+    F.scaled_dot_product_attention: [("query", _REQUIRED), ("key", _REQUIRED),
+                                     ("value", _REQUIRED), ("attn_mask", None),
+                                     ("dropout_p", 0.0), ("is_causal", False), _KW_ONLY,
+                                     ("scale", None), ("enable_gqa", False)],
+}
+
+
+def example_value(node):
+    """The fake tensor (or value) Dynamo recorded for ``node``; None when unknown."""
+    if not isinstance(node, fx.Node):
+        return node
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def canonical_target(target):
+    """The canonical callable for a call_function target."""
+    if target in _OPERATOR_TO_TORCH:
+        return _OPERATOR_TO_TORCH[target]
+    if target is torch._C._nn.linear:
+        return F.linear
+    name = getattr(target, "__name__", None)
+    owner = getattr(target, "__objclass__", None) or getattr(target, "__self__", None)
+    if name and owner in (torch._C.TensorBase, torch.Tensor):
+        return _method_target(name)
+    return target
+
+
+# Methods whose torch.* function takes the same arguments; others stay ``torch.Tensor.m``
+# (``x.reshape(2, 3)`` and ``torch.reshape(x, (2, 3))`` differ, so only this list is mapped).
+_SAME_AS_FUNCTION = {
+    "add", "sub", "mul", "div", "neg", "pow", "mean", "sum", "rsqrt", "sqrt", "tanh", "exp",
+    "sigmoid", "erf", "abs", "matmul", "transpose", "unsqueeze", "softmax", "clamp", "maximum",
+    "minimum", "square",
+}
+
+
+def _method_target(name: str):
+    if name in _SAME_AS_FUNCTION:
+        return getattr(torch, name)
+    return getattr(torch.Tensor, name)
+
+
+def _dtype_of(value):
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _cast_dtype(node: fx.Node):
+    """If ``node`` is a pure dtype cast, return (input, dtype); dtype may be None if unknown.
+
+    Returns None for anything else (including casts that also move the tensor to a device).
+    """
+    if node.op == "call_method":
+        name, target = node.target, None
+    elif node.op == "call_function" and node.target in (torch.Tensor.to, torch.Tensor.type,
+                                                        torch.Tensor.type_as, torch.Tensor.float):
+        name, target = node.target.__name__, node.target
+    else:
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if not args:
+        return None
+    src = args[0]
+    if name in _NAMED_CASTS and len(args) == 1 and not kwargs:
+        return src, _NAMED_CASTS[name]
+    if name == "type_as" and len(args) == 2:
+        return src, _dtype_of(example_value(args[1]))
+    if name in ("to", "type"):
+        rest = args[1:]
+        dtype = kwargs.pop("dtype", None)
+        device = kwargs.pop("device", None)
+        kwargs.pop("non_blocking", None)
+        if kwargs:  # copy=True, memory_format=...: not a plain cast
+            return None
+        for a in rest:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif isinstance(a, (torch.device, str)):
+                device = a
+            elif isinstance(a, fx.Node) and isinstance(example_value(a), torch.Tensor):
+                dtype = example_value(a).dtype  # x.to(other_tensor)
+                device = example_value(a).device
+            else:
+                return None
+        if device is not None:
+            out = example_value(node)
+            inp = example_value(src)
+            if out is None or inp is None or torch.device(out.device) != torch.device(inp.device):
+                return None
+        if dtype is None and device is None:
+            return None
+        if dtype is None:
+            dtype = _dtype_of(example_value(src))
+        return src, dtype
+    return None
+
+
+def _normalize_args(target, args, kwargs):
+    sig = _SIGNATURES.get(target)
+    if sig is None:
+        return tuple(args), dict(kwargs)
+    names = [n for n, _ in sig if n != "*"]
+    n_positional = next((i for i, (n, _) in enumerate(sig) if n == "*"), len(sig))
+    if len(args) > n_positional or any(k not in names for k in kwargs):
+        return tuple(args), dict(kwargs)
+    pos, kw = [], {}
+    for i, (name, default) in enumerate(p for p in sig if p[0] != "*"):
+        if i < len(args):
+            value = args[i]
+        elif name in kwargs:
+            value = kwargs[name]
+        elif default is _REQUIRED:
+            return tuple(args), dict(kwargs)
+        else:
+            value = default
+        if i < n_positional:
+            pos.append(value)
+        else:
+            kw[name] = value
+    if target in (torch.mean, torch.sum) and isinstance(pos[1], (list, tuple)) and len(pos[1]) == 1:
+        pos[1] = pos[1][0]  # mean(x, [-1]) == mean(x, -1)
+    if target in (torch.add, torch.sub) and kw.get("alpha") == 1:
+        del kw["alpha"]  # the common case reads like plain `a + b`
+    return tuple(pos), kw
+
+
+def canonicalize(graph: fx.Graph) -> fx.Graph:
+    """Rewrite ``graph`` in place into canonical form (see module docstring) and return it."""
+    for node in list(graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        cast = _cast_dtype(node)
+        if cast is not None:
+            src, dtype = cast
+            src_val, out_val = example_value(src), example_value(node)
+            if (isinstance(src_val, torch.Tensor) and isinstance(out_val, torch.Tensor)
+                    and src_val.dtype == out_val.dtype and src_val.device == out_val.device):
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
+                continue
+            node.op, node.target, node.args, node.kwargs = "call_function", CAST, (src, dtype), {}
+            continue
+        if node.op == "call_method":
+            node.op, node.target = "call_function", _method_target(node.target)
+        else:
+            node.target = canonical_target(node.target)
+        if node.target is torch.mul and len(node.args) == 2 and node.args[0] is node.args[1] \
+                and isinstance(node.args[0], fx.Node) and not node.kwargs:
+            node.target, node.args = torch.pow, (node.args[0], 2)
+            continue
+        node.args, node.kwargs = _normalize_args(node.target, node.args, node.kwargs)
+    graph.lint()
+    return graph

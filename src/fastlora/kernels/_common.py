@@ -1,0 +1,56 @@
+"""Helpers shared by the kernel files: where a kernel runs and how many programs to launch."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:  # macOS / Windows CPU installs: the PyTorch reference kernels still work
+    triton = None
+    HAVE_TRITON = False
+
+
+def interpret_on_cpu() -> bool:
+    """True when CPU tensors should go through the Triton kernels (``TRITON_INTERPRET=1``).
+
+    The interpreter runs the real kernels on CPU tensors, slowly: tests use it on tiny shapes so
+    that CI checks the code that runs on the GPU, not only the PyTorch reference.
+    """
+    return HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and (t.is_cuda or (t.device.type == "cpu" and interpret_on_cpu()))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(t: torch.Tensor, rows: int, per_sm: int = 1) -> int:
+    """Programs for a grid that loops over rows: a few per SM on a GPU, 4 under the interpreter."""
+    if t.is_cuda:
+        return max(1, min(rows, _sm_count(t.device.index or 0) * per_sm))
+    return max(1, min(rows, 4))
+
+
+def require(cond: bool, message: str, exc=ValueError) -> None:
+    if not cond:
+        raise exc(message)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    require(t.dtype in (torch.float32, torch.bfloat16, torch.float16),
+            f"fastlora: {name} must be float32, bfloat16 or float16, got {t.dtype}", TypeError)
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    require(len(set(devices.values())) == 1,
+            f"fastlora: tensors on different devices: {devices}", RuntimeError)

@@ -1,0 +1,201 @@
+"""RMSNorm, forward and backward: ``torch.ops.fastlora.rms_norm``.
+
+Math, for one row x of N features (computed in float32 whatever the storage dtype):
+
+    rstd = 1 / sqrt(mean(x^2) + eps)          n = x * rstd
+    Llama:  y = (w + offset) * cast(n, x.dtype)      (cast_before_weight=True,  offset 0)
+    Gemma:  y = cast(n * (1 + w), x.dtype)           (cast_before_weight=False, offset 1)
+
+    dn = dy * (w + offset)
+    dx = rstd * (dn - n * mean(dn * n))
+    dw = sum over rows of dy * n   (n rounded like the forward when cast_before_weight)
+
+Memory: the forward keeps one float32 per row (rstd) besides x, where the unfused graph keeps
+the float32 copy of x, its square, the normalised row and its cast (about 3-4 full-size
+tensors per norm for backward). dw is computed only when the weight requires grad (in LoRA it
+usually does not); when it does, each program sums its rows into one partial row and a final
+``sum(0)`` adds the partials, so there are no atomics and the result is deterministic.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import HAVE_TRITON, check_float, check_same_device, persistent_programs, require
+from ._common import use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, offset,
+                      CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        n = x * rstd
+        if CAST_BEFORE_WEIGHT:
+            n = n.to(X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        tl.store(Y + row * stride_y + cols, (n * w).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, M, N,
+                      offset, rows_per_program,
+                      CAST_BEFORE_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        mask = cols < N
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        first = pid * rows_per_program
+        last = tl.minimum(first + rows_per_program, M)
+        for r in range(first, last):
+            row = r.to(tl.int64)
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            n = x * rstd
+            dn = dy * w
+            dx = (dn - n * (tl.sum(dn * n, axis=0) / N)) * rstd
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                if CAST_BEFORE_WEIGHT:
+                    n = n.to(X.dtype.element_ty).to(tl.float32)
+                dw += dy * n
+        if COMPUTE_DW:
+            tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+
+
+def _warps(block_n: int) -> int:
+    return max(1, min(16, block_n // 256))
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _output_dtype(x: Tensor, weight: Tensor, cast_before_weight: bool) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight else x.dtype
+
+
+def _validate(x: Tensor, weight: Tensor) -> None:
+    check_float("x", x)
+    check_float("weight", weight)
+    check_same_device(x=x, weight=weight)
+    require(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
+            f"fastlora.rms_norm: weight must have shape ({x.shape[-1]},) to match the last "
+            f"dimension of x, got {tuple(weight.shape)}")
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight):
+    x2 = _rows(x)
+    M, N = x2.shape
+    y = torch.empty((M, N), dtype=_output_dtype(x, weight, cast_before_weight), device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(N)
+    _rms_norm_fwd[(M,)](x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), N, eps,
+                        offset, CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=block,
+                        num_warps=_warps(block))
+    return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, compute_dw):
+    x2, dy2 = _rows(x), _rows(dy)
+    M, N = x2.shape
+    dx = torch.empty_like(x2)
+    programs = persistent_programs(x2, M, per_sm=2)
+    partial = torch.empty((programs, N) if compute_dw else (1, 1), dtype=torch.float32,
+                          device=x.device)
+    block = triton.next_power_of_2(N)
+    _rms_norm_bwd[(programs,)](dy2, x2, weight.contiguous(), rstd.contiguous(), dx, partial,
+                               dy2.stride(0), x2.stride(0), dx.stride(0), M, N, offset,
+                               triton.cdiv(M, programs), CAST_BEFORE_WEIGHT=cast_before_weight,
+                               COMPUTE_DW=compute_dw, BLOCK_N=block, num_warps=_warps(block))
+    dw = partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty(0)
+    return dx.view(x.shape), dw
+
+
+# ---------------------------------------------------------------- PyTorch reference (CPU kernel)
+
+
+def rms_norm_forward_reference(x, weight, eps, offset, cast_before_weight):
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    n = xf * rstd.unsqueeze(-1)
+    if cast_before_weight:
+        n = n.to(x.dtype).float()
+    y = n * (weight.float() + offset)
+    return y.to(_output_dtype(x, weight, cast_before_weight)), rstd
+
+
+def rms_norm_backward_reference(dy, x, weight, rstd, offset, cast_before_weight, compute_dw):
+    xf, dyf = x.float(), dy.float()
+    n = xf * rstd.unsqueeze(-1)
+    dn = dyf * (weight.float() + offset)
+    dx = (dn - n * (dn * n).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
+    dw = weight.new_empty(0)
+    if compute_dw:
+        nw = n.to(x.dtype).float() if cast_before_weight else n
+        dw = (dyf * nw).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    return dx.to(x.dtype), dw
+
+
+# ---------------------------------------------------------------- the custom ops
+
+
+@torch.library.custom_op("fastlora::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float,
+             cast_before_weight: bool) -> tuple[Tensor, Tensor]:
+    """Returns (y, rstd); rstd (float32, one per row) is what the backward needs besides x."""
+    _validate(x, weight)
+    if use_triton(x):
+        return rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight)
+    return rms_norm_forward_reference(x, weight, eps, offset, cast_before_weight)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, offset, cast_before_weight):
+    _validate(x, weight)
+    y = x.new_empty(x.shape, dtype=_output_dtype(x, weight, cast_before_weight))
+    return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlora::rms_norm_backward", mutates_args=())
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset: float,
+                      cast_before_weight: bool, compute_dw: bool) -> tuple[Tensor, Tensor]:
+    if use_triton(x):
+        return rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight,
+                                        compute_dw)
+    return rms_norm_backward_reference(dy, x, weight, rstd, offset, cast_before_weight,
+                                       compute_dw)
+
+
+@rms_norm_backward.register_fake
+def _(dy, x, weight, rstd, offset, cast_before_weight, compute_dw):
+    return torch.empty_like(x), (torch.empty_like(weight) if compute_dw else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _eps, offset, cast_before_weight = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    compute_dw = ctx.needs_input_grad[1]
+    dx, dw = torch.ops.fastlora.rms_norm_backward(dy, x, weight, rstd, ctx.offset,
+                                                  ctx.cast_before_weight, compute_dw)
+    return dx, (dw if compute_dw else None), None, None, None
+
+
+rms_norm.register_autograd(_backward, setup_context=_setup_context)

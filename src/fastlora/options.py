@@ -1,0 +1,57 @@
+"""The backend's options: ``torch.compile(model, backend="fastlora", options={...})``."""
+from __future__ import annotations
+
+import dataclasses
+
+_INNER = ("inductor", "aot_eager", "eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Every option, its default, and what it does (docs/options.md shows them in use).
+
+    - ``disable``: pattern names to leave unfused, e.g. ``["rms_norm"]``.
+    - ``print_report``: print each graph's rewrite report to stdout (it is always logged to the
+      ``fastlora`` logger, which ``TORCH_LOGS="+fastlora"`` shows).
+    - ``compiler``: what compiles the rewritten graph: ``"inductor"`` (default), ``"aot_eager"``
+      (AOTAutograd without code generation, fast to compile, for debugging) or ``"eager"``.
+    - ``strict``: raise on an internal error of a pattern instead of reporting it and compiling
+      the graph unfused.
+    - ``return_logits``: whether a causal-LM graph keeps returning logits when the loss is fused
+      (``False`` lets the fused loss skip them).
+    """
+
+    disable: tuple[str, ...] = ()
+    print_report: bool = False
+    compiler: str = "inductor"
+    strict: bool = False
+    return_logits: bool = False
+
+    @classmethod
+    def parse(cls, options: dict | None) -> "Options":
+        options = dict(options or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"unknown fastlora option(s) {unknown}; valid options are "
+                             f"{sorted(names)} (see docs/options.md)")
+        disable = options.get("disable", ())
+        if isinstance(disable, str):
+            disable = (disable,)
+        options["disable"] = tuple(disable)
+        if options.get("compiler", "inductor") not in _INNER:
+            raise ValueError(f"options['compiler'] must be one of {_INNER}, "
+                             f"got {options['compiler']!r}")
+        for flag in ("print_report", "strict", "return_logits"):
+            if flag in options and not isinstance(options[flag], bool):
+                raise TypeError(f"options[{flag!r}] must be True or False, got {options[flag]!r}")
+        return cls(**options)
+
+    def check_pattern_names(self, known: set[str]) -> None:
+        unknown = sorted(set(self.disable) - known)
+        if unknown:
+            raise ValueError(f"options['disable'] names unknown pattern(s) {unknown}; "
+                             f"registered patterns are {sorted(known)}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)

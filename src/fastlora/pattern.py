@@ -1,0 +1,128 @@
+"""What a fusion pattern is, and the registry that holds them.
+
+A pattern is declared once, with plain PyTorch functions:
+
+- ``spellings``: one or more functions, each a way the computation is written in model code
+  (Llama's RMSNorm, Gemma's). Their parameters are the pattern's inputs; a parameter annotated
+  ``torch.Tensor`` binds to a tensor in the graph, one annotated ``float``/``int``/``bool`` binds to
+  a literal (eps, a scale), so literals are captured, not compared. Dtype casts in a spelling are
+  optional: a graph where the cast was a no-op (fp32 model) matches too.
+- ``check(match)``: proves the constraints the fused op needs (dtypes, shapes, devices) and
+  returns the extra keyword arguments of the replacement; it raises ``Reject(reason)`` otherwise.
+  The reason is shown in the rewrite report.
+- ``replacement``: a plain function of the same inputs (plus what ``check`` returned) that calls
+  the fused op; it is traced into the graph in place of the matched region.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+from torch import fx
+
+from .canonicalize import example_value
+
+
+class Reject(Exception):
+    """Raised by a pattern's ``check`` to leave a match alone; the message goes in the report."""
+
+
+@dataclasses.dataclass
+class Pattern:
+    """A fusion pattern. ``name`` is what the report counts and what ``options["disable"]`` names."""
+
+    name: str
+    spellings: Sequence[Callable]
+    replacement: Callable
+    check: Callable[["Match"], dict] | None = None
+    anchor: Callable | None = None  # op whose unmatched occurrences are reported as near misses
+    priority: int = 0  # higher runs first (a grouped LoRA pattern before the single one)
+    description: str = ""
+    builtin: bool = False
+
+    def __post_init__(self):
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"pattern name must be a non-empty identifier, got {self.name!r}")
+        if callable(self.spellings):
+            self.spellings = [self.spellings]
+        self.spellings = list(self.spellings)
+        if not self.spellings or not all(callable(s) for s in self.spellings):
+            raise TypeError(f"pattern {self.name!r}: spellings must be one or more functions")
+        if not callable(self.replacement):
+            raise TypeError(f"pattern {self.name!r}: replacement must be a function")
+
+
+class Match:
+    """One place in the graph where a spelling matched; handed to ``check`` and the report."""
+
+    def __init__(self, pattern: Pattern, spelling: str, bindings: dict, nodes: dict,
+                 outputs: list[fx.Node]):
+        self.pattern = pattern
+        self.spelling = spelling
+        self.bindings = bindings  # input name -> fx.Node (tensor) or Python literal
+        self.node_map = nodes  # pattern node -> graph node, for the matched operations
+        self.outputs = outputs
+        self.params: dict = {}
+
+    def __getitem__(self, name):
+        """The graph node (or literal) bound to input ``name``."""
+        return self.bindings[name]
+
+    def value(self, name):
+        """The example value (a fake tensor with shape, dtype, device) of input ``name``."""
+        return example_value(self.bindings[name])
+
+    @property
+    def region(self) -> set[fx.Node]:
+        return set(self.node_map.values())
+
+    def nodes_calling(self, target) -> list[fx.Node]:
+        """Matched graph nodes that call ``target`` (e.g. ``torch.rsqrt``), in graph order."""
+        found = {n for p, n in self.node_map.items() if p.target is target}
+        return [n for n in self.outputs[0].graph.nodes if n in found]
+
+    def output_value(self, i: int = 0):
+        return example_value(self.outputs[i])
+
+
+_REGISTRY: dict[str, Pattern] = {}
+
+
+def register_pattern(pattern: Pattern | None = None, *, replace: bool = False, **fields) -> Pattern:
+    """Add a fusion pattern to the registry used by every later ``backend="fastlora"`` compile.
+
+    Call it with a ``Pattern`` or with its fields as keywords::
+
+        fastlora.register_pattern(name="my_op", spellings=[f], replacement=g, check=c)
+
+    A name already registered raises unless ``replace=True``.
+    """
+    if pattern is None:
+        pattern = Pattern(**fields)
+    elif fields:
+        raise TypeError("pass either a Pattern or its fields as keywords, not both")
+    if pattern.name in _REGISTRY and not replace:
+        raise ValueError(f"a pattern named {pattern.name!r} is already registered; "
+                         "pass replace=True to replace it")
+    _REGISTRY[pattern.name] = pattern
+    return pattern
+
+
+def unregister_pattern(name: str) -> None:
+    """Remove a pattern by name (KeyError with the known names if there is none)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"no pattern named {name!r}; registered: {sorted(_REGISTRY)}")
+    del _REGISTRY[name]
+
+
+def registered_patterns() -> list[Pattern]:
+    """All registered patterns, built-in ones included, in the order they are tried."""
+    from . import builtin_patterns
+
+    builtin_patterns.load()
+    return sorted(_REGISTRY.values(), key=lambda p: -p.priority)
+
+
+def is_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor)

@@ -1,0 +1,183 @@
+"""Step 6 of the pipeline: the rewrite report, one per graph the backend compiles.
+
+``fastlora.last_report()`` is the latest; ``fastlora.reports(model)`` holds every graph of one
+model (a graph break makes several). Each report lists every match (pattern, module path, module
+class, source file:line, captured parameters) and every near miss with its reason.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import re
+
+import torch
+from torch import fx
+
+log = logging.getLogger("fastlora")
+try:  # TORCH_LOGS="+fastlora" turns the logger on
+    torch._logging._internal.register_log("fastlora", "fastlora")
+except Exception:  # pragma: no cover - private API moved: plain logging still works
+    pass
+
+
+def _module_of(node: fx.Node) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"^L\.self\.?|^L\['self'\]\.?|^self\.?", "", path).lstrip(".")
+    cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+    return path, cls_name.rsplit(".", 1)[-1]
+
+
+def _source_of(node: fx.Node) -> str:
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    path, line = frames[-1]
+    for marker in ("site-packages/", "src/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{path}:{line}"
+
+
+def _plain(value):
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return repr(value)
+
+
+class Report:
+    """What the backend did to one graph."""
+
+    def __init__(self, index: int, options: dict):
+        self.index = index
+        self.options = options
+        self.matches: list[dict] = []
+        self.near_misses: list[dict] = []
+        self.errors: list[str] = []
+        self.fallback: str | None = None  # set when the graph was compiled unrewritten
+        self._model_params: set[int] = set()
+
+    def add_match(self, match) -> None:
+        out = match.outputs[0]
+        path, cls = _module_of(out)
+        params = {k: _plain(v) for k, v in match.bindings.items() if not isinstance(v, fx.Node)}
+        params.update({k: _plain(v) for k, v in match.params.items()})
+        self.matches.append({"pattern": match.pattern.name, "spelling": match.spelling,
+                             "module": path, "class": cls, "source": _source_of(out),
+                             "params": params})
+
+    def add_near_miss(self, pattern: str, node: fx.Node, reason: str) -> None:
+        path, cls = _module_of(node)
+        self.near_misses.append({"pattern": pattern, "node": node.name, "module": path,
+                                 "class": cls, "source": _source_of(node), "reason": reason})
+
+    def counts(self) -> dict[str, int]:
+        """Matches per pattern name, e.g. ``{"rms_norm": 5}``."""
+        return dict(collections.Counter(m["pattern"] for m in self.matches))
+
+    def to_dict(self) -> dict:
+        """The report as plain JSON-serialisable data."""
+        return {"graph": self.index, "options": _plain_dict(self.options),
+                "counts": self.counts(), "matches": self.matches,
+                "near_misses": self.near_misses, "fallback": self.fallback,
+                "errors": self.errors}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        lines = [f"fastlora rewrite report, graph {self.index}: "
+                 + (", ".join(f"{k} x{v}" for k, v in self.counts().items()) or "no matches")]
+        if self.fallback:
+            lines.append(f"  FALLBACK: compiled without rewrites because {self.fallback}")
+        if self.matches:
+            lines.append(_table(["pattern", "module", "class", "source", "params"],
+                                [[m["pattern"], m["module"], m["class"], m["source"],
+                                  _fmt_params(m["params"])] for m in self.matches]))
+        if self.near_misses:
+            lines.append("  near misses (left unfused):")
+            lines.append(_table(["pattern", "module", "source", "reason"],
+                                [[n["pattern"], n["module"] or n["node"], n["source"],
+                                  n["reason"]] for n in self.near_misses]))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _plain_dict(d: dict) -> dict:
+    return {k: _plain(v) for k, v in d.items()}
+
+
+def _fmt_params(params: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    widths[-1] = len(header[-1])  # the last column runs free
+    fmt = lambda r: "  " + "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+class Reports(list):
+    """A list of reports with the combined ``counts()`` and a printable summary."""
+
+    def counts(self) -> dict[str, int]:
+        total = collections.Counter()
+        for r in self:
+            total.update(r.counts())
+        return dict(total)
+
+    def near_misses(self) -> list[dict]:
+        return [n for r in self for n in r.near_misses]
+
+    def __str__(self) -> str:
+        return "\n\n".join(str(r) for r in self) or "fastlora: no graph compiled yet"
+
+
+_ALL: list[Report] = []
+
+
+def publish(report: Report, example_inputs, print_it: bool) -> None:
+    report._model_params = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
+    _ALL.append(report)
+    log.info("%s", report)
+    try:
+        torch._logging.trace_structured(
+            "artifact", metadata_fn=lambda: {"name": "fastlora_report", "encoding": "json"},
+            payload_fn=report.to_json)
+    except Exception:  # pragma: no cover - tlparse artifacts are optional
+        pass
+    if print_it:
+        print(report, flush=True)
+
+
+def last_report() -> Report:
+    """The report of the graph compiled most recently by the fastlora backend."""
+    if not _ALL:
+        raise LookupError("fastlora has compiled no graph yet: torch.compile is lazy, so call "
+                          "the compiled model once before asking for its report")
+    return _ALL[-1]
+
+
+def reports(model: torch.nn.Module | None = None) -> Reports:
+    """Every report so far, or only those of graphs that take ``model``'s parameters."""
+    if model is None:
+        return Reports(_ALL)
+    model = getattr(model, "_orig_mod", model)
+    ids = {id(p) for p in model.parameters()}
+    return Reports(r for r in _ALL if r._model_params & ids)
+
+
+def clear_reports() -> None:
+    _ALL.clear()

@@ -1,0 +1,202 @@
+"""Step 4 of the pipeline: replace each proven match with one call of a fused op.
+
+For every pattern (highest priority first) and every spelling, each graph node calling the
+spelling's output op is tried. A full match is rewritten only when all of these hold, and is
+otherwise reported as a near miss with the first that failed:
+
+1. no value computed inside the region is used outside it (an escaping intermediate would have to
+   be recomputed or kept alive, and the fused op does not produce it);
+2. the pattern's ``check`` accepts it (dtypes, shapes, devices, literals);
+3. the replacement, run on the recorded fake tensors, gives outputs of exactly the shapes and
+   dtypes the graph had there.
+
+The replacement function is then called with ``torch.fx.Proxy`` arguments, which records its ops
+into the graph; the region's outputs are redirected to the new values and the region is erased.
+"""
+from __future__ import annotations
+
+import traceback
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .canonicalize import example_value
+from .matcher import Attempt, attempts_at, describe, trace_spelling
+from .pattern import Match, Pattern, Reject
+from .report import Report
+
+
+def _escaping(match: Match) -> str | None:
+    region, outputs = match.region, set(match.outputs)
+    for node in match.outputs[0].graph.nodes:
+        if node in region and node not in outputs:
+            outside = [u for u in node.users if u not in region]
+            if outside:
+                return (f"the intermediate {describe(node)} is also used outside the pattern by "
+                        f"{describe(outside[0])}, so the region cannot be replaced by one op")
+    for name, bound in match.bindings.items():
+        if isinstance(bound, fx.Node) and bound in region:
+            return f"input `{name}` is computed inside the region itself"
+    return None
+
+
+def _fake_mode(values):
+    for v in values:
+        mode = getattr(v, "fake_mode", None)
+        if mode is not None:
+            return mode
+    return None
+
+
+def _same_meta(old, new) -> str | None:
+    if not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor):
+        return "the replacement returned something other than a tensor"
+    if old.dtype != new.dtype:
+        return f"the fused op would return {new.dtype} where the graph has {old.dtype}"
+    if old.dim() != new.dim() or not all(
+            statically_known_true(a == b) for a, b in zip(old.shape, new.shape)):
+        return f"the fused op would return shape {tuple(new.shape)} where the graph has " \
+               f"{tuple(old.shape)}"
+    if old.device != new.device:
+        return f"the fused op would return a tensor on {new.device}, not {old.device}"
+    return None
+
+
+def _as_list(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _check_replacement(match: Match) -> str | None:
+    """Run the replacement on the recorded fake tensors; compare with the graph's outputs."""
+    values = {k: example_value(v) if isinstance(v, fx.Node) else v
+              for k, v in match.bindings.items()}
+    mode = _fake_mode(values.values())
+    if mode is None:
+        return "the graph carries no fake tensors for the inputs (not a Dynamo graph?)"
+    with mode:
+        outs = _as_list(match.pattern.replacement(**values, **match.params))
+    if len(outs) != len(match.outputs):
+        return f"the replacement returned {len(outs)} values for {len(match.outputs)} outputs"
+    for old_node, new in zip(match.outputs, outs):
+        problem = _same_meta(example_value(old_node), new)
+        if problem:
+            return problem
+    return None
+
+
+def _insert(match: Match) -> None:
+    graph = match.outputs[0].graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inputs = [v for v in match.bindings.values() if isinstance(v, fx.Node)]
+    anchor = max(inputs, key=order.__getitem__) if inputs else None
+    first_out = min(match.outputs, key=order.__getitem__)
+    # Right after the last input if that lies after the first output, else before the first output.
+    if anchor is not None and order[anchor] >= order[first_out]:
+        ctx = graph.inserting_after(anchor)
+    else:
+        ctx = graph.inserting_before(first_out)
+    meta_src = match.outputs[-1]
+    tracer = fx.proxy.GraphAppendingTracer(graph)
+    before = set(graph.nodes)
+    with ctx:
+        args = {k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v
+                for k, v in match.bindings.items()}
+        outs = _as_list(match.pattern.replacement(**args, **match.params))
+    new_nodes = [n for n in graph.nodes if n not in before]
+    mode = _fake_mode(example_value(n) for n in inputs)
+    for n in new_nodes:  # record fake values so later patterns can read shapes and dtypes
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in meta_src.meta:
+                n.meta[key] = meta_src.meta[key]
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: example_value(a))
+        with mode:
+            n.meta["example_value"] = n.target(*args, **kwargs)
+    for old, new in zip(match.outputs, outs):
+        old.replace_all_uses_with(new.node if isinstance(new, fx.Proxy) else new)
+    for node in reversed(list(graph.nodes)):
+        if node in match.region and not node.users:
+            graph.erase_node(node)
+    _stable_topological_sort(graph)
+
+
+def _stable_topological_sort(graph: fx.Graph) -> None:
+    """Move nodes only where a node now precedes one of its inputs (rare: multi-output regions)."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    if all(position[i] < position[n] for n in graph.nodes for i in n.all_input_nodes):
+        return
+    placed, cursor = set(), None
+    for node in list(graph.nodes):
+        stack = [node]
+        while stack:
+            top = stack[-1]
+            if top in placed:
+                stack.pop()
+                continue
+            waiting = [i for i in top.all_input_nodes if i not in placed]
+            if waiting:
+                stack.extend(waiting)
+                continue
+            stack.pop()
+            placed.add(top)
+            if cursor is not None:
+                cursor.append(top)
+            cursor = top
+
+
+def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
+                   strict: bool = False) -> None:
+    """Match and rewrite ``patterns`` in ``graph``; record matches and near misses in ``report``."""
+    for pattern in patterns:
+        best: dict[fx.Node, tuple[int, str]] = {}  # anchor node -> (progress, reason)
+
+        def remember(attempt_nodes, progress: int, reason: str):
+            for n in attempt_nodes:
+                if pattern.anchor is not None and n.target is pattern.anchor:
+                    if n not in best or progress > best[n][0]:
+                        best[n] = (progress, reason)
+
+        for fn in pattern.spellings:
+            spelling = trace_spelling(fn)
+            erased: set = set()
+            for node in list(graph.nodes):
+                if node in erased or node.op != "call_function" \
+                        or node.target is not spelling.outputs[0].target:
+                    continue
+                for attempt in attempts_at(spelling, node, erased):
+                    if _try_rewrite(pattern, attempt, spelling, report, remember, erased, strict):
+                        break
+        for node in graph.nodes:  # anchors left in the graph are the near misses
+            if pattern.anchor is not None and node.op == "call_function" \
+                    and node.target is pattern.anchor:
+                reason = best.get(node, (0, f"no spelling of `{pattern.name}` leads to this "
+                                            f"{describe(node)}"))[1]
+                report.add_near_miss(pattern.name, node, reason)
+
+
+def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, strict) -> bool:
+    nodes = set(attempt.state.node_map.values())
+    if attempt.reason is not None:
+        remember(nodes, len(nodes), f"spelling `{spelling.name}`: {attempt.reason}")
+        return False
+    outputs = [attempt.state.node_map[o] for o in spelling.outputs]
+    match = Match(pattern, spelling.name, attempt.state.bindings, attempt.state.node_map, outputs)
+    reason = _escaping(match)
+    if reason is None:
+        try:
+            match.params = dict(pattern.check(match) or {}) if pattern.check else {}
+            reason = _check_replacement(match)
+        except Reject as e:
+            reason = str(e)
+        except Exception as e:  # a broken pattern must not break the user's compile
+            if strict:
+                raise
+            reason = f"internal error in pattern `{pattern.name}`: {type(e).__name__}: {e}"
+            report.errors.append(traceback.format_exc())
+    if reason is not None:
+        remember(nodes, len(nodes) + 1000, reason)  # a full match that was refused: best reason
+        return False
+    report.add_match(match)
+    erased.update(match.region)
+    _insert(match)
+    return True
