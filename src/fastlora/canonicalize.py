@@ -109,58 +109,48 @@ def _method_target(name: str):
     return getattr(torch.Tensor, name)
 
 
-def _dtype_of(value):
-    return value.dtype if isinstance(value, torch.Tensor) else None
-
-
 def _cast_dtype(node: fx.Node):
-    """If ``node`` is a pure dtype cast, return (input, dtype); dtype may be None if unknown.
+    """If ``node`` is a pure dtype cast, return ``(input, dtype)``, else None.
 
-    Returns None for anything else (including casts that also move the tensor to a device).
+    In a Dynamo graph the dtype is read from the recorded output. In a pattern graph (no
+    recorded values) it is what the spelling said: a ``torch.dtype``, or a node whose dtype it
+    copies (``x.to(y.dtype)``, ``x.type_as(y)``); the matcher resolves it after binding.
+    A cast that also moves the tensor to another device is not a pure cast.
     """
     if node.op == "call_method":
-        name, target = node.target, None
+        name = node.target
     elif node.op == "call_function" and node.target in (torch.Tensor.to, torch.Tensor.type,
                                                         torch.Tensor.type_as, torch.Tensor.float):
-        name, target = node.target.__name__, node.target
+        name = node.target.__name__
     else:
         return None
     args, kwargs = list(node.args), dict(node.kwargs)
     if not args:
         return None
-    src = args[0]
+    src, spec = args[0], None
     if name in _NAMED_CASTS and len(args) == 1 and not kwargs:
-        return src, _NAMED_CASTS[name]
-    if name == "type_as" and len(args) == 2:
-        return src, _dtype_of(example_value(args[1]))
-    if name in ("to", "type"):
-        rest = args[1:]
-        dtype = kwargs.pop("dtype", None)
-        device = kwargs.pop("device", None)
+        spec = _NAMED_CASTS[name]
+    elif name == "type_as" and len(args) == 2 and not kwargs:
+        spec = args[1]
+    elif name in ("to", "type"):
+        spec = kwargs.pop("dtype", None)
+        kwargs.pop("device", None)
         kwargs.pop("non_blocking", None)
         if kwargs:  # copy=True, memory_format=...: not a plain cast
             return None
-        for a in rest:
-            if isinstance(a, torch.dtype):
-                dtype = a
-            elif isinstance(a, (torch.device, str)):
-                device = a
-            elif isinstance(a, fx.Node) and isinstance(example_value(a), torch.Tensor):
-                dtype = example_value(a).dtype  # x.to(other_tensor)
-                device = example_value(a).device
-            else:
+        for a in args[1:]:
+            if isinstance(a, (torch.dtype, fx.Node)):
+                spec = a
+            elif not isinstance(a, (torch.device, str)):
                 return None
-        if device is not None:
-            out = example_value(node)
-            inp = example_value(src)
-            if out is None or inp is None or torch.device(out.device) != torch.device(inp.device):
-                return None
-        if dtype is None and device is None:
+    else:
+        return None
+    src_val, out_val = example_value(src), example_value(node)
+    if isinstance(out_val, torch.Tensor):  # a Dynamo graph: trust the recorded result
+        if not isinstance(src_val, torch.Tensor) or src_val.device != out_val.device:
             return None
-        if dtype is None:
-            dtype = _dtype_of(example_value(src))
-        return src, dtype
-    return None
+        return src, out_val.dtype
+    return (src, spec) if spec is not None else None
 
 
 def _normalize_args(target, args, kwargs):
@@ -200,9 +190,8 @@ def canonicalize(graph: fx.Graph) -> fx.Graph:
         cast = _cast_dtype(node)
         if cast is not None:
             src, dtype = cast
-            src_val, out_val = example_value(src), example_value(node)
-            if (isinstance(src_val, torch.Tensor) and isinstance(out_val, torch.Tensor)
-                    and src_val.dtype == out_val.dtype and src_val.device == out_val.device):
+            src_val = example_value(src)
+            if isinstance(src_val, torch.Tensor) and src_val.dtype == dtype:
                 node.replace_all_uses_with(src)
                 graph.erase_node(node)
                 continue

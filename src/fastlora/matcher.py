@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from .canonicalize import CAST, canonicalize
+from .canonicalize import CAST, canonicalize, example_value
 
 _COMMUTATIVE = (torch.add, torch.mul)
 _LITERAL_TYPES = (float, int, bool)
@@ -65,6 +65,22 @@ def trace_spelling(fn: Callable) -> SpellingGraph:
     return SpellingGraph(fn.__name__, graph, params, outs)
 
 
+def output_targets(spelling: SpellingGraph) -> set:
+    """Ops a graph node may call to be the spelling's first output: its op, and if that is a
+    cast, also the op under it (the cast may have been a no-op, removed from the graph)."""
+    targets, node = set(), spelling.outputs[0]
+    while node.op == "call_function" and node.target is CAST:
+        targets.add(CAST)
+        node = node.args[0]
+    if node.op == "call_function":
+        targets.add(node.target)
+    return targets
+
+
+def size(spelling: SpellingGraph) -> int:
+    return sum(1 for n in spelling.graph.nodes if n.op == "call_function")
+
+
 class _Fail(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -75,9 +91,12 @@ class _Fail(Exception):
 class _State:
     node_map: dict  # pattern op node -> graph node
     bindings: dict  # parameter name -> graph node or literal
+    casts: list = dataclasses.field(default_factory=list)  # (dtype spec, graph node) to verify
+    outputs: list = dataclasses.field(default_factory=list)  # graph node of each output
 
     def copy(self):
-        return _State(dict(self.node_map), dict(self.bindings))
+        return _State(dict(self.node_map), dict(self.bindings), list(self.casts),
+                      list(self.outputs))
 
 
 @dataclasses.dataclass
@@ -92,15 +111,14 @@ class Attempt:
 def _op_name(target) -> str:
     if target is CAST:
         return "a dtype cast"
-    mod = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
-    if mod.startswith("torch.nn.functional") or target.__class__.__name__ == "builtin_function_or_method" and mod == "torch._C._nn":
-        return f"F.{name}"
-    if name.startswith("TensorBase.") or name.startswith("Tensor."):
-        return "Tensor." + name.split(".", 1)[1]
-    if mod == "torch" or mod.startswith("torch._C"):
-        return f"torch.{name}"
-    return f"{mod}.{name}" if mod else name
+    name = getattr(target, "__name__", None)
+    if name is None:
+        return str(target)  # torch.ops.* overloads print as ns.op.overload
+    for prefix, owner in (("torch", torch), ("F", torch.nn.functional), ("Tensor", torch.Tensor)):
+        if getattr(owner, name, None) is target:
+            return f"{prefix}.{name}"
+    module = getattr(target, "__module__", None)
+    return f"{module}.{name}" if module else name
 
 
 def describe(node_or_literal) -> str:
@@ -148,10 +166,15 @@ def _match_node(p: fx.Node, t, spelling: SpellingGraph, st: _State) -> None:
             raise _Fail(f"{describe(t)} should be the same value as {describe(st.node_map[p])}")
         return
     if p.target is CAST:
+        # A cast in the spelling matches a cast in the graph, or nothing where the cast would
+        # have been a no-op; either way the dtype there must be the one the spelling asked for
+        # (checked by _verify_casts once every input is bound).
         if isinstance(t, fx.Node) and t.op == "call_function" and t.target is CAST:
             st.node_map[p] = t
+            st.casts.append((p.args[1], t))
             return _match_value(p.args[0], t.args[0], spelling, st)
-        return _match_value(p.args[0], t, spelling, st)  # the cast was a no-op here
+        st.casts.append((p.args[1], t))
+        return _match_value(p.args[0], t, spelling, st)
     if not isinstance(t, fx.Node) or t.op != "call_function":
         raise _Fail(f"expected {_op_name(p.target)}, found {describe(t)}")
     if t.target is not p.target:
@@ -182,6 +205,28 @@ def _match_node(p: fx.Node, t, spelling: SpellingGraph, st: _State) -> None:
     raise failure[0]
 
 
+def _intended_dtype(spec, spelling: SpellingGraph, st: _State):
+    if isinstance(spec, torch.dtype):
+        return spec
+    if isinstance(spec, fx.Node) and spec.op == "call_function" and spec.target is getattr \
+            and spec.args[1] == "dtype":
+        spec = spec.args[0]  # x.dtype
+    if isinstance(spec, fx.Node) and spec.op == "placeholder":
+        value = example_value(st.bindings.get(spelling.params[spec][1]))
+        return value.dtype if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _verify_casts(spelling: SpellingGraph, st: _State) -> None:
+    for spec, node in st.casts:
+        want = _intended_dtype(spec, spelling, st)
+        have = example_value(node)
+        have = have.dtype if isinstance(have, torch.Tensor) else None
+        if want is None or have != want:
+            raise _Fail(f"the spelling casts to {want or 'an unknown dtype'} where the graph "
+                        f"has {have} ({describe(node)}), so the numerics would differ")
+
+
 def _local_nodes(seeds, depth: int) -> list[fx.Node]:
     """Nodes reachable from ``seeds`` through at most ``depth`` user edges."""
     seen, frontier = set(), [n for n in seeds if isinstance(n, fx.Node)]
@@ -202,7 +247,7 @@ def attempts_at(spelling: SpellingGraph, first_output: fx.Node, taken: set):
     Later outputs of a multi-output spelling (k beside q in RoPE) are searched among nodes near
     the inputs already bound, so the search stays local.
     """
-    st = _State({}, {})
+    st = _State({}, {}, outputs=[first_output])
     try:
         _match_node(spelling.outputs[0], first_output, spelling, st)
     except _Fail as e:
@@ -213,6 +258,11 @@ def attempts_at(spelling: SpellingGraph, first_output: fx.Node, taken: set):
 
 def _match_rest(spelling: SpellingGraph, i: int, st: _State, taken: set):
     if i == len(spelling.outputs):
+        try:
+            _verify_casts(spelling, st)
+        except _Fail as e:
+            yield Attempt(spelling.name, st, e.reason)
+            return
         yield Attempt(spelling.name, st, None)
         return
     depth = len([n for n in spelling.graph.nodes if n.op == "call_function"])
@@ -224,6 +274,7 @@ def _match_rest(spelling: SpellingGraph, i: int, st: _State, taken: set):
                 or cand in st.node_map.values():
             continue
         trial = st.copy()
+        trial.outputs.append(cand)
         try:
             _match_node(spelling.outputs[i], cand, spelling, trial)
         except _Fail as e:

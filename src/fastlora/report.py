@@ -28,7 +28,7 @@ def _module_of(node: fx.Node) -> tuple[str, str]:
     path, cls = list(stack.values())[-1]
     path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"^L\.self\.?|^L\['self'\]\.?|^self\.?", "", path).lstrip(".")
+    path = re.sub(r"^L(\.[A-Za-z_]\w*)?(\[\d+\])*(\.|$)", "", path)  # L.self., L.args[0].
     cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
     return path, cls_name.rsplit(".", 1)[-1]
 

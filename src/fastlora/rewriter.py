@@ -22,7 +22,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .canonicalize import example_value
-from .matcher import Attempt, attempts_at, describe, trace_spelling
+from .matcher import Attempt, attempts_at, describe, output_targets, size, trace_spelling
 from .pattern import Match, Pattern, Reject
 from .report import Report
 
@@ -75,7 +75,7 @@ def _check_replacement(match: Match) -> str | None:
     if mode is None:
         return "the graph carries no fake tensors for the inputs (not a Dynamo graph?)"
     with mode:
-        outs = _as_list(match.pattern.replacement(**values, **match.params))
+        outs = _as_list(match.pattern.replacement(**{**values, **match.params}))
     if len(outs) != len(match.outputs):
         return f"the replacement returned {len(outs)} values for {len(match.outputs)} outputs"
     for old_node, new in zip(match.outputs, outs):
@@ -102,7 +102,7 @@ def _insert(match: Match) -> None:
     with ctx:
         args = {k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v
                 for k, v in match.bindings.items()}
-        outs = _as_list(match.pattern.replacement(**args, **match.params))
+        outs = _as_list(match.pattern.replacement(**{**args, **match.params}))
     new_nodes = [n for n in graph.nodes if n not in before]
     mode = _fake_mode(example_value(n) for n in inputs)
     for n in new_nodes:  # record fake values so later patterns can read shapes and dtypes
@@ -156,12 +156,13 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                     if n not in best or progress > best[n][0]:
                         best[n] = (progress, reason)
 
-        for fn in pattern.spellings:
-            spelling = trace_spelling(fn)
+        # Larger spellings first: Gemma's norm contains Llama's, and must win where both fit.
+        spellings = sorted((trace_spelling(fn) for fn in pattern.spellings), key=lambda s: -size(s))
+        for spelling in spellings:
+            starts = output_targets(spelling)
             erased: set = set()
             for node in list(graph.nodes):
-                if node in erased or node.op != "call_function" \
-                        or node.target is not spelling.outputs[0].target:
+                if node in erased or node.op != "call_function" or node.target not in starts:
                     continue
                 for attempt in attempts_at(spelling, node, erased):
                     if _try_rewrite(pattern, attempt, spelling, report, remember, erased, strict):
@@ -179,7 +180,7 @@ def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, 
     if attempt.reason is not None:
         remember(nodes, len(nodes), f"spelling `{spelling.name}`: {attempt.reason}")
         return False
-    outputs = [attempt.state.node_map[o] for o in spelling.outputs]
+    outputs = attempt.state.outputs
     match = Match(pattern, spelling.name, attempt.state.bindings, attempt.state.node_map, outputs)
     reason = _escaping(match)
     if reason is None:

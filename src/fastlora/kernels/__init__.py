@@ -1,4 +1,9 @@
 """Fused ops, one file each: Triton kernels (CUDA, and CPU under TRITON_INTERPRET=1), a PyTorch
 reference that is the CPU kernel, and the ``torch.ops.fastlora.*`` registration with its fake
-kernel and autograd formula."""
-from . import rms_norm  # noqa: F401
+kernel and autograd formula. Every module here is imported, so adding an op is adding a file."""
+import importlib
+import pkgutil
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -1,0 +1,80 @@
+"""Tiny models and the compiled-vs-eager comparison used across the tests."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (NaN anywhere counts as infinitely wrong)."""
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def with_lora(model, targets=ALL_LINEAR, r=4, dropout=0.0, **kw):
+    """peft LoRA with B drawn at random (peft's zero init would make every A gradient zero)."""
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=dropout,
+                     init_lora_weights=False, **kw)
+    return get_peft_model(model, cfg)
+
+
+def tiny_llama(layers=2, hidden=40, heads=4, kv_heads=2, inter=56, vocab=97, **kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, max_position_embeddings=128, **kw)
+    return LlamaForCausalLM(cfg)
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None}
+
+
+def run_step(model, inputs: dict, params_of=None):
+    params_of = params_of if params_of is not None else model
+    params_of.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), lora_grads(params_of)
+
+
+def compare_compiled(model, inputs: dict, options: dict | None = None):
+    """Loss and every trainable gradient, eager vs ``backend="fastlora"`` on a deep copy.
+
+    Returns (loss relative error, {param: gradient relative error}, eager grads).
+    """
+    compiled_model = copy.deepcopy(model)
+    loss_e, grads_e = run_step(model, inputs)
+    opts = {"compiler": "aot_eager", "strict": True}
+    opts.update(options or {})
+    compiled = torch.compile(compiled_model, backend="fastlora", options=opts)
+    loss_c, grads_c = run_step(compiled, inputs, compiled_model)
+    assert grads_e, "the model has no trainable parameters with gradients"
+    assert set(grads_e) == set(grads_c), "compiled and eager train different parameters"
+    errs = {n: rel_err(grads_c[n], g) for n, g in grads_e.items()}
+    return rel_err(loss_c, loss_e), errs, grads_e
+
+
+def compare_low_precision(model32, inputs: dict, dtype=torch.bfloat16, options=None):
+    """For bf16/fp16 models: the compiled model's error against the float32 model must not exceed
+    the eager low-precision model's own error against it (rounding noise in the whole model is far
+    above the 1e-2 kernel tolerance, so that is the fair bar). Returns (eager err, compiled err)
+    as max relative errors over loss and every trainable gradient."""
+    loss32, grads32 = run_step(model32, inputs)
+    low_e = copy.deepcopy(model32).to(dtype)
+    low_c = copy.deepcopy(model32).to(dtype)
+    loss_e, grads_e = run_step(low_e, inputs)
+    opts = {"compiler": "aot_eager", "strict": True}
+    opts.update(options or {})
+    compiled = torch.compile(low_c, backend="fastlora", options=opts)
+    loss_c, grads_c = run_step(compiled, inputs, low_c)
+    err_e = max([rel_err(loss_e, loss32)] + [rel_err(grads_e[n], g) for n, g in grads32.items()])
+    err_c = max([rel_err(loss_c, loss32)] + [rel_err(grads_c[n], g) for n, g in grads32.items()])
+    return err_e, err_c

@@ -1,0 +1,73 @@
+"""The spine end to end on a tiny Llama + LoRA: matches, report, options, exact gradients."""
+import json
+
+import pytest
+import torch
+
+import fastlora
+from helpers import compare_compiled, compare_low_precision, tiny_llama, with_lora
+
+
+def _inputs(vocab=97, batch=2, seq=11):
+    ids = torch.randint(0, vocab, (batch, seq))
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_llama_fp32_rms_norm_matched_and_exact():
+    model = with_lora(tiny_llama(layers=2))
+    loss_err, grad_errs, grads = compare_compiled(model, _inputs())
+    report = fastlora.last_report()
+    assert report.counts()["rms_norm"] == 2 * 2 + 1  # input + post-attention per layer, final
+    assert loss_err < 1e-6
+    assert len(grads) == 2 * 7 * 2  # lora_A and lora_B on 7 linears in 2 layers
+    assert max(grad_errs.values()) < 1e-5, grad_errs
+
+
+def test_report_contents_and_api():
+    model = with_lora(tiny_llama(layers=1))
+    compiled = torch.compile(model, backend="fastlora", options={"compiler": "aot_eager"})
+    compiled(**_inputs()).loss.backward()
+    report = fastlora.last_report()
+    data = json.loads(json.dumps(report.to_dict()))  # plain data
+    first = data["matches"][0]
+    assert first["pattern"] == "rms_norm" and first["class"] == "LlamaRMSNorm"
+    assert first["module"].endswith("layers.0.input_layernorm")
+    assert "modeling_llama.py:" in first["source"]
+    assert first["params"]["eps"] == pytest.approx(1e-6)
+    text = str(report)
+    assert "rms_norm x3" in text and "LlamaRMSNorm" in text
+    assert fastlora.reports(compiled).counts() == {"rms_norm": 3}
+    assert fastlora.reports(torch.nn.Linear(2, 2)).counts() == {}
+
+
+def test_disable_option_and_print(capsys):
+    model = with_lora(tiny_llama(layers=1))
+    compiled = torch.compile(model, backend="fastlora",
+                             options={"compiler": "aot_eager", "disable": ["rms_norm"],
+                                      "print_report": True})
+    compiled(**_inputs())
+    assert fastlora.last_report().counts() == {}
+    assert "fastlora rewrite report" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad,err", [({"nope": 1}, "unknown fastlora option"),
+                                     ({"disable": ["rms_nrom"]}, "unknown pattern"),
+                                     ({"compiler": "tvm"}, "must be one of")])
+def test_bad_options_are_clear(bad, err):
+    compiled = torch.compile(with_lora(tiny_llama(layers=1)), backend="fastlora", options=bad)
+    with pytest.raises(Exception, match=err):
+        compiled(**_inputs())
+
+
+def test_llama_bf16_no_worse_than_eager_bf16():
+    err_eager, err_compiled = compare_low_precision(with_lora(tiny_llama(layers=2)), _inputs())
+    assert fastlora.last_report().counts()["rms_norm"] == 5
+    assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
+
+
+@pytest.mark.slow
+def test_llama_through_inductor():
+    model = with_lora(tiny_llama(layers=1))
+    loss_err, grad_errs, _ = compare_compiled(model, _inputs(), {"compiler": "inductor"})
+    assert fastlora.last_report().counts()["rms_norm"] == 3
+    assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
