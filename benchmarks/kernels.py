@@ -1,0 +1,132 @@
+"""Per-kernel forward and backward timings on the GPU: fastlora vs eager PyTorch vs inductor.
+
+    python benchmarks/kernels.py [--ops rms_norm,rope] [--dtype bf16] [--out results/]
+
+For every case in benchmarks/kernel_cases/*.py: median time (triton.testing.do_bench) of the
+forward, and of the backward alone (autograd.grad of a kept graph), for the unfused eager
+function, the same function through torch.compile (inductor), and the fastlora op; achieved
+GB/s (or TFLOP/s) over the fewest bytes (FLOPs) the op must move, and that as a share of the
+card's measured ceilings. Prints a table last; writes JSON lines and CSV under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import pathlib
+import pkgutil
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import kernel_cases  # noqa: E402
+
+COPY_GBPS = 4220.0  # measured device copy (read + write), ../shared/targets.md
+BF16_TFLOPS = 788.0
+
+
+def _bench(fn):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _tensors(inputs):
+    return [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def time_impl(case, fn):
+    inputs = case.make()
+    fwd = _bench(lambda: fn(**inputs))
+    bwd = None
+    if case.backward and _tensors(inputs):
+        out = _first(fn(**inputs))
+        grad = torch.randn_like(out)
+        leaves = _tensors(inputs)
+        bwd = _bench(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
+    return fwd, bwd
+
+
+def rate(case, ms, direction):
+    if ms is None:
+        return None, None
+    nbytes = case.bytes_fwd if direction == "fwd" else case.bytes_bwd
+    flops = case.flops_fwd if direction == "fwd" else case.flops_bwd
+    if flops:
+        tf = flops / ms / 1e9
+        return f"{tf:.0f} TFLOP/s", tf / BF16_TFLOPS
+    gbps = nbytes / ms / 1e6
+    return f"{gbps:.0f} GB/s", gbps / COPY_GBPS
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--ops", default="", help="comma-separated op names (default: all)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+    import fastlora  # noqa: F401  (registers torch.ops.fastlora.*)
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    wanted = set(filter(None, args.ops.split(",")))
+    rows = []
+    for info in pkgutil.iter_modules(kernel_cases.__path__):
+        if wanted and info.name not in wanted:
+            continue
+        module = importlib.import_module(f"kernel_cases.{info.name}")
+        for case in module.cases(dtype):
+            impls = {"eager": case.eager, "fastlora": case.fastlora}
+            if case.inductor:
+                impls["inductor"] = torch.compile(case.eager, dynamic=False)
+            for name, fn in impls.items():
+                try:
+                    fwd, bwd = time_impl(case, fn)
+                except Exception as e:  # one broken case must not hide the others
+                    rows.append({"op": case.op, "shape": case.shape, "impl": name,
+                                 "error": f"{type(e).__name__}: {e}"[:200]})
+                    continue
+                row = {"op": case.op, "shape": case.shape, "impl": name,
+                       "fwd_ms": fwd, "bwd_ms": bwd}
+                for d, ms in (("fwd", fwd), ("bwd", bwd)):
+                    r, frac = rate(case, ms, d)
+                    row[f"{d}_rate"], row[f"{d}_of_peak"] = r, frac
+                rows.append(row)
+                torch.cuda.empty_cache()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "kernels.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    keys = ["op", "shape", "impl", "fwd_ms", "fwd_rate", "fwd_of_peak", "bwd_ms", "bwd_rate",
+            "bwd_of_peak", "error"]
+    with open(out / "kernels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in keys})
+    print(format_table(rows))
+
+
+def format_table(rows):
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
+    lines = [f"{'op':<22}{'shape':<22}{'impl':<10}{'fwd ms':>9}{'fwd rate':>16}{'%peak':>7}"
+             f"{'bwd ms':>9}{'bwd rate':>16}{'%peak':>7}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['op']:<22}{r['shape']:<22}{r['impl']:<10}  ERROR {r['error']}")
+            continue
+        lines.append(f"{r['op']:<22}{r['shape']:<22}{r['impl']:<10}{fmt(r['fwd_ms']):>9}"
+                     f"{fmt(r['fwd_rate']):>16}{pct(r['fwd_of_peak']):>7}{fmt(r['bwd_ms']):>9}"
+                     f"{fmt(r['bwd_rate']):>16}{pct(r['bwd_of_peak']):>7}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
