@@ -71,3 +71,13 @@ def test_llama_through_inductor():
     loss_err, grad_errs, _ = compare_compiled(model, _inputs(), {"compiler": "inductor"})
     assert fastlora.last_report().counts()["rms_norm"] == 3
     assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
+
+
+def test_gradient_checkpointing_subgraphs_are_rewritten():
+    model = with_lora(tiny_llama(layers=2))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    fastlora.clear_reports()
+    loss_err, grad_errs, _ = compare_compiled(model, {**_inputs(), "use_cache": False})
+    assert fastlora.reports().counts() == {"rms_norm": 5}  # 4 inside checkpointed layers
+    assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs

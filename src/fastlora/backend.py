@@ -35,12 +35,14 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.
     rewritten = _copy(gm)
     try:
-        canonicalize(rewritten.graph)
-        # 3-4. Match and rewrite.
         active = [p for p in patterns if p.name not in opts.disable]
-        apply_patterns(rewritten.graph, active, report, strict=opts.strict)
-        rewritten.graph.lint()
-        rewritten.recompile()
+        # Subgraphs first (bodies of activation checkpointing and other higher-order ops).
+        for module in _graph_modules(rewritten):
+            canonicalize(module.graph)
+            # 3-4. Match and rewrite.
+            apply_patterns(module.graph, active, report, strict=opts.strict)
+            module.graph.lint()
+            module.recompile()
     except Exception as e:
         if opts.strict:
             raise
@@ -58,10 +60,23 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph and nested graph modules can be rewritten freely."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    return fx.GraphModule(gm, graph)
+    copy = fx.GraphModule(gm, graph)
+    for name, child in gm.named_children():
+        if isinstance(child, fx.GraphModule):
+            setattr(copy, name, _copy(child))
+    return copy
+
+
+def _graph_modules(gm: fx.GraphModule):
+    """``gm``'s nested graph modules (innermost first), then ``gm`` itself."""
+    for child in gm.children():
+        if isinstance(child, fx.GraphModule):
+            yield from _graph_modules(child)
+    yield gm
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None):
