@@ -1,11 +1,12 @@
-"""Test set-up: CPU tensors go through the real Triton kernels (interpreter) unless a test says
-otherwise. This must happen before anything imports triton."""
+"""Test set-up: without a GPU, CPU tensors go through the real Triton kernels (interpreter).
+This must happen before anything imports triton (importing torch does not)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

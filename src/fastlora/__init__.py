@@ -16,6 +16,20 @@ from .report import Report, Reports, clear_reports, last_report, reports
 
 __version__ = "0.1.0"
 
+
+def _register_backend_name() -> None:
+    """Make backend="fastlora" resolvable when fastlora is imported from a source tree without
+    being installed (the entry point covers installed copies)."""
+    try:
+        from torch._dynamo.backends import registry
+        if "fastlora" not in registry._COMPILER_FNS:
+            registry.register_backend(fastlora_backend, "fastlora")
+    except Exception:  # pragma: no cover - private registry moved; the entry point still works
+        pass
+
+
+_register_backend_name()
+
 __all__ = [
     "fastlora_backend", "Options", "Pattern", "Match", "Reject", "register_pattern",
     "unregister_pattern", "registered_patterns", "Report", "Reports", "last_report", "reports",

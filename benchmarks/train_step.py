@@ -1,0 +1,274 @@
+"""End-to-end LoRA training-step benchmark (the workload of shared/targets.md).
+
+    python benchmarks/train_step.py --shapes llama-1b --variants eager,inductor,fastlora
+
+Workload: LoRA r=16, alpha=32, dropout 0 on q,k,v,o,gate,up,down of a randomly initialised
+causal LM (attention "sdpa"), bf16 weights, random token ids as inputs and labels, fused AdamW on
+the LoRA parameters; median step time of --steps steps after --warmup warm-up steps; peak memory
+is torch.cuda.max_memory_allocated() over the timed steps. Each (shape, variant) runs in its own
+process, so peak memory is clean. Variants: eager (HF + peft), inductor (torch.compile), fastlora
+(torch.compile backend="fastlora"), liger (Liger-Kernel patches, eager) and unsloth
+(FastLanguageModel), the last two when importable. Prints a table last; writes JSON lines, CSV
+and a PNG plot under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    # name: (family, config kwargs, default gradient checkpointing)
+    "llama-1b": ("llama", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                               num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                               tie_word_embeddings=True, head_dim=64), False),
+    "llama-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                               tie_word_embeddings=False), True),
+    "qwen2-1.5b": ("qwen2", dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                                 num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                                 tie_word_embeddings=True), False),
+    "gemma-2b": ("gemma", dict(hidden_size=2048, num_hidden_layers=18, num_attention_heads=8,
+                               num_key_value_heads=1, head_dim=256, intermediate_size=16384,
+                               vocab_size=256000), False),
+    "tiny": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=96, vocab_size=256), False),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEERS = ("liger", "unsloth")
+
+
+def build_config(shape: str):
+    import transformers
+    family, kwargs, _ = SHAPES[shape]
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "gemma": transformers.GemmaConfig}[family]
+    cfg = cls(max_position_embeddings=32768, **kwargs)
+    cfg._attn_implementation = "sdpa"
+    cfg.use_cache = False
+    return cfg
+
+
+def _save_random(cfg, path: pathlib.Path):
+    """Peers and 4-bit loading need a checkpoint on disk: write the random model once."""
+    import torch
+    import transformers
+    if (path / "config.json").exists():
+        return
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+
+
+def build_model(args, cfg):
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                      target_modules=TARGETS, task_type="CAUSAL_LM")
+    if args.variant == "unsloth":
+        from unsloth import FastLanguageModel
+        path = pathlib.Path(args.cache) / f"{args.shape}-random"
+        _save_random(cfg, path)
+        model, _ = FastLanguageModel.from_pretrained(
+            str(path), max_seq_length=args.seq, dtype=torch.bfloat16,
+            load_in_4bit=args.load_4bit)
+        return FastLanguageModel.get_peft_model(
+            model, r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+            target_modules=TARGETS, use_gradient_checkpointing="unsloth" if args.gc else False)
+    if args.variant == "liger":
+        from liger_kernel.transformers import _apply_liger_kernel
+        _apply_liger_kernel(cfg.model_type)
+    if args.load_4bit:
+        from peft import prepare_model_for_kbit_training
+        path = pathlib.Path(args.cache) / f"{args.shape}-random"
+        _save_random(cfg, path)
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True,
+                                            bnb_4bit_compute_dtype=torch.bfloat16)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=q, torch_dtype=torch.bfloat16, device_map={"": 0})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gc)
+    else:
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+        if args.gc:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, lora)
+
+
+def worker(args) -> dict:
+    import torch
+    cfg = build_config(args.shape)
+    model = build_model(args, cfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    step_model = model
+    if args.variant == "inductor":
+        step_model = torch.compile(model)
+    elif args.variant == "fastlora":
+        options = json.loads(args.fastlora_options) if args.fastlora_options else None
+        step_model = torch.compile(model, backend="fastlora", options=options)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda", generator=gen)
+
+    def step():
+        loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        loss = step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    median = times[len(times) // 2]
+    row = {"shape": args.shape, "variant": args.variant, "batch": args.batch, "seq": args.seq,
+           "gc": args.gc, "rank": args.rank, "load_4bit": args.load_4bit,
+           "tok_s": args.batch * args.seq / median, "step_ms": 1000 * median,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warmup_s,
+           "loss": float(loss), "device": torch.cuda.get_device_name()}
+    if args.variant == "fastlora":
+        import fastlora
+        row["matches"] = fastlora.reports(model).counts()
+        row["near_misses"] = len(fastlora.reports(model).near_misses())
+    return row
+
+
+def run_one(args, shape: str, variant: str) -> dict:
+    gc = SHAPES[shape][2] if args.gc == "auto" else args.gc == "on"
+    cmd = [sys.executable, __file__, "--worker", "--shape", shape, "--variant", variant,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--gc", "on" if gc else "off",
+           "--cache", args.cache]
+    if args.load_4bit:
+        cmd.append("--load-4bit")
+    if args.fastlora_options:
+        cmd += ["--fastlora-options", args.fastlora_options]
+    base = {"shape": shape, "variant": variant, "gc": gc}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {args.timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**base, "error": " | ".join(tail)[-300:]}
+    return json.loads(lines[-1])
+
+
+def _importable(variant: str) -> str | None:
+    module = {"liger": "liger_kernel", "unsloth": "unsloth"}.get(variant)
+    if module is None:
+        return None
+    import importlib.util
+    return None if importlib.util.find_spec(module) else f"{module} is not importable here"
+
+
+def table(rows: list[dict]) -> str:
+    out = [f"{'shape':<12}{'variant':<10}{'tok/s':>9}{'step ms':>9}{'peak GiB':>10}"
+           f"{'warm-up s':>11}{'vs eager':>9}{'vs best peer':>13}"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['shape']:<12}{r['variant']:<10}  n/a: {r['error']}")
+            continue
+        same = [x for x in rows if x["shape"] == r["shape"] and "error" not in x]
+        eager = next((x for x in same if x["variant"] == "eager"), None)
+        peers = [x for x in same if x["variant"] in PEERS]
+        best = max(peers, key=lambda x: x["tok_s"]) if peers else None
+        vs_e = f"{r['tok_s'] / eager['tok_s']:.2f}x" if eager else "-"
+        vs_p = f"{r['tok_s'] / best['tok_s']:.2f}x" if best else "-"
+        out.append(f"{r['shape']:<12}{r['variant']:<10}{r['tok_s']:>9.0f}{r['step_ms']:>9.1f}"
+                   f"{r['peak_gib']:>10.2f}{r['warmup_s']:>11.1f}{vs_e:>9}{vs_p:>13}")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['shape']}\n{r['variant']}" for r in ok]
+    axes[0].bar(labels, [r["tok_s"] for r in ok])
+    axes[0].set_ylabel("tokens / s")
+    axes[1].bar(labels, [r["peak_gib"] for r in ok], color="tab:orange")
+    axes[1].set_ylabel("peak GiB")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7, rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shapes", default="llama-1b,llama-8b", help=f"from {sorted(SHAPES)}")
+    ap.add_argument("--variants", default="eager,inductor,fastlora,liger,unsloth")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--gc", default="auto", choices=["auto", "on", "off"],
+                    help="gradient checkpointing (auto: on for llama-8b only, as in targets.md)")
+    ap.add_argument("--load-4bit", action="store_true", help="bitsandbytes NF4 + double quant base")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--fastlora-options", default="", help="JSON dict for options=")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per (shape, variant)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--cache", default="/tmp/fastlora-bench", help="random checkpoints for peers")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.gc = args.gc == "on"
+        print(json.dumps(worker(args)), flush=True)
+        return
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        for variant in args.variants.split(","):
+            missing = _importable(variant)
+            row = {"shape": shape, "variant": variant, "error": missing} if missing \
+                else run_one(args, shape, variant)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with open(out / "train_step.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+    keys = ["shape", "variant", "batch", "seq", "gc", "rank", "load_4bit", "tok_s", "step_ms",
+            "peak_gib", "warmup_s", "loss", "matches", "error"]
+    with open(out / "train_step.csv", "w") as f:
+        f.write(",".join(keys) + "\n")
+        for r in rows:
+            f.write(",".join(json.dumps(r.get(k, "")).replace(",", ";") for k in keys) + "\n")
+    plot(rows, out / "train_step.png")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
