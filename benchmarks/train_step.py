@@ -115,6 +115,7 @@ def worker(args) -> dict:
     if args.variant == "inductor":
         step_model = torch.compile(model)
     elif args.variant == "fastlora":
+        import fastlora  # noqa: F401  (registers the backend name when run from a source tree)
         options = json.loads(args.fastlora_options) if args.fastlora_options else None
         step_model = torch.compile(model, backend="fastlora", options=options)
     gen = torch.Generator(device="cuda").manual_seed(0)
