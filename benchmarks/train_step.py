@@ -62,8 +62,21 @@ def _save_random(cfg, path: pathlib.Path):
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
     model.save_pretrained(path)
+    _save_tokenizer(path)
     del model
     torch.cuda.empty_cache()
+
+
+def _save_tokenizer(path: pathlib.Path):
+    """A small word-level tokenizer, so loaders that insist on one find it (no hub access)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({f"w{i}": i + 4 for i in range(1000)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
 
 
 def build_model(args, cfg):
