@@ -81,3 +81,19 @@ def test_gradient_checkpointing_subgraphs_are_rewritten():
     loss_err, grad_errs, _ = compare_compiled(model, {**_inputs(), "use_cache": False})
     assert fastlora.reports().counts() == {"rms_norm": 5}  # 4 inside checkpointed layers
     assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
+
+
+def test_backend_name_resolves_without_import_and_after_import():
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+            "out = torch.compile(m, backend='fastlora', options={'compiler': 'eager'})(torch.randn(2, 4))\n"
+            "assert 'fastlora' in sys.modules, 'the entry point did not load fastlora'\n"
+            "import fastlora\n"
+            "torch._dynamo.reset()\n"
+            "torch.compile(m, backend='fastlora', options={'compiler': 'eager'})(torch.randn(2, 4))\n"
+            "print('ok', len(fastlora.reports()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok 2"

@@ -21,7 +21,11 @@ def _register_backend_name() -> None:
     """Make backend="fastlora" resolvable when fastlora is imported from a source tree without
     being installed (the entry point covers installed copies)."""
     try:
+        from importlib.metadata import entry_points
+
         from torch._dynamo.backends import registry
+        if any(e.name == "fastlora" for e in entry_points(group="torch_dynamo_backends")):
+            return  # installed: torch registers it from the entry point when first asked
         if "fastlora" not in registry._COMPILER_FNS:
             registry.register_backend(fastlora_backend, "fastlora")
     except Exception:  # pragma: no cover - private registry moved; the entry point still works
