@@ -97,3 +97,26 @@ def test_backend_name_resolves_without_import_and_after_import():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "ok 2"
+
+
+def test_autocast_bf16_matches_eager_autocast():
+    import copy
+    from helpers import lora_grads, rel_err
+    model = with_lora(tiny_llama(layers=2))
+    twin = copy.deepcopy(model)
+    inputs = _inputs()
+
+    def step(module, params):
+        params.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module(**inputs).loss
+        loss.backward()
+        return loss.detach(), lora_grads(params)
+
+    loss_e, grads_e = step(model, model)
+    compiled = torch.compile(twin, backend="fastlora",
+                             options={"compiler": "aot_eager", "strict": True})
+    loss_c, grads_c = step(compiled, twin)
+    assert fastlora.last_report().counts()["rms_norm"] == 5
+    assert rel_err(loss_c, loss_e) < 1e-6
+    assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-5
