@@ -1,0 +1,237 @@
+"""Flash-attention kernels (Triton under the interpreter, the PyTorch reference, and on CUDA)
+vs an independent float64 attention with an explicitly built mask."""
+import pytest
+import torch
+
+from fastlora.kernels import flash_attention as K
+from fastlora.kernels import flash_attention_backward as KB
+from helpers import rel_err
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def mask64(B, S_Q, S_K, causal, window, doc_ids):
+    """The visibility rule written out element by element (no shared code with the op)."""
+    i = torch.arange(S_Q).view(S_Q, 1)
+    j = torch.arange(S_K).view(1, S_K)
+    vis = torch.ones(B, S_Q, S_K, dtype=torch.bool)
+    if causal:
+        vis &= j <= i
+    if window:
+        vis &= (i - j) < window
+    if doc_ids is not None:
+        d = doc_ids.expand(B, -1)
+        vis &= d[:, :, None] == d[:, None, :]
+    return vis[:, None]
+
+
+def attention64(q, k, v, dout, scale, causal=True, window=0, softcap=0.0, doc_ids=None):
+    """out, dq, dk, dv in float64 through autograd; GQA by repeating k/v heads."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    s = q64 @ k64.repeat_interleave(group, 1).transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask64(q.shape[0], q.shape[2], k.shape[2], causal, window, doc_ids),
+                      float("-inf"))
+    out = torch.softmax(s, -1) @ v64.repeat_interleave(group, 1)
+    grads = torch.autograd.grad(out, (q64, k64, v64), dout.double())
+    return (out.detach(),) + grads
+
+
+def make(B, H, H_KV, S, D, dtype, device="cpu", S_K=None):
+    S_K = S if S_K is None else S_K
+    q = torch.randn(B, S, H, D, dtype=dtype, device=device).transpose(1, 2)  # as HF lays it out
+    k = torch.randn(B, H_KV, S_K, D, dtype=dtype, device=device)
+    v = torch.randn(B, H_KV, S_K, D, dtype=dtype, device=device)
+    return q, k, v
+
+
+def docs_for(B, S, device="cpu"):
+    """Document ids like HF's packed_sequence_mask: a cumsum, a different split per row."""
+    starts = torch.zeros(B, S, dtype=torch.long, device=device)
+    for b in range(B):
+        for s in range(3 + 4 * b, S, 11 + 3 * b):
+            starts[b, s] = 1
+    return starts.cumsum(1)
+
+
+def run_triton(q, k, v, dout, doc_ids, scale, causal, window, softcap):
+    """Forward and backward through the launchers, every output buffer poisoned with NaN."""
+    B, H, S, D = q.shape
+    nan = float("nan")
+    out = K._output_like(q).fill_(nan)
+    lse = torch.full((B, H, S), nan, device=q.device)
+    out, lse = K.flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, softcap,
+                                                out=out, lse=lse)
+    dq, dk, dv = (torch.empty_like(t).fill_(nan) for t in (q, k, v))
+    grads = KB.flash_attention_backward_triton(dout, q, k, v, out, lse, doc_ids, scale, causal,
+                                               window, softcap, dq=dq, dk=dk, dv=dv)
+    return (out,) + tuple(grads)
+
+
+def run_reference(q, k, v, dout, doc_ids, scale, causal, window, softcap):
+    out, lse = K.flash_attention_forward_reference(q, k, v, doc_ids, scale, causal, window,
+                                                   softcap)
+    grads = KB.flash_attention_backward_reference(dout, q, k, v, out, lse, doc_ids, scale,
+                                                  causal, window, softcap)
+    return (out,) + tuple(grads)
+
+
+FEATURES = {  # name: (causal, window, softcap, documents)
+    "causal": (True, 0, 0.0, False),
+    "full": (False, 0, 0.0, False),
+    "window": (True, 7, 0.0, False),
+    "softcap": (True, 0, 2.5, False),
+    "documents": (True, 0, 0.0, True),
+    "all": (True, 5, 3.0, True),
+    "full_docs_window": (False, 6, 0.0, True),
+}
+
+
+def check(impl, B, H, H_KV, S, D, dtype, feature, device="cpu"):
+    causal, window, softcap, docs = FEATURES[feature]
+    q, k, v = make(B, H, H_KV, S, D, dtype, device)
+    doc_ids = docs_for(B, S, device) if docs else None
+    scale = D ** -0.5
+    dout = torch.randn(B, H, S, D, dtype=dtype, device=device)
+    got = (run_triton if impl == "triton" else run_reference)(q, k, v, dout, doc_ids, scale,
+                                                              causal, window, softcap)
+    want = attention64(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), scale, causal, window, softcap,
+                       None if doc_ids is None else doc_ids.cpu())
+    for name, g, w, like in zip(("out", "dq", "dk", "dv"), got, want, (q, q, k, v)):
+        assert g.dtype == dtype and g.shape == like.shape, name
+        err = rel_err(g.cpu(), w)
+        assert err < TOL[dtype], f"{feature} {name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_match_float64(feature, dtype):
+    check("triton", 2, 4, 2, 37, 24, dtype, feature)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 2, 37, 72), (1, 4, 1, 40, 16), (1, 3, 3, 5, 8)])
+@pytest.mark.parametrize("feature", ["causal", "all"])
+def test_triton_odd_shapes_mha_mqa(shape, feature):
+    check("triton", *shape, torch.float32, feature)
+
+
+def test_triton_fp16():
+    check("triton", 1, 2, 1, 21, 32, torch.float16, "all")
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_reference_matches_float64(feature):
+    check("reference", 2, 4, 2, 23, 16, torch.float32, feature)
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_block_edges_and_longer_rows(block, monkeypatch):
+    """Block sizes that do and do not divide the window, with interior (unmasked) blocks."""
+    monkeypatch.setattr(K, "CONFIG_OVERRIDE", dict(fwd_m=block, fwd_n=16, dq_m=16, dq_n=block,
+                                                   dkv_m=block, dkv_n=16))
+    check("triton", 1, 2, 1, 100, 16, torch.float32, "all")
+    check("triton", 1, 2, 1, 100, 16, torch.float32, "window")
+
+
+def test_packed_rows_equal_separate_documents():
+    """One packed row of three documents gives what each document gives alone."""
+    lengths = [9, 17, 6]
+    S, D = sum(lengths), 16
+    q, k, v = make(1, 4, 2, S, D, torch.float32)
+    dout = torch.randn(1, 4, S, D)
+    doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
+    packed = run_triton(q, k, v, dout, doc_ids, D ** -0.5, True, 5, 2.0)
+    at = 0
+    for n in lengths:
+        part = slice(at, at + n)
+        alone = run_triton(q[:, :, part], k[:, :, part], v[:, :, part], dout[:, :, part], None,
+                           D ** -0.5, True, 5, 2.0)
+        for p, a in zip(packed, alone):
+            assert rel_err(p[:, :, part], a) < 1e-6
+        at += n
+
+
+def test_window_covering_sequence_is_causal():
+    q, k, v = make(1, 2, 2, 19, 16, torch.float32)
+    dout = torch.randn(1, 2, 19, 16)
+    a = run_triton(q, k, v, dout, None, 0.25, True, 19, 0.0)
+    b = run_triton(q, k, v, dout, None, 0.25, True, 0, 0.0)
+    for x, y in zip(a, b):
+        assert rel_err(x, y) < 1e-6
+
+
+def test_custom_op_autograd_and_opcheck():
+    q, k, v = (t.requires_grad_() for t in make(2, 4, 2, 13, 16, torch.float32))
+    doc_ids = docs_for(2, 13)
+    out, lse = torch.ops.fastlora.flash_attention(q, k, v, doc_ids, 0.3, True, 4, 5.0)
+    assert lse.shape == (2, 4, 13) and lse.dtype == torch.float32
+    assert out.transpose(1, 2).is_contiguous()  # the layout the model's next transpose wants
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    want = attention64(q, k, v, dout, 0.3, True, 4, 5.0, doc_ids)
+    for g, w in zip((out, q.grad, k.grad, v.grad), want):
+        assert rel_err(g, w) < 1e-5
+    args = [t.detach() for t in make(1, 2, 1, 9, 16, torch.float32)]
+    torch.library.opcheck(torch.ops.fastlora.flash_attention.default,
+                          (*args, docs_for(1, 9), 0.25, True, 3, 2.0))
+    torch.library.opcheck(torch.ops.fastlora.flash_attention.default,
+                          (*args, None, 0.25, False, 0, 0.0))
+
+
+def test_document_bounds():
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+    start, end = K.document_bounds(ids)
+    assert start.tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6]
+    assert end.tolist() == [[2, 2, 5, 5, 5, 6], [6] * 6]
+
+
+def test_bad_input_errors():
+    q, k, v = make(1, 4, 3, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="cannot share"):
+        torch.ops.fastlora.flash_attention(q, k, v, None, 1.0, True, 0, 0.0)
+    q, k, v = make(1, 4, 2, 8, 16, torch.float32)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        torch.ops.fastlora.flash_attention(q.double(), k, v, None, 1.0, True, 0, 0.0)
+    with pytest.raises(ValueError, match="doc_ids must have shape"):
+        torch.ops.fastlora.flash_attention(q, k, v, torch.zeros(1, 7, dtype=torch.long), 1.0,
+                                           True, 0, 0.0)
+    with pytest.raises(ValueError, match="head dims differ"):
+        torch.ops.fastlora.flash_attention(q, k[..., :8], v, None, 1.0, True, 0, 0.0)
+
+
+# ---------------------------------------------------------------- on the GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("feature", ["causal", "window", "softcap", "documents", "all",
+                                     "full_docs_window"])
+def test_gpu_kernels_match_float64(head_dim, dtype, feature):
+    check("triton", 2, 8, 2, 1000, head_dim, dtype, feature, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_long_rows_32_8_heads(dtype):
+    check("triton", 1, 32, 8, 2048 + 37, 128, dtype, "all", device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_packed_rows_equal_separate_documents():
+    lengths = [300, 1200, 77, 471]
+    S, D = sum(lengths), 128
+    q, k, v = make(1, 8, 2, S, D, torch.bfloat16, "cuda")
+    dout = torch.randn(1, 8, S, D, dtype=torch.bfloat16, device="cuda")
+    doc_ids = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths)).cuda()[None]
+    packed = run_triton(q, k, v, dout, doc_ids, D ** -0.5, True, 256, 0.0)
+    at = 0
+    for n in lengths:
+        part = slice(at, at + n)
+        alone = run_triton(*(t[:, :, part].contiguous() for t in (q, k, v, dout)), None,
+                           D ** -0.5, True, 256, 0.0)
+        for p, a in zip(packed, alone):
+            assert rel_err(p[:, :, part].float(), a.float()) < 1e-2
+        at += n
