@@ -40,7 +40,8 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         for module in _graph_modules(rewritten):
             canonicalize(module.graph)
             # 3-4. Match and rewrite.
-            apply_patterns(module.graph, active, report, strict=opts.strict)
+            apply_patterns(module.graph, active, report, strict=opts.strict, options=opts,
+                           top_level=module is rewritten)
             module.graph.lint()
             module.recompile()
     except Exception as e:

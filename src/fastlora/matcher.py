@@ -265,6 +265,13 @@ def _match_rest(spelling: SpellingGraph, i: int, st: _State, taken: set):
             return
         yield Attempt(spelling.name, st, None)
         return
+    if spelling.outputs[i] in st.node_map:
+        # An output that is also an intermediate of an earlier one (the logits beside the loss
+        # computed from them): it is the graph node already matched there.
+        trial = st.copy()
+        trial.outputs.append(st.node_map[spelling.outputs[i]])
+        yield from _match_rest(spelling, i + 1, trial, taken)
+        return
     depth = len([n for n in spelling.graph.nodes if n.op == "call_function"])
     seeds = [v for v in st.bindings.values() if isinstance(v, fx.Node)]
     target = spelling.outputs[i].target

@@ -64,6 +64,8 @@ class Match:
         self.node_map = nodes  # pattern node -> graph node, for the matched operations
         self.outputs = outputs
         self.params: dict = {}
+        self.options = None  # the backend's Options for this compile (set by the rewriter)
+        self.top_level = True  # False inside the body of a higher-order op (e.g. checkpoint)
 
     def __getitem__(self, name):
         """The graph node (or literal) bound to input ``name``."""

@@ -93,7 +93,7 @@ def _insert(match: Match) -> None:
     first_out = min(match.outputs, key=order.__getitem__)
     # Right after the last input if that lies after the first output, else before the first output.
     if anchor is not None and order[anchor] >= order[first_out]:
-        ctx = graph.inserting_after(anchor)
+        ctx = graph.inserting_before(anchor.next)  # keeps the new nodes in program order
     else:
         ctx = graph.inserting_before(first_out)
     meta_src = match.outputs[-1]
@@ -145,8 +145,12 @@ def _stable_topological_sort(graph: fx.Graph) -> None:
 
 
 def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
-                   strict: bool = False) -> None:
-    """Match and rewrite ``patterns`` in ``graph``; record matches and near misses in ``report``."""
+                   strict: bool = False, options=None, top_level: bool = True) -> None:
+    """Match and rewrite ``patterns`` in ``graph``; record matches and near misses in ``report``.
+
+    ``options`` (the backend's Options) and ``top_level`` (False for the body of a higher-order
+    op, whose outputs are not the model's) are handed to each pattern's ``check`` on the Match.
+    """
     for pattern in patterns:
         best: dict[fx.Node, tuple[int, str]] = {}  # anchor node -> (progress, reason)
 
@@ -165,7 +169,8 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                 if node in erased or node.op != "call_function" or node.target not in starts:
                     continue
                 for attempt in attempts_at(spelling, node, erased):
-                    if _try_rewrite(pattern, attempt, spelling, report, remember, erased, strict):
+                    if _try_rewrite(pattern, attempt, spelling, report, remember, erased, strict,
+                                    options, top_level):
                         break
         for node in graph.nodes:  # anchors left in the graph are the near misses
             if pattern.anchor is not None and node.op == "call_function" \
@@ -175,13 +180,15 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                 report.add_near_miss(pattern.name, node, reason)
 
 
-def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, strict) -> bool:
+def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, strict,
+                 options=None, top_level=True) -> bool:
     nodes = set(attempt.state.node_map.values())
     if attempt.reason is not None:
         remember(nodes, len(nodes), f"spelling `{spelling.name}`: {attempt.reason}")
         return False
     outputs = attempt.state.outputs
     match = Match(pattern, spelling.name, attempt.state.bindings, attempt.state.node_map, outputs)
+    match.options, match.top_level = options, top_level
     reason = _escaping(match)
     if reason is None:
         try:

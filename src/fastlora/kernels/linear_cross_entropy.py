@@ -1,0 +1,355 @@
+"""Fused lm_head + cross-entropy: ``torch.ops.fastlora.linear_cross_entropy``.
+
+Math, for token i with hidden state h_i (H features), lm_head weight W (V x H) and label y_i:
+
+    x_i  = h_i W^T                        in the logits dtype, exactly what F.linear returns
+    z_i  = x_i, or c * tanh(x_i / c)      (final-logit softcapping, Gemma 2/3; optionally rounded
+                                           to the logits dtype after each step, as eager does)
+    lse_i = log sum_v exp(z_iv)           loss_i = lse_i - z_i,y_i   (0 where y_i == ignore_index)
+    loss  = sum_i loss_i / n_valid        ("mean"; 0, not NaN, when no label is valid)
+          | sum_i loss_i                  ("sum": HF divides by num_items_in_batch outside)
+    dx_iv = s * (softmax(z_i)_v - [v == y_i]) * (1 - tanh^2(x_iv / c))    s = 1/n_valid or 1
+    dh    = dx @ W          dW = dx^T @ h   (only when W requires grad)
+
+How: tokens are processed in chunks of ``chunk_rows`` rows. For each chunk, cuBLAS (torch.mm)
+writes the chunk's logits into one reusable buffer; a Triton kernel (one program per row, two
+passes over the vocabulary: online max/sum-exp, then the gradient) writes the per-row loss and
+overwrites the logits with their gradient in place; torch.mm then produces that chunk's rows of
+dh (and adds its share of dW). The gradient is therefore produced during the forward and saved;
+the backward only scales it by the incoming gradient of the loss. That costs no extra matmul
+(the unfused path does the same forward GEMM, dh GEMM and optional dW GEMM) and needs no
+recompute. An out-of-range label (neither ignore_index nor in [0, V)) gives a NaN loss and NaN
+gradient rows instead of a device assert, so it cannot pass unnoticed.
+
+Memory: the unfused path holds N x V logits in the model dtype, their float32 copy, the float32
+log-softmax saved for backward, then the float32 gradient and its cast (8192 tokens x 128256
+vocab: 2 + 4 + 4 + 4 + 2 GiB). Here only one chunk of logits exists (chunk_rows x V in the
+logits dtype, by default about max(size of h, 256 MiB)), plus dh (the size of h), N float32 row
+losses, and, only when W is trainable, dW (V x H, accumulated in float32 across chunks).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tanh(t):
+        # tanh without libdevice: an odd series near 0 (where 1 - exp(-2|t|) cancels), else
+        # (1 - e) / (1 + e) with e = exp(-2|t|), which never overflows.
+        a = tl.abs(t)
+        a2 = a * a
+        series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
+        e = tl.exp(-2.0 * a)
+        r = tl.where(a < 0.2, series, (1.0 - e) / (1.0 + e))
+        return tl.where(t < 0, -r, r)
+
+    @triton.jit
+    def _rounded(x, DTYPE: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+        # float32 -> DTYPE, rounding to nearest even. The Triton interpreter truncates when it
+        # casts float32 to bfloat16 (the GPU rounds), so there the rounding is done on the bits
+        # first and the cast is exact.
+        if RNE_BY_HAND and DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(DTYPE)
+
+    @triton.jit
+    def _softcap(x, cap, ROUND: tl.constexpr, DTYPE: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+        # Returns (c * tanh(x / c), tanh(x / c)); with ROUND each step is rounded to DTYPE, as
+        # eager PyTorch does when the softcap runs on bf16/fp16 logits.
+        t = x / cap
+        if ROUND:
+            t = _rounded(t, DTYPE, RNE_BY_HAND).to(tl.float32)
+        th = _tanh(t)
+        if ROUND:
+            th = _rounded(th, DTYPE, RNE_BY_HAND).to(tl.float32)
+        z = th * cap
+        if ROUND:
+            z = _rounded(z, DTYPE, RNE_BY_HAND).to(tl.float32)
+        return z, th
+
+    @triton.jit
+    def _ce_rows(X, G, LABELS, LOSS, SCALE, stride_x, stride_g, V, ignore_index, cap,
+                 SOFTCAP: tl.constexpr, ROUND: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                 BLOCK_V: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = X + row * stride_x
+        g_row = G + row * stride_g
+        label = tl.load(LABELS + row).to(tl.int64)
+        cols = tl.arange(0, BLOCK_V)
+        DTYPE: tl.constexpr = X.dtype.element_ty
+        if label == ignore_index:
+            tl.store(LOSS + row, 0.0)
+            if WRITE_GRAD:
+                zero = tl.zeros([BLOCK_V], dtype=tl.float32).to(G.dtype.element_ty)
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    tl.store(g_row + offs, zero, mask=offs < V)
+        else:
+            in_range = (label >= 0) & (label < V)
+            # Pass 1: online max and sum of exp over the vocabulary.
+            m = float("-inf")
+            s = 0.0
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                mask = offs < V
+                z = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+                if SOFTCAP:
+                    z, _th = _softcap(z, cap, ROUND, DTYPE, RNE_BY_HAND)
+                z = tl.where(mask, z, float("-inf"))
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(s)
+            zt = tl.load(x_row + label, mask=in_range, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                zt, _tht = _softcap(zt, cap, ROUND, DTYPE, RNE_BY_HAND)
+            tl.store(LOSS + row, tl.where(in_range, lse - zt, float("nan")))
+            # Pass 2: the gradient of the (scaled) loss w.r.t. the logits, over the logits.
+            if WRITE_GRAD:
+                scale = tl.load(SCALE)
+                poison = tl.where(in_range, 0.0, float("nan"))
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    mask = offs < V
+                    z = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+                    th = z
+                    if SOFTCAP:
+                        z, th = _softcap(z, cap, ROUND, DTYPE, RNE_BY_HAND)
+                    p = tl.exp(z - lse)
+                    d = tl.where(offs == label, p - 1.0, p) * scale + poison
+                    if SOFTCAP:
+                        d = d * (1.0 - th * th)
+                    tl.store(g_row + offs, _rounded(d, G.dtype.element_ty, RNE_BY_HAND), mask=mask)
+
+
+CHUNK_ROWS_OVERRIDE: int | None = None  # tests and benchmarks/kernel_cases set this to sweep
+CE_OVERRIDE: tuple[int, int] | None = None  # (BLOCK_V, num_warps), for a tuning sweep
+_MIN_CHUNK_BYTES = 256 << 20
+
+
+def chunk_rows(n_rows: int, hidden: int, vocab: int, element_size: int) -> int:
+    """Rows per chunk: a chunk of logits about the size of the input h, but at least 256 MiB
+    (smaller chunks make the dh GEMM, K = vocab with a thin output, run below cuBLAS's peak)."""
+    if CHUNK_ROWS_OVERRIDE is not None:
+        return max(1, min(n_rows, CHUNK_ROWS_OVERRIDE))
+    budget = max(n_rows * hidden * element_size, _MIN_CHUNK_BYTES)
+    rows = max(1, budget // (vocab * element_size))
+    if rows >= 128:
+        rows -= rows % 64
+    return max(1, min(n_rows, rows))
+
+
+def ce_config(vocab: int, on_gpu: bool) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for the row kernel."""
+    if CE_OVERRIDE is not None:
+        return CE_OVERRIDE
+    block = triton.next_power_of_2(vocab)
+    if on_gpu:
+        return min(block, 4096), 8
+    return min(block, 1024), 4
+
+
+# ---------------------------------------------------------------- the row step (Triton / torch)
+
+
+def ce_rows_triton(x, labels, row_loss, scale, ignore_index, softcap, round_softcap,
+                   write_grad, block_v=None):
+    """Per-row loss into ``row_loss``; with ``write_grad`` the logits ``x`` (rows x V, any
+    float dtype, rows contiguous) are overwritten by their gradient times ``scale``."""
+    rows, vocab = x.shape
+    if rows == 0:
+        return
+    block, warps = ce_config(vocab, x.is_cuda)
+    if block_v is not None:
+        block = block_v
+    _ce_rows[(rows,)](x, x, labels, row_loss, scale, x.stride(0), x.stride(0), vocab,
+                      ignore_index, float(softcap) if softcap else 1.0,
+                      SOFTCAP=bool(softcap), ROUND=bool(round_softcap), WRITE_GRAD=write_grad,
+                      BLOCK_V=block, RNE_BY_HAND=not x.is_cuda, num_warps=warps)
+
+
+def ce_rows_reference(x, labels, row_loss, scale, ignore_index, softcap, round_softcap,
+                      write_grad, block_v=None):
+    """The same step in plain PyTorch (the CPU kernel)."""
+    rows, vocab = x.shape
+    z = x.float()
+    th = None
+    if softcap:
+        rnd = (lambda t: t.to(x.dtype).float()) if round_softcap else (lambda t: t)
+        th = rnd(torch.tanh(rnd(z / softcap)))
+        z = rnd(th * softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    ignored = labels == ignore_index
+    in_range = (labels >= 0) & (labels < vocab)
+    safe = torch.where(in_range, labels, torch.zeros_like(labels)).long()
+    zt = z.gather(1, safe[:, None])[:, 0]
+    nan = torch.full_like(lse, float("nan"))
+    row_loss.copy_(torch.where(ignored, torch.zeros_like(lse),
+                               torch.where(in_range, lse - zt, nan)))
+    if write_grad:
+        d = torch.exp(z - lse[:, None])
+        d[torch.arange(rows, device=x.device), safe] -= in_range.float()
+        d = d * scale + torch.where(in_range, 0.0, float("nan"))[:, None]
+        if th is not None:
+            d = d * (1.0 - th * th)
+        x.copy_(torch.where(ignored[:, None], torch.zeros_like(d), d))
+
+
+# ---------------------------------------------------------------- the chunked forward
+
+
+_MM_OUT_DTYPE_OK = True  # flips to False the first time addmm(..., out_dtype=) is refused
+
+
+def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with acc float32 and no rounding of a @ b to the inputs' dtype."""
+    global _MM_OUT_DTYPE_OK
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if _MM_OUT_DTYPE_OK and acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE_OK = False
+    acc.addmm_(a.float(), b.float())
+
+
+def _validate(h: Tensor, weight: Tensor, labels: Tensor, reduction: str, softcap: float):
+    check_float("h", h)
+    check_float("weight", weight)
+    check_same_device(h=h, weight=weight, labels=labels)
+    require(weight.dim() == 2 and weight.shape[1] == h.shape[-1],
+            f"fastlora.linear_cross_entropy: weight must have shape (vocab, {h.shape[-1]}) to "
+            f"match the last dimension of h, got {tuple(weight.shape)}")
+    require(h.dtype == weight.dtype,
+            f"fastlora.linear_cross_entropy: h ({h.dtype}) and weight ({weight.dtype}) must "
+            "have the same dtype (the logits are computed in it)", TypeError)
+    require(not labels.is_floating_point() and not labels.is_complex()
+            and labels.dtype != torch.bool,
+            f"fastlora.linear_cross_entropy: labels must be integers, got {labels.dtype}",
+            TypeError)
+    require(labels.numel() == h.numel() // max(1, h.shape[-1]),
+            f"fastlora.linear_cross_entropy: {labels.numel()} labels for "
+            f"{h.numel() // max(1, h.shape[-1])} rows of h")
+    require(reduction in ("mean", "sum"),
+            f"fastlora.linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    require(softcap >= 0.0, f"fastlora.linear_cross_entropy: softcap must be >= 0 (0 = none), "
+                            f"got {softcap}")
+
+
+def linear_cross_entropy_forward(h, weight, labels, ignore_index=-100, reduction="mean",
+                                 softcap=0.0, round_softcap=False, compute_dh=True,
+                                 compute_dw=False, *, impl="triton", chunk=None, block_v=None,
+                                 dh=None, dw=None, row_loss=None, buffer=None):
+    """The chunked forward; returns (loss, dh, dw) (empty dh/dw where not computed).
+
+    ``impl`` picks the row step ("triton" or "reference"); ``chunk`` the rows per chunk;
+    ``dh`` (N x H), ``dw`` (V x H), ``row_loss`` (N) and ``buffer`` (chunk x V) may be given,
+    e.g. poisoned with NaN by tests.
+    """
+    _validate(h, weight, labels, reduction, softcap)
+    step = ce_rows_triton if impl == "triton" else ce_rows_reference
+    H, V = h.shape[-1], weight.shape[0]
+    h2 = h.reshape(-1, H).contiguous()
+    N = h2.shape[0]
+    labels = labels.reshape(-1).contiguous()
+    n_valid = (labels != ignore_index).sum()
+    divisor = n_valid.clamp(min=1)
+    scale = (1.0 / divisor.float()) if reduction == "mean" else torch.ones(
+        (), dtype=torch.float32, device=h.device)
+    rows = chunk or chunk_rows(N, H, V, h.element_size())
+    if buffer is None:
+        buffer = torch.empty((min(rows, N), V), dtype=h.dtype, device=h.device)
+    if row_loss is None:
+        row_loss = torch.empty(N, dtype=torch.float32, device=h.device)
+    if compute_dh:
+        dh = torch.empty((N, H), dtype=h.dtype, device=h.device) if dh is None else dh.view(N, H)
+    if compute_dw:
+        dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if dw is None else dw
+        acc = dw if (weight.dtype == torch.float32 or N <= rows) else torch.zeros(
+            weight.shape, dtype=torch.float32, device=h.device)
+    wt = weight.t()
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        hc, x = h2[r0:r1], buffer[:r1 - r0]
+        torch.mm(hc, wt, out=x)
+        step(x, labels[r0:r1], row_loss[r0:r1], scale, ignore_index, softcap, round_softcap,
+             compute_dh or compute_dw, block_v)
+        if compute_dh:
+            torch.mm(x, weight, out=dh[r0:r1])
+        if compute_dw:
+            if acc is dw and r0 == 0:
+                torch.mm(x.t(), hc, out=dw)
+            else:
+                _addmm_fp32(acc, x.t(), hc)
+    if compute_dw and acc is not dw:
+        dw.copy_(acc)
+    if compute_dw and N == 0:
+        dw.zero_()
+    loss = row_loss.sum()
+    if reduction == "mean":
+        loss = loss / divisor
+    empty = h.new_empty(0)
+    return (loss, dh.view(h.shape) if compute_dh else empty,
+            dw if compute_dw else weight.new_empty(0))
+
+
+# ---------------------------------------------------------------- the custom ops
+
+
+@torch.library.custom_op("fastlora::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
+                         reduction: str, softcap: float, round_softcap: bool, compute_dh: bool,
+                         compute_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (loss, dh, dw): the float32 loss and its gradients for an incoming gradient of 1
+    (dh only if compute_dh, dw only if compute_dw; empty otherwise)."""
+    impl = "triton" if use_triton(h) else "reference"
+    return linear_cross_entropy_forward(h, weight, labels, ignore_index, reduction, softcap,
+                                        round_softcap, compute_dh, compute_dw, impl=impl)
+
+
+@linear_cross_entropy.register_fake
+def _(h, weight, labels, ignore_index, reduction, softcap, round_softcap, compute_dh, compute_dw):
+    _validate(h, weight, labels, reduction, softcap)
+    loss = h.new_empty((), dtype=torch.float32)
+    dh = h.new_empty(h.shape) if compute_dh else h.new_empty(0)
+    dw = weight.new_empty(weight.shape) if compute_dw else weight.new_empty(0)
+    return loss, dh, dw
+
+
+@torch.library.custom_op("fastlora::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(grad: Tensor, dh: Tensor, dw: Tensor) -> tuple[Tensor, Tensor]:
+    """Scales the saved gradients by the incoming gradient of the loss (a float32 scalar)."""
+    return dh * grad, dw * grad
+
+
+@linear_cross_entropy_backward.register_fake
+def _(grad, dh, dw):
+    return torch.empty_like(dh), torch.empty_like(dw)
+
+
+def _setup_context(ctx, inputs, output):
+    _loss, dh, dw = output
+    ctx.save_for_backward(dh, dw)
+    ctx.mark_non_differentiable(dh, dw)
+    ctx.compute_dh, ctx.compute_dw = inputs[7], inputs[8]
+
+
+def _backward(ctx, grad, _ddh, _ddw):
+    dh, dw = ctx.saved_tensors
+    dh, dw = torch.ops.fastlora.linear_cross_entropy_backward(grad, dh, dw)
+    return (dh if ctx.compute_dh else None), (dw if ctx.compute_dw else None), \
+        None, None, None, None, None, None, None
+
+
+linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
