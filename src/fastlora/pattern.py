@@ -40,6 +40,10 @@ class Pattern:
     priority: int = 0  # higher runs first (a grouped LoRA pattern before the single one)
     description: str = ""
     builtin: bool = False
+    # Optional ``(anchor_node, reason) -> reason | None``: rewrites the near-miss reason at an
+    # anchor left unmatched, or returns None where that node is no near miss at all (an
+    # ``F.linear`` that is not a LoRA adapter).
+    explain_near_miss: Callable | None = None
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").isalnum():

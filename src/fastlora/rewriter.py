@@ -177,6 +177,10 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                     and node.target is pattern.anchor:
                 reason = best.get(node, (0, f"no spelling of `{pattern.name}` leads to this "
                                             f"{describe(node)}"))[1]
+                if pattern.explain_near_miss is not None:
+                    reason = pattern.explain_near_miss(node, reason)
+                    if reason is None:
+                        continue
                 report.add_near_miss(pattern.name, node, reason)
 
 

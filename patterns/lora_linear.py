@@ -1,0 +1,228 @@
+"""LoRA linear: peft's ``lora.Linear`` forward, ``base(x) + lora_B(lora_A(dropout(x))) * scaling``.
+
+Becomes ``torch.ops.fastlora.lora_linear`` (src/fastlora/kernels/lora_linear.py): the base GEMM
+stays one cuBLAS call, the adapter runs on tensor cores at float32 accuracy without a float32
+copy of x, and the backward computes dx, dA, dB only (dW and dbias only if they require grad).
+
+Spellings, as peft writes them (transformers 5, peft 0.21):
+
+    result = F.linear(x, W, bias)
+    x = x.to(lora_A.weight.dtype)             # float32 adapters on a bf16 model
+    result = result + lora_B(lora_A(dropout(x))) * scaling
+    result = result.to(torch_result_dtype)
+
+with or without the dropout node (peft uses nn.Identity for p = 0), and with or without the final
+cast (under torch.autocast it is a no-op and gone). A second family matches the adapter on any
+precomputed base output (a bitsandbytes 8-bit matmul, a second adapter on the same layer).
+rsLoRA changes only the scaling literal. Under torch.autocast the fused op runs in the autocast
+dtype, as the unfused linears do.
+"""
+import re
+
+import torch
+import torch.nn.functional as F
+
+from fastlora.canonicalize import example_value
+from fastlora.pattern import Pattern, Reject, register_pattern
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def peft_lora(x: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor,
+              lora_B: torch.Tensor, scale: float):
+    result = F.linear(x, weight, bias)
+    lora = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
+    return (result + lora * scale).to(weight.dtype)
+
+
+def peft_lora_dropout(x: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor,
+                      lora_B: torch.Tensor, scale: float, p: float, training: bool):
+    result = F.linear(x, weight, bias)
+    h = F.dropout(x.to(lora_A.dtype), p, training, False)
+    return (result + F.linear(F.linear(h, lora_A), lora_B) * scale).to(weight.dtype)
+
+
+def peft_lora_autocast(x: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor,
+                       lora_B: torch.Tensor, scale: float):
+    result = F.linear(x, weight, bias)
+    return result + F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
+
+
+def peft_lora_dropout_autocast(x: torch.Tensor, weight: torch.Tensor, bias,
+                               lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                               p: float, training: bool):
+    result = F.linear(x, weight, bias)
+    h = F.dropout(x.to(lora_A.dtype), p, training, False)
+    return result + F.linear(F.linear(h, lora_A), lora_B) * scale
+
+
+def adapter_on_base(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, scale: float):
+    lora = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
+    return (base + lora * scale).to(base.dtype)
+
+
+def adapter_on_base_dropout(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                            lora_B: torch.Tensor, scale: float, p: float, training: bool):
+    h = F.dropout(x.to(lora_A.dtype), p, training, False)
+    return (base + F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
+
+
+def adapter_on_base_uncast(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                           lora_B: torch.Tensor, scale: float):
+    return base + F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
+
+
+def adapter_on_base_dropout_uncast(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                                   lora_B: torch.Tensor, scale: float, p: float,
+                                   training: bool):
+    h = F.dropout(x.to(lora_A.dtype), p, training, False)
+    return base + F.linear(F.linear(h, lora_A), lora_B) * scale
+
+
+SPELLINGS = [peft_lora, peft_lora_dropout, peft_lora_autocast, peft_lora_dropout_autocast,
+             adapter_on_base, adapter_on_base_dropout, adapter_on_base_uncast,
+             adapter_on_base_dropout_uncast]
+
+
+# ---------------------------------------------------------------- helpers shared by the LoRA files
+
+
+def linear_of(m, weight_name: str, prefix: str = ""):
+    """The matched graph ``F.linear`` node whose weight is the spelling input ``weight_name``."""
+    for p, node in m.node_map.items():
+        if getattr(p, "target", None) is F.linear and len(p.args) > 1 \
+                and getattr(p.args[1], "target", None) == prefix + weight_name:
+            return node
+    raise Reject(f"internal: no linear of `{prefix + weight_name}` in the match")
+
+
+def dropout_of(m, prefix: str = "") -> float:
+    """The dropout probability the adapter applies (0 in eval mode); Reject if unsupported."""
+    if prefix + "p" not in m.bindings:
+        return 0.0
+    p, training = m[prefix + "p"], m[prefix + "training"]
+    if not training or p == 0:
+        return 0.0
+    if not 0.0 < p < 1.0:
+        raise Reject(f"dropout probability {p} is not in (0, 1)")
+    return float(p)
+
+
+def adapter_dtypes(m, prefix: str = "", base_linear=None):
+    """The torch.autocast dtype the linears ran in (None without autocast). Rejects dtype
+    combinations whose rounding the fused op would not reproduce."""
+    x, a, b = m.value("x"), m.value(prefix + "lora_A"), m.value(prefix + "lora_B")
+    for name, v in (("x", x), ("lora_A", a), ("lora_B", b)):
+        if not isinstance(v, torch.Tensor) or v.dtype not in FLOATS:
+            raise Reject(f"{name} is not a float32/bfloat16/float16 tensor")
+    lora_dtype = example_value(linear_of(m, "lora_A", prefix)).dtype
+    dtypes = {lora_dtype}
+    weight = None
+    if base_linear is not None:
+        weight = m.value(prefix + "weight")
+        dtypes.add(example_value(base_linear).dtype)
+    autocast = lora_dtype != a.dtype or (weight is not None and (
+        example_value(base_linear).dtype != weight.dtype or weight.dtype != x.dtype))
+    if autocast:
+        if len(dtypes) != 1:
+            raise Reject(f"under autocast the base and adapter linears ran in different dtypes "
+                         f"{sorted(map(str, dtypes))}")
+        return lora_dtype
+    if a.dtype != b.dtype:
+        raise Reject(f"lora_A is {a.dtype} but lora_B is {b.dtype}")
+    if a.dtype != x.dtype and a.dtype != torch.float32:
+        raise Reject(f"the adapter rounds its {x.dtype} input to {a.dtype} (adapter weights "
+                     f"stored in lower precision than the activations); not fused")
+    return None
+
+
+def make_seed(dropout: float, like: torch.Tensor):
+    """One int64 seed per call, drawn by the graph itself from torch's generator for ``like``'s
+    device (a graph value, so that the draw is traced as a random op, not frozen as a constant;
+    the partitioner then saves it for backward instead of recomputing it)."""
+    if dropout == 0:
+        return None
+    return torch.randint_like(torch.flatten(like)[:1], 0, 2 ** 31 - 1, dtype=torch.int64)
+
+
+def module_path(node) -> tuple[str, list]:
+    stack = node.meta.get("nn_module_stack") or {}
+    entries = list(stack.values())
+    if not entries:
+        return "", []
+    classes = [c if isinstance(c, str) else getattr(c, "__qualname__", str(c)) for _, c in entries]
+    path = entries[-1][0]
+    path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path, classes
+
+
+def explain_lora_near_miss(node, reason, only_bitsandbytes=False):
+    """Near misses are reported at the lora_A product of an adapter that stayed unfused."""
+    path, classes = module_path(node)
+    if ".lora_A." not in path + ".":
+        return None  # a linear that is not a LoRA adapter's A product
+    layer = path.split(".lora_A")[0]
+    stack = " ".join(str(c) for c in (node.meta.get("nn_module_stack") or {}).values())
+    if only_bitsandbytes and "bnb" not in stack and "bitsandbytes" not in stack:
+        return None
+    if any("Dora" in c for c in classes):
+        return ("DoRA adapter (use_dora=True): its magnitude rescaling of the base output is "
+                "not fused; the layer runs unfused")
+    siblings = {module_path(n)[0] for n in node.graph.nodes if n.op == "call_function"
+                and n.target is F.linear and module_path(n)[0].startswith(layer + ".lora_A.")}
+    if len(siblings) > 1:
+        return (f"{len(siblings)} adapters are active on `{layer}` at once; adapters after the "
+                f"first are fused on their own only when they share no cast of x ({reason})")
+    return reason
+
+
+# ---------------------------------------------------------------- the pattern
+
+
+def check(m):
+    x = m.value("x")
+    a, b = m.value("lora_A"), m.value("lora_B")
+    base_linear = linear_of(m, "weight") if "weight" in m.bindings else None
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape[1] != a.shape[0]:
+        raise Reject(f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not form a rank-r "
+                     f"adapter for inputs of width {x.shape[-1]}")
+    if base_linear is not None:
+        w = m.value("weight")
+        if w.dim() != 2 or w.shape[0] != b.shape[0]:
+            raise Reject(f"base weight {tuple(w.shape)} and lora_B {tuple(b.shape)} disagree")
+    else:
+        base = m.value("base")
+        if base.dtype not in FLOATS:
+            raise Reject(f"base output has dtype {base.dtype}")
+    devices = {v.device for v in (x, a, b)}
+    if len(devices) != 1:
+        raise Reject(f"inputs on several devices {sorted(map(str, devices))}")
+    cast_to = adapter_dtypes(m, base_linear=base_linear)
+    p = dropout_of(m)
+    return {"out_dtype": m.output_value().dtype, "cast_to": cast_to, "dropout": p}
+
+
+def replacement(x, lora_A, lora_B, scale, weight=None, bias=None, base=None, p=0.0,
+                training=False, out_dtype=None, cast_to=None, dropout=0.0):
+    if cast_to is not None:  # torch.autocast: the linears ran in cast_to
+        x, lora_A, lora_B = x.to(cast_to), lora_A.to(cast_to), lora_B.to(cast_to)
+        weight = weight.to(cast_to) if weight is not None else None
+        bias = bias.to(cast_to) if bias is not None else None
+    seed = make_seed(dropout, lora_A)
+    return torch.ops.fastlora.lora_linear(x, weight, bias, base, lora_A, lora_B, seed, scale,
+                                          dropout, out_dtype)[0]
+
+
+register_pattern(Pattern(
+    name="lora_linear",
+    spellings=SPELLINGS,
+    check=check,
+    replacement=replacement,
+    anchor=F.linear,
+    explain_near_miss=explain_lora_near_miss,
+    priority=10,
+    description="peft LoRA linear (dropout, bias, rsLoRA, autocast; adapter on any base output)",
+    builtin=True,
+))
