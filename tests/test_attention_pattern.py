@@ -1,0 +1,260 @@
+"""The attention pattern on tiny HF models: which kernel each attention gets, exact losses and
+LoRA gradients against eager, packed rows against separate documents, and the masks it must
+refuse (with their reasons)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlora
+from helpers import compare_compiled, compare_low_precision, rel_err, tiny_llama, with_lora
+
+SMALL = dict(vocab_size=97, hidden_size=40, intermediate_size=56, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_mistral(window=4, layers=2):
+    from transformers import MistralConfig, MistralForCausalLM
+    return MistralForCausalLM(MistralConfig(num_hidden_layers=layers, sliding_window=window,
+                                            **SMALL))
+
+
+def tiny_gemma2(layers=2):
+    """Gemma 2 (HF picks eager attention for its softcap); a softcap small enough to bend the
+    scores of a random tiny model; layer 0 slides (window 4), layer 1 is global."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    cfg = Gemma2Config(num_hidden_layers=layers, head_dim=16, sliding_window=4,
+                       attn_logit_softcapping=1.5, query_pre_attn_scalar=16, **SMALL)
+    return Gemma2ForCausalLM(cfg)
+
+
+def _inputs(batch=2, seq=12, **extra):
+    ids = torch.randint(0, 97, (batch, seq))
+    return {"input_ids": ids, "labels": ids, **extra}
+
+
+PACKED = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], list(range(12))])
+
+
+def _attention(report=None):
+    report = report or fastlora.last_report()
+    return [m["params"] for m in report.matches if m["pattern"] == "attention"]
+
+
+def only_attention(**options):
+    """Options that leave every other pattern out, so each test measures this one alone."""
+    others = [p.name for p in fastlora.registered_patterns() if p.name != "attention"]
+    return {"disable": others, **options}
+
+
+def _exact(model, inputs, **options):
+    loss_err, grad_errs, _ = compare_compiled(model, inputs, only_attention(**options))
+    assert loss_err < 1e-5 and max(grad_errs.values()) < 1e-5, (loss_err, grad_errs)
+
+
+# ---------------------------------------------------------------- kernel choice per model
+
+
+def test_llama_plain_causal_keeps_pytorch_sdpa():
+    _exact(with_lora(tiny_llama(layers=1)), _inputs())
+    params = _attention()
+    assert len(params) == 1
+    assert all(p["kernel"] == "sdpa" and p["causal"] and p["gqa"] and p["window"] == 0
+               for p in params), params
+
+
+def test_llama_forced_triton_kernel(monkeypatch):
+    monkeypatch.setenv("FASTLORA_ATTENTION", "triton")
+    _exact(with_lora(tiny_llama(layers=1)), _inputs())
+    assert [p["kernel"] for p in _attention()] == ["triton"]
+
+
+def test_mistral_sliding_window():
+    _exact(with_lora(tiny_mistral(window=4, layers=1)), _inputs())
+    params = _attention()
+    assert [(p["kernel"], p["causal"], p["window"]) for p in params] == [("triton", True, 4)]
+
+
+def test_mistral_window_covering_the_sequence_is_plain_causal():
+    # HF builds the sliding mask once seq >= window; a window of the whole length hides nothing.
+    _exact(with_lora(tiny_mistral(window=12, layers=1)), _inputs(seq=12))
+    assert [(p["kernel"], p["window"]) for p in _attention()] == [("sdpa", 0)]
+
+
+def test_gemma2_eager_softcap_and_window():
+    _exact(with_lora(tiny_gemma2()), _inputs())
+    params = _attention()
+    assert [(p["kernel"], p["softcap"], p["window"], p["causal"]) for p in params] == \
+        [("triton", 1.5, 4, True), ("triton", 1.5, 0, True)]
+
+
+def test_gemma2_bf16_no_worse_than_eager_bf16():
+    err_eager, err_compiled = compare_low_precision(with_lora(tiny_gemma2()), _inputs(),
+                                                    options=only_attention())
+    assert len(_attention()) == 2
+    assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
+
+
+def test_llama_eager_attention_becomes_sdpa():
+    model = tiny_llama(layers=1, attn_implementation="eager")
+    _exact(with_lora(model), _inputs())
+    matches = [m for m in fastlora.last_report().matches if m["pattern"] == "attention"]
+    assert [(m["spelling"], m["params"]["kernel"]) for m in matches] == [("eager_masked", "sdpa")]
+
+
+# ---------------------------------------------------------------- packed sequences
+
+
+def test_packed_llama_attends_within_documents():
+    _exact(with_lora(tiny_llama(layers=1)), _inputs(position_ids=PACKED, use_cache=False))
+    assert [p["kernel"] for p in _attention()] == ["triton"]
+
+
+def test_packed_mistral_rows_equal_separate_documents():
+    """Padding-free training: one packed row gives each document's logits as if alone."""
+    model = tiny_mistral(window=3, layers=1).eval()
+    lengths = [5, 8, 3]
+    ids = torch.randint(0, 97, (1, sum(lengths)))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    compiled = torch.compile(model, backend="fastlora",
+                             options=only_attention(compiler="aot_eager", strict=True))
+    packed = compiled(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert [(p["kernel"], p["window"]) for p in _attention()] == [("triton", 3)]
+    at = 0
+    for n in lengths:
+        alone = model(input_ids=ids[:, at:at + n], use_cache=False).logits
+        assert rel_err(packed[:, at:at + n], alone) < 1e-5
+        at += n
+
+
+def test_positions_without_restarts_are_one_document():
+    # use_cache=False without position_ids: HF's packed-sequence check runs on 0..S-1.
+    _exact(with_lora(tiny_llama(layers=1)), _inputs(use_cache=False))
+    assert [p["kernel"] for p in _attention()] == ["sdpa"]
+
+
+# ---------------------------------------------------------------- what must be left alone
+
+
+def test_padding_mask_is_left_alone_with_reason():
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    _exact(with_lora(tiny_llama(layers=1)), _inputs(attention_mask=mask))
+    report = fastlora.last_report()
+    assert _attention(report) == []
+    reasons = [n["reason"] for n in report.near_misses if n["pattern"] == "attention"]
+    assert len(reasons) == 1 and "padding mask" in reasons[0], reasons
+
+
+def test_attention_dropout_is_left_alone():
+    model = with_lora(tiny_llama(layers=1, attention_dropout=0.25)).train()
+    compiled = torch.compile(model, backend="fastlora",
+                             options=only_attention(compiler="aot_eager"))
+    compiled(**_inputs()).loss.backward()
+    reasons = [n["reason"] for n in fastlora.last_report().near_misses
+               if n["pattern"] == "attention"]
+    assert reasons == ["attention dropout p=0.25: the kernels have no dropout"]
+
+
+class MaskedAttention(nn.Module):
+    """SDPA with a mask built in forward by ``build(i, j)`` from query / key indices."""
+
+    def __init__(self, build):
+        super().__init__()
+        self.build = build
+        self.proj = nn.Linear(16, 48)
+
+    def forward(self, x, user_mask=None):
+        B, S, _ = x.shape
+        q, k, v = self.proj(x).view(B, S, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        i = torch.arange(S)[:, None]
+        j = torch.arange(S)[None, :]
+        mask = self.build(i, j) if user_mask is None else user_mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _compile_and_compare(module, *args):
+    compiled = torch.compile(module, backend="fastlora",
+                             options=only_attention(compiler="aot_eager"))
+    out = compiled(*args)
+    assert rel_err(out, module(*args)) < 1e-5
+    report = fastlora.last_report()
+    return _attention(report), [n["reason"] for n in report.near_misses
+                                if n["pattern"] == "attention"]
+
+
+def test_handwritten_window_mask_is_proven():
+    params, misses = _compile_and_compare(MaskedAttention(lambda i, j: (j <= i) & (j > i - 3)),
+                                          torch.randn(2, 10, 16))
+    assert misses == [] and [(p["kernel"], p["causal"], p["window"]) for p in params] == \
+        [("triton", True, 3)]
+
+
+@pytest.mark.parametrize("build,reason", [
+    (lambda i, j: j < i, "constraint `kv - q + 1 <= 0`"),  # strictly before: no diagonal
+    (lambda i, j: (j <= i + 2), "constraint `kv - q - 2 <= 0`"),  # sees two future tokens
+    (lambda i, j: torch.ones(10, 10, dtype=torch.bool).tril(), "built with Tensor.tril"),
+])
+def test_unprovable_masks_are_left_alone(build, reason):
+    params, misses = _compile_and_compare(MaskedAttention(build), torch.randn(2, 10, 16))
+    assert params == [] and len(misses) == 1 and reason in misses[0], misses
+
+
+def test_mask_from_the_inputs_is_left_alone():
+    user_mask = torch.rand(1, 1, 10, 10) > 0.3
+    user_mask[..., torch.arange(10), torch.arange(10)] = True
+    params, misses = _compile_and_compare(MaskedAttention(None), torch.randn(2, 10, 16),
+                                          user_mask)
+    assert params == [] and "placeholder" in misses[0], misses
+
+
+def test_choose_kernel_rule(monkeypatch):
+    from fastlora.patterns.attention import choose_kernel
+    assert choose_kernel(True, 0, 0.0, False)[0] == "sdpa"
+    assert choose_kernel(False, 0, 0.0, False)[0] == "sdpa"
+    for features in [(True, 4096, 0.0, False), (True, 0, 50.0, False), (True, 0, 0.0, True)]:
+        assert choose_kernel(*features)[0] == "triton"
+    monkeypatch.setenv("FASTLORA_ATTENTION", "triton")
+    assert choose_kernel(True, 0, 0.0, False)[0] == "triton"
+    monkeypatch.setenv("FASTLORA_ATTENTION", "sdpa")
+    assert choose_kernel(True, 4096, 0.0, False)[0] == "none"
+
+
+@pytest.mark.slow
+def test_mistral_through_inductor():
+    loss_err, grad_errs, _ = compare_compiled(with_lora(tiny_mistral(layers=1)), _inputs(),
+                                              only_attention(compiler="inductor"))
+    assert [p["window"] for p in _attention()] == [4]
+    assert loss_err < 1e-5 and max(grad_errs.values()) < 1e-5, grad_errs
+
+
+# ---------------------------------------------------------------- on the GPU
+
+
+def _cuda(batch):
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [tiny_mistral, tiny_gemma2])
+def test_gpu_compiled_matches_eager_fp32(make):
+    _exact(with_lora(make()).cuda(), _cuda(_inputs(seq=300)))
+    assert all(p["kernel"] == "triton" for p in _attention())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [tiny_mistral, tiny_gemma2])
+def test_gpu_compiled_bf16_no_worse_than_eager(make):
+    err_eager, err_compiled = compare_low_precision(with_lora(make()).cuda(),
+                                                    _cuda(_inputs(seq=300)),
+                                                    options=only_attention())
+    assert len(_attention()) == 2
+    assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
+
+
+@pytest.mark.gpu
+def test_gpu_packed_llama_exact():
+    pos = torch.cat([torch.arange(n) for n in (100, 37, 119)])[None].expand(2, -1)
+    _exact(with_lora(tiny_llama(layers=2)).cuda(),
+           _cuda(_inputs(seq=256, position_ids=pos, use_cache=False)))
+    assert [p["kernel"] for p in _attention()] == ["triton", "triton"]
