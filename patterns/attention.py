@@ -8,9 +8,10 @@ sliding windows, softcapping and packed documents, and PyTorch's own SDPA on the
 ``choose_kernel`` holds the rule, benchmarks/kernel_cases/attention.py measures it.
 
 A mask is replaced only when it is proven to be what the kernel computes: ``prove_mask``
-evaluates the graph that built it symbolically: aranges become query / key indices, comparisons become linear constraints, and
-reads of position ids or document ids (HF's ``packed_sequence_mask``) stay symbolic. Causal,
-sliding-window and document constraints are recognised; anything else (a padding mask read from
+evaluates the graph that built it symbolically: aranges become query / key indices,
+comparisons become linear constraints, and reads of position ids or document ids (HF's
+``packed_sequence_mask``) stay symbolic. Causal, sliding-window and document constraints are
+recognised; anything else (a padding mask read from
 ``attention_mask``, a mask from the inputs, an op the prover does not know) leaves the attention
 alone, with the reason in the report.
 """

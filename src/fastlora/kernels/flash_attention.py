@@ -91,20 +91,23 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scores(q, kt, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
-        """(scores in log2 units, tanh of the capped scores or None): float32, [M, N]."""
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * sm_scale
-        t = s
+        """(scores in log2 units, tanh(scale * q.k / softcap) or the scores): float32, [M, N]."""
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
         if HAS_SOFTCAP:
-            t = _tanh(s / softcap)
-            s = t * softcap
-        return s * 1.4426950408889634, t
+            t = _tanh(s * (sm_scale / softcap))
+            s = t * (softcap * 1.4426950408889634)
+        else:
+            s = s * (sm_scale * 1.4426950408889634)
+            t = s
+        return s, t
 
     @triton.jit
     def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, rows, start_r, end_r,
                     lo, hi, S_K, window, sm_scale, softcap, offs_d,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                    EVEN_D: tl.constexpr):
         offs_n = tl.arange(0, BLOCK_N)
         d_ok = offs_d < HEAD_DIM
         for n0 in range(lo, hi, BLOCK_N):
@@ -115,6 +118,9 @@ if HAVE_TRITON:
                              mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                 v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :],
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            elif EVEN_D:  # interior block, full head dim: no masks at all
+                kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None])
+                v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :])
             else:
                 kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None],
                              mask=d_ok[:, None], other=0.0)
@@ -147,8 +153,10 @@ if HAVE_TRITON:
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr):
         pid_m = tl.program_id(0)
+        if CAUSAL:  # the last query blocks see the most keys: start them first
+            pid_m = tl.num_programs(0) - 1 - pid_m
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
@@ -181,15 +189,15 @@ if HAVE_TRITON:
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, rows, start_r,
                                     end_r, lo, mid_lo, S_K, window, sm_scale, softcap, offs_d,
                                     HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
-                                    HAS_SOFTCAP, UPCAST, DOT_PREC)
+                                    HAS_SOFTCAP, UPCAST, DOT_PREC, EVEN_D)
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, rows, start_r,
                                     end_r, mid_lo, mid_hi, S_K, window, sm_scale, softcap,
                                     offs_d, HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_WINDOW,
-                                    HAS_DOCS, HAS_SOFTCAP, UPCAST, DOT_PREC)
+                                    HAS_DOCS, HAS_SOFTCAP, UPCAST, DOT_PREC, EVEN_D)
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, rows, start_r,
                                     end_r, mid_hi, hi, S_K, window, sm_scale, softcap, offs_d,
                                     HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
-                                    HAS_SOFTCAP, UPCAST, DOT_PREC)
+                                    HAS_SOFTCAP, UPCAST, DOT_PREC, EVEN_D)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]
         O = O + b * stride_ob + h * stride_oh
@@ -333,7 +341,7 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"],
         CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_DOCS=doc_ids is not None,
         HAS_SOFTCAP=softcap > 0, UPCAST=not q.is_cuda, DOT_PREC=dot_precision(q.dtype),
-        num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+        EVEN_D=block_d(D) == D, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     return out, lse
 
 

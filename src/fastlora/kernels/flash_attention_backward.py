@@ -64,16 +64,23 @@ if HAVE_TRITON:
                    lo, hi, S_K, window, sm_scale, softcap, offs_d,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-                   HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                   HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                   EVEN_D: tl.constexpr):
         offs_n = tl.arange(0, BLOCK_N)
         d_ok = offs_d < HEAD_DIM
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + offs_n
-            ld_mask = d_ok[:, None]
-            if MASKED:
-                ld_mask = ld_mask & (cols < S_K)[None, :]
-            kt = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=ld_mask, other=0.0)
-            vt = tl.load(V + cols[None, :] * stride_vn + offs_d[:, None], mask=ld_mask, other=0.0)
+            k_ptrs = K + cols[None, :] * stride_kn + offs_d[:, None]
+            v_ptrs = V + cols[None, :] * stride_vn + offs_d[:, None]
+            if MASKED or not EVEN_D:
+                ld_mask = d_ok[:, None]
+                if MASKED:
+                    ld_mask = ld_mask & (cols < S_K)[None, :]
+                kt = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+                vt = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+            else:  # interior block, full head dim: no masks at all
+                kt = tl.load(k_ptrs)
+                vt = tl.load(v_ptrs)
             if UPCAST:
                 kt = kt.to(tl.float32)
                 vt = vt.to(tl.float32)
@@ -102,8 +109,10 @@ if HAVE_TRITON:
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr):
         pid_m = tl.program_id(0)
+        if CAUSAL:  # the last query blocks see the most keys: start them first
+            pid_m = tl.num_programs(0) - 1 - pid_m
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
@@ -140,14 +149,14 @@ if HAVE_TRITON:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, rows, start_r, end_r,
                         lo, mid_lo, S_K, window, sm_scale, softcap, offs_d, HEAD_DIM, BLOCK_N,
-                        True, CAUSAL, HAS_WINDOW, HAS_DOCS, HAS_SOFTCAP, UPCAST, DOT_PREC)
+                        True, CAUSAL, HAS_WINDOW, HAS_DOCS, HAS_SOFTCAP, UPCAST, DOT_PREC, EVEN_D)
         dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, rows, start_r, end_r,
                         mid_lo, mid_hi, S_K, window, sm_scale, softcap, offs_d, HEAD_DIM,
                         BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_DOCS, HAS_SOFTCAP, UPCAST,
-                        DOT_PREC)
+                        DOT_PREC, EVEN_D)
         dq = _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, rows, start_r, end_r,
                         mid_hi, hi, S_K, window, sm_scale, softcap, offs_d, HEAD_DIM, BLOCK_N,
-                        True, CAUSAL, HAS_WINDOW, HAS_DOCS, HAS_SOFTCAP, UPCAST, DOT_PREC)
+                        True, CAUSAL, HAS_WINDOW, HAS_DOCS, HAS_SOFTCAP, UPCAST, DOT_PREC, EVEN_D)
         tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm
                  + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile)
 
@@ -156,20 +165,31 @@ if HAVE_TRITON:
                      lo, hi, S_Q, S_K, window, sm_scale, softcap, offs_d,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-                     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                     HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                     EVEN_D: tl.constexpr):
         # Tiles are transposed: keys along dim 0, queries along dim 1.
         offs_m = tl.arange(0, BLOCK_M)
         d_ok = offs_d < HEAD_DIM
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + offs_m
-            row_ok = rows < S_Q
-            qt = tl.load(Q + rows[None, :] * stride_qm + offs_d[:, None],
-                         mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-            do = tl.load(DO + rows[:, None] * stride_dom + offs_d[None, :],
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            # Rows past the end get lse = +inf, so their probabilities are exactly zero.
-            lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+            q_ptrs = Q + rows[None, :] * stride_qm + offs_d[:, None]
+            do_ptrs = DO + rows[:, None] * stride_dom + offs_d[None, :]
+            if MASKED:
+                row_ok = rows < S_Q
+                qt = tl.load(q_ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+                do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                # Rows past the end get lse = +inf, so their probabilities are exactly zero.
+                lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+                delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+            else:  # interior block: every row exists
+                if EVEN_D:
+                    qt = tl.load(q_ptrs)
+                    do = tl.load(do_ptrs)
+                else:
+                    qt = tl.load(q_ptrs, mask=d_ok[:, None], other=0.0)
+                    do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+                lse2 = tl.load(LSE + rows) * 1.4426950408889634
+                delta = tl.load(DELTA + rows)
             if UPCAST:
                 qt = qt.to(tl.float32)
                 do = do.to(tl.float32)
@@ -179,8 +199,8 @@ if HAVE_TRITON:
                 start_r = rows
                 end_r = rows
                 if HAS_DOCS:
-                    start_r = tl.load(DS + rows, mask=row_ok, other=0)
-                    end_r = tl.load(DE + rows, mask=row_ok, other=0)
+                    start_r = tl.load(DS + rows, mask=rows < S_Q, other=0)
+                    end_r = tl.load(DE + rows, mask=rows < S_Q, other=0)
                 vis = _visible(rows[None, :], cols[:, None], start_r[None, :], end_r[None, :],
                                S_K, window, CAUSAL, HAS_WINDOW, HAS_DOCS)
                 pt = tl.where(vis, pt, 0.0)
@@ -207,7 +227,7 @@ if HAVE_TRITON:
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                       DOT_PREC: tl.constexpr):
+                       DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H_KV).to(tl.int64)
@@ -238,15 +258,15 @@ if HAVE_TRITON:
             dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_dom,
                                   cols, DS, DE, lo, mid_lo, S_Q, S_K, window, sm_scale, softcap,
                                   offs_d, HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
-                                  HAS_SOFTCAP, UPCAST, DOT_PREC)
+                                  HAS_SOFTCAP, UPCAST, DOT_PREC, EVEN_D)
             dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_dom,
                                   cols, DS, DE, mid_lo, mid_hi, S_Q, S_K, window, sm_scale,
                                   softcap, offs_d, HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_WINDOW,
-                                  HAS_DOCS, HAS_SOFTCAP, UPCAST, DOT_PREC)
+                                  HAS_DOCS, HAS_SOFTCAP, UPCAST, DOT_PREC, EVEN_D)
             dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qm, stride_dom,
                                   cols, DS, DE, mid_hi, hi, S_Q, S_K, window, sm_scale, softcap,
                                   offs_d, HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_WINDOW, HAS_DOCS,
-                                  HAS_SOFTCAP, UPCAST, DOT_PREC)
+                                  HAS_SOFTCAP, UPCAST, DOT_PREC, EVEN_D)
         tl.store(DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn
                  + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=tile)
         tl.store(DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn
@@ -271,7 +291,8 @@ def flash_attention_backward_triton(dout, q, k, v, out, lse, doc_ids, scale, cau
     ds, de, stride_db = _doc_args(doc_ids, q)
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), HAS_WINDOW=window > 0,
                  HAS_DOCS=doc_ids is not None, HAS_SOFTCAP=softcap > 0, UPCAST=not q.is_cuda,
-                 DOT_PREC=dot_precision(q.dtype), num_warps=cfg["bwd_warps"],
+                 DOT_PREC=dot_precision(q.dtype), EVEN_D=block_d(D) == D,
+                 num_warps=cfg["bwd_warps"],
                  num_stages=cfg["bwd_stages"])
     scalars = (float(scale), float(softcap) or 1.0, int(window))
     _attn_bwd_dq[(triton.cdiv(S_Q, cfg["dq_m"]), B * H)](
