@@ -12,7 +12,14 @@ from helpers import (compare_compiled, compare_low_precision, lora_grads, rel_er
                      with_lora)
 
 NAME = "linear_cross_entropy"
-OPTS = {"compiler": "aot_eager", "strict": True}
+
+
+def _opts(disable=(), **extra):
+    """Compile options that leave every other pattern off, so these tests see this pattern's
+    numerics alone (the combinations are the model-family tests' job)."""
+    from fastlora.pattern import registered_patterns
+    others = [p.name for p in registered_patterns() if p.name != NAME]
+    return {"compiler": "aot_eager", "strict": True, "disable": others + list(disable), **extra}
 
 
 def _inputs(vocab=97, batch=2, seq=11, prompt=3):
@@ -24,7 +31,7 @@ def _inputs(vocab=97, batch=2, seq=11, prompt=3):
 
 def _tiny_gemma2(**kw):
     from transformers import Gemma2Config, Gemma2ForCausalLM
-    cfg = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    cfg = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                        max_position_embeddings=64, **kw)
     return Gemma2ForCausalLM(cfg)
@@ -45,7 +52,7 @@ def _near_misses(report=None):
 def test_llama_fp32_exact_and_logits_dropped():
     model = with_lora(tiny_llama(layers=2))
     inputs = _inputs()
-    loss_err, grad_errs, grads = compare_compiled(model, inputs)
+    loss_err, grad_errs, grads = compare_compiled(model, inputs, _opts())
     match = _match()
     assert fastlora.last_report().counts()[NAME] == 1
     assert match["spelling"] == "causal_lm_loss" and match["class"] == "LlamaForCausalLM"
@@ -54,7 +61,7 @@ def test_llama_fp32_exact_and_logits_dropped():
     assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
     assert len(grads) == 2 * 7 * 2
     # What the user gets back in place of the logits: right shape and dtype, no memory, NaN.
-    compiled = torch.compile(copy.deepcopy(model), backend="fastlora", options=OPTS)
+    compiled = torch.compile(copy.deepcopy(model), backend="fastlora", options=_opts())
     logits = compiled(**inputs).logits
     assert logits.shape == (2, 11, 97) and logits.dtype == torch.float32
     assert logits.stride() == (0, 0, 0) and logits.isnan().all()
@@ -65,7 +72,7 @@ def test_return_logits_true_keeps_the_unfused_loss():
     inputs = _inputs()
     expected = model(**inputs).logits
     compiled = torch.compile(copy.deepcopy(model), backend="fastlora",
-                             options={**OPTS, "return_logits": True})
+                             options=_opts(return_logits=True))
     out = compiled(**inputs)
     assert NAME not in fastlora.last_report().counts()
     assert any("return_logits" in r for r in _near_misses()), _near_misses()
@@ -75,7 +82,7 @@ def test_return_logits_true_keeps_the_unfused_loss():
 def test_gemma2_softcap_and_tied_embeddings_fp32():
     model = with_lora(_tiny_gemma2(), targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     assert model.config.tie_word_embeddings and model.config.final_logit_softcapping == 30.0
-    loss_err, grad_errs, _ = compare_compiled(model, _inputs())
+    loss_err, grad_errs, _ = compare_compiled(model, _inputs(), _opts())
     match = _match()
     assert match["spelling"] == "causal_lm_loss_softcapped" and match["params"]["cap"] == 30.0
     assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
@@ -83,7 +90,7 @@ def test_gemma2_softcap_and_tied_embeddings_fp32():
 
 def test_gemma2_bf16_softcap_rounded_like_eager():
     model = with_lora(_tiny_gemma2(), targets=["q_proj", "k_proj", "v_proj", "o_proj"])
-    err_eager, err_compiled = compare_low_precision(model, _inputs())
+    err_eager, err_compiled = compare_low_precision(model, _inputs(), options=_opts())
     match = _match()
     assert match["params"]["round_softcap"] is True
     assert match["params"]["logits_dtype"] == "torch.bfloat16"
@@ -94,7 +101,7 @@ def test_trained_tied_embedding_gets_its_lm_head_gradient():
     """No LoRA: every weight trains, so the tied embedding/lm_head weight needs dW too."""
     model = tiny_llama(layers=1, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    loss_err, grad_errs, _ = compare_compiled(model, _inputs())
+    loss_err, grad_errs, _ = compare_compiled(model, _inputs(), _opts())
     assert _match()["params"]["compute_dw"] is True
     assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
     assert grad_errs["model.embed_tokens.weight"] < 1e-5
@@ -111,7 +118,7 @@ def test_gradient_accumulation_with_num_items_in_batch_equals_one_batch():
     loss_big = eager(**big).loss
     loss_big.backward()
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend="fastlora", options=OPTS)
+    compiled = torch.compile(twin, backend="fastlora", options=_opts())
     total = 0.0
     for rows in (slice(0, 2), slice(2, 4)):
         part = {"input_ids": big["input_ids"][rows], "labels": big["labels"][rows],
@@ -133,7 +140,7 @@ def test_all_ignored_batch_gives_zero_loss_and_zero_gradient(num_items):
         inputs["num_items_in_batch"] = torch.tensor(5)  # tokens of other micro-batches
     eager_loss = copy.deepcopy(model)(**inputs).loss
     assert eager_loss.isnan().item() == (not num_items)  # eager: mean over nothing is NaN
-    compiled = torch.compile(model, backend="fastlora", options=OPTS)
+    compiled = torch.compile(model, backend="fastlora", options=_opts())
     loss = compiled(**inputs).loss
     loss.backward()
     assert fastlora.last_report().counts()[NAME] == 1
@@ -147,7 +154,7 @@ def test_no_grad_evaluation_keeps_real_logits():
     inputs = _inputs()
     with torch.no_grad():
         expected = model(**inputs)
-        out = torch.compile(copy.deepcopy(model), backend="fastlora", options=OPTS)(**inputs)
+        out = torch.compile(copy.deepcopy(model), backend="fastlora", options=_opts())(**inputs)
     assert NAME not in fastlora.last_report().counts()
     assert any("no gradient flows" in r for r in _near_misses()), _near_misses()
     assert rel_err(out.logits, expected.logits) < 1e-6 and rel_err(out.loss, expected.loss) < 1e-6
@@ -162,7 +169,7 @@ def test_autocast_bf16_uses_the_autocast_dtype():
 
     def step(disable):
         twin = copy.deepcopy(model)
-        compiled = torch.compile(twin, backend="fastlora", options={**OPTS, "disable": disable})
+        compiled = torch.compile(twin, backend="fastlora", options=_opts(disable=disable))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = compiled(**inputs).loss
         loss.backward()
@@ -211,7 +218,7 @@ def test_hand_written_heads(variant, reason):
     h = torch.randn(2, 5, 16, dtype=head.lm.weight.dtype, requires_grad=True)
     labels = torch.randint(0, 23, (10,))
     loss_e = head(h, labels)[0]
-    loss_c, logits_c = torch.compile(head, backend="fastlora", options=OPTS)(h, labels)
+    loss_c, logits_c = torch.compile(head, backend="fastlora", options=_opts())(h, labels)
     misses = _near_misses()
     if reason is None:
         assert fastlora.last_report().counts()[NAME] == 1 and not misses
@@ -225,7 +232,7 @@ def test_hand_written_heads(variant, reason):
 @pytest.mark.slow
 def test_through_inductor_logits_take_no_memory():
     model = with_lora(tiny_llama(layers=1))
-    loss_err, grad_errs, _ = compare_compiled(model, _inputs(), {"compiler": "inductor"})
+    loss_err, grad_errs, _ = compare_compiled(model, _inputs(), _opts(compiler="inductor"))
     assert fastlora.last_report().counts()[NAME] == 1
     assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
     compiled = torch.compile(copy.deepcopy(model), backend="fastlora",
@@ -241,7 +248,7 @@ def test_through_inductor_logits_take_no_memory():
 def test_cuda_tiny_llama_bf16_matches_eager():
     model = with_lora(tiny_llama(layers=2)).cuda()
     inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _inputs().items()}
-    err_eager, err_compiled = compare_low_precision(model, inputs)
+    err_eager, err_compiled = compare_low_precision(model, inputs, options=_opts())
     assert fastlora.last_report().counts()[NAME] == 1
     assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
 
@@ -260,7 +267,7 @@ def test_cuda_peak_memory_with_and_without_the_pattern():
     for label, disable in (("fused", []), ("unfused", [NAME])):
         model = copy.deepcopy(base)
         compiled = torch.compile(model, backend="fastlora",
-                                 options={**OPTS, "disable": disable})
+                                 options=_opts(disable=disable))
         for _ in range(2):  # the second step runs without compiling
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
