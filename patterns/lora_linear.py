@@ -137,6 +137,19 @@ def adapter_dtypes(m, prefix: str = "", base_linear=None):
     return None
 
 
+def autocast_inputs(m, cast_to, names) -> list:
+    """The inputs (of ``names``) that torch.autocast would have cast to ``cast_to``."""
+    if cast_to is None:
+        return []
+    return [n for n in names if isinstance(m.bindings.get(n), torch.fx.Node)
+            and m.value(n).dtype != cast_to]
+
+
+def cast(t, dtype):
+    """A dtype cast the rewriter can record (a function call, not a Tensor method)."""
+    return torch.ops.aten._to_copy.default(t, dtype=dtype)
+
+
 def make_seed(dropout: float, like: torch.Tensor):
     """One int64 seed per call, drawn by the graph itself from torch's generator for ``like``'s
     device (a graph value, so that the draw is traced as a random op, not frozen as a constant;
@@ -155,21 +168,23 @@ def module_path(node) -> tuple[str, list]:
     path = entries[-1][0]
     path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    return path, classes
+    return re.sub(r"^L(\.self)?(\.|$)", "", path), classes
 
 
 def explain_lora_near_miss(node, reason, only_bitsandbytes=False):
     """Near misses are reported at the lora_A product of an adapter that stayed unfused."""
     path, classes = module_path(node)
-    if ".lora_A." not in path + ".":
+    if ".lora_A." not in "." + path + ".":
         return None  # a linear that is not a LoRA adapter's A product
     layer = path.split(".lora_A")[0]
     stack = " ".join(str(c) for c in (node.meta.get("nn_module_stack") or {}).values())
     if only_bitsandbytes and "bnb" not in stack and "bitsandbytes" not in stack:
         return None
-    if any("Dora" in c for c in classes):
-        return ("DoRA adapter (use_dora=True): its magnitude rescaling of the base output is "
-                "not fused; the layer runs unfused")
+    if any("Dora" in c for c in classes) or any(
+            getattr(n.target, "__name__", "") in ("linalg_norm", "eye") for n in node.graph.nodes
+            if n.op == "call_function"):
+        return ("DoRA adapter (use_dora=True): its weight-norm and magnitude rescaling of the "
+                "base output are not fused; this layer runs unfused (exact, only not faster)")
     siblings = {module_path(n)[0] for n in node.graph.nodes if n.op == "call_function"
                 and n.target is F.linear and module_path(n)[0].startswith(layer + ".lora_A.")}
     if len(siblings) > 1:
@@ -196,20 +211,30 @@ def check(m):
         base = m.value("base")
         if base.dtype not in FLOATS:
             raise Reject(f"base output has dtype {base.dtype}")
+        producer = m["base"]
+        if producer.op == "call_function" and producer.target is F.linear \
+                and producer.args[0] is m["x"]:
+            # the adapter's own base linear: the peft_lora spellings fuse it with the adapter
+            # (they are tried after this smaller spelling when the final cast is absent)
+            raise Reject("the base is this adapter's own linear; left to the peft_lora spellings")
     devices = {v.device for v in (x, a, b)}
     if len(devices) != 1:
         raise Reject(f"inputs on several devices {sorted(map(str, devices))}")
     cast_to = adapter_dtypes(m, base_linear=base_linear)
     p = dropout_of(m)
-    return {"out_dtype": m.output_value().dtype, "cast_to": cast_to, "dropout": p}
+    names = ("x", "weight", "bias", "lora_A", "lora_B")
+    return {"out_dtype": m.output_value().dtype, "cast_to": cast_to, "dropout": p,
+            "autocast_inputs": autocast_inputs(m, cast_to, names)}
 
 
 def replacement(x, lora_A, lora_B, scale, weight=None, bias=None, base=None, p=0.0,
-                training=False, out_dtype=None, cast_to=None, dropout=0.0):
-    if cast_to is not None:  # torch.autocast: the linears ran in cast_to
-        x, lora_A, lora_B = x.to(cast_to), lora_A.to(cast_to), lora_B.to(cast_to)
-        weight = weight.to(cast_to) if weight is not None else None
-        bias = bias.to(cast_to) if bias is not None else None
+                training=False, out_dtype=None, cast_to=None, dropout=0.0, autocast_inputs=()):
+    # torch.autocast: the linears ran in cast_to; cast what autocast cast
+    x = cast(x, cast_to) if "x" in autocast_inputs else x
+    weight = cast(weight, cast_to) if "weight" in autocast_inputs else weight
+    bias = cast(bias, cast_to) if "bias" in autocast_inputs else bias
+    lora_A = cast(lora_A, cast_to) if "lora_A" in autocast_inputs else lora_A
+    lora_B = cast(lora_B, cast_to) if "lora_B" in autocast_inputs else lora_B
     seed = make_seed(dropout, lora_A)
     return torch.ops.fastlora.lora_linear(x, weight, bias, base, lora_A, lora_B, seed, scale,
                                           dropout, out_dtype)[0]

@@ -67,6 +67,16 @@ if HAVE_TRITON:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
 
     @triton.jit
+    def _rne(x, FIX: tl.constexpr):
+        """float32 -> bfloat16 rounding to nearest even where the conversion truncates (the
+        Triton interpreter does; FIX is False on the GPU, whose cvt.rn already rounds)."""
+        if FIX:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+        return x
+
+    @triton.jit
     def _lora_down_kernel(X, A, XA, SEED, OFFS, M, K, R, stride_x, stride_a, stride_xa,
                           threshold, inv_keep, G: tl.constexpr, DROPOUT: tl.constexpr,
                           MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -99,8 +109,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _lora_up_kernel(BASE, XA, B, OUT, M, N, R, stride_base, stride_xa, stride_b, stride_out,
-                        scale, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
+                        scale, MODE: tl.constexpr, FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
         """out = cast(base + s * xa @ B^T), one [BLOCK_M, BLOCK_N] tile (may write over base)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,7 +125,7 @@ if HAVE_TRITON:
         base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=mask,
                        other=0.0).to(tl.float32)
         tl.store(OUT + rows[:, None] * stride_out + cols[None, :],
-                 (base + scale * lora).to(OUT.dtype.element_ty), mask=mask)
+                 _rne(base + scale * lora, FIX_BF16).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _lora_grad_down_kernel(G, B, DA, M, N, R, stride_g, stride_b, stride_da, scale,
@@ -164,7 +174,7 @@ if HAVE_TRITON:
                             stride_a, stride_dx, rows_per_split, threshold, inv_keep,
                             G: tl.constexpr, DROPOUT: tl.constexpr, HAS_DX: tl.constexpr,
                             ACCUMULATE: tl.constexpr, HAS_DA: tl.constexpr, MODE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                            FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
         """dx (+)= ((da @ A) * m) / (1 - p) and PART[split] = da^T @ (x * m) / (1 - p), for one
         block of K columns over one split of the rows."""
         split = tl.program_id(1)
@@ -205,7 +215,7 @@ if HAVE_TRITON:
                 dx = dxl * inv_keep
                 if ACCUMULATE:
                     dx += tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-                tl.store(ptr, dx.to(DX.dtype.element_ty), mask=mask)
+                tl.store(ptr, _rne(dx, FIX_BF16).to(DX.dtype.element_ty), mask=mask)
         if HAS_DA:
             tl.store(PART + (split * R + rr[:, None]) * K + cols[None, :], acc * inv_keep,
                      mask=r_ok[:, None] & col_ok[None, :])
@@ -262,6 +272,11 @@ def dot_mode(device: torch.device, *dtypes: torch.dtype) -> int:
     if all(d in (torch.bfloat16, torch.float16) for d in dtypes) and len(set(dtypes)) == 1:
         return 0
     return 1 if PRECISION == "tf32x3" else 2
+
+
+def fix_bf16(out: Tensor) -> bool:
+    """Round bfloat16 stores by hand under the interpreter (it truncates; the GPU rounds)."""
+    return out.dtype == torch.bfloat16 and not out.is_cuda
 
 
 def _block_r(r: int) -> int:
@@ -325,7 +340,8 @@ def lora_up_triton(base2, xa, b, scale, out):
     if M and N:
         _lora_up_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             base2, xa, b, out, M, N, R, base2.stride(0), xa.stride(0), b.stride(0), out.stride(0),
-            scale, MODE=dot_mode(base2.device, torch.float32), BLOCK_M=bm, BLOCK_N=bn,
+            scale, MODE=dot_mode(base2.device, torch.float32), FIX_BF16=fix_bf16(out),
+            BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_R=_block_r(R), num_warps=8)
     return out
 
@@ -382,7 +398,8 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
             x2.stride(0), da.stride(0), a_cat.stride(0), dx.stride(0) if dx is not None else 0,
             per, threshold_of(p), _inv_keep(p), G=len(ranks), DROPOUT=p > 0,
             HAS_DX=dx is not None, ACCUMULATE=accumulate, HAS_DA=need_da,
-            MODE=dot_mode(x2.device, torch.float32), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
+            MODE=dot_mode(x2.device, torch.float32),
+            FIX_BF16=dx is not None and fix_bf16(dx), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
             num_warps=8 if br >= 64 else 4)
     return dx, (part.sum(0) if need_da else None)
 

@@ -1,0 +1,315 @@
+"""LoRA linear: kernels vs float64, the custom op, and compiled-vs-eager on tiny peft models.
+
+Dropout semantics (docs/lora.md): the fused op draws one int64 seed per adapter call from torch's
+default generator (a random op in the graph) and derives the keep-mask from it with Philox, so a
+compiled model cannot reproduce eager peft's torch dropout masks. The dropout comparison here is
+*seeded*: an eager twin whose dropout modules draw the same seed the same way and apply the same
+mask (``keep_mask_reference``) must give the same loss and gradients; the mask itself is checked
+statistically (keep rate) and bit for bit against the Triton kernel.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora.kernels import _lora_blocks as K
+from fastlora.kernels import lora_linear as L
+from helpers import rel_err, run_step, tiny_llama, with_lora
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def only_lora():
+    """Options that compile with the LoRA patterns only (other families are tested elsewhere)."""
+    others = [p.name for p in fastlora.registered_patterns() if not p.name.startswith("lora_")]
+    return {"compiler": "aot_eager", "strict": True, "disable": others}
+
+
+def _inputs(batch=2, seq=11, vocab=97):
+    ids = torch.randint(0, vocab, (batch, seq))
+    return {"input_ids": ids, "labels": ids}
+
+
+# ---------------------------------------------------------------- kernels vs float64
+
+
+def reference64(x, w, bias, a, b, scale, keep, p, g):
+    """y and (dx, dA, dB) through float64 autograd, with the given keep-mask."""
+    x64, a64, b64 = (t.double().requires_grad_() for t in (x, a, b))
+    base = x64 @ w.double().T + (bias.double() if bias is not None else 0)
+    y = base + scale * ((x64 * keep / (1 - p)) @ a64.T) @ b64.T
+    return (y.detach(), *torch.autograd.grad(y, (x64, a64, b64), g.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r,p", [(1, 0.0), (8, 0.25), (64, 0.0)])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_blocks_match_float64(dtype, r, p, impl):
+    M, Kd, N = 111, 72, 37  # 3 x 37 rows, odd widths
+    x, w, bias = torch.randn(M, Kd, dtype=dtype), torch.randn(N, Kd, dtype=dtype), None
+    a, b = torch.randn(r, Kd) / r ** 0.5, torch.randn(N, r)
+    g, seed, scale = torch.randn(M, N, dtype=dtype), torch.tensor([987654321]), 0.75
+    keep = (K.keep_mask_reference(987654321, M, Kd, 0, p) if p
+            else torch.ones(M, Kd, dtype=torch.bool))
+    base = (x @ w.T).to(dtype)
+    y_ref, dx_ref, da_ref, db_ref = reference64(x, w, bias, a, b, scale, keep, p, g)
+    y_ref = y_ref - (x.double() @ w.double().T) + base.double()  # the base is rounded first
+    nan = float("nan")
+    if impl == "triton":
+        xa = K.lora_down_triton(x, a, seed, p, xa=torch.full((M, r), nan))
+        y = K.lora_up_triton(base, xa, b, scale, torch.full((M, N), nan, dtype=dtype))
+        da = K.lora_grad_down_triton(g, b, scale, torch.full((M, r), nan))
+        db = K.lora_grad_b_triton(g, xa, scale, b.dtype)
+        dx, dA = K.lora_grad_x_triton(x, da, a, seed, p, dx=torch.full((M, Kd), nan, dtype=dtype))
+    else:
+        xa = K.lora_down_reference(x, a, seed, p)
+        y = K.lora_up_reference(base, xa, b, scale, dtype)
+        da = K.lora_grad_down_reference(g, b, scale)
+        db = K.lora_grad_b_reference(g, xa, scale, b.dtype)
+        dx, dA = K.lora_grad_x_reference(x, da, a, seed, p, dx=torch.empty(M, Kd, dtype=dtype))
+    dx = dx.double() + g.double() @ w.double()  # the base part of dx is cuBLAS, added here
+    assert y.dtype == dtype and dA.dtype == torch.float32 and db.dtype == torch.float32
+    assert rel_err(y, y_ref) < TOL[dtype]
+    assert rel_err(dx, dx_ref) < TOL[dtype]
+    assert rel_err(dA, da_ref) < TOL[dtype] and rel_err(db, db_ref) < TOL[dtype]
+
+
+def test_dropout_mask_kernel_equals_reference_and_keeps_1_minus_p():
+    M, Kd, p = 97, 40, 0.3
+    x = torch.rand(M, Kd) + 0.5  # nonzero, so xa = dropout(x) @ I shows the mask
+    masks = []
+    for seed, slot_count in ((11, 1), (12, 1)):
+        xa = K.lora_down_triton(x, torch.eye(Kd), torch.tensor([seed]), p)
+        kept = xa != 0
+        assert torch.equal(kept, K.keep_mask_reference(seed, M, Kd, 0, p))
+        assert torch.allclose(xa[kept], (x / (1 - p))[kept], rtol=1e-6)
+        masks.append(kept)
+    assert not torch.equal(masks[0], masks[1])
+    big = K.keep_mask_reference(5, 512, 512, 0, p)
+    assert abs(big.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / big.numel()) ** 0.5
+    other_slot = K.keep_mask_reference(5, 512, 512, 1, p)
+    assert 0.3 < (big == other_slot).float().mean() < 0.7  # independent masks per slot
+
+
+def test_custom_op_autograd_and_opcheck():
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    w, bias = torch.randn(40, 24), torch.randn(40, requires_grad=True)
+    a, b = torch.randn(4, 24, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+    y, _ = torch.ops.fastlora.lora_linear(x, w, bias, None, a, b, torch.tensor([3]), 1.5, 0.2,
+                                          torch.float32)
+    g = torch.randn_like(y)
+    y.backward(g)
+    keep = K.keep_mask_reference(3, 21, 24, 0, 0.2).view(3, 7, 24)
+    y_ref, dx_ref, da_ref, db_ref = reference64(x.detach(), w, bias.detach(), a.detach(),
+                                                b.detach(), 1.5, keep, 0.2, g)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(x.grad, dx_ref) < 1e-5
+    assert rel_err(a.grad, da_ref) < 1e-5 and rel_err(b.grad, db_ref) < 1e-5
+    assert rel_err(bias.grad, g.double().sum((0, 1))) < 1e-5
+    torch.library.opcheck(torch.ops.fastlora.lora_linear.default,
+                          (torch.randn(2, 5, 24), torch.randn(40, 24), torch.randn(40), None,
+                           torch.randn(4, 24), torch.randn(40, 4), torch.tensor([3]), 2.0, 0.1,
+                           torch.float32))
+    torch.library.opcheck(torch.ops.fastlora.lora_linear.default,
+                          (torch.randn(2, 5, 24), None, None, torch.randn(2, 5, 40),
+                           torch.randn(4, 24, requires_grad=True),
+                           torch.randn(40, 4, requires_grad=True), None, 2.0, 0.0,
+                           torch.float32))
+
+
+def test_bad_input_errors():
+    x, w, a, b = torch.randn(2, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    op = torch.ops.fastlora.lora_linear
+    with pytest.raises(ValueError, match="lora_A must have shape"):
+        op(x, w, None, None, torch.randn(2, 9), b, None, 1.0, 0.0, torch.float32)
+    with pytest.raises(ValueError, match="exactly one of weight"):
+        op(x, None, None, None, a, b, None, 1.0, 0.0, torch.float32)
+    with pytest.raises(ValueError, match="one-element int64 seed"):
+        op(x, w, None, None, a, b, None, 1.0, 0.5, torch.float32)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        op(x, w, None, None, a, b, torch.tensor([1]), 1.0, 1.0, torch.float32)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        op(x.double(), w.double(), None, None, a, b, None, 1.0, 0.0, torch.float32)
+
+
+# ---------------------------------------------------------------- compiled vs eager
+
+
+def errors_vs(reference, model, inputs, options=None, autocast=None):
+    """(eager error, compiled error): max relative error of loss and every LoRA gradient of
+    ``model`` eager and compiled against ``reference`` (a float64 or float32 twin)."""
+    def step(m, params, autocast=autocast):
+        if autocast is None:
+            return run_step(m, inputs, params)
+        params.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=autocast):
+            loss = m(**inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in params.named_parameters()
+                               if p.grad is not None}
+    loss_r, grads_r = step(reference, reference, autocast=None)
+    twin = copy.deepcopy(model)
+    loss_e, grads_e = step(model, model)
+    compiled = torch.compile(twin, backend="fastlora", options={**only_lora(), **(options or {})})
+    loss_c, grads_c = step(compiled, twin)
+    assert set(grads_c) == set(grads_r)
+
+    def worst(loss, grads):
+        return max([rel_err(loss, loss_r)] + [rel_err(grads[n], g) for n, g in grads_r.items()])
+    return worst(loss_e, grads_e), worst(loss_c, grads_c)
+
+
+@pytest.mark.parametrize("r,bias", [(1, True), (8, False), (64, True)])
+def test_fp32_llama_exact(r, bias):
+    model = with_lora(tiny_llama(layers=1, attention_bias=bias, mlp_bias=bias), r=r)
+    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs())
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear": 7}
+    assert {m["spelling"] for m in report.matches} == {"peft_lora"}
+    assert err_c <= max(1e-5, 1.5 * err_e), (err_e, err_c)
+
+
+def _mixed(model):
+    """bf16 base weights, float32 adapters: what peft's autocast_adapter_dtype gives a bf16
+    model (the targets.md workload)."""
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.bfloat16()
+    return model
+
+
+def test_bf16_base_fp32_adapters():
+    model32 = with_lora(tiny_llama(layers=2))
+    err_e, err_c = errors_vs(model32, _mixed(copy.deepcopy(model32)), _inputs())
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear": 14}
+    assert all(m["params"]["out_dtype"] == "torch.bfloat16" and m["params"]["cast_to"] is None
+               for m in report.matches)
+    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
+
+
+def test_autocast_bf16():
+    model = with_lora(tiny_llama(layers=1), r=8)
+    err_e, err_c = errors_vs(copy.deepcopy(model), model, _inputs(), autocast=torch.bfloat16)
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear": 7}
+    assert {m["spelling"] for m in report.matches} == {"peft_lora_autocast"}
+    assert all(m["params"]["cast_to"] == "torch.bfloat16" for m in report.matches)
+    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
+
+
+def test_rslora_scaling_is_captured():
+    model = with_lora(tiny_llama(layers=1), targets=["q_proj", "v_proj"], r=16, use_rslora=True)
+    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs())
+    scales = {m["params"]["scale"] for m in fastlora.last_report().matches}
+    assert scales == {32 / 16 ** 0.5}  # alpha / sqrt(r), not alpha / r
+    assert err_c <= max(1e-5, 1.5 * err_e), (err_e, err_c)
+
+
+class SeededDropout(nn.Module):
+    """Eager twin of the fused op's dropout: the same seed draw, the same Philox mask."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        seed = torch.randint_like(torch.zeros(1), 0, 2 ** 31 - 1, dtype=torch.int64)
+        x2 = x.reshape(-1, x.shape[-1])
+        keep = K.keep_mask_reference(int(seed), x2.shape[0], x2.shape[1], 0, self.p)
+        return (x2 * keep / (1 - self.p)).view(x.shape)
+
+
+def test_dropout_seeded_twin_is_exact():
+    p = 0.25
+    model = with_lora(tiny_llama(layers=1), dropout=p)
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            module.lora_dropout["default"] = SeededDropout(p)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
+    inputs = _inputs()
+    torch.manual_seed(1)
+    loss_c, grads_c = run_step(compiled, inputs, compiled_model)
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear": 7}
+    assert all(m["params"]["dropout"] == p for m in report.matches)
+    torch.manual_seed(1)
+    loss_t, grads_t = run_step(twin, inputs)
+    assert rel_err(loss_c, loss_t) < 1e-6
+    assert max(rel_err(grads_c[n], g) for n, g in grads_t.items()) < 1e-5
+    torch.manual_seed(2)  # another seed, other masks
+    loss_2, _ = run_step(compiled, inputs, compiled_model)
+    assert rel_err(loss_2, loss_c) > 1e-4
+    model.eval()  # eval mode: dropout off, exact against plain eager
+    compiled_model.eval()
+    with torch.no_grad():
+        out_e = model(**inputs).loss
+        out_c = compiled(**inputs).loss
+    assert rel_err(out_c, out_e) < 1e-6
+
+
+def test_dropout_with_gradient_checkpointing_uses_one_mask():
+    """Checkpointing recomputes the layer in backward; the seed must not be redrawn there."""
+    model = with_lora(tiny_llama(layers=2), dropout=0.3, targets=["q_proj", "down_proj"])
+    gc_model = copy.deepcopy(model)
+    gc_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train(), gc_model.train()
+    inputs = {**_inputs(), "use_cache": False}
+    results = []
+    for m in (model, gc_model):
+        compiled = torch.compile(m, backend="fastlora", options=only_lora())
+        torch.manual_seed(3)
+        results.append(run_step(compiled, inputs, m))
+        torch._dynamo.reset()
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert rel_err(loss_b, loss_a) < 1e-6
+    assert max(rel_err(grads_b[n], g) for n, g in grads_a.items()) < 1e-5
+
+
+def test_two_adapters_fp32_both_fused():
+    from peft import LoraConfig
+    model = with_lora(tiny_llama(layers=1), targets=["q_proj", "v_proj"])
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                      init_lora_weights=False))
+    model.base_model.set_adapter(["default", "b"])
+    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs())
+    spellings = sorted(m["spelling"] for m in fastlora.last_report().matches)
+    assert spellings == ["adapter_on_base", "peft_lora", "peft_lora"]
+    assert err_c <= max(1e-5, 1.5 * err_e), (err_e, err_c)
+
+
+def test_two_adapters_bf16_fall_back_with_reason():
+    from peft import LoraConfig
+    model = with_lora(tiny_llama(layers=1), targets=["q_proj", "v_proj"])
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                      init_lora_weights=False))
+    model.base_model.set_adapter(["default", "b"])
+    reference = copy.deepcopy(model)
+    err_e, err_c = errors_vs(reference, _mixed(model), _inputs())
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear": 1}  # v_proj; q_proj's two adapters stay unfused
+    reasons = [m["reason"] for m in report.near_misses]
+    assert len(reasons) == 2 and all("2 adapters are active" in r for r in reasons), reasons
+    assert err_c <= 1.25 * err_e + 1e-3
+
+
+def test_dora_falls_back_with_reason_and_no_noise():
+    model = with_lora(tiny_llama(layers=1), targets=["q_proj"], use_dora=True)
+    fastlora.clear_reports()
+    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs())
+    reports = fastlora.reports()
+    assert reports.counts() == {}
+    reasons = {m["reason"] for r in reports for m in r.near_misses}
+    assert reasons and all(r.startswith("DoRA adapter") for r in reasons), reasons
+    assert err_c <= max(1e-5, 1.5 * err_e)
+
+
+def test_unadapted_linears_are_not_near_misses():
+    model = with_lora(tiny_llama(layers=1), targets=["q_proj", "v_proj"])
+    compiled = torch.compile(model, backend="fastlora", options=only_lora())
+    compiled(**_inputs()).loss.backward()
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear": 2} and report.near_misses == []
