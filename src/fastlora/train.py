@@ -1,0 +1,422 @@
+"""``fastlora train``: a LoRA / QLoRA supervised fine-tune through TRL's ``SFTTrainer`` with the
+model compiled by the fastlora backend, on your model and data or on the embedded default.
+
+``train(TrainConfig(...))`` is the whole job; the command line (cli.py) only parses flags into a
+``TrainConfig``. The output folder is written under a ``.partial`` name and renamed when training
+has finished, so a folder with the final name is always complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+from . import embedded
+from .dataset import FORMATS, is_conversational, load_jsonl
+from .errors import FastloraError, out_of_memory
+
+RUN_FILE = "fastlora_run.json"  # written last: its presence marks a finished run
+DEFAULT_LR, DEFAULT_LR_EMBEDDED = 2e-4, 2e-3
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str | None = None  # a folder or hub id; None: the embedded default model
+    dataset: str | None = None  # a JSONL file; None: the embedded default dataset
+    output_dir: str | None = None  # None: fastlora-output/<date-time>
+    overwrite: bool = False
+    steps: int = 200
+    epochs: float | None = None  # when set, train this many epochs instead of `steps`
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    lr: float | None = None  # None: 2e-4, or 2e-3 on the embedded (randomly initialised) model
+    warmup_ratio: float = 0.05
+    lora_r: int = 16
+    lora_alpha: float | None = None  # None: 2 * r
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    load_in_4bit: bool = False
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    compile: bool = True
+    compiler: str = "auto"  # auto: inductor on a GPU, aot_eager on the CPU
+    disable: tuple[str, ...] = ()
+    dynamic: bool | None = None  # torch.compile's `dynamic`
+    pad_to_multiple_of: int = 64
+    packing: bool = False  # TRL's BFD packing: rows of max_length tokens, no padding
+    log_every: int = 10
+    report: bool = True
+
+
+# ----------------------------------------------------------------------------- output folder
+def _output_dir(cfg: TrainConfig) -> pathlib.Path:
+    if cfg.output_dir:
+        out = pathlib.Path(cfg.output_dir).expanduser()
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = pathlib.Path("fastlora-output") / stamp
+    if out.exists() and not out.is_dir():
+        raise FastloraError(f"The output path {out} is a file.", "Pass a folder with --output-dir.")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        finished = (out / RUN_FILE).exists()
+        raise FastloraError(
+            f"The output folder {out} already exists and is not empty"
+            f"{' (it holds a finished run)' if finished else ''}.",
+            "Pass another --output-dir, or --overwrite to replace it when this run finishes.")
+    return out.resolve()
+
+
+def _partial_dir(out: pathlib.Path) -> pathlib.Path:
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # left by a run that was killed
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _publish(partial: pathlib.Path, out: pathlib.Path) -> None:
+    """Rename the finished ``partial`` folder to ``out`` (replacing an old ``out``)."""
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        out.rename(old)
+    partial.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- model
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype(cfg: TrainConfig, device: str):
+    import torch
+
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if cfg.dtype != "auto":
+        if cfg.dtype not in names:
+            raise FastloraError(f"Unknown --dtype {cfg.dtype!r}.", "Use auto, bf16, fp16 or fp32.")
+        return names[cfg.dtype]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _check_model_path(name: str) -> str:
+    path = pathlib.Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FastloraError(f"The model path {name} is a file.",
+                                "Pass the folder that holds the model's config.json.")
+        if not (path / "config.json").exists():
+            raise FastloraError(f"The model folder {name} has no config.json, so it is not a "
+                                "Hugging Face model folder.",
+                                "Pass the folder that save_pretrained wrote, or a hub id.")
+        return str(path)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FastloraError(f"The model path {name} does not exist.",
+                            "Pass a model folder or a Hugging Face hub id (owner/name) with "
+                            "--model, or leave --model out to use the embedded default model.")
+    return name
+
+
+def _load_config(name: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise FastloraError(
+            f"Could not find the model {name!r}: there is no folder of that name, and loading "
+            f"it from the Hugging Face Hub failed ({_first_line(e)}).",
+            "Check the spelling, download it first (huggingface-cli download), or pass a local "
+            "folder.") from e
+    except ValueError as e:
+        raise FastloraError(f"The model {name!r} has a config transformers cannot read "
+                            f"({_first_line(e)}).",
+                            "Upgrade transformers, or pass a supported model.") from e
+
+
+def _check_causal_lm(config, name: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FastloraError(
+            f"The model {name!r} is of type {model_type!r}, which is not a causal language "
+            f"model, so it cannot be fine-tuned with SFT.",
+            "Pass a decoder-only model such as Llama, Mistral, Qwen2/3, Gemma or Phi-3.")
+
+
+def _quantization_config(cfg: TrainConfig, dtype):
+    if not cfg.load_in_4bit:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:
+        raise FastloraError(
+            f"--load-in-4bit needs bitsandbytes, which could not be imported "
+            f"({_first_line(e)}).",
+            "Install it with pip install 'fastlora[qlora]' (bitsandbytes), or train without "
+            "--load-in-4bit.") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+
+
+def load_model_and_tokenizer(cfg: TrainConfig, device: str, dtype, base_dir: pathlib.Path):
+    """The base model (on ``device``) and its tokenizer. The embedded default model is saved to
+    ``base_dir`` first, so the adapter can be merged and exported later."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quant = _quantization_config(cfg, dtype)
+    if cfg.model is None:
+        tokenizer = embedded.load_tokenizer()
+        model = embedded.build_model()
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        if quant is None:
+            return model.to(device=device, dtype=dtype), tokenizer, str(base_dir)
+        source = str(base_dir)
+    else:
+        source = _check_model_path(cfg.model)
+        config = _load_config(source)
+        _check_causal_lm(config, cfg.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as e:
+            raise FastloraError(f"Could not load the tokenizer of {cfg.model!r} "
+                                f"({_first_line(e)}).",
+                                "The model folder needs its tokenizer files "
+                                "(tokenizer.json or tokenizer.model).") from e
+    kwargs = {"dtype": dtype}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": 0 if device == "cuda" else "cpu"})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise FastloraError(f"Could not load the model {cfg.model or source!r} "
+                            f"({_first_line(e)}).",
+                            "Check that the folder holds the weights (model.safetensors).") from e
+    if quant is None:
+        model = model.to(device)
+    return model, tokenizer, source
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__).rstrip(".")
+
+
+def add_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = cfg.lora_targets
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")})
+        raise FastloraError(f"LoRA could not be applied: {_first_line(e)}.",
+                            f"--lora-targets takes module names of this model, comma-separated "
+                            f"(its linear layers: {', '.join(names)}), or all-linear.") from e
+
+
+# ----------------------------------------------------------------------------- the run
+def _sft_config(cfg: TrainConfig, out: pathlib.Path, device: str, dtype, lr: float):
+    import torch
+    from trl import SFTConfig
+
+    steps = {"max_steps": -1, "num_train_epochs": cfg.epochs} if cfg.epochs else \
+        {"max_steps": cfg.steps}
+    # transformers 5 takes a fraction in warmup_steps; 4.x has warmup_ratio for it
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    steps["warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"] = cfg.warmup_ratio
+    return SFTConfig(
+        output_dir=str(out), **steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=lr,
+        lr_scheduler_type="linear", max_length=cfg.max_length,
+        pad_to_multiple_of=cfg.pad_to_multiple_of or None, dataloader_drop_last=True,
+        packing=cfg.packing, packing_strategy="bfd",
+        gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, data_seed=cfg.seed,
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16, use_cpu=device == "cpu",
+        logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding", dataset_num_proc=None)
+
+
+def _build_trainer(model, tokenizer, rows, sft_args, callbacks):
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, callbacks=callbacks)
+    for cb in (PrinterCallback, ProgressCallback):  # our own bar replaces them
+        trainer.remove_callback(cb)
+    return trainer
+
+
+def _compiler(cfg: TrainConfig, device: str) -> str:
+    if cfg.compiler != "auto":
+        return cfg.compiler
+    return "inductor" if device == "cuda" else "aot_eager"
+
+
+def train(cfg: TrainConfig, stream=None) -> dict:
+    """Run the fine-tune described by ``cfg``; returns the summary also saved as
+    ``fastlora_run.json`` in the output folder."""
+    import torch
+    import transformers
+
+    from .report import reports
+    from .trainer import ProgressCallback, compile_count, compile_for_trainer
+
+    stream = stream or sys.stdout
+    say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731
+    out = _output_dir(cfg)
+    rows, fmt = load_jsonl(cfg.dataset or embedded.DATASET)
+    device = _device()
+    dtype = _dtype(cfg, device)
+    if cfg.load_in_4bit and device != "cuda":
+        say("note: --load-in-4bit without a GPU runs bitsandbytes' CPU kernels (slow)")
+    partial = _partial_dir(out)
+    try:
+        transformers.set_seed(cfg.seed)
+        model, tokenizer, base = load_model_and_tokenizer(cfg, device, dtype, partial / "base_model")
+        if is_conversational(fmt) and not getattr(tokenizer, "chat_template", None):
+            raise FastloraError(
+                f"The dataset is in the {FORMATS[fmt]} format, but the tokenizer of "
+                f"{cfg.model!r} has no chat template to turn messages into text.",
+                'Use a model with a chat template, or write the rows as {"prompt": "...", '
+                '"completion": "..."} strings or {"text": "..."}.')
+        model = add_lora(model, cfg)
+        lr = cfg.lr or (DEFAULT_LR_EMBEDDED if cfg.model is None else DEFAULT_LR)
+        compiler = _compiler(cfg, device)
+        progress = ProgressCallback(model, every=cfg.log_every, print_report=cfg.report,
+                                    stream=stream)
+        trainer = _build_trainer(model, tokenizer, rows, _sft_config(cfg, partial, device, dtype,
+                                                                       lr), [progress])
+        trainable, total = model.get_nb_trainable_parameters()
+        say(f"model    {cfg.model or embedded.DEFAULT_NAME + ' (embedded default, random init)'}"
+            f": {total / 1e6:.1f}M parameters, {dtype_name(dtype)}"
+            f"{', 4-bit NF4' if cfg.load_in_4bit else ''}, on {device}")
+        say(f"LoRA     r={cfg.lora_r} alpha={cfg.lora_alpha or 2 * cfg.lora_r} "
+            f"dropout={cfg.lora_dropout} on {cfg.lora_targets}: "
+            f"{trainable / 1e6:.2f}M trainable parameters")
+        say(f"data     {cfg.dataset or 'embedded default dataset'}: {len(rows)} rows "
+            f"({FORMATS[fmt]})")
+        say(f"training {_length(cfg)}, batch {cfg.batch_size} x {cfg.grad_accum} accumulated, "
+            f"lr {lr:g}, max length {cfg.max_length}, seed {cfg.seed}")
+        if cfg.compile:
+            options = {"compiler": compiler}
+            if cfg.disable:
+                options["disable"] = list(cfg.disable)
+            compile_for_trainer(model, dynamic=cfg.dynamic, **options)
+            say(f"compile  backend=\"fastlora\" (rest of the graph: {compiler}); the first step "
+                f"compiles")
+        else:
+            say("compile  off (--no-compile): plain eager PyTorch")
+        say()
+        graphs_before = compile_count()
+        started = time.perf_counter()
+        try:
+            result = trainer.train()
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(e, cfg.batch_size, cfg.max_length) from e
+        seconds = time.perf_counter() - started
+        trainer.save_model(str(partial))
+        summary = _summary(cfg, trainer, progress, result, seconds, base, out, compiler,
+                           compile_count() - graphs_before, reports(model) if cfg.compile else [])
+        _point_adapter_at_base(partial, out, base, cfg.model is None)
+        (partial / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        _publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    losses = summary["loss_history"]
+    say()
+    say(f"done     {summary['steps']} steps in {seconds:.1f}s; loss {losses[0][1]:.3f} -> "
+        f"{summary['final_loss']:.3f} (mean of the last 10 steps); "
+        f"{summary['tokens_per_second_after_compile'] or 0:,.0f} tokens/s after compilation; "
+        f"{summary['dynamo_graphs_compiled']} graph(s) compiled")
+    say(f"saved    LoRA adapter in {out}")
+    say(f"next     fastlora export {out} --gguf {out}/model.gguf")
+    return summary
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _length(cfg: TrainConfig) -> str:
+    return f"{cfg.epochs:g} epoch(s)" if cfg.epochs else f"{cfg.steps} steps"
+
+
+def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graphs, model_reports):
+    import fastlora
+
+    history = progress.loss_history
+    last = [loss for _, loss in history[-10:]]
+    state = trainer.state
+    after = _tokens_per_second_after_first(trainer, progress, seconds)
+    return {
+        "fastlora_version": fastlora.__version__,
+        "config": dataclasses.asdict(cfg),
+        "base_model": str(out / "base_model") if cfg.model is None else base,
+        "steps": state.global_step,
+        "seconds": round(seconds, 2),
+        "first_step_seconds": round(progress.first_step_s or 0.0, 2),
+        "tokens": state.num_input_tokens_seen,
+        "tokens_per_second_after_compile": after,
+        "loss_history": history,
+        "final_loss": sum(last) / max(1, len(last)),
+        "train_loss": result.training_loss,
+        "compiled": cfg.compile,
+        "compiler": compiler if cfg.compile else None,
+        "dynamo_graphs_compiled": graphs,
+        "recompiled_at_steps": progress.recompiles,
+        "report_counts": fastlora.Reports(model_reports).counts() if model_reports else {},
+        "near_misses": len(fastlora.Reports(model_reports).near_misses()) if model_reports else 0,
+    }
+
+
+def _tokens_per_second_after_first(trainer, progress, seconds) -> float | None:
+    """Tokens per second over the steps after the first (which includes compilation)."""
+    total = trainer.state.num_input_tokens_seen
+    steps = trainer.state.global_step
+    rest = seconds - (progress.first_step_s or 0.0)
+    if steps < 2 or rest <= 0:
+        return None
+    return round(total * (steps - 1) / steps / rest, 1)
+
+
+def _point_adapter_at_base(partial: pathlib.Path, out: pathlib.Path, base: str, embedded_base):
+    """adapter_config.json names the base model; for the embedded default that is the copy
+    saved beside the adapter, at its final location."""
+    config_file = partial / "adapter_config.json"
+    if not embedded_base or not config_file.exists():
+        return
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(out / "base_model")
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
