@@ -77,7 +77,7 @@ def test_blocks_match_float64(dtype, r, p, impl):
 
 
 def test_dropout_mask_kernel_equals_reference_and_keeps_1_minus_p():
-    M, Kd, p = 97, 40, 0.3
+    M, Kd, p = 33, 40, 0.3
     x = torch.rand(M, Kd) + 0.5  # nonzero, so xa = dropout(x) @ I shows the mask
     masks = []
     for seed, slot_count in ((11, 1), (12, 1)):
@@ -87,9 +87,9 @@ def test_dropout_mask_kernel_equals_reference_and_keeps_1_minus_p():
         assert torch.allclose(xa[kept], (x / (1 - p))[kept], rtol=1e-6)
         masks.append(kept)
     assert not torch.equal(masks[0], masks[1])
-    big = K.keep_mask_reference(5, 512, 512, 0, p)
+    big = K.keep_mask_reference(5, 256, 512, 0, p)
     assert abs(big.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / big.numel()) ** 0.5
-    other_slot = K.keep_mask_reference(5, 512, 512, 1, p)
+    other_slot = K.keep_mask_reference(5, 256, 512, 1, p)
     assert 0.3 < (big == other_slot).float().mean() < 0.7  # independent masks per slot
 
 
@@ -180,10 +180,10 @@ def _mixed(model):
 
 
 def test_bf16_base_fp32_adapters():
-    model32 = with_lora(tiny_llama(layers=2))
+    model32 = with_lora(tiny_llama(layers=1))
     err_e, err_c = errors_vs(model32, _mixed(copy.deepcopy(model32)), _inputs())
     report = fastlora.last_report()
-    assert report.counts() == {"lora_linear": 14}
+    assert report.counts() == {"lora_linear": 7}
     assert all(m["params"]["out_dtype"] == "torch.bfloat16" and m["params"]["cast_to"] is None
                for m in report.matches)
     assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
@@ -221,13 +221,18 @@ class SeededDropout(nn.Module):
         return (x2 * keep / (1 - self.p)).view(x.shape)
 
 
-def test_dropout_seeded_twin_is_exact():
-    p = 0.25
-    model = with_lora(tiny_llama(layers=1), dropout=p)
+def seeded_twin(model, p):
     twin = copy.deepcopy(model)
     for module in twin.modules():
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
             module.lora_dropout["default"] = SeededDropout(p)
+    return twin
+
+
+def test_dropout_seeded_twin_is_exact():
+    p = 0.25
+    model = with_lora(tiny_llama(layers=1), dropout=p)
+    twin = seeded_twin(model, p)
     compiled_model = copy.deepcopy(model)
     compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
     inputs = _inputs()
@@ -252,21 +257,22 @@ def test_dropout_seeded_twin_is_exact():
 
 
 def test_dropout_with_gradient_checkpointing_uses_one_mask():
-    """Checkpointing recomputes the layer in backward; the seed must not be redrawn there."""
-    model = with_lora(tiny_llama(layers=2), dropout=0.3, targets=["q_proj", "down_proj"])
-    gc_model = copy.deepcopy(model)
-    gc_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train(), gc_model.train()
+    """Checkpointing recomputes the layer in backward; the seed must not be redrawn there, so
+    the compiled checkpointed model still equals the seeded eager twin."""
+    p = 0.3
+    model = with_lora(tiny_llama(layers=1), dropout=p, targets=["v_proj", "down_proj"])
+    twin = seeded_twin(model, p)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     inputs = {**_inputs(), "use_cache": False}
-    results = []
-    for m in (model, gc_model):
-        compiled = torch.compile(m, backend="fastlora", options=only_lora())
-        torch.manual_seed(3)
-        results.append(run_step(compiled, inputs, m))
-        torch._dynamo.reset()
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert rel_err(loss_b, loss_a) < 1e-6
-    assert max(rel_err(grads_b[n], g) for n, g in grads_a.items()) < 1e-5
+    compiled = torch.compile(model, backend="fastlora", options=only_lora())
+    torch.manual_seed(3)
+    loss_c, grads_c = run_step(compiled, inputs, model)
+    assert fastlora.reports(compiled).counts() == {"lora_linear": 2}
+    torch.manual_seed(3)
+    loss_t, grads_t = run_step(twin, inputs)
+    assert rel_err(loss_c, loss_t) < 1e-6
+    assert max(rel_err(grads_c[n], g) for n, g in grads_t.items()) < 1e-5
 
 
 def test_two_adapters_fp32_both_fused():
@@ -296,15 +302,20 @@ def test_two_adapters_bf16_fall_back_with_reason():
     assert err_c <= 1.25 * err_e + 1e-3
 
 
-def test_dora_falls_back_with_reason_and_no_noise():
-    model = with_lora(tiny_llama(layers=1), targets=["q_proj"], use_dora=True)
+def test_dora_falls_back_with_reason():
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(nn.Sequential(nn.Linear(24, 40)),
+                           LoraConfig(r=4, target_modules=["0"], use_dora=True,
+                                      init_lora_weights=False))
+    x = torch.randn(3, 5, 24)
     fastlora.clear_reports()
-    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs())
+    expected = model(x)
+    out = torch.compile(model, backend="fastlora", options=only_lora())(x)
     reports = fastlora.reports()
     assert reports.counts() == {}
     reasons = {m["reason"] for r in reports for m in r.near_misses}
     assert reasons and all(r.startswith("DoRA adapter") for r in reasons), reasons
-    assert err_c <= max(1e-5, 1.5 * err_e)
+    assert rel_err(out, expected) < 1e-6
 
 
 def test_unadapted_linears_are_not_near_misses():
