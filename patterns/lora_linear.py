@@ -13,7 +13,8 @@ Spellings, as peft writes them (transformers 5, peft 0.21):
 
 with or without the dropout node (peft uses nn.Identity for p = 0), and with or without the final
 cast (under torch.autocast it is a no-op and gone). A second family matches the adapter on any
-precomputed base output (a bitsandbytes 8-bit matmul, a second adapter on the same layer).
+precomputed base output (a bitsandbytes 8-bit matmul, a second adapter on the same layer),
+including peft's bitsandbytes spelling that rounds the adapter output before the add.
 rsLoRA changes only the scaling literal. Under torch.autocast the fused op runs in the autocast
 dtype, as the unfused linears do.
 """
@@ -80,9 +81,22 @@ def adapter_on_base_dropout_uncast(base: torch.Tensor, x: torch.Tensor, lora_A: 
     return base + F.linear(F.linear(h, lora_A), lora_B) * scale
 
 
+def adapter_cast_then_add(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                          lora_B: torch.Tensor, scale: float):
+    """peft's bitsandbytes layers round the adapter output to the base dtype before adding."""
+    lora = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
+    return base + lora.to(base.dtype)
+
+
+def adapter_cast_then_add_dropout(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                                  lora_B: torch.Tensor, scale: float, p: float, training: bool):
+    h = F.dropout(x.to(lora_A.dtype), p, training, False)
+    return base + (F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
+
+
 SPELLINGS = [peft_lora, peft_lora_dropout, peft_lora_autocast, peft_lora_dropout_autocast,
              adapter_on_base, adapter_on_base_dropout, adapter_on_base_uncast,
-             adapter_on_base_dropout_uncast]
+             adapter_on_base_dropout_uncast, adapter_cast_then_add, adapter_cast_then_add_dropout]
 
 
 # ---------------------------------------------------------------- helpers shared by the LoRA files

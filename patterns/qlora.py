@@ -1,0 +1,195 @@
+"""QLoRA: a LoRA adapter on a bitsandbytes 4-bit base layer (``Linear4bit``, NF4 or FP4, with or
+without double quantization), the base matmul and the adapter fused into one op.
+
+Becomes ``torch.ops.fastlora.lora_linear_4bit`` (src/fastlora/kernels/nf4_dequant.py), which
+dequantizes W in Triton into a buffer that lives only during the call, in forward and again in
+backward (for dx), and never computes a gradient for it.
+
+The base matmul appears in the Dynamo graph in one of two forms (bitsandbytes 0.50):
+- ``torch.ops.bitsandbytes.gemm_4bit.default(x, W.view(-1, 1), shape, absmax, blocksize,
+  quant_type, bias=..., absmax_8bit=..., absmax_code=..., absmax_offset=...)`` when x does not
+  require grad (bitsandbytes' no-autograd path);
+- ``higher_order.autograd_function_apply(fwd_body, bwd_body, *operands)[0]`` (bitsandbytes'
+  ``MatMul4Bit``) otherwise; its forward body makes that same ``gemm_4bit`` call on its
+  placeholders, which map in order to the operands. The quant-state tensors are placeholders.
+
+The adapter around it is peft's: either ``lora.Linear``'s spelling (``(base + lora * s).to(dtype)``)
+or ``lora.bnb.Linear4bit``'s (``base.clone() + (lora * s).to(dtype)``), with optional dropout.
+bitsandbytes 8-bit (``Linear8bitLt``) is not fused here: its int8 matmul stays bitsandbytes',
+and the ``lora_linear`` pattern fuses the adapter on its output.
+"""
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from fastlora.canonicalize import example_value
+from fastlora.pattern import Pattern, Reject, register_pattern
+from fastlora.patterns.lora_linear import (FLOATS, adapter_dtypes, adapter_on_base,
+                                           adapter_on_base_dropout, dropout_of,
+                                           explain_lora_near_miss, make_seed, module_path)
+
+try:
+    GEMM_4BIT = torch.ops.bitsandbytes.gemm_4bit.default
+except (AttributeError, RuntimeError):  # bitsandbytes not imported: the op is not registered
+    GEMM_4BIT = None
+HOP = getattr(torch.ops.higher_order, "autograd_function_apply", None)
+
+
+def peft_bnb_4bit(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                  lora_B: torch.Tensor, scale: float):
+    out = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
+    return base.clone() + out.to(base.dtype)
+
+
+def peft_bnb_4bit_dropout(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                          lora_B: torch.Tensor, scale: float, p: float, training: bool):
+    h = F.dropout(x.to(lora_A.dtype), p, training, False)
+    return base.clone() + (F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
+
+
+class _Absorbed:
+    """Stands for a graph node the check adds to the matched region (no pattern node of its
+    own): the 4-bit matmul and its autograd wrapper."""
+
+    target = None
+
+    def __init__(self, name):
+        self.name = name
+
+
+def _gemm_4bit():
+    global GEMM_4BIT
+    if GEMM_4BIT is None:
+        try:
+            GEMM_4BIT = torch.ops.bitsandbytes.gemm_4bit.default
+        except (AttributeError, RuntimeError):
+            return None
+    return GEMM_4BIT
+
+
+def _quantized_base(base: torch.fx.Node):
+    """(gemm call, {gemm placeholder or arg -> outer graph value}, extra region nodes) for the
+    node that computes the base output, or a Reject saying what it is instead."""
+    gemm_op = _gemm_4bit()
+    if base.op == "call_function" and gemm_op is not None and base.target is gemm_op:
+        return base, (lambda v: v), [base]
+    if not (base.op == "call_function" and base.target is operator.getitem
+            and base.args[1] == 0 and isinstance(base.args[0], torch.fx.Node)
+            and base.args[0].target is HOP):
+        raise Reject("the base output is not a bitsandbytes 4-bit matmul")
+    hop = base.args[0]
+    owner = base.graph.owning_module
+    fwd_body = getattr(owner, hop.args[0].target, None)
+    calls = [n for n in fwd_body.graph.nodes if n.op == "call_function"] if fwd_body else []
+    gemm = [n for n in calls if gemm_op is not None and n.target is gemm_op]
+    if len(gemm) != 1:
+        names = " ".join(str(n.target) for n in calls)
+        if "int8" in names or "8bit" in names:
+            raise Reject("the base layer is bitsandbytes 8-bit (Linear8bitLt): its int8 matmul "
+                         "stays bitsandbytes'; lora_linear fuses the adapter on its output")
+        raise Reject("the base is an autograd.Function that is not bitsandbytes' MatMul4Bit")
+    out_node = next(n for n in fwd_body.graph.nodes if n.op == "output")
+    if not (isinstance(out_node.args[0], (tuple, list)) and out_node.args[0]
+            and isinstance(out_node.args[0][0], (tuple, list))
+            and out_node.args[0][0][0] is gemm[0]):
+        raise Reject("the 4-bit autograd.Function does not return its gemm_4bit result first")
+    placeholders = [n for n in fwd_body.graph.nodes if n.op == "placeholder"]
+    operands = dict(zip(placeholders, hop.args[2:]))
+
+    def outer(v):
+        if isinstance(v, torch.fx.Node) and v.op == "call_function" \
+                and v.target is torch.Tensor.view and v.args[0] in operands:
+            v = v.args[0]  # B.view(-1, 1) inside the body: the operand itself
+        if isinstance(v, torch.fx.Node):
+            if v not in operands:
+                raise Reject("the 4-bit matmul's inputs are computed inside its autograd body")
+            return operands[v]
+        return v
+    extra = [hop] + [a for a in hop.args[:2] if isinstance(a, torch.fx.Node)] + [base]
+    if set(hop.users) != {base}:
+        raise Reject("other outputs of the 4-bit autograd.Function are used")
+    return gemm[0], outer, extra
+
+
+def _arg(gemm, name, index):
+    return gemm.kwargs[name] if name in gemm.kwargs else (
+        gemm.args[index] if len(gemm.args) > index else None)
+
+
+def check(m):
+    x = m.value("x")
+    base_node = m["base"]
+    gemm, outer, extra = _quantized_base(base_node)
+    if outer(gemm.args[0]) is not m["x"]:
+        raise Reject("the 4-bit matmul and the adapter read different inputs")
+    if set(base_node.users) - m.region:
+        raise Reject("the 4-bit matmul's output is also used outside the LoRA layer")
+    shape = list(_arg(gemm, "shapeB", 2))
+    blocksize, quant_type = _arg(gemm, "blocksize", 4), _arg(gemm, "quant_type", 5)
+    if len(shape) != 2 or not all(isinstance(s, int) for s in shape):
+        raise Reject(f"the 4-bit weight shape {shape} is not a static [N, K]")
+    absmax8 = outer(_arg(gemm, "absmax_8bit", 7))
+    tensors = {"qweight": outer(gemm.args[1]), "absmax": outer(gemm.args[3]),
+               "bias": outer(_arg(gemm, "bias", 6))}
+    if absmax8 is not None:  # double quantization: args[3] is the nested absmax
+        tensors.update(absmax=absmax8, absmax2=outer(gemm.args[3]),
+                       code2=outer(_arg(gemm, "absmax_code", 8)),
+                       offset=outer(_arg(gemm, "absmax_offset", 9)))
+    qweight = tensors["qweight"]
+    if isinstance(qweight, torch.fx.Node) and qweight.op == "call_function" \
+            and qweight.target is torch.Tensor.view and len(qweight.users) == 1:
+        extra.append(qweight)  # the W.view(-1, 1) feeding the matmul
+        tensors["qweight"] = qweight.args[0]
+    base_dtype = example_value(base_node).dtype
+    if base_dtype != x.dtype or base_dtype not in FLOATS:
+        raise Reject(f"the 4-bit matmul returns {base_dtype} for {x.dtype} inputs")
+    if adapter_dtypes(m) is not None:
+        raise Reject("QLoRA under torch.autocast is not fused (bitsandbytes casts x itself)")
+    a, b = m.value("lora_A"), m.value("lora_B")
+    if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
+        raise Reject(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit the "
+                     f"{shape} base")
+    # The match now covers the matmul too: its inputs replace `base`.
+    for i, node in enumerate(extra):
+        m.node_map[_Absorbed(f"qlora_{i}")] = node
+    del m.bindings["base"]
+    m.bindings.update({k: v for k, v in tensors.items() if v is not None})
+    return {"out_features": shape[0], "in_features": shape[1], "blocksize": blocksize,
+            "quant_type": quant_type, "double_quant": absmax8 is not None,
+            "out_dtype": m.output_value().dtype, "dropout": dropout_of(m),
+            "bnb_call": "MatMul4Bit" if base_node is not gemm else "gemm_4bit"}
+
+
+def replacement(x, lora_A, lora_B, scale, qweight, absmax, out_features, in_features, blocksize,
+                quant_type, out_dtype, dropout, double_quant=False, absmax2=None, code2=None,
+                offset=None, bias=None, p=0.0, training=False, bnb_call=None):
+    seed = make_seed(dropout, lora_A)
+    return torch.ops.fastlora.lora_linear_4bit(
+        x, qweight, absmax, absmax2, code2, offset, bias, lora_A, lora_B, seed, out_features,
+        in_features, blocksize, quant_type, scale, dropout, out_dtype)[0]
+
+
+def explain(node, reason):
+    """Report only adapters whose base layer is a bitsandbytes 4-bit one."""
+    path, _ = module_path(node)
+    layer = path.split(".lora_A")[0]
+    for n in node.graph.nodes:
+        p, classes = module_path(n)
+        if p == layer + ".base_layer" and classes and classes[-1].endswith("Linear4bit"):
+            return explain_lora_near_miss(node, reason)
+    return None
+
+
+register_pattern(Pattern(
+    name="lora_linear_4bit",
+    spellings=[peft_bnb_4bit, peft_bnb_4bit_dropout, adapter_on_base, adapter_on_base_dropout],
+    check=check,
+    replacement=replacement,
+    anchor=F.linear,
+    explain_near_miss=explain,
+    priority=15,
+    description="QLoRA: LoRA on a bitsandbytes 4-bit (NF4/FP4, double quant) base, dequantized "
+                "in Triton",
+    builtin=True,
+))

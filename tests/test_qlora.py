@@ -1,0 +1,269 @@
+"""QLoRA: the Triton NF4/FP4 dequantization vs bitsandbytes, the fused 4-bit LoRA op vs float64,
+and compiled-vs-eager on tiny Llamas whose linears are bitsandbytes 4-bit (and 8-bit) layers.
+
+bitsandbytes 0.50.2 runs 4-bit and 8-bit layers on the CPU (its default backend), so all of this
+runs here; the CUDA path (peft's bnb LoRA classes, bitsandbytes' CUDA kernels) is in the GPU
+tests at the bottom.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora.kernels import _lora_blocks as K
+from fastlora.kernels import nf4_dequant as Q
+from helpers import rel_err, run_step, tiny_llama, with_lora
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+BF = pytest.importorskip("bitsandbytes.functional")
+
+
+def only_lora():
+    others = [p.name for p in fastlora.registered_patterns() if not p.name.startswith("lora_")]
+    return {"compiler": "aot_eager", "strict": True, "disable": others}
+
+
+def quantized(n, k, quant_type, double, blocksize=64, device="cpu"):
+    w = torch.randn(n, k, device=device)
+    packed, qs = BF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double,
+                                  quant_type=quant_type)
+    nested = (qs.state2.absmax, qs.state2.code, qs.offset) if double else (None, None, None)
+    return packed, qs, (packed, qs.absmax, *nested, n, k, blocksize, quant_type)
+
+
+# ---------------------------------------------------------------- dequantization
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double", [False, True])
+@pytest.mark.parametrize("n,k,blocksize", [(40, 72, 64), (37, 33, 128), (300, 256, 64)])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_dequant_is_bitwise_bitsandbytes(quant_type, double, n, k, blocksize, impl):
+    packed, qs, args = quantized(n, k, quant_type, double, blocksize)
+    for dtype in (torch.bfloat16, torch.float32):
+        expected = BF.dequantize_4bit(packed, qs).to(dtype)
+        if impl == "triton":
+            out = Q.dequantize_4bit_triton(*args, dtype,
+                                           out=torch.full((n, k), float("nan"), dtype=dtype))
+        else:
+            out = Q.dequantize_4bit_reference(*args, dtype)
+        assert torch.equal(out, expected)
+
+
+def test_code_tables_follow_the_spec():
+    cpu = torch.device("cpu")
+    assert torch.equal(Q.code_table("nf4", cpu), torch.tensor(Q.NF4))
+    # bitsandbytes' CPU FP4 table rounds to 4 digits; its CUDA table (and ours) are exact
+    assert (Q.code_table("fp4", cpu) - torch.tensor(Q.FP4)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="nf4"):
+        Q.dequantize_4bit(*quantized(4, 64, "nf4", False)[2][:-1], "int4", torch.float32)
+
+
+# ---------------------------------------------------------------- the fused op
+
+
+@pytest.mark.parametrize("double,p", [(True, 0.0), (False, 0.3)])
+def test_op_matches_float64(double, p):
+    n, k, r = 40, 72, 8
+    _, _, args = quantized(n, k, "nf4", double)
+    w = Q.dequantize_4bit_reference(*args, torch.float64)
+    x = torch.randn(3, 7, k, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(r, k) / k ** 0.5).requires_grad_()
+    b = torch.randn(n, r, requires_grad=True)
+    seed = torch.tensor([77])
+    packed, absmax, absmax2, code2, offset = args[:5]
+    y, _ = torch.ops.fastlora.lora_linear_4bit(x, packed, absmax, absmax2, code2, offset, bias, a,
+                                               b, seed, n, k, 64, "nf4", 0.5, p, torch.bfloat16)
+    g = torch.randn_like(y)
+    y.backward(g)
+    keep = (K.keep_mask_reference(77, 21, k, 0, p).view(3, 7, k) if p
+            else torch.ones(3, 7, k, dtype=torch.bool))
+    x64, a64, b64, bias64 = (t.detach().double().requires_grad_() for t in (x, a, b, bias))
+    y64 = x64 @ w.T + bias64 + 0.5 * ((x64 * keep / (1 - p)) @ a64.T) @ b64.T
+    grads = torch.autograd.grad(y64, (x64, a64, b64, bias64), g.double())
+    assert rel_err(y, y64) < 1e-2
+    for got, want in zip((x.grad, a.grad, b.grad, bias.grad), grads):
+        assert rel_err(got, want) < 1e-2
+
+
+def test_op_opcheck():
+    _, _, args = quantized(40, 64, "fp4", True)
+    packed, absmax, absmax2, code2, offset = args[:5]
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_4bit.default,
+                          (torch.randn(2, 5, 64, dtype=torch.bfloat16), packed, absmax, absmax2,
+                           code2, offset, None, torch.randn(4, 64, requires_grad=True),
+                           torch.randn(40, 4, requires_grad=True), None, 40, 64, 64, "fp4", 2.0,
+                           0.0, torch.bfloat16))
+
+
+# ---------------------------------------------------------------- tiny quantized models
+
+
+def quantize_linears(model, kind="4bit", quant_type="nf4", double=True, dtype=torch.bfloat16):
+    """Replace the decoder's nn.Linear layers by bitsandbytes 4-bit (or 8-bit) ones, the way
+    ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` builds them."""
+    for module in list(model.model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if kind == "4bit":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                      bias=child.bias is not None, compute_dtype=dtype,
+                                      quant_type=quant_type, compress_statistics=double)
+                q.weight = bnb.nn.Params4bit(child.weight.data.float(), requires_grad=False,
+                                             quant_type=quant_type, compress_statistics=double,
+                                             blocksize=64)
+            else:
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features,
+                                        bias=child.bias is not None, has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(child.weight.data.float(), requires_grad=False,
+                                             has_fp16_weights=False)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            setattr(module, name, q.to(child.weight.device))
+    return model
+
+
+def float_twin(qmodel):
+    """A float32 model computing what ``qmodel`` computes (dequantized weights, same adapters)."""
+    twin = copy.deepcopy(qmodel)
+    for module in list(twin.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = BF.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
+            elif isinstance(child, bnb.nn.Linear8bitLt):
+                w = child(torch.eye(child.in_features, dtype=torch.bfloat16)).float().T
+                if child.bias is not None:
+                    w = w - child.bias.float()[:, None]
+            else:
+                continue
+            lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+            lin.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+            if child.bias is not None:
+                lin.bias = nn.Parameter(child.bias.data.float(), requires_grad=False)
+            setattr(module, name, lin)
+    return twin.float()
+
+
+def _inputs():
+    ids = torch.randint(0, 97, (2, 11))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _errors(qmodel, inputs, twin=None):
+    twin = twin if twin is not None else float_twin(qmodel)
+    loss_r, grads_r = run_step(twin, inputs)
+    compiled_model = copy.deepcopy(qmodel)
+    loss_e, grads_e = run_step(qmodel, inputs)
+    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
+    loss_c, grads_c = run_step(compiled, inputs, compiled_model)
+
+    def worst(loss, grads):
+        return max([rel_err(loss, loss_r)] + [rel_err(grads[n], g) for n, g in grads_r.items()])
+    return worst(loss_e, grads_e), worst(loss_c, grads_c)
+
+
+@pytest.mark.parametrize("quant_type,double", [("nf4", True), ("fp4", False)])
+def test_qlora_llama_both_graph_forms(quant_type, double):
+    model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16),
+                                       quant_type=quant_type, double=double))
+    err_e, err_c = _errors(model, _inputs())
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear_4bit": 14}
+    calls = [m["params"]["bnb_call"] for m in report.matches]
+    # q, k, v of layer 0 read the (frozen) embeddings: bitsandbytes calls gemm_4bit directly;
+    # every later input depends on an adapter, requires grad, and goes through its MatMul4Bit
+    # autograd.Function (a higher-order op in the graph)
+    assert calls == ["gemm_4bit"] * 3 + ["MatMul4Bit"] * 11
+    assert all(m["params"]["quant_type"] == quant_type and m["params"]["double_quant"] == double
+               for m in report.matches)
+    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
+
+
+def test_qlora_dropout_and_bias_against_seeded_twin():
+    from test_lora_linear import SeededDropout
+    p = 0.2
+    model = with_lora(quantize_linears(tiny_llama(layers=2, attention_bias=True)
+                                       .to(torch.bfloat16)), dropout=p,
+                      targets=["q_proj", "v_proj", "down_proj"])
+    twin = float_twin(model)
+    for module in twin.modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            module.lora_dropout["default"] = SeededDropout(p)
+    inputs = _inputs()
+    torch.manual_seed(5)
+    loss_r, grads_r = run_step(twin, inputs)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
+    torch.manual_seed(5)
+    loss_c, grads_c = run_step(compiled, inputs, compiled_model)
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear_4bit": 6}
+    assert all(m["params"]["dropout"] == p for m in report.matches)
+    # float32 twin with the same masks vs the bf16 compiled model: bf16 rounding only
+    assert rel_err(loss_c, loss_r) < 1e-2
+    assert max(rel_err(grads_c[n], g) for n, g in grads_r.items()) < 5e-2
+
+
+def test_8bit_adapter_fused_by_lora_linear():
+    model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16), kind="8bit"))
+    err_e, err_c = _errors(model, _inputs())
+    report = fastlora.last_report()
+    # the int8 matmul stays bitsandbytes'; lora_linear fuses every adapter (on CPU layer 0's
+    # int8 weight is dequantized in the graph, so its base linear is fused too)
+    assert report.counts() == {"lora_linear": 14}
+    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
+
+
+def test_4bit_disabled_adapter_still_fused_on_bnb_output():
+    model = with_lora(quantize_linears(tiny_llama(layers=1).to(torch.bfloat16)),
+                      targets=["q_proj", "o_proj"])
+    opts = only_lora()
+    opts["disable"] = opts["disable"] + ["lora_linear_4bit"]
+    compiled = torch.compile(copy.deepcopy(model), backend="fastlora", options=opts)
+    inputs = _inputs()
+    loss_c = compiled(**inputs).loss
+    assert fastlora.last_report().counts() == {"lora_linear": 2}
+    assert rel_err(loss_c, model(**inputs).loss) < 1e-2
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type,double", [("nf4", True), ("fp4", False)])
+def test_cuda_dequant_is_bitwise_bitsandbytes(quant_type, double):
+    packed, qs, args = quantized(4096, 14336 // 4, quant_type, double, device="cuda")
+    expected = BF.dequantize_4bit(packed, qs).to(torch.bfloat16)
+    out = Q.dequantize_4bit_triton(*args, torch.bfloat16,
+                                   out=torch.full(expected.shape, float("nan"),
+                                                  dtype=torch.bfloat16, device="cuda"))
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.gpu
+def test_cuda_qlora_llama_compiled_vs_eager():
+    torch.manual_seed(0)
+    model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16).cuda()))
+    ids = torch.randint(0, 97, (2, 33), device="cuda")
+    err_e, err_c = _errors(model, {"input_ids": ids, "labels": ids},
+                           twin=float_twin(model).cuda())
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear_4bit": 14}
+    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
+
+
+@pytest.mark.gpu
+def test_cuda_8bit_falls_back_to_adapter_fusion():
+    torch.manual_seed(0)
+    model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16).cuda(),
+                                       kind="8bit"))
+    ids = torch.randint(0, 97, (2, 33), device="cuda")
+    compiled = torch.compile(copy.deepcopy(model), backend="fastlora", options=only_lora())
+    loss_c = compiled(input_ids=ids, labels=ids).loss
+    report = fastlora.last_report()
+    assert report.counts().get("lora_linear", 0) == 14
+    assert rel_err(loss_c, model(input_ids=ids, labels=ids).loss) < 1e-2
