@@ -65,10 +65,10 @@ def trace_spelling(fn: Callable) -> SpellingGraph:
     return SpellingGraph(fn.__name__, graph, params, outs)
 
 
-def output_targets(spelling: SpellingGraph) -> set:
-    """Ops a graph node may call to be the spelling's first output: its op, and if that is a
+def output_targets(spelling: SpellingGraph, i: int = 0) -> set:
+    """Ops a graph node may call to be the spelling's output ``i``: its op, and if that is a
     cast, also the op under it (the cast may have been a no-op, removed from the graph)."""
-    targets, node = set(), spelling.outputs[0]
+    targets, node = set(), spelling.outputs[i]
     while node.op == "call_function" and node.target is CAST:
         targets.add(CAST)
         node = node.args[0]
@@ -136,6 +136,12 @@ def _match_value(p_arg, t_arg, spelling: SpellingGraph, st: _State) -> None:
         if not isinstance(t_arg, (list, tuple)) or len(p_arg) != len(t_arg):
             raise _Fail(f"expected a sequence of {len(p_arg)} items, found {t_arg!r}")
         for a, b in zip(p_arg, t_arg):
+            _match_value(a, b, spelling, st)
+    elif isinstance(p_arg, slice):  # x[..., :half] with `half` a spelling parameter
+        if not isinstance(t_arg, slice):
+            raise _Fail(f"expected a slice, found {describe(t_arg)}")
+        for a, b in ((p_arg.start, t_arg.start), (p_arg.stop, t_arg.stop),
+                     (p_arg.step, t_arg.step)):
             _match_value(a, b, spelling, st)
     elif isinstance(t_arg, fx.Node):
         raise _Fail(f"expected the literal {p_arg!r}, found {describe(t_arg)}")
@@ -274,10 +280,10 @@ def _match_rest(spelling: SpellingGraph, i: int, st: _State, taken: set):
         return
     depth = len([n for n in spelling.graph.nodes if n.op == "call_function"])
     seeds = [v for v in st.bindings.values() if isinstance(v, fx.Node)]
-    target = spelling.outputs[i].target
+    targets = output_targets(spelling, i)
     found = False
     for cand in _local_nodes(seeds, depth):
-        if cand.op != "call_function" or cand.target is not target or cand in taken \
+        if cand.op != "call_function" or cand.target not in targets or cand in taken \
                 or cand in st.node_map.values():
             continue
         trial = st.copy()

@@ -167,7 +167,9 @@ def rms_norm_forward_reference(x, weight, eps, offset, cast_before_weight):
     if cast_before_weight:
         n = n.to(x.dtype).float()
     y = n * (weight.float() + offset)
-    return y.to(_output_dtype(x, weight, cast_before_weight)), rstd
+    # contiguous, like the Triton path and the fake kernel (a transposed x would otherwise
+    # give transposed outputs here, and strides that differ from what the graph was traced with)
+    return y.to(_output_dtype(x, weight, cast_before_weight)).contiguous(), rstd.contiguous()
 
 
 def rms_norm_backward_reference(dy, x, weight, rstd, offset, cast_before_weight, compute_dw):
@@ -179,7 +181,7 @@ def rms_norm_backward_reference(dy, x, weight, rstd, offset, cast_before_weight,
     if compute_dw:
         nw = n.to(x.dtype).float() if cast_before_weight else n
         dw = (dyf * nw).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-    return dx.to(x.dtype), dw
+    return dx.to(x.dtype).contiguous(), dw
 
 
 # ---------------------------------------------------------------- the custom ops
@@ -214,7 +216,8 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offse
 
 @rms_norm_backward.register_fake
 def _(dy, x, weight, rstd, offset, cast_before_weight, compute_dw):
-    return torch.empty_like(x), (torch.empty_like(weight) if compute_dw else weight.new_empty(0))
+    # contiguous, as both kernels return it (empty_like would keep a transposed x's strides)
+    return x.new_empty(x.shape), (torch.empty_like(weight) if compute_dw else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

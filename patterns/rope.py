@@ -1,0 +1,97 @@
+"""Rotary position embedding of q and k, as HF models write it (``apply_rotary_pos_emb``).
+
+    rotate_half(x) = cat((-x[..., h:], x[..., :h]), -1)
+    q_embed = q * cos + rotate_half(q) * sin          k_embed likewise, with the same cos/sin
+
+Spellings: the full rotation (Llama, Mistral, Qwen, Gemma, OLMo, ...); partial rotary (Phi-3,
+Phi, StableLM, GPT-NeoX), where only the first ``rot`` features rotate and the rest are
+concatenated back; and Cohere's interleaved rotation of pairs (2i, 2i + 1), computed in float32.
+q and k become one call of ``torch.ops.fastlora.rope`` (src/fastlora/kernels/rope.py). cos/sin
+(already unsqueezed to [B, 1, T, R]) are read per (batch, token), so packed sequences (position
+ids restarting inside a row) are handled as they come.
+
+Near misses: a q rotated without a k beside it (one-output rotations are left alone), cos/sin
+that would broadcast q to a larger shape, and other rotation spellings.
+"""
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fastlora.pattern import Pattern, Reject, register_pattern
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rope_rotate_half(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     half: int):
+    q_embed = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
+    k_embed = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
+    return q_embed, k_embed
+
+
+def rope_partial_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        rot: int, half: int):
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    k_rot, k_pass = k[..., :rot], k[..., rot:]
+    q_embed = q_rot * cos + torch.cat((-q_rot[..., half:], q_rot[..., :half]), -1) * sin
+    k_embed = k_rot * cos + torch.cat((-k_rot[..., half:], k_rot[..., :half]), -1) * sin
+    return torch.cat((q_embed, q_pass), -1), torch.cat((k_embed, k_pass), -1)
+
+
+def rope_interleaved(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    qf, kf = q.to(torch.float32), k.to(torch.float32)
+    q_rotated = torch.stack([-qf[..., 1::2], qf[..., ::2]], dim=-1).flatten(-2)
+    k_rotated = torch.stack([-kf[..., 1::2], kf[..., ::2]], dim=-1).flatten(-2)
+    return (qf * cos + q_rotated * sin).to(q.dtype), (kf * cos + k_rotated * sin).to(k.dtype)
+
+
+def _known(cond) -> bool:
+    return statically_known_true(cond)
+
+
+def check(m):
+    q, k, cos, sin = (m.value(n) for n in ("q", "k", "cos", "sin"))
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if t.dtype not in FLOATS:
+            raise Reject(f"{name} has dtype {t.dtype}, not float32, bfloat16 or float16")
+    if len({t.device for t in (q, k, cos, sin)}) != 1:
+        raise Reject("q, k, cos and sin are not all on one device")
+    if not (2 <= q.dim() <= 4 and k.dim() == q.dim()):
+        raise Reject(f"q and k have {q.dim()} and {k.dim()} dimensions; the kernel takes 2 to 4")
+    d = q.shape[-1]
+    rot = m["rot"] if m.spelling == "rope_partial_rotary" else d
+    if not _known(k.shape[-1] == d):
+        raise Reject(f"q and k head sizes differ ({d} vs {k.shape[-1]})")
+    if not (_known(cos.shape[-1] == rot) and _known(sin.shape[-1] == rot)):
+        raise Reject(f"cos/sin have {cos.shape[-1]}/{sin.shape[-1]} features where {rot} rotate")
+    if not (isinstance(rot, int) and 0 < rot <= d and rot % 2 == 0):
+        raise Reject(f"{rot} rotated features of {d}: not an even count")
+    if "half" in m.bindings and 2 * m["half"] != rot:
+        raise Reject(f"the halves are split at {m['half']} but {rot} features rotate: "
+                     f"not rotate_half")
+    if cos.dim() > q.dim() or tuple(cos.shape) != tuple(sin.shape):
+        raise Reject(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ in shape or "
+                     f"have more dimensions than q")
+    for name, x in (("q", q), ("k", k)):
+        for c, size in zip(reversed(cos.shape[:-1]), reversed(x.shape[:-1])):
+            if not (_known(c == 1) or _known(c == size)):
+                raise Reject(f"cos/sin of shape {tuple(cos.shape)} would broadcast {name} of "
+                             f"shape {tuple(x.shape)}; the kernel rotates each {name} vector once")
+    # cos/sin that require grad are fine: the op's backward then returns their gradients too.
+    return {"rot_dim": int(rot), "interleaved": m.spelling == "rope_interleaved"}
+
+
+def replacement(q, k, cos, sin, rot_dim, interleaved, half=None, rot=None):
+    out = torch.ops.fastlora.rope(q, k, cos, sin, rot_dim, interleaved)
+    return out[0], out[1]  # indexed, so that a traced call gives one graph value per output
+
+
+register_pattern(Pattern(
+    name="rope",
+    spellings=[rope_rotate_half, rope_partial_rotary, rope_interleaved],
+    check=check,
+    replacement=replacement,
+    anchor=torch.neg,
+    description="rotary position embedding of q and k (HF rotate_half, partial rotary, "
+                "interleaved pairs)",
+    builtin=True,
+))

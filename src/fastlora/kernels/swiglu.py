@@ -1,0 +1,248 @@
+"""SwiGLU, ``silu(gate) * up``: ``torch.ops.fastlora.swiglu`` and ``fastlora.swiglu_packed``.
+
+Math, elementwise, in float32 whatever the storage dtype (rounded once, at the store):
+
+    s = sigmoid(g) = 1 / (1 + exp(-g))          y  = g * s * u
+    dg = dy * u * s * (1 + g * (1 - s))         du = dy * g * s
+
+``swiglu_packed(x)`` is the same with gate and up the two halves of one tensor (Phi-3's
+``gate_up_proj`` output, ``gate, up = x.chunk(2, -1)``); its backward writes d gate and d up
+straight into the two halves of one d x buffer, so autograd needs no ``cat`` of the two.
+
+Memory: the unfused graph keeps silu(g) (and g, u) for backward, three [tokens, ffn] tensors;
+the fused op keeps only g and u, which the LoRA/linear backward around it holds anyway, and
+recomputes the activation in backward. Inputs may be row-strided views (the chunk halves); the
+kernel reads them in place. Nothing is written into an input.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _swiglu_fwd(G, U, Y, stride_g, stride_u, stride_y, M, N,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        s = 1.0 / (1.0 + tl.exp(-g))
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], (g * s * u).to(Y.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        s = 1.0 / (1.0 + tl.exp(-g))
+        dg = dy * u * s * (1.0 + g * (1.0 - s))
+        du = dy * g * s
+        tl.store(DG + rows[:, None] * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty),
+                 mask=mask)
+        tl.store(DU + rows[:, None] * stride_du + cols[None, :], du.to(DU.dtype.element_ty),
+                 mask=mask)
+
+
+def block_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for an elementwise [M, n] map: 4096 elements a program."""
+    block_n = min(triton.next_power_of_2(n), 4096)
+    block_m = max(1, 4096 // block_n)
+    return block_m, block_n, 8
+
+
+def rows2d(t: Tensor) -> Tensor:
+    """``t`` as [rows, last dim] with unit stride along the row (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def grid(m: int, n: int, block_m: int, block_n: int):
+    return triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+
+
+def _validate(gate: Tensor, up: Tensor) -> None:
+    check_float("gate", gate)
+    check_float("up", up)
+    check_same_device(gate=gate, up=up)
+    require(gate.shape == up.shape, f"fastlora.swiglu: gate and up must have one shape, got "
+                                    f"{tuple(gate.shape)} and {tuple(up.shape)}")
+    require(gate.dtype == up.dtype, f"fastlora.swiglu: gate and up must have one dtype, got "
+                                    f"{gate.dtype} and {up.dtype}")
+
+
+def _validate_packed(x: Tensor) -> None:
+    check_float("x", x)
+    require(x.dim() >= 1 and x.shape[-1] % 2 == 0,
+            f"fastlora.swiglu_packed: the last dimension must be even, got {tuple(x.shape)}")
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def swiglu_forward_triton(gate, up, y=None):
+    g2, u2 = rows2d(gate), rows2d(up)
+    M, N = g2.shape
+    if y is None:
+        y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    y2 = y.view(M, N)
+    bm, bn, warps = block_config(N)
+    if M * N:
+        _swiglu_fwd[grid(M, N, bm, bn)](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0),
+                                        M, N, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    return y.view(gate.shape)
+
+
+def swiglu_backward_triton(dy, gate, up, dgate=None, dup=None):
+    """d gate and d up; they may be two views of one buffer (the packed op passes its halves)."""
+    g2, u2, dy2 = rows2d(gate), rows2d(up), rows2d(dy)
+    M, N = g2.shape
+    if dgate is None:
+        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if dup is None:
+        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    dg2, du2 = dgate.view(M, N), dup.view(M, N)  # views: the kernel must write into them
+    require(dg2.stride(-1) == 1 and du2.stride(-1) == 1,
+            "fastlora.swiglu: gradient buffers must be contiguous along the last dimension")
+    bm, bn, warps = block_config(N)
+    if M * N:
+        _swiglu_bwd[grid(M, N, bm, bn)](dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0),
+                                        u2.stride(0), dg2.stride(0), du2.stride(0), M, N,
+                                        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+    return dgate.view(gate.shape), dup.view(up.shape)
+
+
+def _halves(x: Tensor):
+    n = x.shape[-1] // 2
+    return x[..., :n], x[..., n:]
+
+
+def swiglu_packed_forward_triton(x, y=None):
+    g, u = _halves(x)
+    return swiglu_forward_triton(g, u, y)
+
+
+def swiglu_packed_backward_triton(dy, x, dx=None):
+    if dx is None:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    g, u = _halves(x)
+    dg, du = _halves(dx)
+    swiglu_backward_triton(dy, g, u, dg, du)
+    return dx
+
+
+# ---------------------------------------------------------------- PyTorch reference (CPU kernel)
+
+
+# The reference kernels return contiguous tensors, as the Triton launchers and the fake kernels
+# do: elementwise PyTorch keeps a transposed input's strides, which would differ from the strides
+# the graph was traced with.
+
+
+def swiglu_forward_reference(gate, up):
+    g = gate.float()
+    return (g * torch.sigmoid(g) * up.float()).to(gate.dtype).contiguous()
+
+
+def swiglu_backward_reference(dy, gate, up):
+    g, u, d = gate.float(), up.float(), dy.float()
+    s = torch.sigmoid(g)
+    return ((d * u * s * (1 + g * (1 - s))).to(gate.dtype).contiguous(),
+            (d * g * s).to(up.dtype).contiguous())
+
+
+def swiglu_packed_backward_reference(dy, x):
+    return torch.cat(swiglu_backward_reference(dy, *_halves(x)), -1)
+
+
+# ---------------------------------------------------------------- the custom ops
+
+
+@torch.library.custom_op("fastlora::swiglu", mutates_args=())
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, computed in float32; saves only gate and up for backward."""
+    _validate(gate, up)
+    if use_triton(gate):
+        return swiglu_forward_triton(gate, up)
+    return swiglu_forward_reference(gate, up)
+
+
+@swiglu.register_fake
+def _(gate, up):
+    _validate(gate, up)
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("fastlora::swiglu_backward", mutates_args=())
+def swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    if use_triton(gate):
+        return swiglu_backward_triton(dy, gate, up)
+    return swiglu_backward_reference(dy, gate, up)
+
+
+@swiglu_backward.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return torch.ops.fastlora.swiglu_backward(dy, gate, up)
+
+
+swiglu.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("fastlora::swiglu_packed", mutates_args=())
+def swiglu_packed(x: Tensor) -> Tensor:
+    """silu(x[..., :n]) * x[..., n:] with n = x.shape[-1] // 2 (Phi-3's gate_up_proj)."""
+    _validate_packed(x)
+    if use_triton(x):
+        return swiglu_packed_forward_triton(x)
+    return swiglu_forward_reference(*_halves(x))
+
+
+@swiglu_packed.register_fake
+def _(x):
+    _validate_packed(x)
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("fastlora::swiglu_packed_backward", mutates_args=())
+def swiglu_packed_backward(dy: Tensor, x: Tensor) -> Tensor:
+    if use_triton(x):
+        return swiglu_packed_backward_triton(dy, x)
+    return swiglu_packed_backward_reference(dy, x)
+
+
+@swiglu_packed_backward.register_fake
+def _(dy, x):
+    return x.new_empty(x.shape)
+
+
+def _packed_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    return torch.ops.fastlora.swiglu_packed_backward(dy, x)
+
+
+swiglu_packed.register_autograd(_packed_backward, setup_context=_setup)
