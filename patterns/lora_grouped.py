@@ -1,0 +1,166 @@
+"""Grouped LoRA projections that share one input.
+
+``lora_mlp``: the gated MLP of Llama/Mistral/Qwen (SwiGLU) and Gemma (GeGLU, tanh or exact GELU)
+with LoRA on both gate_proj and up_proj, ``act(gate_proj(x)) * up_proj(x)`` with each projection
+spelled as peft writes it (patterns/lora_linear.py). Becomes ``torch.ops.fastlora.lora_mlp``
+(src/fastlora/kernels/lora_grouped.py): one pass over x for both adapters, the adapter
+up-products fused into the activation, one dx buffer. down_proj stays a ``lora_linear``.
+
+It runs before ``lora_linear`` (priority) and before the plain ``swiglu`` / ``geglu`` patterns,
+which take over (with two ``lora_linear`` matches) wherever it does not fit: different dropout
+probabilities on gate and up, trainable base weights, rounding it would not reproduce.
+"""
+import torch
+import torch.nn.functional as F
+
+from fastlora.pattern import Pattern, Reject, register_pattern
+from fastlora.patterns.lora_linear import (adapter_dtypes, autocast_inputs, cast, dropout_of,
+                                           linear_of, make_seed)
+
+
+def _branch(x, weight, bias, lora_A, lora_B, scale, p=None, training=None, cast=True):
+    """One peft LoRA linear (helpers are inlined when a spelling is traced)."""
+    result = F.linear(x, weight, bias)
+    h = x.to(lora_A.dtype)
+    if p is not None:
+        h = F.dropout(h, p, training, False)
+    out = result + F.linear(F.linear(h, lora_A), lora_B) * scale
+    return out.to(weight.dtype) if cast else out
+
+
+T = torch.Tensor
+
+
+def swiglu_lora(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
+                u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float):
+    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale)
+    return F.silu(gate) * _branch(x, u_weight, u_bias, u_lora_A, u_lora_B, u_scale)
+
+
+def swiglu_lora_dropout(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
+                        u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float,
+                        g_p: float, g_training: bool, u_p: float, u_training: bool):
+    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, g_p, g_training)
+    return F.silu(gate) * _branch(x, u_weight, u_bias, u_lora_A, u_lora_B, u_scale, u_p,
+                                  u_training)
+
+
+def swiglu_lora_autocast(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
+                         u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float):
+    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, cast=False)
+    return F.silu(gate) * _branch(x, u_weight, u_bias, u_lora_A, u_lora_B, u_scale, cast=False)
+
+
+def swiglu_lora_dropout_autocast(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T,
+                                 g_scale: float, u_weight: T, u_bias, u_lora_A: T, u_lora_B: T,
+                                 u_scale: float, g_p: float, g_training: bool, u_p: float,
+                                 u_training: bool):
+    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, g_p, g_training, False)
+    return F.silu(gate) * _branch(x, u_weight, u_bias, u_lora_A, u_lora_B, u_scale, u_p,
+                                  u_training, False)
+
+
+def geglu_lora(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
+               u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float, approximate: str):
+    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale)
+    return F.gelu(gate, approximate=approximate) * _branch(x, u_weight, u_bias, u_lora_A,
+                                                           u_lora_B, u_scale)
+
+
+def geglu_lora_dropout(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
+                       u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float,
+                       approximate: str, g_p: float, g_training: bool, u_p: float,
+                       u_training: bool):
+    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, g_p, g_training)
+    return F.gelu(gate, approximate=approximate) * _branch(x, u_weight, u_bias, u_lora_A,
+                                                           u_lora_B, u_scale, u_p, u_training)
+
+
+def geglu_lora_autocast(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
+                        u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float,
+                        approximate: str):
+    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, cast=False)
+    return F.gelu(gate, approximate=approximate) * _branch(x, u_weight, u_bias, u_lora_A,
+                                                           u_lora_B, u_scale, cast=False)
+
+
+def geglu_lora_dropout_autocast(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T,
+                                g_scale: float, u_weight: T, u_bias, u_lora_A: T, u_lora_B: T,
+                                u_scale: float, approximate: str, g_p: float, g_training: bool,
+                                u_p: float, u_training: bool):
+    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, g_p, g_training, False)
+    return F.gelu(gate, approximate=approximate) * _branch(x, u_weight, u_bias, u_lora_A,
+                                                           u_lora_B, u_scale, u_p, u_training,
+                                                           False)
+
+
+MLP_SPELLINGS = [swiglu_lora, swiglu_lora_dropout, swiglu_lora_autocast,
+                 swiglu_lora_dropout_autocast, geglu_lora, geglu_lora_dropout,
+                 geglu_lora_autocast, geglu_lora_dropout_autocast]
+NAMES = ("x", "g_weight", "g_bias", "g_lora_A", "g_lora_B", "u_weight", "u_bias", "u_lora_A",
+         "u_lora_B")
+
+
+def check_mlp(m):
+    x = m.value("x")
+    casts, drops = set(), set()
+    for br in ("g_", "u_"):
+        w, a, b = m.value(br + "weight"), m.value(br + "lora_A"), m.value(br + "lora_B")
+        if w.dim() != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] \
+                or b.shape != (w.shape[0], a.shape[0]) or w.shape[1] != x.shape[-1]:
+            raise Reject(f"{br}adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit "
+                         f"the base weight {tuple(w.shape)}")
+        if w.requires_grad:
+            raise Reject("a base weight is trainable; the grouped op keeps them frozen")
+        casts.add(adapter_dtypes(m, br, linear_of(m, "weight", br)))
+        drops.add(dropout_of(m, br))
+    if m.value("g_weight").shape != m.value("u_weight").shape:
+        raise Reject("gate_proj and up_proj have different shapes")
+    if len(drops) != 1:
+        raise Reject(f"gate and up adapters have different dropout {sorted(drops)}")
+    if len(casts) != 1:
+        raise Reject("gate and up ran in different autocast dtypes")
+    if m.value("g_lora_A").dtype != m.value("u_lora_A").dtype:
+        raise Reject("gate and up adapters are stored in different dtypes")
+    mul = m.outputs[0]
+    gate_node = next(a for a in mul.args if a.target in (F.silu, F.gelu))
+    up_node = next(a for a in mul.args if a is not gate_node)
+    dtypes = {m.output_value().dtype, gate_node.args[0].meta["example_value"].dtype,
+              up_node.meta["example_value"].dtype}
+    if len(dtypes) != 1:
+        raise Reject(f"gate, up and the activation product have different dtypes "
+                     f"{sorted(map(str, dtypes))}")
+    if "approximate" in m.bindings:
+        if m["approximate"] not in ("tanh", "none"):
+            raise Reject(f"GELU approximation {m['approximate']!r} is not 'tanh' or 'none'")
+        activation = "gelu_tanh" if m["approximate"] == "tanh" else "gelu"
+    else:
+        activation = "silu"
+    cast_to = casts.pop()
+    return {"activation": activation, "out_dtype": m.output_value().dtype, "cast_to": cast_to,
+            "dropout": drops.pop(), "autocast_inputs": autocast_inputs(m, cast_to, NAMES)}
+
+
+def replacement_mlp(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, u_weight, u_bias, u_lora_A,
+                    u_lora_B, u_scale, activation, out_dtype, cast_to=None, dropout=0.0,
+                    autocast_inputs=(), approximate=None, g_p=None, g_training=None, u_p=None,
+                    u_training=None):
+    t = dict(x=x, g_weight=g_weight, g_bias=g_bias, g_lora_A=g_lora_A, g_lora_B=g_lora_B,
+             u_weight=u_weight, u_bias=u_bias, u_lora_A=u_lora_A, u_lora_B=u_lora_B)
+    t = {k: cast(v, cast_to) if k in autocast_inputs else v for k, v in t.items()}
+    seed = make_seed(dropout, t["g_lora_A"])
+    return torch.ops.fastlora.lora_mlp(
+        t["x"], t["g_weight"], t["g_bias"], t["g_lora_A"], t["g_lora_B"], t["u_weight"],
+        t["u_bias"], t["u_lora_A"], t["u_lora_B"], seed, g_scale, u_scale, dropout, activation,
+        out_dtype)[0]
+
+
+register_pattern(Pattern(
+    name="lora_mlp",
+    spellings=MLP_SPELLINGS,
+    check=check_mlp,
+    replacement=replacement_mlp,
+    priority=30,
+    description="gated MLP (SwiGLU / GeGLU) with LoRA on gate_proj and up_proj, one fused op",
+    builtin=True,
+))

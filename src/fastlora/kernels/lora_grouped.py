@@ -1,0 +1,347 @@
+"""Grouped LoRA projections sharing one input: ``torch.ops.fastlora.lora_mlp`` (gate and up,
+then SwiGLU / GeGLU) and ``torch.ops.fastlora.lora_qkv`` (q, k and v).
+
+Math (each branch j is a LoRA linear of kernels/lora_linear.py; the A matrices of all branches
+are stacked into one A_cat, so one pass over x computes every branch's rank-r product, each with
+its own dropout mask, slot j):
+
+    xa  = dropout_j(x) @ A_cat^T / (1 - p)                      [M, r_1 + ... + r_G]
+    y_j = cast(linear(x, W_j, b_j) + s_j * xa_j @ B_j^T)
+    lora_mlp:  h = act(y_gate) * y_up        act = silu | gelu (tanh) | gelu (erf)
+    dx  = sum_j g_j @ W_j  +  dropout-backward(sum_j da_j @ A_j),   da_j = s_j g_j @ B_j
+
+lora_mlp fuses the adapter up-products into the activation: the forward writes only h (reading
+the two base outputs once) instead of gate, up and h; the backward recomputes gate and up from
+the saved base outputs in the same pass that writes d gate / d up and accumulates both
+da_j = s_j * d_j @ B_j, so d gate and d up are each read once more (for dB) instead of three
+times. dx is one buffer: cuBLAS accumulates g_up @ W_up onto g_gate @ W_gate (beta = 1) and one
+Triton pass adds every adapter's part, where the unfused graph makes one dx per projection and
+adds them.
+
+Memory saved for backward: x, the two [M, F] base outputs (the unfused graph keeps gate, up and
+act(gate)), the float32 [M, r_g + r_u] xa and the seed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import HAVE_TRITON, check_float, require, use_triton
+from ._lora_blocks import (_splits, dot_mode, fix_bf16, lora_down_reference, lora_down_triton,
+                           lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
+                           lora_grad_down_triton, lora_grad_x_reference, lora_grad_x_triton,
+                           lora_up_reference, lora_up_triton, rows2d)
+
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._lora_blocks import _dot, _rne
+
+    @triton.jit
+    def _act(g, ACT: tl.constexpr):
+        """(act(g), act'(g)) in float32; tanh and erf without libdevice."""
+        if ACT == 0:
+            s = 1.0 / (1.0 + tl.exp(-g))
+            return g * s, s * (1.0 + g * (1.0 - s))
+        elif ACT == 1:
+            k = 0.7978845608028654  # sqrt(2 / pi)
+            z = k * (g + 0.044715 * g * g * g)
+            e = tl.exp(-2.0 * tl.abs(z))
+            t = (1.0 - e) / (1.0 + e)
+            t = tl.where(z < 0, -t, t)
+            return 0.5 * g * (1.0 + t), \
+                0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 0.134145 * g * g)
+        else:
+            c = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+            return g * c, c + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+
+    @triton.jit
+    def _branch(BASE, XA, B, rows, cols, row_ok, col_ok, stride_base, stride_xa, stride_b, R,
+                scale, MODE: tl.constexpr, FIX: tl.constexpr, OUT_TY: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        """round(base + s * xa @ B^T) for one tile, rounded to OUT_TY and returned in float32."""
+        rr = tl.arange(0, BLOCK_R)
+        xa = tl.load(XA + rows[:, None] * stride_xa + rr[None, :],
+                     mask=row_ok[:, None] & (rr < R)[None, :], other=0.0)
+        bt = tl.load(B + cols[None, :] * stride_b + rr[:, None],
+                     mask=(rr < R)[:, None] & col_ok[None, :], other=0.0)
+        lora = _dot(xa, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), MODE)
+        base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :],
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        return _rne(base + scale * lora, FIX).to(OUT_TY).to(tl.float32)
+
+    @triton.jit
+    def _lora_glu_fwd_kernel(BG, BU, XA, WBG, WBU, H, M, N, RG, RU, stride_bg, stride_bu,
+                             stride_xa, stride_wbg, stride_wbu, stride_h, sg, su,
+                             ACT: tl.constexpr, MODE: tl.constexpr, FIX: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < M, cols < N
+        ty = H.dtype.element_ty
+        gate = _branch(BG, XA, WBG, rows, cols, row_ok, col_ok, stride_bg, stride_xa, stride_wbg,
+                       RG, sg, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RG)
+        up = _branch(BU, XA + RG, WBU, rows, cols, row_ok, col_ok, stride_bu, stride_xa,
+                     stride_wbu, RU, su, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RU)
+        a, _ = _act(gate, ACT)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], _rne(a * up, FIX).to(ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _lora_glu_bwd_kernel(DH, BG, BU, XA, WBG, WBU, DG, DU, DA, M, N, RG, RU, stride_dh,
+                             stride_bg, stride_bu, stride_xa, stride_wbg, stride_wbu, stride_d,
+                             stride_da, sg, su, ACT: tl.constexpr, MODE: tl.constexpr,
+                             FIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr):
+        """Per row block, over all N: d gate, d up (stored) and da = s * d @ B (both branches)."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        rg, ru = tl.arange(0, BLOCK_RG), tl.arange(0, BLOCK_RU)
+        ty = DG.dtype.element_ty
+        acc_g = tl.zeros([BLOCK_M, BLOCK_RG], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_RU], dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            mask = row_ok[:, None] & col_ok[None, :]
+            gate = _branch(BG, XA, WBG, rows, cols, row_ok, col_ok, stride_bg, stride_xa,
+                           stride_wbg, RG, sg, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RG)
+            up = _branch(BU, XA + RG, WBU, rows, cols, row_ok, col_ok, stride_bu, stride_xa,
+                         stride_wbu, RU, su, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RU)
+            dh = tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            a, da = _act(gate, ACT)
+            dg = _rne(dh * up * da, FIX).to(ty)
+            du = _rne(dh * a, FIX).to(ty)
+            tl.store(DG + rows[:, None] * stride_d + cols[None, :], dg, mask=mask)
+            tl.store(DU + rows[:, None] * stride_d + cols[None, :], du, mask=mask)
+            wg = tl.load(WBG + cols[:, None] * stride_wbg + rg[None, :],
+                         mask=col_ok[:, None] & (rg < RG)[None, :], other=0.0)
+            wu = tl.load(WBU + cols[:, None] * stride_wbu + ru[None, :],
+                         mask=col_ok[:, None] & (ru < RU)[None, :], other=0.0)
+            acc_g = _dot(dg.to(tl.float32), wg, acc_g, MODE)
+            acc_u = _dot(du.to(tl.float32), wu, acc_u, MODE)
+        tl.store(DA + rows[:, None] * stride_da + rg[None, :], acc_g * sg,
+                 mask=row_ok[:, None] & (rg < RG)[None, :])
+        tl.store(DA + RG + rows[:, None] * stride_da + ru[None, :], acc_u * su,
+                 mask=row_ok[:, None] & (ru < RU)[None, :])
+
+
+def _act_reference(g: Tensor, activation: str):
+    """(act(g), act'(g)) in float32 (the derivative written out: no autograd inside an op)."""
+    if activation == "silu":
+        s = torch.sigmoid(g)
+        return g * s, s * (1 + g * (1 - s))
+    if activation == "gelu_tanh":
+        k = (2 / torch.pi) ** 0.5
+        t = torch.tanh(k * (g + 0.044715 * g ** 3))
+        return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * k * (1 + 0.134145 * g * g)
+    c = 0.5 * (1 + torch.erf(g * 0.5 ** 0.5))
+    return g * c, c + g * torch.exp(-0.5 * g * g) * (2 * torch.pi) ** -0.5
+
+
+def _br(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def glu_forward_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, out_dtype, h=None):
+    M, N = base_g.shape
+    rg, ru = b_g.shape[1], b_u.shape[1]
+    if h is None:
+        h = torch.empty((M, N), dtype=out_dtype, device=base_g.device)
+    bm, bn = 64, 64
+    if M and N:
+        _lora_glu_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            base_g, base_u, xa, b_g, b_u, h, M, N, rg, ru, base_g.stride(0), base_u.stride(0),
+            xa.stride(0), b_g.stride(0), b_u.stride(0), h.stride(0), sg, su,
+            ACT=ACTIVATIONS[activation], MODE=dot_mode(h.device, torch.float32),
+            FIX=fix_bf16(h), BLOCK_M=bm, BLOCK_N=bn, BLOCK_RG=_br(rg), BLOCK_RU=_br(ru),
+            num_warps=8)
+    return h
+
+
+def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dtype,
+                        dg=None, du=None, da=None):
+    """(d gate, d up, da [M, rg + ru] float32 = s * d @ B per branch)."""
+    M, N = base_g.shape
+    rg, ru = b_g.shape[1], b_u.shape[1]
+    dev = base_g.device
+    dg = dg if dg is not None else torch.empty((M, N), dtype=dtype, device=dev)
+    du = du if du is not None else torch.empty((M, N), dtype=dtype, device=dev)
+    da = da if da is not None else torch.empty((M, rg + ru), dtype=torch.float32, device=dev)
+    bm = 64 if M >= 64 * 2 * (torch.cuda.get_device_properties(dev).multi_processor_count
+                              if dev.type == "cuda" else 1) else 32
+    if M:
+        _lora_glu_bwd_kernel[(triton.cdiv(M, bm),)](
+            dh, base_g, base_u, xa, b_g, b_u, dg, du, da, M, N, rg, ru, dh.stride(0),
+            base_g.stride(0), base_u.stride(0), xa.stride(0), b_g.stride(0), b_u.stride(0),
+            dg.stride(0), da.stride(0), sg, su, ACT=ACTIVATIONS[activation],
+            MODE=dot_mode(dev, torch.float32), FIX=fix_bf16(dg), BLOCK_M=bm, BLOCK_N=64,
+            BLOCK_RG=_br(rg), BLOCK_RU=_br(ru), num_warps=8)
+    return dg, du, da
+
+
+def glu_forward_reference(base_g, base_u, xa, b_g, b_u, sg, su, activation, out_dtype):
+    rg = b_g.shape[1]
+    gate = lora_up_reference(base_g, xa[:, :rg], b_g, sg, out_dtype).float()
+    up = lora_up_reference(base_u, xa[:, rg:], b_u, su, out_dtype).float()
+    return (_act_reference(gate, activation)[0] * up).to(out_dtype)
+
+
+def glu_backward_reference(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dtype):
+    rg = b_g.shape[1]
+    gate = lora_up_reference(base_g, xa[:, :rg], b_g, sg, dtype).float()
+    up = lora_up_reference(base_u, xa[:, rg:], b_u, su, dtype).float()
+    a, da = _act_reference(gate, activation)
+    dg, du = (dh.float() * up * da).to(dtype), (dh.float() * a).to(dtype)
+    return dg, du, torch.cat([lora_grad_down_reference(dg, b_g, sg),
+                              lora_grad_down_reference(du, b_u, su)], 1)
+
+
+# ---------------------------------------------------------------- shared input, several branches
+
+
+def grouped_down(x2, lora_As, seed, p):
+    """xa [M, sum r] for adapters sharing x, each with its own dropout slot."""
+    ranks = [a.shape[0] for a in lora_As]
+    a_cat = torch.cat(lora_As, 0)
+    if use_triton(x2):
+        return lora_down_triton(x2, a_cat, seed, p, ranks=ranks), a_cat, ranks
+    return lora_down_reference(x2, a_cat, seed, p, ranks=ranks), a_cat, ranks
+
+
+def grouped_dx(grads, x2, weights, da, a_cat, ranks, seed, p, needs_dx):
+    """dx = sum_j g_j @ W_j (one cuBLAS buffer) + the adapters' part; dA_cat (float32)."""
+    dx = None
+    if needs_dx:
+        dx = grads[0] @ weights[0]
+        for g, w in zip(grads[1:], weights[1:]):
+            dx.addmm_(g, w)  # our own buffer: cuBLAS accumulates with beta = 1
+    fn = lora_grad_x_triton if use_triton(x2) else lora_grad_x_reference
+    return fn(x2, da, a_cat, seed, p, dx=dx, accumulate=True, ranks=ranks)
+
+
+def _split(t: Tensor, ranks, dim):
+    return list(torch.split(t, ranks, dim))
+
+
+# ---------------------------------------------------------------- lora_mlp
+
+
+def _validate_mlp(x, weights, lora_As, lora_Bs, activation, dropout_p, seed):
+    check_float("x", x)
+    require(activation in ACTIVATIONS, f"fastlora.lora_mlp: activation must be one of "
+                                       f"{sorted(ACTIVATIONS)}, got {activation!r}")
+    K = x.shape[-1]
+    for name, w, a, b in zip(("gate", "up"), weights, lora_As, lora_Bs):
+        require(w.dim() == 2 and w.shape[1] == K and w.dtype == x.dtype,
+                f"fastlora.lora_mlp: {name}_weight must be [F, {K}] in {x.dtype}")
+        require(a.dim() == 2 and a.shape[1] == K and b.dim() == 2 and b.shape == (w.shape[0],
+                                                                                 a.shape[0]),
+                f"fastlora.lora_mlp: {name} adapter shapes {tuple(a.shape)}, {tuple(b.shape)} "
+                f"do not fit {tuple(w.shape)}")
+        require(a.dtype == b.dtype == lora_As[0].dtype,
+                "fastlora.lora_mlp: all adapter weights must have one dtype")
+    require(weights[0].shape == weights[1].shape, "fastlora.lora_mlp: gate and up differ")
+    require(0.0 <= dropout_p < 1.0 and (dropout_p == 0 or seed is not None),
+            "fastlora.lora_mlp: dropout_p must be in [0, 1) and needs a seed when > 0")
+
+
+@torch.library.custom_op("fastlora::lora_mlp", mutates_args=())
+def lora_mlp(x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], gate_A: Tensor,
+             gate_B: Tensor, up_weight: Tensor, up_bias: Optional[Tensor], up_A: Tensor,
+             up_B: Tensor, seed: Optional[Tensor], gate_scale: float, up_scale: float,
+             dropout_p: float, activation: str,
+             out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(h, base_gate, base_up, xa): h = act(gate) * up of two LoRA linears of x; the rest is
+    what the backward needs."""
+    _validate_mlp(x, (gate_weight, up_weight), (gate_A, up_A), (gate_B, up_B), activation,
+                  dropout_p, seed)
+    x2 = rows2d(x)
+    xa, _, _ = grouped_down(x2, [gate_A, up_A], seed, dropout_p)
+    base_g, base_u = F.linear(x2, gate_weight, gate_bias), F.linear(x2, up_weight, up_bias)
+    fn = glu_forward_triton if use_triton(x2) else glu_forward_reference
+    h = fn(base_g, base_u, xa, gate_B, up_B, gate_scale, up_scale, activation, out_dtype)
+    lead = x.shape[:-1]
+    return (h.view(*lead, h.shape[-1]), base_g.view(*lead, -1), base_u.view(*lead, -1),
+            xa.view(*lead, xa.shape[-1]))
+
+
+@lora_mlp.register_fake
+def _(x, gate_weight, gate_bias, gate_A, gate_B, up_weight, up_bias, up_A, up_B, seed,
+      gate_scale, up_scale, dropout_p, activation, out_dtype):
+    _validate_mlp(x, (gate_weight, up_weight), (gate_A, up_A), (gate_B, up_B), activation,
+                  dropout_p, seed)
+    lead, n = x.shape[:-1], gate_weight.shape[0]
+    return (x.new_empty((*lead, n), dtype=out_dtype), x.new_empty((*lead, n)),
+            x.new_empty((*lead, n)),
+            x.new_empty((*lead, gate_A.shape[0] + up_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastlora::lora_mlp_backward", mutates_args=())
+def lora_mlp_backward(dh: Tensor, x: Tensor, gate_weight: Tensor, gate_A: Tensor, gate_B: Tensor,
+                      up_weight: Tensor, up_A: Tensor, up_B: Tensor, base_gate: Tensor,
+                      base_up: Tensor, xa: Tensor, seed: Optional[Tensor], gate_scale: float,
+                      up_scale: float, dropout_p: float, activation: str, needs_dx: bool,
+                      needs_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                  Tensor]:
+    """(dx, d gate_A, d gate_B, d up_A, d up_B, d gate_bias, d up_bias); empty where unneeded."""
+    x2, dh2, bg, bu, xa2 = rows2d(x), rows2d(dh), rows2d(base_gate), rows2d(base_up), rows2d(xa)
+    rg = gate_A.shape[0]
+    triton_path = use_triton(x2)
+    fn = glu_backward_triton if triton_path else glu_backward_reference
+    dg, du, da = fn(dh2, bg, bu, xa2, gate_B, up_B, gate_scale, up_scale, activation, dh.dtype)
+    grad_b = lora_grad_b_triton if triton_path else lora_grad_b_reference
+    d_gate_B = grad_b(dg, xa2[:, :rg], gate_scale, gate_B.dtype)
+    d_up_B = grad_b(du, xa2[:, rg:], up_scale, up_B.dtype)
+    wd = gate_weight.dtype
+    dx, da_cat = grouped_dx([dg.to(wd), du.to(wd)], x2, [gate_weight, up_weight], da,
+                            torch.cat([gate_A, up_A], 0), [rg, up_A.shape[0]], seed, dropout_p,
+                            needs_dx)
+    d_gate_A, d_up_A = (t.to(gate_A.dtype, copy=True)
+                        for t in _split(da_cat, [rg, up_A.shape[0]], 0))
+    e = x.new_empty(0)
+    return (dx.view(x.shape) if dx is not None else e, d_gate_A, d_gate_B, d_up_A, d_up_B,
+            dg.sum(0) if needs_dbias else x.new_empty(0),
+            du.sum(0) if needs_dbias else x.new_empty(0))
+
+
+@lora_mlp_backward.register_fake
+def _(dh, x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, base_gate, base_up, xa, seed,
+      gate_scale, up_scale, dropout_p, activation, needs_dx, needs_dbias):
+    n = gate_weight.shape[0]
+    return (torch.empty_like(x) if needs_dx else x.new_empty(0), torch.empty_like(gate_A),
+            torch.empty_like(gate_B), torch.empty_like(up_A), torch.empty_like(up_B),
+            dh.new_empty(n) if needs_dbias else x.new_empty(0),
+            dh.new_empty(n) if needs_dbias else x.new_empty(0))
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    (x, gw, gb, ga, gB, uw, ub, ua, uB, seed, gs, us, p, activation, _out) = inputs
+    ctx.save_for_backward(x, gw, ga, gB, uw, ua, uB, output[1], output[2], output[3], seed)
+    ctx.args = (gs, us, p, activation)
+    ctx.bias_dtypes = (gb.dtype if gb is not None else None, ub.dtype if ub is not None else None)
+
+
+def _mlp_backward(ctx, dh, _dbg, _dbu, _dxa):
+    x, gw, ga, gB, uw, ua, uB, bg, bu, xa, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    require(not (n[1] or n[5]), "fastlora.lora_mlp: the base weights must be frozen",
+            RuntimeError)
+    needs_dbias = bool(n[2] or n[6])
+    dx, dga, dgb, dua, dub, dbg, dbu = torch.ops.fastlora.lora_mlp_backward(
+        dh, x, gw, ga, gB, uw, ua, uB, bg, bu, xa, seed, *ctx.args, n[0], needs_dbias)
+    return (dx if n[0] else None, None, dbg.to(ctx.bias_dtypes[0]) if n[2] else None,
+            dga if n[3] else None, dgb if n[4] else None, None,
+            dbu.to(ctx.bias_dtypes[1]) if n[6] else None, dua if n[7] else None,
+            dub if n[8] else None) + (None,) * 6
+
+
+lora_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
