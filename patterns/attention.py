@@ -122,8 +122,17 @@ def check(m):
         raise Reject(f"query dtype {q.dtype} is not float32, bfloat16 or float16")
     if not (q.dim() == k.dim() == v.dim() == 4):
         raise Reject("query, key and value are not (batch, heads, seq, head_dim) tensors")
-    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
-        raise Reject("query, key and value differ in dtype or device")
+    if not (q.device == k.device == v.device):
+        raise Reject("query, key and value are on different devices")
+    cast_to, out_dtype = None, m.output_value().dtype
+    if not (q.dtype == k.dtype == v.dtype == out_dtype):
+        # Mixed dtypes only run under autocast, which casts all three to its low precision (the
+        # output's dtype): RoPE leaves q and k in float32 there. The replacement casts the same.
+        if out_dtype not in (torch.bfloat16, torch.float16) or not all(
+                t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in (k, v)):
+            raise Reject(f"query, key, value and output dtypes ({q.dtype}, {k.dtype}, "
+                         f"{v.dtype}, {out_dtype}) are not one dtype nor autocast's")
+        cast_to = out_dtype
     head_dim = q.shape[-1]
     if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
         raise Reject(f"key/value head dims ({k.shape[-1]}, {v.shape[-1]}) differ from the "
@@ -173,11 +182,14 @@ def check(m):
     if docs is not None:
         m.bindings["doc_ids"] = docs
     return {"kernel": kernel, "why": why, "causal": causal, "window": window,
-            "softcap": softcap, "sm_scale": scale, "gqa": kv_heads != heads}
+            "softcap": softcap, "sm_scale": scale, "gqa": kv_heads != heads, "cast_to": cast_to}
 
 
 def replacement(query, k_src, v_src, doc_ids=None, *, kernel, causal, window, softcap,
-                sm_scale, gqa, **_matched):
+                sm_scale, gqa, cast_to=None, **_matched):
+    if cast_to is not None:
+        to = torch.ops.aten.to.dtype  # an op, not a method: the rewriter runs it on fakes
+        query, k_src, v_src = to(query, cast_to), to(k_src, cast_to), to(v_src, cast_to)
     if kernel == "sdpa":
         return torch.ops.aten.scaled_dot_product_attention.default(
             query, k_src, v_src, None, 0.0, causal, scale=sm_scale, enable_gqa=gqa)

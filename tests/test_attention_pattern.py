@@ -1,13 +1,16 @@
 """The attention pattern on tiny HF models: which kernel each attention gets, exact losses and
 LoRA gradients against eager, packed rows against separate documents, and the masks it must
 refuse (with their reasons)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fastlora
-from helpers import compare_compiled, compare_low_precision, rel_err, tiny_llama, with_lora
+from helpers import compare_compiled, compare_low_precision, lora_grads, rel_err, run_step
+from helpers import tiny_llama, with_lora
 
 SMALL = dict(vocab_size=97, hidden_size=40, intermediate_size=56, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -100,6 +103,46 @@ def test_llama_eager_attention_becomes_sdpa():
     _exact(with_lora(model), _inputs())
     matches = [m for m in fastlora.last_report().matches if m["pattern"] == "attention"]
     assert [(m["spelling"], m["params"]["kernel"]) for m in matches] == [("eager_masked", "sdpa")]
+
+
+def _autocast_step(module, params, inputs, device="cpu"):
+    params.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = module(**inputs).loss
+    loss.backward()
+    return loss.detach(), lora_grads(params)
+
+
+def _autocast_errors(make, device="cpu"):
+    """(eager autocast, compiled autocast) max relative errors against the float32 model."""
+    model = with_lora(make(layers=1)).to(device)
+    inputs = {k: v.to(device) for k, v in _inputs().items()}
+    twin = copy.deepcopy(model)
+    loss32, grads32 = run_step(model, inputs)
+    loss_e, grads_e = _autocast_step(model, model, inputs, device)
+    compiled = torch.compile(twin, backend="fastlora",
+                             options=only_attention(compiler="aot_eager", strict=True))
+    loss_c, grads_c = _autocast_step(compiled, twin, inputs, device)
+    err = lambda loss, grads: max([rel_err(loss, loss32)]  # noqa: E731
+                                  + [rel_err(grads[n], g) for n, g in grads32.items()])
+    return err(loss_e, grads_e), err(loss_c, grads_c)
+
+
+def test_autocast_casts_like_sdpa_does():
+    """Under autocast RoPE leaves q, k in float32 and v in bf16; SDPA's autocast casts all three
+    to bf16, and so does the replacement: on the SDPA path the result is eager's."""
+    err_eager, err_compiled = _autocast_errors(tiny_llama)
+    assert [(p["kernel"], p["cast_to"]) for p in _attention()] == [("sdpa", "torch.bfloat16")]
+    assert abs(err_compiled - err_eager) < 1e-3 * err_eager
+
+
+def test_autocast_triton_path():
+    # CPU eager SDPA keeps the probabilities in float32; the kernel rounds P and dS to bf16 for
+    # its matmuls, as flash / cuDNN do on the GPU. Seeds 0-3 give ratios 0.8-1.4 against CPU
+    # eager, hence 1.5 here; the GPU test below holds the usual 1.25 against GPU eager.
+    err_eager, err_compiled = _autocast_errors(tiny_mistral)
+    assert [(p["kernel"], p["cast_to"]) for p in _attention()] == [("triton", "torch.bfloat16")]
+    assert err_compiled <= 1.5 * err_eager + 1e-3, (err_eager, err_compiled)
 
 
 # ---------------------------------------------------------------- packed sequences
@@ -258,3 +301,10 @@ def test_gpu_packed_llama_exact():
     _exact(with_lora(tiny_llama(layers=2)).cuda(),
            _cuda(_inputs(seq=256, position_ids=pos, use_cache=False)))
     assert [p["kernel"] for p in _attention()] == ["triton", "triton"]
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_triton_path():
+    err_eager, err_compiled = _autocast_errors(tiny_mistral, "cuda")
+    assert [(p["kernel"], p["cast_to"]) for p in _attention()] == [("triton", "torch.bfloat16")]
+    assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)

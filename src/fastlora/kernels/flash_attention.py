@@ -219,16 +219,23 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def kernel_config(head_dim: int, on_gpu: bool) -> dict:
-    """Block sizes by head dim (heuristic for the H200 until benchmarks/kernel_cases/attention.py
-    sweeps them); tiny blocks under the interpreter, where each program costs milliseconds."""
+def kernel_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+    """Block sizes by head dim and dtype (a heuristic for the H200 until
+    benchmarks/kernel_cases/attention.py sweeps them; float32, for exactness tests, gets tiles
+    that fit shared memory at twice the bytes); tiny blocks under the interpreter, where each
+    program costs milliseconds."""
+    wide = block_d(head_dim) > 128
     if not on_gpu:
         cfg = dict(fwd_m=16, fwd_n=16, fwd_warps=1, fwd_stages=1, dq_m=16, dq_n=16, dkv_m=16,
                    dkv_n=16, bwd_warps=1, bwd_stages=1)
+    elif dtype == torch.float32:
+        m, n = (32, 16) if wide else (64, 32)
+        cfg = dict(fwd_m=m, fwd_n=n, fwd_warps=4, fwd_stages=2, dq_m=n, dq_n=n, dkv_m=n,
+                   dkv_n=n, bwd_warps=4, bwd_stages=1)
     elif block_d(head_dim) <= 64:
         cfg = dict(fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3, dq_m=64, dq_n=64, dkv_m=64,
                    dkv_n=64, bwd_warps=4, bwd_stages=2)
-    elif block_d(head_dim) <= 128:
+    elif not wide:
         cfg = dict(fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3, dq_m=64, dq_n=64, dkv_m=64,
                    dkv_n=64, bwd_warps=8, bwd_stages=2)
     else:
@@ -330,7 +337,7 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
     if lse is None:
         lse = torch.empty((B, H, S_Q), dtype=torch.float32, device=q.device)
     require(out.stride(-1) == 1 and lse.is_contiguous(), "fastlora: bad output buffers")
-    cfg = kernel_config(D, q.is_cuda)
+    cfg = kernel_config(D, q.dtype, q.is_cuda)
     ds, de, stride_db = _doc_args(doc_ids, q)
     grid = (triton.cdiv(S_Q, cfg["fwd_m"]), B * H)
     _attn_fwd[grid](

@@ -287,7 +287,7 @@ def flash_attention_backward_triton(dout, q, k, v, out, lse, doc_ids, scale, cau
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
     delta = torch.empty((B, H, S_Q), dtype=torch.float32, device=q.device)
-    cfg = kernel_config(D, q.is_cuda)
+    cfg = kernel_config(D, q.dtype, q.is_cuda)
     ds, de, stride_db = _doc_args(doc_ids, q)
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), HAS_WINDOW=window > 0,
                  HAS_DOCS=doc_ids is not None, HAS_SOFTCAP=softcap > 0, UPCAST=not q.is_cuda,
