@@ -13,6 +13,7 @@ from .options import Options
 from .pattern import Match, Pattern, Reject, register_pattern, registered_patterns
 from .pattern import unregister_pattern
 from .report import Report, Reports, clear_reports, last_report, reports
+from .trainer import compile_for_trainer
 
 __version__ = "0.1.0"
 
@@ -37,5 +38,5 @@ _register_backend_name()
 __all__ = [
     "fastlora_backend", "Options", "Pattern", "Match", "Reject", "register_pattern",
     "unregister_pattern", "registered_patterns", "Report", "Reports", "last_report", "reports",
-    "clear_reports",
+    "clear_reports", "compile_for_trainer",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import traceback
 import warnings
 
@@ -46,6 +47,10 @@ The merge goes through peft (merge_and_unload). GGUF output supports Llama-archi
 """
 
 
+def _fill(text: str) -> str:
+    return textwrap.fill(text, width=80)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -78,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train", help="fine-tune a model with LoRA/QLoRA through TRL's SFTTrainer",
-        description="Fine-tune a causal language model with LoRA (or QLoRA with --load-in-4bit) "
-                    "through TRL's SFTTrainer, the model compiled by the fastlora backend. With "
-                    "no arguments it trains the embedded tiny Llama on the embedded dataset.",
+        description=_fill("Fine-tune a causal language model with LoRA (or QLoRA with "
+                          "--load-in-4bit) through TRL's SFTTrainer, the model compiled by the "
+                          "fastlora backend. With no arguments it trains the embedded tiny "
+                          "Llama on the embedded dataset."),
         epilog=_TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = t.add_argument_group("model and data")
     g.add_argument("--model", metavar="PATH_OR_ID",
@@ -155,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "export", help="merge a LoRA adapter into 16-bit weights; optionally write GGUF",
-        description="Merge a LoRA adapter into its base model through peft (merge_and_unload), "
-                    "save the merged model in Hugging Face format, and optionally write a GGUF "
-                    "file for llama.cpp-compatible runtimes.",
+        description=_fill("Merge a LoRA adapter into its base model through peft "
+                          "(merge_and_unload), save the merged model in Hugging Face format, and "
+                          "optionally write a GGUF file for llama.cpp-compatible runtimes."),
         epilog=_EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("adapter", metavar="ADAPTER_DIR",
                    help="folder with adapter_config.json (what fastlora train saved)")

@@ -148,15 +148,28 @@ def _load_config(name: str):
                             "Upgrade transformers, or pass a supported model.") from e
 
 
+# Families transformers can load as causal LMs that are encoders or halves of encoder-decoders:
+# a user passing one (bert-base-uncased) made a mistake, and SFT on it would be meaningless.
+_NOT_DECODER_ONLY = {
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "electra", "camembert", "ernie",
+    "data2vec-text", "bert-generation", "megatron-bert", "rembert", "roc_bert", "xmod",
+    "big_bird", "bart", "mbart", "marian", "pegasus", "blenderbot", "blenderbot-small", "plbart",
+    "prophetnet", "xlm-prophetnet", "trocr"}
+
+
 def _check_causal_lm(config, name: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = getattr(config, "model_type", None)
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise FastloraError(
-            f"The model {name!r} is of type {model_type!r}, which is not a causal language "
-            f"model, so it cannot be fine-tuned with SFT.",
-            "Pass a decoder-only model such as Llama, Mistral, Qwen2/3, Gemma or Phi-3.")
+    fix = "Pass a decoder-only language model such as Llama, Mistral, Qwen2/3, Gemma or Phi-3."
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or \
+            getattr(config, "is_encoder_decoder", False):
+        raise FastloraError(f"The model {name!r} is of type {model_type!r}, which is not a "
+                            f"causal language model, so it cannot be fine-tuned with SFT.", fix)
+    if model_type in _NOT_DECODER_ONLY:
+        raise FastloraError(f"The model {name!r} is of type {model_type!r}, an encoder (or one "
+                            f"half of an encoder-decoder), not a decoder-only causal language "
+                            f"model, so SFT would not make a model that generates.", fix)
 
 
 def _quantization_config(cfg: TrainConfig, dtype):
@@ -290,7 +303,8 @@ def train(cfg: TrainConfig, stream=None) -> dict:
     import transformers
 
     from .report import reports
-    from .trainer import ProgressCallback, compile_count, compile_for_trainer
+    from .progress import ProgressCallback
+    from .trainer import compile_count, compile_for_trainer
 
     stream = stream or sys.stdout
     say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731

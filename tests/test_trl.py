@@ -1,0 +1,133 @@
+"""The TRL route: real SFTTrainer steps on the CPU with the model compiled in place by
+fastlora.compile_for_trainer; same losses and adapter weights as an uncompiled run; gradient
+accumulation (num_items_in_batch) equal to one big batch; few compilations over varying lengths.
+
+These tests exercise the integration (trainer, graph capture, rewrites, recompilation), so the
+fused ops run their CPU reference kernels, as they do for a user without a GPU; the Triton
+kernels themselves are checked under the interpreter by each kernel's own tests."""
+import copy
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import embedded
+from helpers import ALL_LINEAR, rel_err, tiny_llama, with_lora
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+OPTIONS = {"compiler": "aot_eager", "strict": True}
+LAYERS = 2
+
+
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def _model():
+    return with_lora(tiny_llama(layers=LAYERS, hidden=32, heads=4, kv_heads=2, inter=48,
+                                vocab=len(embedded.load_tokenizer())), r=4)
+
+
+def _rows(n):
+    return embedded.dataset_rows()[:n]
+
+
+def _run(model, tmp_path, rows, steps, batch=4, accum=1, pad=64, seed=0):
+    """Train ``steps`` optimizer steps; returns (per-step losses, final LoRA weights)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accum, learning_rate=1e-2,
+                     lr_scheduler_type="constant", logging_steps=1, report_to=[],
+                     save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                     seed=seed, pad_to_multiple_of=pad or None, max_length=128,
+                     disable_tqdm=True, dataloader_drop_last=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=embedded.load_tokenizer())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, weights
+
+
+def test_trainer_backend_name_is_still_rejected_by_accelerate(tmp_path):
+    """Why compile_for_trainer exists: if this ever passes, docs/trl.md needs updating."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    args = SFTConfig(output_dir=str(tmp_path), torch_compile=True,
+                     torch_compile_backend="fastlora", use_cpu=True, bf16=False, report_to=[])
+    with pytest.raises(ValueError, match="not a valid DynamoBackend"):
+        SFTTrainer(model=_model(), args=args, train_dataset=Dataset.from_list(_rows(4)),
+                   processing_class=embedded.load_tokenizer())
+
+
+def test_compile_for_trainer_checks_options_and_compiles_in_place():
+    model = _model()
+    with pytest.raises(ValueError, match="unknown fastlora option"):
+        fastlora.compile_for_trainer(model, nope=1)
+    same = fastlora.compile_for_trainer(model, **OPTIONS)
+    from peft import PeftModel
+    assert same is model and isinstance(model, PeftModel)  # in place: still a PeftModel
+    with pytest.raises(RuntimeError, match="already compiled"):
+        fastlora.compile_for_trainer(model)
+
+
+def test_sft_trainer_compiled_matches_eager(tmp_path):
+    eager = _model()
+    compiled = copy.deepcopy(eager)
+    rows = _rows(24)
+    losses_e, weights_e = _run(eager, tmp_path / "e", rows, steps=3)
+    fastlora.clear_reports()
+    fastlora.compile_for_trainer(compiled, **OPTIONS)
+    losses_c, weights_c = _run(compiled, tmp_path / "c", rows, steps=3)
+    assert len(losses_c) == 3 and losses_c[-1] != losses_c[0]
+    assert max(rel_err(torch.tensor(c), torch.tensor(e))
+               for c, e in zip(losses_c, losses_e)) < 1e-5, (losses_c, losses_e)
+    errors = {n: rel_err(weights_c[n], w) for n, w in weights_e.items()}
+    assert max(errors.values()) < 1e-5, errors
+    counts = fastlora.reports(compiled).counts()
+    assert len(fastlora.reports(compiled)) == 1  # one shape: one compilation of the model
+    assert counts["rms_norm"] == 2 * LAYERS + 1
+    assert counts["lora_linear"] == len(ALL_LINEAR) * LAYERS
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """TRL divides the summed token loss by num_items_in_batch (tokens of all micro-batches), so
+    2 x 2 accumulated examples give the loss and update of one batch of 4."""
+    big = _model()
+    small = copy.deepcopy(big)
+    rows = _rows(16)
+    fastlora.compile_for_trainer(big, **OPTIONS)
+    losses_big, weights_big = _run(big, tmp_path / "big", rows, steps=2, batch=4)
+    fastlora.compile_for_trainer(small, **OPTIONS)
+    losses_acc, weights_acc = _run(small, tmp_path / "acc", rows, steps=2, batch=2, accum=2)
+    assert len(losses_acc) == len(losses_big) == 2
+    for a, b in zip(losses_acc, losses_big):
+        assert a == pytest.approx(b, rel=1e-5)
+    errors = {n: rel_err(weights_acc[n], w) for n, w in weights_big.items()}
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_varying_lengths_compile_at_most_twice(tmp_path):
+    """Batches of different lengths: the model is compiled for the first shape, then once more
+    with dynamic shapes, and never again."""
+    rows = _rows(60)  # padded to multiples of 8 below: several distinct lengths
+    model = _model()
+    fastlora.compile_for_trainer(model, **OPTIONS)
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    tokenizer = embedded.load_tokenizer()
+    lengths = {len(tokenizer.apply_chat_template(r["prompt"] + r["completion"])["input_ids"])
+               for r in rows}
+    assert len({(n + 7) // 8 for n in lengths}) >= 3, lengths
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    losses, _ = _run(model, tmp_path, rows, steps=12, batch=2, pad=8)
+    assert len(losses) == 12
+    compiles = len(fastlora.reports(model))
+    assert 1 <= compiles <= 2, compiles
+    dynamo_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    assert dynamo_graphs <= 2 * 3, dynamo_graphs  # the model graph + TRL's loss-head pieces
