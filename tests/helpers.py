@@ -65,8 +65,8 @@ def compare_compiled(model, inputs: dict, options: dict | None = None):
 def compare_low_precision(model32, inputs: dict, dtype=torch.bfloat16, options=None):
     """For bf16/fp16 models: the compiled model's error against the float32 model must not exceed
     the eager low-precision model's own error against it (rounding noise in the whole model is far
-    above the 1e-2 kernel tolerance, so that is the fair bar). Returns (eager err, compiled err)
-    as max relative errors over loss and every trainable gradient."""
+    above the 1e-2 kernel tolerance, so that is the fair bar). Returns (eager err, compiled err),
+    each the larger of the loss error and the error of all trainable gradients together."""
     loss32, grads32 = run_step(model32, inputs)
     low_e = copy.deepcopy(model32).to(dtype)
     low_c = copy.deepcopy(model32).to(dtype)
@@ -75,6 +75,14 @@ def compare_low_precision(model32, inputs: dict, dtype=torch.bfloat16, options=N
     opts.update(options or {})
     compiled = torch.compile(low_c, backend="fastlora", options=opts)
     loss_c, grads_c = run_step(compiled, inputs, low_c)
-    err_e = max([rel_err(loss_e, loss32)] + [rel_err(grads_e[n], g) for n, g in grads32.items()])
-    err_c = max([rel_err(loss_c, loss32)] + [rel_err(grads_c[n], g) for n, g in grads32.items()])
-    return err_e, err_c
+    return _global_err(loss_e, grads_e, loss32, grads32), _global_err(loss_c, grads_c, loss32,
+                                                                       grads32)
+
+
+def _global_err(loss, grads, loss_ref, grads_ref) -> float:
+    """max(loss error, error of all gradients taken as one vector): per-tensor maxima of tiny
+    bf16 models are dominated by whichever small gradient rounding hits hardest."""
+    names = sorted(grads_ref)
+    flat = torch.cat([grads[n].double().flatten() for n in names])
+    flat_ref = torch.cat([grads_ref[n].double().flatten() for n in names])
+    return max(rel_err(loss, loss_ref), rel_err(flat, flat_ref))

@@ -131,8 +131,8 @@ def test_gemma_one_plus_w_rms_norm():
     model = _tiny_gemma()
     ids = torch.randint(0, 97, (2, 9))
     loss_err, grad_errs, _ = compare_compiled(model, {"input_ids": ids, "labels": ids})
-    matches = fastlora.last_report().matches
-    assert [m["pattern"] for m in matches].count("rms_norm") == 5
+    matches = [m for m in fastlora.last_report().matches if m["pattern"] == "rms_norm"]
+    assert len(matches) == 5
     assert all(m["params"]["offset"] == 1.0 for m in matches)
     assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
 
@@ -141,6 +141,6 @@ def test_gemma_bf16_keeps_gemma_cast_order():
     ids = torch.randint(0, 97, (2, 9))
     err_eager, err_compiled = compare_low_precision(_tiny_gemma(), {"input_ids": ids,
                                                                     "labels": ids})
-    matches = fastlora.last_report().matches
+    matches = [m for m in fastlora.last_report().matches if m["pattern"] == "rms_norm"]
     assert [m["params"]["cast_before_weight"] for m in matches] == [False] * 5
     assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
