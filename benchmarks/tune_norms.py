@@ -21,7 +21,7 @@ def main():
         w = torch.randn(N, device="cuda", dtype=torch.bfloat16)
         nbytes = 2 * M * N * 2
         K.TILE_OVERRIDE = None
-        default = K.tile_config(N, 2)
+        default = K.tile_config(N, 2, "fwd")
         for bm, warps in itertools.product((1, 2, 4, 8, 16), (2, 4, 8, 16)):
             if bm * triton.next_power_of_2(N) * 4 // (warps * 32) > 256:
                 continue  # more than 256 fp32 registers per thread: spills

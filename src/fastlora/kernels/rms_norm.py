@@ -84,14 +84,25 @@ if HAVE_TRITON:
             tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_ok)
 
 
-def tile_config(n: int, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n`` features: about 16 KB of input per tile.
-    Chosen by the sweep in benchmarks/tune_norms.py on the H200."""
+def tile_config(n: int, element_size: int, kind: str = "fwd") -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n`` features; ``kind`` is "fwd", "bwd" or
+    "bwd_dw". From the sweep of benchmarks/tune_norms.py on the H200 (bf16, 8192-16384 rows):
+    the best (rows per program, warps) by row size in bytes, e.g. 2048 features fwd (2, 8) at
+    3130 GB/s where one row with 16 warps gave 1231."""
     block_n = triton.next_power_of_2(n)
     if TILE_OVERRIDE is not None:
         return TILE_OVERRIDE[0], block_n, TILE_OVERRIDE[1]
-    block_m = max(1, min(16, 16384 // (block_n * element_size)))
-    warps = max(1, min(16, block_m * block_n * element_size // 2048))
+    row_bytes = block_n * element_size
+    table = {  # row bytes up to: (BLOCK_M, num_warps)
+        "fwd": ((8192, (2, 8)), (None, (1, 16))),
+        "bwd": ((4096, (1, 2)), (8192, (2, 8)), (16384, (1, 8)), (None, (1, 16))),
+        "bwd_dw": ((8192, (4, 8)), (None, (2, 16))),
+    }[kind]
+    for limit, (block_m, warps) in table:
+        if limit is None or row_bytes <= limit:
+            break
+    if row_bytes < 1024:  # tiny rows (tests, small models): more rows, fewer warps
+        block_m, warps = max(1, min(16, 4096 // row_bytes)), 2
     return block_m, block_n, warps
 
 
@@ -127,7 +138,7 @@ def rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight, y=None, 
                         device=x.device)
     if rstd is None:
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    block_m, block_n, warps = tile_config(N, x.element_size())
+    block_m, block_n, warps = tile_config(N, x.element_size(), "fwd")
     _rms_norm_fwd[(triton.cdiv(M, block_m),)](
         x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), M, N, eps, offset,
         CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -141,7 +152,8 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, co
     M, N = x2.shape
     if dx is None:
         dx = torch.empty_like(x2)
-    block_m, block_n, warps = tile_config(N, x.element_size())
+    kind = "bwd_dw" if compute_dw else "bwd"
+    block_m, block_n, warps = tile_config(N, x.element_size(), kind)
     tiles = triton.cdiv(M, block_m)
     # Without dw every program takes one tile; with dw a persistent grid keeps the partial sums
     # few (one float32 row per program).
