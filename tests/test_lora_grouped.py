@@ -17,6 +17,8 @@ from fastlora.kernels import lora_grouped as G
 from helpers import rel_err, run_step, tiny_llama, with_lora
 from test_lora_linear import _mixed, errors_vs, only_lora
 
+BOTH = ("lora_linear", "lora_mlp")
+
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
@@ -106,7 +108,7 @@ def _inputs():
 
 def test_llama_swiglu_fp32_exact():
     model = with_lora(tiny_llama(layers=1, mlp_bias=True))
-    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs())
+    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs(), patterns=BOTH)
     report = fastlora.last_report()
     assert report.counts() == {"lora_mlp": 1, "lora_linear": 5}  # q, k, v, o, down
     mlp = next(m for m in report.matches if m["pattern"] == "lora_mlp")
@@ -116,7 +118,7 @@ def test_llama_swiglu_fp32_exact():
 
 def test_llama_swiglu_bf16_base_fp32_adapters():
     model32 = with_lora(tiny_llama(layers=1))
-    err_e, err_c = errors_vs(model32, _mixed(copy.deepcopy(model32)), _inputs())
+    err_e, err_c = errors_vs(model32, _mixed(copy.deepcopy(model32)), _inputs(), patterns=BOTH)
     assert fastlora.last_report().counts() == {"lora_mlp": 1, "lora_linear": 5}
     assert err_c <= 1.5 * err_e + 1e-3, (err_e, err_c)
 
@@ -135,7 +137,7 @@ def test_geglu_fp32_exact(family):
     # other families, here a Llama with hidden_act="gelu"
     base = _tiny_gemma() if family == "gemma" else tiny_llama(layers=1, hidden_act="gelu")
     model = with_lora(base, targets=["gate_proj", "up_proj"])
-    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs())
+    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs(), patterns=BOTH)
     report = fastlora.last_report()
     assert report.counts() == {"lora_mlp": 1}
     expected = "gelu_tanh" if family == "gemma" else "gelu"
@@ -156,10 +158,10 @@ class GroupSeededDropout(nn.Module):
 
     def forward(self, x):
         if self.slot == 0:
-            self.shared.seed = int(torch.randint_like(torch.zeros(1), 0, 2 ** 31 - 1,
-                                                      dtype=torch.int64))
+            self.shared.seed = int(torch.randint_like(torch.zeros(1, device=x.device), 0,
+                                                      2 ** 31 - 1, dtype=torch.int64))
         x2 = x.reshape(-1, x.shape[-1])
-        keep = K.keep_mask_reference(self.shared.seed, *x2.shape, self.slot, self.p)
+        keep = K.keep_mask_reference(self.shared.seed, *x2.shape, self.slot, self.p, x.device)
         return (x2 * keep / (1 - self.p)).view(x.shape)
 
 
@@ -178,7 +180,7 @@ def test_dropout_seeded_twin():
             else:
                 module.lora_dropout["default"] = SeededDropout(p)
     compiled_model = copy.deepcopy(model)
-    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
+    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora(*BOTH))
     inputs = _inputs()
     torch.manual_seed(4)
     loss_c, grads_c = run_step(compiled, inputs, compiled_model)
@@ -191,7 +193,8 @@ def test_dropout_seeded_twin():
 
 def test_autocast_bf16():
     model = with_lora(tiny_llama(layers=1), r=8)
-    err_e, err_c = errors_vs(copy.deepcopy(model), model, _inputs(), autocast=torch.bfloat16)
+    err_e, err_c = errors_vs(copy.deepcopy(model), model, _inputs(), autocast=torch.bfloat16,
+                             patterns=BOTH)
     report = fastlora.last_report()
     assert report.counts() == {"lora_mlp": 1, "lora_linear": 5}
     assert err_c <= 1.5 * err_e + 1e-3, (err_e, err_c)
@@ -200,8 +203,41 @@ def test_autocast_bf16():
 def test_unequal_dropout_falls_back_to_single_adapters():
     model = with_lora(tiny_llama(layers=1), targets=["gate_proj", "up_proj"], dropout=0.1)
     model.base_model.model.model.layers[0].mlp.up_proj.lora_dropout["default"].p = 0.2
-    compiled = torch.compile(model, backend="fastlora", options=only_lora())
+    compiled = torch.compile(model, backend="fastlora", options=only_lora(*BOTH))
     compiled(**_inputs()).loss.backward()
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear": 2}
     assert sorted(m["params"]["dropout"] for m in report.matches) == [0.1, 0.2]
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,f", [(37, 40, 56), (8192, 2048, 8192), (8192, 4096, 14336)])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_lora_mlp_matches_float64(m, k, f, activation, p):
+    torch.manual_seed(0)
+    dev, dtype, r = "cuda", torch.bfloat16, 16
+    x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)
+    gw = torch.randn(f, k, device=dev, dtype=dtype) / k ** 0.5
+    uw = torch.randn(f, k, device=dev, dtype=dtype) / k ** 0.5
+    ga, ua = ((torch.randn(r, k, device=dev) / k ** 0.5).requires_grad_() for _ in range(2))
+    gB, uB = ((torch.randn(f, r, device=dev) * 0.1).requires_grad_() for _ in range(2))
+    h, _, _, _ = torch.ops.fastlora.lora_mlp(x, gw, None, ga, gB, uw, None, ua, uB,
+                                             torch.tensor([5], device=dev), 2.0, 2.0, p,
+                                             activation, dtype)
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    ones = torch.ones(m, k, dtype=torch.bool, device=dev)
+    kg = K.keep_mask_reference(5, m, k, 0, p, dev) if p else ones
+    ku = K.keep_mask_reference(5, m, k, 1, p, dev) if p else ones
+    X, GA, GBB, UA, UBB = (t.detach().double().requires_grad_() for t in (x, ga, gB, ua, uB))
+    gate = X @ gw.double().T + 2.0 * ((X * kg / (1 - p)) @ GA.T) @ GBB.T
+    up = X @ uw.double().T + 2.0 * ((X * ku / (1 - p)) @ UA.T) @ UBB.T
+    H = _act(gate, activation) * up
+    grads = torch.autograd.grad(H, (X, GA, GBB, UA, UBB), dh.double())
+    assert rel_err(h, H) < 1e-2
+    for got, want in zip((x.grad, ga.grad, gB.grad, ua.grad, uB.grad), grads):
+        assert rel_err(got, want) < 1e-2

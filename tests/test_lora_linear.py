@@ -21,9 +21,11 @@ from helpers import rel_err, run_step, tiny_llama, with_lora
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-def only_lora():
-    """Options that compile with the LoRA patterns only (other families are tested elsewhere)."""
-    others = [p.name for p in fastlora.registered_patterns() if not p.name.startswith("lora_")]
+def only_lora(*names):
+    """Options that compile with these patterns only (default: lora_linear; other families are
+    tested in their own files)."""
+    names = names or ("lora_linear",)
+    others = [p.name for p in fastlora.registered_patterns() if p.name not in names]
     return {"compiler": "aot_eager", "strict": True, "disable": others}
 
 
@@ -136,7 +138,7 @@ def test_bad_input_errors():
 # ---------------------------------------------------------------- compiled vs eager
 
 
-def errors_vs(reference, model, inputs, options=None, autocast=None):
+def errors_vs(reference, model, inputs, options=None, autocast=None, patterns=()):
     """(eager error, compiled error): max relative error of loss and every LoRA gradient of
     ``model`` eager and compiled against ``reference`` (a float64 or float32 twin)."""
     def step(m, params, autocast=autocast):
@@ -151,7 +153,8 @@ def errors_vs(reference, model, inputs, options=None, autocast=None):
     loss_r, grads_r = step(reference, reference, autocast=None)
     twin = copy.deepcopy(model)
     loss_e, grads_e = step(model, model)
-    compiled = torch.compile(twin, backend="fastlora", options={**only_lora(), **(options or {})})
+    compiled = torch.compile(twin, backend="fastlora",
+                             options={**only_lora(*patterns), **(options or {})})
     loss_c, grads_c = step(compiled, twin)
     assert set(grads_c) == set(grads_r)
 
@@ -215,9 +218,10 @@ class SeededDropout(nn.Module):
         self.p = p
 
     def forward(self, x):
-        seed = torch.randint_like(torch.zeros(1), 0, 2 ** 31 - 1, dtype=torch.int64)
+        seed = torch.randint_like(torch.zeros(1, device=x.device), 0, 2 ** 31 - 1,
+                                  dtype=torch.int64)  # the generator of x's device, as the graph
         x2 = x.reshape(-1, x.shape[-1])
-        keep = K.keep_mask_reference(int(seed), x2.shape[0], x2.shape[1], 0, self.p)
+        keep = K.keep_mask_reference(int(seed), x2.shape[0], x2.shape[1], 0, self.p, x.device)
         return (x2 * keep / (1 - self.p)).view(x.shape)
 
 
@@ -324,3 +328,92 @@ def test_unadapted_linears_are_not_near_misses():
     compiled(**_inputs()).loss.backward()
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear": 2} and report.near_misses == []
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,r", [(111, 72, 37, 1), (8192, 2048, 2048, 16),
+                                     (8192, 4096, 14336, 16), (8192, 14336, 4096, 64)])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32),
+                                                 (torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_op_matches_float64(m, k, n, r, dtype, adapter_dtype, p):
+    """Forward and every gradient vs float64 on the GPU; float32 adapters must keep float32
+    accuracy (tf32x3 tensor-core dots), not TF32's 1e-3."""
+    torch.manual_seed(0)
+    dev = "cuda"
+    x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5
+    a = (torch.randn(r, k, device=dev) / k ** 0.5).to(adapter_dtype).requires_grad_()
+    b = torch.randn(n, r, device=dev).to(adapter_dtype).requires_grad_()
+    seed = torch.tensor([1234], device=dev)
+    y, _ = torch.ops.fastlora.lora_linear(x, w, None, None, a, b, seed, 2.0, p, dtype)
+    g = torch.randn_like(y)
+    y.backward(g)
+    keep = (K.keep_mask_reference(1234, m, k, 0, p, device=dev) if p
+            else torch.ones(m, k, dtype=torch.bool, device=dev))
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    base = (x.detach() @ w.T).double()  # rounded like the op's cuBLAS base
+    y64 = base + 2.0 * ((x64 * keep / (1 - p)) @ a64.T) @ b64.T
+    y64_full = x64 @ w.double().T + 2.0 * ((x64 * keep / (1 - p)) @ a64.T) @ b64.T
+    dx64, da64, db64 = torch.autograd.grad(y64_full, (x64, a64, b64), g.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    atol = 1e-5 if adapter_dtype == torch.float32 else 1e-2
+    assert rel_err(y, y64) < tol
+    assert rel_err(x.grad, dx64) < tol
+    assert rel_err(a.grad, da64) < atol and rel_err(b.grad, db64) < atol
+
+
+@pytest.mark.gpu
+def test_cuda_forward_makes_no_float32_copy_of_x():
+    m, k, n, r = 8192, 4096, 4096, 16
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(r, k, device="cuda", requires_grad=True)
+    b = torch.randn(n, r, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    y, xa = torch.ops.fastlora.lora_linear(x, w, None, None, a, b, None, 2.0, 0.0, x.dtype)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - start
+    # the output and xa, nothing of the size of x in float32 (128 MiB here)
+    assert extra <= y.numel() * 2 + xa.numel() * 4 + (8 << 20), extra
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_cuda_tiny_llama_compiled_vs_eager(compiler):
+    torch.manual_seed(0)
+    model32 = with_lora(tiny_llama(layers=2)).cuda()
+    ids = torch.randint(0, 97, (2, 33), device="cuda")
+    inputs = {"input_ids": ids, "labels": ids}
+    both = ("lora_linear", "lora_mlp")
+    err_e, err_c = errors_vs(copy.deepcopy(model32).double(), model32, inputs,
+                             options={"compiler": compiler}, patterns=both)
+    counts = fastlora.last_report().counts()
+    assert counts.get("lora_linear", 0) + 2 * counts.get("lora_mlp", 0) == 14
+    assert err_c <= max(1e-5, 1.5 * err_e), (err_e, err_c)
+    err_e, err_c = errors_vs(model32, _mixed(copy.deepcopy(model32)), inputs,
+                             options={"compiler": compiler}, patterns=both)
+    assert err_c <= 1.5 * err_e + 1e-3, (err_e, err_c)
+
+
+@pytest.mark.gpu
+def test_cuda_dropout_seeded_twin():
+    p = 0.1
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=1), dropout=p, targets=["q_proj", "o_proj"]).cuda()
+    twin = seeded_twin(model, p)
+    ids = torch.randint(0, 97, (2, 33), device="cuda")
+    inputs = {"input_ids": ids, "labels": ids}
+    compiled = torch.compile(model, backend="fastlora", options=only_lora())
+    torch.manual_seed(1)
+    loss_c, grads_c = run_step(compiled, inputs, model)
+    torch.manual_seed(1)
+    loss_t, grads_t = run_step(twin, inputs)
+    assert rel_err(loss_c, loss_t) < 1e-5
+    assert max(rel_err(grads_c[n], g) for n, g in grads_t.items()) < 1e-4

@@ -21,7 +21,8 @@ BF = pytest.importorskip("bitsandbytes.functional")
 
 
 def only_lora():
-    others = [p.name for p in fastlora.registered_patterns() if not p.name.startswith("lora_")]
+    keep = ("lora_linear", "lora_linear_4bit")
+    others = [p.name for p in fastlora.registered_patterns() if p.name not in keep]
     return {"compiler": "aot_eager", "strict": True, "disable": others}
 
 
@@ -267,3 +268,17 @@ def test_cuda_8bit_falls_back_to_adapter_fusion():
     report = fastlora.last_report()
     assert report.counts().get("lora_linear", 0) == 14
     assert rel_err(loss_c, model(input_ids=ids, labels=ids).loss) < 1e-2
+
+
+def test_dequant_follows_the_format_spec():
+    """bitsandbytes 0.50.2's native CPU dequantize kernel disagrees with its own quantizer for
+    some row lengths (K = 32, 48, 96: it errs by up to ~2 absmax units); ours follows the format
+    (flat blocks of ``blocksize``), so the round trip stays within NF4's own error."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 32)
+    packed, qs = BF.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    out = Q.dequantize_4bit_triton(packed, qs.absmax, None, None, None, 48, 32, 64, "nf4",
+                                   torch.float32)
+    gaps = torch.tensor(Q.NF4).diff().max() / 2  # farthest a value can be from its code
+    scale = qs.absmax.repeat_interleave(64)[:w.numel()].view(48, 32)
+    assert ((out - w).abs() <= gaps * scale + 1e-6).all()

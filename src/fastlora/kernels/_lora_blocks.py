@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import HAVE_TRITON
+from ._common import HAVE_TRITON, _sm_count
 
 PRECISION = "tf32x3"  # dot precision for float32 operands on the GPU ("ieee" to compare)
 _M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
@@ -86,7 +86,9 @@ if HAVE_TRITON:
         rr = tl.arange(0, BLOCK_R)
         row_ok = rows < M
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        seed = tl.load(SEED).to(tl.uint32) if DROPOUT else 0
+        seed = 0
+        if DROPOUT:
+            seed = tl.load(SEED).to(tl.uint32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < K
@@ -184,7 +186,9 @@ if HAVE_TRITON:
         col_ok, r_ok = cols < K, rr < R
         a = tl.load(A + rr[:, None] * stride_a + cols[None, :],
                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        seed = tl.load(SEED).to(tl.uint32) if DROPOUT else 0
+        seed = 0
+        if DROPOUT:
+            seed = tl.load(SEED).to(tl.uint32)
         start = tl.cast(split, tl.int64) * rows_per_split
         acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
         for m0 in range(0, rows_per_split, BLOCK_M):
@@ -284,9 +288,7 @@ def _block_r(r: int) -> int:
 
 
 def _sms(t: Tensor) -> int:
-    if t.is_cuda:
-        return torch.cuda.get_device_properties(t.device).multi_processor_count
-    return 2
+    return _sm_count(t.device.index or 0) if t.is_cuda else 2
 
 
 def _splits(t: Tensor, rows: int, block_m: int, blocks: int) -> int:
@@ -297,11 +299,18 @@ def _splits(t: Tensor, rows: int, block_m: int, blocks: int) -> int:
     return triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
 
 
+_OFFSETS: dict = {}
+
+
 def _offsets(ranks: list[int], device) -> Tensor:
-    offs = [0]
-    for r in ranks:
-        offs.append(offs[-1] + r)
-    return torch.tensor(offs, dtype=torch.int32, device=device)
+    """Rank boundaries of the adapters in A_cat, a cached device tensor (no copy per call)."""
+    key = (tuple(ranks), str(device))
+    if key not in _OFFSETS:
+        offs = [0]
+        for r in ranks:
+            offs.append(offs[-1] + r)
+        _OFFSETS[key] = torch.tensor(offs, dtype=torch.int32, device=device)
+    return _OFFSETS[key]
 
 
 def rows2d(t: Tensor) -> Tensor:
@@ -367,7 +376,8 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
     nb = triton.cdiv(N, bn)
     per = _splits(g2, M, bm, nb)
     splits = triton.cdiv(M, per) if M else 1
-    part = torch.zeros((splits, N, R), dtype=torch.float32, device=g2.device)
+    alloc = torch.empty if M else torch.zeros  # every element written when M > 0
+    part = alloc((splits, N, R), dtype=torch.float32, device=g2.device)
     if M and N:
         _lora_grad_b_kernel[(nb, splits)](
             g2, xa, part, M, N, R, g2.stride(0), xa.stride(0), per,
@@ -389,8 +399,8 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
     nb = triton.cdiv(K, bk)
     per = _splits(x2, M, bm, nb)
     splits = triton.cdiv(M, per) if M else 1
-    part = torch.zeros((splits, R, K) if need_da else (1,), dtype=torch.float32,
-                       device=x2.device)
+    alloc = torch.empty if M else torch.zeros  # every element written when M > 0
+    part = alloc((splits, R, K) if need_da else (1,), dtype=torch.float32, device=x2.device)
     if M and K and (dx is not None or need_da):
         _lora_grad_x_kernel[(nb, splits)](
             x2, da, a_cat, dx if dx is not None else x2, part,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import HAVE_TRITON, check_float, require, use_triton
-from ._lora_blocks import (_splits, dot_mode, fix_bf16, lora_down_reference, lora_down_triton,
+from ._lora_blocks import (_sms, dot_mode, fix_bf16, lora_down_reference, lora_down_triton,
                            lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
                            lora_grad_down_triton, lora_grad_x_reference, lora_grad_x_triton,
                            lora_up_reference, lora_up_triton, rows2d)
@@ -176,8 +176,7 @@ def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dt
     dg = dg if dg is not None else torch.empty((M, N), dtype=dtype, device=dev)
     du = du if du is not None else torch.empty((M, N), dtype=dtype, device=dev)
     da = da if da is not None else torch.empty((M, rg + ru), dtype=torch.float32, device=dev)
-    bm = 64 if M >= 64 * 2 * (torch.cuda.get_device_properties(dev).multi_processor_count
-                              if dev.type == "cuda" else 1) else 32
+    bm = 64 if M >= 64 * 2 * _sms(base_g) else 32
     if M:
         _lora_glu_bwd_kernel[(triton.cdiv(M, bm),)](
             dh, base_g, base_u, xa, b_g, b_u, dg, du, da, M, N, rg, ru, dh.stride(0),
