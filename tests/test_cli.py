@@ -129,6 +129,15 @@ def test_four_bit_without_bitsandbytes(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
+def test_misspelt_lora_target_is_not_silently_dropped(tmp_path, capsys):
+    code, _, err = _main(["train", "--lora-targets", "q_proj,w_pack", "--output-dir",
+                          str(tmp_path / "o")], capsys)
+    assert code == 2
+    _assert_one_paragraph(err, "--lora-targets names w_pack, which is not in this model",
+                          "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    assert not list(tmp_path.iterdir())
+
+
 class _Boom:
     """Stands in for the SFTTrainer: fails the way a real run fails, at train()."""
 
@@ -211,3 +220,35 @@ def test_train_end_to_end_in_a_subprocess_then_export(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "merged" / "model.safetensors").exists() and (out / "model.gguf").exists()
     assert "gguf     " in proc.stdout
+
+
+# ----------------------------------------------------------------------------- GPU (the H200)
+def _train_subprocess(tmp_path, *flags):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastlora.cli", "train", "--steps", "60", "--log-every", "20",
+           "--output-dir", str(out), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return proc.stdout, json.loads((out / "fastlora_run.json").read_text())
+
+
+@pytest.mark.gpu
+def test_train_default_on_the_gpu(tmp_path):
+    """The README command on a GPU: bf16, inductor around the Triton kernels; the loss falls."""
+    text, run = _train_subprocess(tmp_path)
+    assert "bfloat16, on cuda" in text and "rest of the graph: inductor" in text, text
+    assert run["compiler"] == "inductor" and run["report_counts"]["rms_norm"] == 9
+    losses = [loss for _, loss in run["loss_history"]]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 1.0, losses
+    print(text)  # the lead pastes the GPU output into the docs
+
+
+@pytest.mark.gpu
+def test_train_qlora_on_the_gpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    text, run = _train_subprocess(tmp_path, "--load-in-4bit")
+    assert "4-bit NF4" in text, text
+    assert any(name.startswith("lora_") for name in run["report_counts"]), run["report_counts"]
+    losses = [loss for _, loss in run["loss_history"]]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5, losses
+    print(text)

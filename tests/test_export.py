@@ -104,7 +104,7 @@ def test_export_merges_through_peft_and_gguf_round_trips(tmp_path):
     assert _field(reader, "general.file_type") == int(gguf.LlamaFileType.ALL_F32)
     tokenizer = embedded.load_tokenizer()
     assert _field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert _field(reader, "tokenizer.ggml.pre") == "gpt2"
+    assert _field(reader, "tokenizer.ggml.pre") == "gpt-2"  # llama.cpp's spelling
     tokens = _field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == len(tokenizer) == _field(reader, "llama.vocab_size")
     assert all(tokens[i] == t for t, i in tokenizer.get_vocab().items())

@@ -92,7 +92,10 @@ def test_sft_trainer_compiled_matches_eager(tmp_path):
     counts = fastlora.reports(compiled).counts()
     assert len(fastlora.reports(compiled)) == 1  # one shape: one compilation of the model
     assert counts["rms_norm"] == 2 * LAYERS + 1
-    assert counts["lora_linear"] == len(ALL_LINEAR) * LAYERS
+    # every adapter fused, alone (lora_linear) or grouped (gate+up: lora_mlp; q+k+v: lora_qkv)
+    adapters = counts.get("lora_linear", 0) + 2 * counts.get("lora_mlp", 0) \
+        + 3 * counts.get("lora_qkv", 0)
+    assert adapters == len(ALL_LINEAR) * LAYERS, counts
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -131,3 +134,55 @@ def test_varying_lengths_compile_at_most_twice(tmp_path):
     assert 1 <= compiles <= 2, compiles
     dynamo_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     assert dynamo_graphs <= 2 * 3, dynamo_graphs  # the model graph + TRL's loss-head pieces
+
+
+# ----------------------------------------------------------------------------- GPU (the H200)
+def _run_cuda(model, tmp_path, rows, steps, bf16_autocast=False):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                     learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1,
+                     report_to=[], save_strategy="no", bf16=bf16_autocast,
+                     gradient_checkpointing=False, seed=0, pad_to_multiple_of=64, max_length=128,
+                     disable_tqdm=True, dataloader_drop_last=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=embedded.load_tokenizer())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    weights = {n: p.detach().float().cpu() for n, p in model.named_parameters()
+               if p.requires_grad}
+    return losses, weights
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_sft_trainer_on_cuda_fp32_matches_eager(tmp_path, compiler):
+    """Real Triton kernels on the GPU, through SFTTrainer: same losses and adapter weights."""
+    eager = _model().cuda()
+    compiled = copy.deepcopy(eager)
+    rows = _rows(24)
+    losses_e, weights_e = _run_cuda(eager, tmp_path / "e", rows, steps=3)
+    fastlora.compile_for_trainer(compiled, compiler=compiler, strict=True)
+    losses_c, weights_c = _run_cuda(compiled, tmp_path / "c", rows, steps=3)
+    assert max(abs(c - e) / abs(e) for c, e in zip(losses_c, losses_e)) < 1e-4
+    errors = {n: rel_err(weights_c[n], w) for n, w in weights_e.items()}
+    assert max(errors.values()) < 1e-3, errors
+    assert fastlora.reports(compiled).counts()["rms_norm"] == 2 * LAYERS + 1
+
+
+@pytest.mark.gpu
+def test_sft_trainer_on_cuda_bf16_close_to_eager_bf16(tmp_path):
+    """bf16 weights (adapters float32, peft's default): compiled within bf16 noise of eager."""
+    base = _model()
+    eager = copy.deepcopy(base).to("cuda", torch.bfloat16)
+    compiled = copy.deepcopy(base).to("cuda", torch.bfloat16)
+    reference = copy.deepcopy(base).cuda()  # float32: the yardstick for both
+    rows = _rows(24)
+    losses_ref, _ = _run_cuda(reference, tmp_path / "r", rows, steps=3)
+    losses_e, _ = _run_cuda(eager, tmp_path / "e", rows, steps=3)
+    fastlora.compile_for_trainer(compiled, strict=True)
+    losses_c, _ = _run_cuda(compiled, tmp_path / "c", rows, steps=3)
+    err_e = max(abs(e - r) / r for e, r in zip(losses_e, losses_ref))
+    err_c = max(abs(c - r) / r for c, r in zip(losses_c, losses_ref))
+    assert err_c <= 1.5 * err_e + 1e-2, (losses_ref, losses_e, losses_c)

@@ -27,7 +27,8 @@ def paragraph(text: str, width: int = 100, prefix: str = "fastlora: error: ") ->
 def out_of_memory(exc: BaseException, batch_size: int | None = None,
                   max_length: int | None = None) -> FastloraError:
     """The paragraph for a GPU (or host) out-of-memory error during training."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else \
+        type(exc).__name__
     sizes = []
     if batch_size:
         sizes.append(f"--batch-size {max(1, batch_size // 2)} with --grad-accum 2 (same "

@@ -228,7 +228,7 @@ def _pre_tokenizer_name(spec: dict) -> str | None:
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name for GPT-2's split regex
     if kinds and kinds[0] == "Split" and kinds[-1] == "ByteLevel":
         pattern = (parts[0].get("pattern") or {}).get("Regex", "")
         if pattern.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)") and "\\p{N}{1,3}" in pattern:

@@ -38,14 +38,16 @@ class ProgressCallback(TrainerCallback):
     every step) in the training arguments.
     """
 
-    def __init__(self, model, every: int = 10, print_report: bool = True, stream=None):
-        self.model, self.every = model, max(1, every)
+    def __init__(self, model, every: int = 10, print_report: bool = True, stream=None,
+                 dynamic: bool | None = None):
+        self.model, self.every, self.dynamic = model, max(1, every), dynamic
         self.print_report, self.stream = print_report, stream
         self.window, self.bar = _Window(), None
         self.loss_history: list[tuple[int, float]] = []
         self.reported = 0
         self.start = self.first_step_s = None
         self.recompiles: list[int] = []  # steps at which new graphs were compiled
+        self.samples: list[tuple[int, float, int]] = []  # (step, time, tokens seen) per step
 
     def _write(self, text: str):
         if self.bar is not None and not self.bar.disable:
@@ -68,6 +70,7 @@ class ProgressCallback(TrainerCallback):
         if self.first_step_s is None:
             self.first_step_s = now - self.start
         self.window.add(now, state.num_input_tokens_seen, None)
+        self.samples.append((state.global_step, now, state.num_input_tokens_seen))
         self._report_new_graphs(state.global_step)
         self.bar.update(1)
 
@@ -101,9 +104,19 @@ class ProgressCallback(TrainerCallback):
                         f"backward); fastlora rewrite report:\n{graphs}\n")
         elif self.print_report:
             counts = ", ".join(f"{k} x{v}" for k, v in new.counts().items()) or "no matches"
-            self._write(f"step {step}: compiled {len(new)} more graph(s) for a new input shape "
-                        f"(dynamic from now on): {counts}")
+            how = {None: " (dynamic shapes from now on)", False: " (static shapes: one per "
+                   "shape)", True: ""}[self.dynamic]
+            self._write(f"step {step}: compiled {len(new)} more graph(s) for a new input "
+                        f"shape{how}: {counts}")
         self.reported = len(graphs)
+
+    def steady_tokens_per_second(self) -> float | None:
+        """Tokens per second from the step after the last compilation to the end."""
+        last = max([1] + self.recompiles)
+        after = [s for s in self.samples if s[0] >= last]
+        if len(after) < 2 or after[-1][1] <= after[0][1]:
+            return None
+        return (after[-1][2] - after[0][2]) / (after[-1][1] - after[0][1])
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -233,12 +233,27 @@ def _first_line(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__).rstrip(".")
 
 
+def _linear_names(model) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")} - {"lm_head"})
+
+
 def add_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets = cfg.lora_targets
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+        names = {n for n, _ in model.named_modules()}
+        # peft only complains when no name matches; a misspelt one among several would be
+        # silently dropped, so every name must match a module here.
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing or not targets:
+            raise FastloraError(
+                f"--lora-targets names {', '.join(missing) or 'no module'}, which "
+                f"{'is' if len(missing) == 1 else 'are'} not in this model.",
+                f"Use module names of this model, comma-separated (its linear layers: "
+                f"{', '.join(_linear_names(model))}), or all-linear.")
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing)
@@ -248,11 +263,10 @@ def add_lora(model, cfg: TrainConfig):
     try:
         return get_peft_model(model, lora)
     except ValueError as e:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                        if type(m).__name__ in ("Linear", "Linear4bit", "Linear8bitLt")})
         raise FastloraError(f"LoRA could not be applied: {_first_line(e)}.",
                             f"--lora-targets takes module names of this model, comma-separated "
-                            f"(its linear layers: {', '.join(names)}), or all-linear.") from e
+                            f"(its linear layers: {', '.join(_linear_names(model))}), or "
+                            f"all-linear.") from e
 
 
 # ----------------------------------------------------------------------------- the run
@@ -328,7 +342,7 @@ def train(cfg: TrainConfig, stream=None) -> dict:
         lr = cfg.lr or (DEFAULT_LR_EMBEDDED if cfg.model is None else DEFAULT_LR)
         compiler = _compiler(cfg, device)
         progress = ProgressCallback(model, every=cfg.log_every, print_report=cfg.report,
-                                    stream=stream)
+                                    stream=stream, dynamic=cfg.dynamic)
         trainer = _build_trainer(model, tokenizer, rows, _sft_config(cfg, partial, device, dtype,
                                                                        lr), [progress])
         trainable, total = model.get_nb_trainable_parameters()
@@ -354,10 +368,7 @@ def train(cfg: TrainConfig, stream=None) -> dict:
         say()
         graphs_before = compile_count()
         started = time.perf_counter()
-        try:
-            result = trainer.train()
-        except torch.OutOfMemoryError as e:
-            raise out_of_memory(e, cfg.batch_size, cfg.max_length) from e
+        result = trainer.train()
         seconds = time.perf_counter() - started
         trainer.save_model(str(partial))
         summary = _summary(cfg, trainer, progress, result, seconds, base, out, compiler,
@@ -365,15 +376,20 @@ def train(cfg: TrainConfig, stream=None) -> dict:
         _point_adapter_at_base(partial, out, base, cfg.model is None)
         (partial / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         _publish(partial, out)
+    except torch.OutOfMemoryError as e:  # loading, compiling or training
+        shutil.rmtree(partial, ignore_errors=True)
+        raise out_of_memory(e, cfg.batch_size, cfg.max_length) from e
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     losses = summary["loss_history"]
     say()
-    say(f"done     {summary['steps']} steps in {seconds:.1f}s; loss {losses[0][1]:.3f} -> "
-        f"{summary['final_loss']:.3f} (mean of the last 10 steps); "
-        f"{summary['tokens_per_second_after_compile'] or 0:,.0f} tokens/s after compilation; "
-        f"{summary['dynamo_graphs_compiled']} graph(s) compiled")
+    first = [loss for _, loss in losses[:10]]
+    say(f"done     {summary['steps']} steps in {seconds:.1f}s; mean loss of the first 10 steps "
+        f"{sum(first) / max(1, len(first)):.3f}, of the last 10 {summary['final_loss']:.3f}; "
+        f"{summary['tokens_per_second_after_compile'] or 0:,.0f} tokens/s after the last "
+        f"compilation; {summary['fastlora_graphs']} graph(s) compiled through fastlora, "
+        f"{summary['dynamo_graphs_compiled']} Dynamo graph(s) in all")
     say(f"saved    LoRA adapter in {out}")
     say(f"next     fastlora export {out} --gguf {out}/model.gguf")
     return summary
@@ -393,7 +409,7 @@ def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graph
     history = progress.loss_history
     last = [loss for _, loss in history[-10:]]
     state = trainer.state
-    after = _tokens_per_second_after_first(trainer, progress, seconds)
+    after = progress.steady_tokens_per_second()
     return {
         "fastlora_version": fastlora.__version__,
         "config": dataclasses.asdict(cfg),
@@ -402,27 +418,18 @@ def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graph
         "seconds": round(seconds, 2),
         "first_step_seconds": round(progress.first_step_s or 0.0, 2),
         "tokens": state.num_input_tokens_seen,
-        "tokens_per_second_after_compile": after,
+        "tokens_per_second_after_compile": None if after is None else round(after, 1),
         "loss_history": history,
         "final_loss": sum(last) / max(1, len(last)),
         "train_loss": result.training_loss,
         "compiled": cfg.compile,
         "compiler": compiler if cfg.compile else None,
         "dynamo_graphs_compiled": graphs,
+        "fastlora_graphs": len(model_reports),
         "recompiled_at_steps": progress.recompiles,
         "report_counts": fastlora.Reports(model_reports).counts() if model_reports else {},
         "near_misses": len(fastlora.Reports(model_reports).near_misses()) if model_reports else 0,
     }
-
-
-def _tokens_per_second_after_first(trainer, progress, seconds) -> float | None:
-    """Tokens per second over the steps after the first (which includes compilation)."""
-    total = trainer.state.num_input_tokens_seen
-    steps = trainer.state.global_step
-    rest = seconds - (progress.first_step_s or 0.0)
-    if steps < 2 or rest <= 0:
-        return None
-    return round(total * (steps - 1) / steps / rest, 1)
 
 
 def _point_adapter_at_base(partial: pathlib.Path, out: pathlib.Path, base: str, embedded_base):
