@@ -1,5 +1,5 @@
 """Every model family users fine-tune, compiled with backend="fastlora" on a tiny random config
-(3 layers, head size 10 beside a hidden size of 44 or 40, odd vocabulary), LoRA on all linear
+(2 layers, head size 10 beside a hidden size of 44 or 40, odd vocabulary), LoRA on all linear
 layers: the exact number of rms_norm / layer_norm / rope / swiglu / geglu rewrites, no near
 misses of those patterns (or the pinned ones, with their reasons), and compiled-vs-eager loss
 and every LoRA gradient.
@@ -29,15 +29,12 @@ import fastlora
 from helpers import ALL_LINEAR, compare_compiled, rel_err, run_step, with_lora
 
 MINE = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
-LAYERS = 3
+LAYERS = 2
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=44, intermediate_size=60, num_hidden_layers=LAYERS,
               num_attention_heads=4, num_key_value_heads=2, head_dim=10,
               max_position_embeddings=128)
 PHI3_LINEAR = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-# Cohere's last-layer q_proj LoRA gradients are ill-conditioned (norm ~5e-5, a sum of cancelling
-# terms): aot_eager with no rewrite at all already differs from eager by 6.5e-6 there.
-GRAD_TOL = {"cohere": 3e-5, "cohere_qk_norm": 3e-5}
 
 
 def _randomize_norms(model):
@@ -66,7 +63,7 @@ def _families():
                    {"rms_norm": 4 * L + 1, "rope": L, "geglu": L}),
         "gemma3": (lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(
                        **COMMON, query_pre_attn_scalar=10, sliding_window=5,
-                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+                       layer_types=["sliding_attention", "full_attention"])),
                    ALL_LINEAR, {"rms_norm": 6 * L + 1, "rope": L, "geglu": L}),
         "phi3": (lambda: T.Phi3ForCausalLM(T.Phi3Config(
                      **{**COMMON, "hidden_size": 40}, pad_token_id=0,
@@ -130,7 +127,12 @@ def test_family_fp32_counts_and_gradients(family):
     assert all(r.fallback is None for r in reports)
     assert len(grads) == 2 * LAYERS * (len(FAMILIES[family][1]))  # lora_A and lora_B each
     assert loss_err < 1e-6
-    assert max(grad_errs.values()) < GRAD_TOL.get(family, 1e-5), grad_errs
+    assert max(grad_errs.values()) < 1e-5, grad_errs
+    if family == "phi3":  # the fused projections: packed SwiGLU, partial rotary of 6 of 10
+        matches = [m for r in reports for m in r.matches]
+        assert {m["spelling"] for m in matches if m["pattern"] == "swiglu"} == \
+            {"silu_of_chunked_gate_up"}
+        assert {m["params"]["rot_dim"] for m in matches if m["pattern"] == "rope"} == {6}
 
 
 def low_precision_errors(model32, inputs, dtype=torch.bfloat16):
@@ -176,11 +178,13 @@ def test_exact_gelu_is_geglu_with_approximate_none():
     assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
 
 
-def test_phi3_fused_projections_use_packed_swiglu_and_partial_rope():
-    model, _ = build("phi3")
-    compare_compiled(model, _inputs(), only_mine())
-    matches = fastlora.last_report().matches
-    assert {m["spelling"] for m in matches if m["pattern"] == "swiglu"} == \
-        {"silu_of_chunked_gate_up"}
-    ropes = [m for m in matches if m["pattern"] == "rope"]
-    assert [m["params"]["rot_dim"] for m in ropes] == [6] * LAYERS
+@pytest.mark.slow
+def test_phi3_through_inductor():
+    """Inductor trusts the fake kernels' strides: Phi-3 rotates slices of the fused qkv output
+    and splits gate_up in two (aot_eager above runs the same ops without inductor's codegen)."""
+    model, expected = build("phi3")
+    fastlora.clear_reports()
+    loss_err, grad_errs, _ = compare_compiled(model, _inputs(),
+                                              {"compiler": "inductor", **only_mine()})
+    assert my_counts(fastlora.reports()) == expected
+    assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
