@@ -197,3 +197,27 @@ def test_gguf_refuses_other_architectures_before_writing(tmp_path):
     with pytest.raises(FastloraError, match="Llama-architecture models .* 'qwen2'"):
         export(tmp_path / "run", base=str(tmp_path / "base"), gguf_path=tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "run" / "merged").exists()
+
+
+def test_pre_tokenizer_names_llama_cpp_reads():
+    """gpt-2 for a plain byte-level BPE; llama-bpe for Llama 3's split pattern; nothing (llama.cpp
+    falls back to its default, with a note) for a split it would tokenize differently."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from fastlora.export import _pre_tokenizer_name
+
+    def spec(pre):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre
+        return json.loads(tok.to_str())
+
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    qwen2 = llama3.replace(r"\p{N}{1,3}", r"\p{N}")
+    split = lambda pattern: pre_tokenizers.Sequence([  # noqa: E731
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    assert _pre_tokenizer_name(spec(pre_tokenizers.ByteLevel(add_prefix_space=False))) == "gpt-2"
+    assert _pre_tokenizer_name(spec(split(llama3))) == "llama-bpe"
+    assert _pre_tokenizer_name(spec(split(qwen2))) is None
+    assert _pre_tokenizer_name(spec(pre_tokenizers.Whitespace())) is None

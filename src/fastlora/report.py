@@ -10,6 +10,7 @@ import collections
 import json
 import logging
 import re
+import weakref
 
 import torch
 from torch import fx
@@ -65,7 +66,7 @@ class Report:
         self.near_misses: list[dict] = []
         self.errors: list[str] = []
         self.fallback: str | None = None  # set when the graph was compiled unrewritten
-        self._model_params: set[int] = set()
+        self._model_params: dict = {}  # id -> weakref of each parameter the graph takes
 
     def add_match(self, match) -> None:
         out = match.outputs[0]
@@ -149,7 +150,9 @@ _ALL: list[Report] = []
 
 
 def publish(report: Report, example_inputs, print_it: bool) -> None:
-    report._model_params = {id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter)}
+    # Weak references, not bare ids: a freed model's ids get reused by later parameters.
+    report._model_params = {id(t): weakref.ref(t) for t in example_inputs
+                            if isinstance(t, torch.nn.Parameter)}
     _ALL.append(report)
     log.info("%s", report)
     try:
@@ -175,8 +178,9 @@ def reports(model: torch.nn.Module | None = None) -> Reports:
     if model is None:
         return Reports(_ALL)
     model = getattr(model, "_orig_mod", model)
-    ids = {id(p) for p in model.parameters()}
-    return Reports(r for r in _ALL if r._model_params & ids)
+    params = {id(p): p for p in model.parameters()}
+    return Reports(r for r in _ALL
+                   if any(ref() is params[i] for i, ref in r._model_params.items() if i in params))
 
 
 def clear_reports() -> None:
