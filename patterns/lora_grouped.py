@@ -1,5 +1,10 @@
 """Grouped LoRA projections that share one input.
 
+``lora_qkv``: the q, k and v projections of attention, all three LoRA'd, reading the same
+hidden states. Becomes ``torch.ops.fastlora.lora_qkv``: one pass over x for the three adapters'
+rank-r products, and one dx buffer (cuBLAS accumulates the three g @ W, one Triton pass adds the
+adapters' part and computes the three dA) where the unfused graph makes three and adds them.
+
 ``lora_mlp``: the gated MLP of Llama/Mistral/Qwen (SwiGLU) and Gemma (GeGLU, tanh or exact GELU)
 with LoRA on both gate_proj and up_proj, ``act(gate_proj(x)) * up_proj(x)`` with each projection
 spelled as peft writes it (patterns/lora_linear.py). Becomes ``torch.ops.fastlora.lora_mlp``
@@ -162,5 +167,105 @@ register_pattern(Pattern(
     replacement=replacement_mlp,
     priority=30,
     description="gated MLP (SwiGLU / GeGLU) with LoRA on gate_proj and up_proj, one fused op",
+    builtin=True,
+))
+
+
+# ---------------------------------------------------------------- lora_qkv
+
+
+def qkv_lora(x: T, q_weight: T, q_bias, q_lora_A: T, q_lora_B: T, q_scale: float, k_weight: T,
+             k_bias, k_lora_A: T, k_lora_B: T, k_scale: float, v_weight: T, v_bias, v_lora_A: T,
+             v_lora_B: T, v_scale: float):
+    return (_branch(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale),
+            _branch(x, k_weight, k_bias, k_lora_A, k_lora_B, k_scale),
+            _branch(x, v_weight, v_bias, v_lora_A, v_lora_B, v_scale))
+
+
+def qkv_lora_dropout(x: T, q_weight: T, q_bias, q_lora_A: T, q_lora_B: T, q_scale: float,
+                     k_weight: T, k_bias, k_lora_A: T, k_lora_B: T, k_scale: float, v_weight: T,
+                     v_bias, v_lora_A: T, v_lora_B: T, v_scale: float, q_p: float,
+                     q_training: bool, k_p: float, k_training: bool, v_p: float,
+                     v_training: bool):
+    return (_branch(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, q_p, q_training),
+            _branch(x, k_weight, k_bias, k_lora_A, k_lora_B, k_scale, k_p, k_training),
+            _branch(x, v_weight, v_bias, v_lora_A, v_lora_B, v_scale, v_p, v_training))
+
+
+def qkv_lora_autocast(x: T, q_weight: T, q_bias, q_lora_A: T, q_lora_B: T, q_scale: float,
+                      k_weight: T, k_bias, k_lora_A: T, k_lora_B: T, k_scale: float, v_weight: T,
+                      v_bias, v_lora_A: T, v_lora_B: T, v_scale: float):
+    return (_branch(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, cast=False),
+            _branch(x, k_weight, k_bias, k_lora_A, k_lora_B, k_scale, cast=False),
+            _branch(x, v_weight, v_bias, v_lora_A, v_lora_B, v_scale, cast=False))
+
+
+def qkv_lora_dropout_autocast(x: T, q_weight: T, q_bias, q_lora_A: T, q_lora_B: T,
+                              q_scale: float, k_weight: T, k_bias, k_lora_A: T, k_lora_B: T,
+                              k_scale: float, v_weight: T, v_bias, v_lora_A: T, v_lora_B: T,
+                              v_scale: float, q_p: float, q_training: bool, k_p: float,
+                              k_training: bool, v_p: float, v_training: bool):
+    return (_branch(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, q_p, q_training, False),
+            _branch(x, k_weight, k_bias, k_lora_A, k_lora_B, k_scale, k_p, k_training, False),
+            _branch(x, v_weight, v_bias, v_lora_A, v_lora_B, v_scale, v_p, v_training, False))
+
+
+QKV_NAMES = ("x",) + tuple(f"{b}_{n}" for b in "qkv"
+                           for n in ("weight", "bias", "lora_A", "lora_B"))
+
+
+def check_qkv(m):
+    x = m.value("x")
+    casts, drops = set(), set()
+    for br in ("q_", "k_", "v_"):
+        w, a, b = m.value(br + "weight"), m.value(br + "lora_A"), m.value(br + "lora_B")
+        if w.dim() != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] \
+                or b.shape != (w.shape[0], a.shape[0]) or w.shape[1] != x.shape[-1]:
+            raise Reject(f"{br}adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit "
+                         f"the base weight {tuple(w.shape)}")
+        if w.requires_grad:
+            raise Reject("a base weight is trainable; the grouped op keeps them frozen")
+        casts.add(adapter_dtypes(m, br, linear_of(m, "weight", br)))
+        drops.add(dropout_of(m, br))
+    bases = [linear_of(m, "weight", br) for br in ("q_", "k_", "v_")]
+    order = {n: i for i, n in enumerate(bases[0].graph.nodes)}
+    if not order[bases[0]] < order[bases[1]] < order[bases[2]]:
+        # the partner search may pair the branches in any order; take them in program order
+        # so that dropout slot j is always the j-th projection the model computes
+        raise Reject("branches matched out of program order (another pairing is tried)")
+    if len(drops) != 1:
+        raise Reject(f"the q, k, v adapters have different dropout {sorted(drops)}")
+    if len(casts) != 1:
+        raise Reject("q, k and v ran in different autocast dtypes")
+    if len({m.value(f"{br}_lora_A").dtype for br in "qkv"}) != 1:
+        raise Reject("the q, k, v adapters are stored in different dtypes")
+    dtypes = {m.output_value(i).dtype for i in range(3)}
+    if len(dtypes) != 1:
+        raise Reject(f"q, k and v come out in different dtypes {sorted(map(str, dtypes))}")
+    cast_to = casts.pop()
+    return {"out_dtype": dtypes.pop(), "cast_to": cast_to, "dropout": drops.pop(),
+            "autocast_inputs": autocast_inputs(m, cast_to, QKV_NAMES)}
+
+
+def replacement_qkv(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, k_weight, k_bias,
+                    k_lora_A, k_lora_B, k_scale, v_weight, v_bias, v_lora_A, v_lora_B, v_scale,
+                    out_dtype, cast_to=None, dropout=0.0, autocast_inputs=(), **_dropout_literals):
+    t = dict(x=x, q_weight=q_weight, q_bias=q_bias, q_lora_A=q_lora_A, q_lora_B=q_lora_B,
+             k_weight=k_weight, k_bias=k_bias, k_lora_A=k_lora_A, k_lora_B=k_lora_B,
+             v_weight=v_weight, v_bias=v_bias, v_lora_A=v_lora_A, v_lora_B=v_lora_B)
+    t = {k: cast(v, cast_to) if k in autocast_inputs else v for k, v in t.items()}
+    seed = make_seed(dropout, t["q_lora_A"])
+    out = torch.ops.fastlora.lora_qkv(*(t[n] for n in QKV_NAMES), seed, q_scale, k_scale,
+                                      v_scale, dropout, out_dtype)
+    return out[0], out[1], out[2]
+
+
+register_pattern(Pattern(
+    name="lora_qkv",
+    spellings=[qkv_lora, qkv_lora_dropout, qkv_lora_autocast, qkv_lora_dropout_autocast],
+    check=check_qkv,
+    replacement=replacement_qkv,
+    priority=20,
+    description="q, k, v projections all LoRA'd on one input, one fused op",
     builtin=True,
 ))

@@ -150,7 +150,8 @@ class _SharedSeed:
 
 
 class GroupSeededDropout(nn.Module):
-    """Eager twin of lora_mlp's dropout: gate (slot 0) draws the seed, up (slot 1) reuses it."""
+    """Eager twin of a grouped op's dropout: the first adapter (slot 0) draws the seed, the
+    others (slots 1, 2) reuse it."""
 
     def __init__(self, p, slot, shared):
         super().__init__()
@@ -208,6 +209,96 @@ def test_unequal_dropout_falls_back_to_single_adapters():
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear": 2}
     assert sorted(m["params"]["dropout"] for m in report.matches) == [0.1, 0.2]
+
+
+# ---------------------------------------------------------------- lora_qkv
+
+ALL = ("lora_linear", "lora_mlp", "lora_qkv")
+
+
+@pytest.mark.parametrize("p,dtype", [(0.0, torch.float32), (0.2, torch.float32),
+                                     (0.1, torch.bfloat16)])
+def test_lora_qkv_op_matches_float64(p, dtype):
+    M, Kd, ns, rs, sc = 37, 40, (40, 20, 20), (8, 4, 1), (0.5, 1.0, 2.0)
+    x = torch.randn(M, Kd, dtype=dtype, requires_grad=True)
+    ws = [torch.randn(n, Kd, dtype=dtype) / 6 for n in ns]
+    bs = [torch.randn(n, dtype=dtype, requires_grad=True) for n in ns]
+    As = [(torch.randn(r, Kd) / 6).requires_grad_() for r in rs]
+    Bs = [torch.randn(n, r).requires_grad_() for n, r in zip(ns, rs)]
+    args = [x] + [t for j in range(3) for t in (ws[j], bs[j], As[j], Bs[j])]
+    outs = torch.ops.fastlora.lora_qkv(*args, torch.tensor([3]), *sc, p, dtype)
+    gs = [torch.randn_like(o) for o in outs[:3]]
+    torch.autograd.backward(outs[:3], gs)
+    X = x.detach().double().requires_grad_()
+    P = [t.detach().double().requires_grad_() for t in bs + As + Bs]
+    refs = []
+    for j in range(3):
+        keep = (K.keep_mask_reference(3, M, Kd, j, p) if p
+                else torch.ones(M, Kd, dtype=torch.bool))
+        refs.append(X @ ws[j].double().T + P[j]
+                    + sc[j] * ((X * keep / (1 - p)) @ P[3 + j].T) @ P[6 + j].T)
+    grads = torch.autograd.grad(refs, [X] + P, [g.double() for g in gs])
+    for o, r in zip(outs, refs):
+        assert o.dtype == dtype and rel_err(o, r) < TOL[dtype]
+    for got, want in zip([x.grad] + [t.grad for t in bs + As + Bs], grads):
+        assert rel_err(got, want) < TOL[dtype]
+
+
+def test_lora_qkv_opcheck():
+    q = (torch.randn(24, 16), None, torch.randn(4, 16, requires_grad=True),
+         torch.randn(24, 4, requires_grad=True))
+    kv = (torch.randn(8, 16), torch.randn(8), torch.randn(2, 16, requires_grad=True),
+          torch.randn(8, 2, requires_grad=True))
+    torch.library.opcheck(torch.ops.fastlora.lora_qkv.default,
+                          (torch.randn(2, 3, 16), *q, *kv, *kv, None, 2.0, 2.0, 1.0, 0.0,
+                           torch.float32))
+
+
+def test_llama_qkv_with_bias_fp32_exact():
+    model = with_lora(tiny_llama(layers=2, attention_bias=True))
+    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs(), patterns=ALL)
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_qkv": 2, "lora_mlp": 2, "lora_linear": 4}  # o, down
+    assert err_c <= max(1e-5, 1.5 * err_e), (err_e, err_c)
+
+
+def test_llama_qkv_bf16_base_fp32_adapters():
+    model32 = with_lora(tiny_llama(layers=1))
+    err_e, err_c = errors_vs(model32, _mixed(copy.deepcopy(model32)), _inputs(), patterns=ALL)
+    assert fastlora.last_report().counts() == {"lora_qkv": 1, "lora_mlp": 1, "lora_linear": 2}
+    assert err_c <= 1.5 * err_e + 1e-3, (err_e, err_c)
+
+
+def test_qkv_needs_all_three_adapted():
+    model = with_lora(tiny_llama(layers=1), targets=["q_proj", "v_proj"])  # peft's default
+    err_e, err_c = errors_vs(copy.deepcopy(model).double(), model, _inputs(), patterns=ALL)
+    assert fastlora.last_report().counts() == {"lora_linear": 2}
+    assert err_c <= max(1e-5, 1.5 * err_e), (err_e, err_c)
+
+
+def test_qkv_dropout_seeded_twin():
+    from test_lora_linear import SeededDropout
+    p = 0.2
+    model = with_lora(tiny_llama(layers=1), dropout=p, targets=["q_proj", "k_proj", "v_proj",
+                                                               "o_proj"])
+    twin = copy.deepcopy(model)
+    shared = _SharedSeed()
+    slots = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+    for name, module in twin.named_modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            slot = slots.get(name.rsplit(".", 1)[-1])
+            module.lora_dropout["default"] = (SeededDropout(p) if slot is None
+                                              else GroupSeededDropout(p, slot, shared))
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora(*ALL))
+    inputs = _inputs()
+    torch.manual_seed(6)
+    loss_c, grads_c = run_step(compiled, inputs, compiled_model)
+    assert fastlora.last_report().counts() == {"lora_qkv": 1, "lora_linear": 1}
+    torch.manual_seed(6)
+    loss_t, grads_t = run_step(twin, inputs)
+    assert rel_err(loss_c, loss_t) < 1e-6
+    assert max(rel_err(grads_c[n], g) for n, g in grads_t.items()) < 1e-5
 
 
 # ---------------------------------------------------------------- GPU

@@ -391,11 +391,12 @@ def test_cuda_tiny_llama_compiled_vs_eager(compiler):
     model32 = with_lora(tiny_llama(layers=2)).cuda()
     ids = torch.randint(0, 97, (2, 33), device="cuda")
     inputs = {"input_ids": ids, "labels": ids}
-    both = ("lora_linear", "lora_mlp")
+    both = ("lora_linear", "lora_mlp", "lora_qkv")
     err_e, err_c = errors_vs(copy.deepcopy(model32).double(), model32, inputs,
                              options={"compiler": compiler}, patterns=both)
     counts = fastlora.last_report().counts()
-    assert counts.get("lora_linear", 0) + 2 * counts.get("lora_mlp", 0) == 14
+    assert counts.get("lora_linear", 0) + 2 * counts.get("lora_mlp", 0) \
+        + 3 * counts.get("lora_qkv", 0) == 14 and counts.get("lora_qkv") == 2, counts
     assert err_c <= max(1e-5, 1.5 * err_e), (err_e, err_c)
     err_e, err_c = errors_vs(model32, _mixed(copy.deepcopy(model32)), inputs,
                              options={"compiler": compiler}, patterns=both)

@@ -3,7 +3,8 @@ float32 adapters (what peft gives a bf16 model), vs peft's eager spelling and in
 for it. ``python benchmarks/kernels.py --ops lora``.
 
 Rows: every LoRA'd linear of a Llama-3.2-1B layer (hidden 2048, ffn 8192) and a Llama-3-8B layer
-(hidden 4096, ffn 14336), the gate/up + SwiGLU block as one ``lora_mlp``, and the 4-bit (NF4,
+(hidden 4096, ffn 14336), the gate/up + SwiGLU block as one ``lora_mlp``, q/k/v as one
+``lora_qkv``, and the 4-bit (NF4,
 double quant) base of QLoRA when bitsandbytes is importable. TFLOP/s count the matmul FLOPs the
 op must do (base + adapter; backward: dx and the adapter gradients, no dW).
 """
@@ -34,6 +35,18 @@ def peft_mlp(x, wg, ag, bg, wu, au, bu):
 def fused_mlp(x, wg, ag, bg, wu, au, bu):
     return torch.ops.fastlora.lora_mlp(x, wg, None, ag, bg, wu, None, au, bu, None, SCALE, SCALE,
                                        0.0, "silu", x.dtype)[0]
+
+
+# The runner differentiates one output: q, k, v are concatenated (the same copy in both rows).
+def peft_qkv(x, wq, aq, bq, wk, ak, bk, wv, av, bv):
+    return torch.cat([peft_lora(x, wq, aq, bq), peft_lora(x, wk, ak, bk),
+                      peft_lora(x, wv, av, bv)], -1)
+
+
+def fused_qkv(x, wq, aq, bq, wk, ak, bk, wv, av, bv):
+    return torch.cat(torch.ops.fastlora.lora_qkv(x, wq, None, aq, bq, wk, None, ak, bk, wv, None,
+                                                 av, bv, None, SCALE, SCALE, SCALE, 0.0,
+                                                 x.dtype)[:3], -1)
 
 
 def _adapter(k, n):
@@ -68,6 +81,20 @@ def _mlp_case(name, k, f, dtype):
                 flops_bwd=2 * (2 * m * k * f + 4 * m * RANK * (k + f)))
 
 
+def _qkv_case(name, k, kv, dtype):
+    def make(k=k, kv=kv):
+        x = torch.randn(TOKENS, k, device="cuda", dtype=dtype, requires_grad=True)
+        out = {"x": x}
+        for p, n in (("q", k), ("k", kv), ("v", kv)):
+            out["w" + p] = torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5
+            out["a" + p], out["b" + p] = _adapter(k, n)
+        return out
+    m, n = TOKENS, k + 2 * kv
+    return Case("lora_qkv", f"{name} {m}x{k}->{k}+2x{kv}", make, peft_qkv, fused_qkv,
+                flops_fwd=2 * m * k * n + 2 * m * RANK * (3 * k + n),
+                flops_bwd=2 * m * k * n + 4 * m * RANK * (3 * k + n))
+
+
 def _qlora_case(name, k, n, dtype):
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
@@ -100,7 +127,8 @@ def cases(dtype=torch.bfloat16):
         out += [_linear_case(f"{name} q/o", hidden, hidden, dtype),
                 _linear_case(f"{name} gate/up", hidden, ffn, dtype),
                 _linear_case(f"{name} down", ffn, hidden, dtype),
-                _mlp_case(name, hidden, ffn, dtype)]
+                _mlp_case(name, hidden, ffn, dtype),
+                _qkv_case(name, hidden, hidden // 4, dtype)]  # 32 query, 8 kv heads
     try:
         import bitsandbytes  # noqa: F401
         out += [_qlora_case("8B gate/up", 4096, 14336, dtype),
