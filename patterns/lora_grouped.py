@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fastlora.pattern import Pattern, Reject, register_pattern
 from fastlora.patterns.lora_linear import (adapter_dtypes, autocast_inputs, cast, dropout_of,
-                                           linear_of, make_seed)
+                                           linear_of, make_seed, tidy)
 
 
 def _branch(x, weight, bias, lora_A, lora_B, scale, p=None, training=None, cast=True):
@@ -142,8 +142,9 @@ def check_mlp(m):
     else:
         activation = "silu"
     cast_to = casts.pop()
-    return {"activation": activation, "out_dtype": m.output_value().dtype, "cast_to": cast_to,
-            "dropout": drops.pop(), "autocast_inputs": autocast_inputs(m, cast_to, NAMES)}
+    return tidy({"activation": activation, "out_dtype": m.output_value().dtype,
+                 "cast_to": cast_to, "dropout": drops.pop(),
+                 "autocast_inputs": autocast_inputs(m, cast_to, NAMES)})
 
 
 def replacement_mlp(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, u_weight, u_bias, u_lora_A,
@@ -243,8 +244,8 @@ def check_qkv(m):
     if len(dtypes) != 1:
         raise Reject(f"q, k and v come out in different dtypes {sorted(map(str, dtypes))}")
     cast_to = casts.pop()
-    return {"out_dtype": dtypes.pop(), "cast_to": cast_to, "dropout": drops.pop(),
-            "autocast_inputs": autocast_inputs(m, cast_to, QKV_NAMES)}
+    return tidy({"out_dtype": dtypes.pop(), "cast_to": cast_to, "dropout": drops.pop(),
+                 "autocast_inputs": autocast_inputs(m, cast_to, QKV_NAMES)})
 
 
 def replacement_qkv(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, k_weight, k_bias,

@@ -159,6 +159,14 @@ def autocast_inputs(m, cast_to, names) -> list:
             and m.value(n).dtype != cast_to]
 
 
+def tidy(params: dict) -> dict:
+    """Drop the autocast entries when there was no autocast (they would only clutter the report)."""
+    if params.get("cast_to") is None:
+        params.pop("cast_to", None)
+        params.pop("autocast_inputs", None)
+    return params
+
+
 def cast(t, dtype):
     """A dtype cast the rewriter can record (a function call, not a Tensor method)."""
     return torch.ops.aten._to_copy.default(t, dtype=dtype)
@@ -237,8 +245,8 @@ def check(m):
     cast_to = adapter_dtypes(m, base_linear=base_linear)
     p = dropout_of(m)
     names = ("x", "weight", "bias", "lora_A", "lora_B")
-    return {"out_dtype": m.output_value().dtype, "cast_to": cast_to, "dropout": p,
-            "autocast_inputs": autocast_inputs(m, cast_to, names)}
+    return tidy({"out_dtype": m.output_value().dtype, "cast_to": cast_to, "dropout": p,
+                 "autocast_inputs": autocast_inputs(m, cast_to, names)})
 
 
 def replacement(x, lora_A, lora_B, scale, weight=None, bias=None, base=None, p=0.0,
