@@ -265,8 +265,8 @@ def test_cuda_8bit_falls_back_to_adapter_fusion():
     ids = torch.randint(0, 97, (2, 33), device="cuda")
     compiled = torch.compile(copy.deepcopy(model), backend="fastlora", options=only_lora())
     loss_c = compiled(input_ids=ids, labels=ids).loss
-    report = fastlora.last_report()
-    assert report.counts().get("lora_linear", 0) == 14
+    counts = fastlora.reports(compiled).counts()  # all graphs, should bitsandbytes break one
+    assert counts.get("lora_linear", 0) == 14, counts
     assert rel_err(loss_c, model(input_ids=ids, labels=ids).loss) < 1e-2
 
 
