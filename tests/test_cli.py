@@ -121,6 +121,16 @@ def test_unsupported_model_type(tmp_path, capsys, kind, phrase):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
+def test_train_without_trl_says_which_extra(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "trl" else real(name, *a))
+    code, _, err = _main(["train", "--output-dir", str(tmp_path / "o")], capsys)
+    assert code == 2
+    _assert_one_paragraph(err, "needs trl, which is not installed", "fastlora[train]")
+
+
 def test_four_bit_without_bitsandbytes(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
     code, _, err = _main(["train", "--load-in-4bit", "--output-dir", str(tmp_path / "o")], capsys)

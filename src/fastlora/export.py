@@ -114,6 +114,12 @@ def export(adapter_dir, out=None, base: str | None = None, dtype: str = "bf16",
     if gguf_path:
         gguf_path = pathlib.Path(gguf_path)
         _fresh(gguf_path, overwrite)
+        try:
+            import gguf  # noqa: F401
+        except ImportError as e:
+            raise FastloraError("--gguf needs the gguf package, which is not installed.",
+                                "Install it with pip install 'fastlora[export]', or export "
+                                "without --gguf.") from e
     model, tokenizer, base_path = merge(adapter_dir, base, dtype)
     if gguf_path:
         check_gguf_support(model.config)  # before writing anything

@@ -322,6 +322,7 @@ def train(cfg: TrainConfig, stream=None) -> dict:
 
     stream = stream or sys.stdout
     say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731
+    _require("trl", "datasets", extra="train")
     out = _output_dir(cfg)
     rows, fmt = load_jsonl(cfg.dataset or embedded.DATASET)
     device = _device()
@@ -393,6 +394,16 @@ def train(cfg: TrainConfig, stream=None) -> dict:
     say(f"saved    LoRA adapter in {out}")
     say(f"next     fastlora export {out} --gguf {out}/model.gguf")
     return summary
+
+
+def _require(*modules: str, extra: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise FastloraError(f"This command needs {', '.join(missing)}, which "
+                            f"{'is' if len(missing) == 1 else 'are'} not installed.",
+                            f"Install them with pip install 'fastlora[{extra}]'.")
 
 
 def dtype_name(dtype) -> str:
