@@ -124,8 +124,6 @@ def test_varying_lengths_compile_at_most_twice(tmp_path):
     fastlora.clear_reports()
     model = _model()
     fastlora.compile_for_trainer(model, **OPTIONS)
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
     tokenizer = embedded.load_tokenizer()
     lengths = {len(tokenizer.apply_chat_template(r["prompt"] + r["completion"])["input_ids"])
                for r in rows}
