@@ -36,7 +36,7 @@ def _inputs(shape, dtype, scale=3.0):
 
 
 def run(kind, impl, gate, up, dy):
-    nan = lambda t: torch.full(t.shape, float("nan"), dtype=t.dtype)
+    nan = lambda t: torch.full(t.shape, float("nan"), dtype=t.dtype, device=t.device)
     if kind == "silu":
         if impl == "triton":
             y = S.swiglu_forward_triton(gate, up, y=nan(gate))
