@@ -106,10 +106,12 @@ NAMES = ("x", "g_weight", "g_bias", "g_lora_A", "g_lora_B", "u_weight", "u_bias"
          "u_lora_B")
 
 
-def check_mlp(m):
+def _check_branches(m, branches):
+    """Shapes, frozen base weights, adapter casts and dropout of each branch sharing x; returns
+    the sets of adapter cast settings and of dropout settings met (one of each is required)."""
     x = m.value("x")
     casts, drops = set(), set()
-    for br in ("g_", "u_"):
+    for br in branches:
         w, a, b = m.value(br + "weight"), m.value(br + "lora_A"), m.value(br + "lora_B")
         if w.dim() != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] \
                 or b.shape != (w.shape[0], a.shape[0]) or w.shape[1] != x.shape[-1]:
@@ -119,6 +121,11 @@ def check_mlp(m):
             raise Reject("a base weight is trainable; the grouped op keeps them frozen")
         casts.add(adapter_dtypes(m, br, linear_of(m, "weight", br)))
         drops.add(dropout_of(m, br))
+    return casts, drops
+
+
+def check_mlp(m):
+    casts, drops = _check_branches(m, ("g_", "u_"))
     if m.value("g_weight").shape != m.value("u_weight").shape:
         raise Reject("gate_proj and up_proj have different shapes")
     if len(drops) != 1:
@@ -216,18 +223,7 @@ QKV_NAMES = ("x",) + tuple(f"{b}_{n}" for b in "qkv"
 
 
 def check_qkv(m):
-    x = m.value("x")
-    casts, drops = set(), set()
-    for br in ("q_", "k_", "v_"):
-        w, a, b = m.value(br + "weight"), m.value(br + "lora_A"), m.value(br + "lora_B")
-        if w.dim() != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] \
-                or b.shape != (w.shape[0], a.shape[0]) or w.shape[1] != x.shape[-1]:
-            raise Reject(f"{br}adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit "
-                         f"the base weight {tuple(w.shape)}")
-        if w.requires_grad:
-            raise Reject("a base weight is trainable; the grouped op keeps them frozen")
-        casts.add(adapter_dtypes(m, br, linear_of(m, "weight", br)))
-        drops.add(dropout_of(m, br))
+    casts, drops = _check_branches(m, ("q_", "k_", "v_"))
     bases = [linear_of(m, "weight", br) for br in ("q_", "k_", "v_")]
     order = {n: i for i, n in enumerate(bases[0].graph.nodes)}
     if not order[bases[0]] < order[bases[1]] < order[bases[2]]:
