@@ -36,6 +36,22 @@ def _bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _gpu_ms(fn, calls: int = 10) -> float:
+    """GPU kernel time per call (ms): the device time of every kernel fn launches, from
+    torch.profiler, without the Python dispatch and launch gaps that _bench includes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages()
+                   if e.device_type == DeviceType.CUDA)
+    return total_us / calls / 1000
+
+
 def _tensors(inputs):
     return [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
 
@@ -44,15 +60,16 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def time_impl(case, fn):
+def time_impl(case, fn, timer=None):
+    timer = timer or _bench
     inputs = case.make()
-    fwd = _bench(lambda: fn(**inputs))
+    fwd = timer(lambda: fn(**inputs))
     bwd = None
     if case.backward and _tensors(inputs):
         out = _first(fn(**inputs))
         grad = torch.randn_like(out)
         leaves = _tensors(inputs)
-        bwd = _bench(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
+        bwd = timer(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
     return fwd, bwd
 
 
@@ -72,6 +89,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--ops", default="", help="comma-separated op names (default: all)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--gpu-time", action="store_true",
+                    help="also report GPU kernel time per call (torch.profiler), no dispatch")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     import fastlora  # noqa: F401  (registers torch.ops.fastlora.*)
@@ -96,6 +115,8 @@ def main(argv=None):
                     continue
                 row = {"op": case.op, "shape": case.shape, "impl": name,
                        "fwd_ms": fwd, "bwd_ms": bwd}
+                if args.gpu_time:  # kernel time alone, next to the dispatch-inclusive time
+                    row["fwd_gpu_ms"], row["bwd_gpu_ms"] = time_impl(case, fn, _gpu_ms)
                 for d, ms in (("fwd", fwd), ("bwd", bwd)):
                     r, frac = rate(case, ms, d)
                     row[f"{d}_rate"], row[f"{d}_of_peak"] = r, frac
@@ -107,7 +128,7 @@ def main(argv=None):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     keys = ["op", "shape", "impl", "fwd_ms", "fwd_rate", "fwd_of_peak", "bwd_ms", "bwd_rate",
-            "bwd_of_peak", "error"]
+            "bwd_of_peak", "fwd_gpu_ms", "bwd_gpu_ms", "error"]
     with open(out / "kernels.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -120,14 +141,15 @@ def format_table(rows):
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
     lines = [f"{'op':<22}{'shape':<22}{'impl':<10}{'fwd ms':>9}{'fwd rate':>16}{'%peak':>7}"
-             f"{'bwd ms':>9}{'bwd rate':>16}{'%peak':>7}"]
+             f"{'bwd ms':>9}{'bwd rate':>16}{'%peak':>7}{'gpu fwd/bwd ms':>18}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['op']:<22}{r['shape']:<22}{r['impl']:<10}  ERROR {r['error']}")
             continue
         lines.append(f"{r['op']:<22}{r['shape']:<22}{r['impl']:<10}{fmt(r['fwd_ms']):>9}"
                      f"{fmt(r['fwd_rate']):>16}{pct(r['fwd_of_peak']):>7}{fmt(r['bwd_ms']):>9}"
-                     f"{fmt(r['bwd_rate']):>16}{pct(r['bwd_of_peak']):>7}")
+                     f"{fmt(r['bwd_rate']):>16}{pct(r['bwd_of_peak']):>7}"
+                     f"{fmt(r.get('fwd_gpu_ms')) + ' / ' + fmt(r.get('bwd_gpu_ms')):>18}")
     return "\n".join(lines)
 
 

@@ -58,7 +58,11 @@ def test_lora_mlp_op_matches_float64(activation, p, dtype):
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
-def test_glu_kernels_write_every_element(impl):
+@pytest.mark.parametrize("split", [False, True])
+def test_glu_kernels_write_every_element(impl, split, monkeypatch):
+    if split:  # several column splits of 32: the partial-sum path of large shapes
+        monkeypatch.setattr(K, "TUNE", {"glu_bwd": {"block_m": 32, "block_n": 32, "warps": 4,
+                                                    "per_sm": 8}})
     M, N, rg, ru = 37, 72, 4, 8
     bg, bu = torch.randn(M, N, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
     xa, wg, wu = torch.randn(M, rg + ru), torch.randn(N, rg), torch.randn(N, ru)

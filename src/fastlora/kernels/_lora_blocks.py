@@ -21,10 +21,21 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, _sm_count
+from ._lora_reference import (_inv_keep, keep_mask_reference, lora_down_reference,  # noqa: F401
+                              lora_grad_b_reference, lora_grad_down_reference,
+                              lora_grad_x_reference, lora_up_reference, philox_reference,
+                              threshold_of)
 
 PRECISION = "tf32x3"  # dot precision for float32 operands on the GPU ("ieee" to compare)
-_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
-_MASK32 = 0xFFFFFFFF
+
+# Launch configurations (block sizes, warps, programs per SM) picked by benchmarks/tune_lora.py
+# on the H200. ``TUNE[kernel]`` overrides a kernel's defaults (the tuning script sets it).
+TUNE: dict[str, dict] = {}
+
+
+def config(kernel: str, **defaults) -> dict:
+    return {**defaults, **TUNE.get(kernel, {})}
+
 
 if HAVE_TRITON:
     import triton
@@ -78,20 +89,25 @@ if HAVE_TRITON:
 
     @triton.jit
     def _lora_down_kernel(X, A, XA, SEED, OFFS, M, K, R, stride_x, stride_a, stride_xa,
-                          threshold, inv_keep, G: tl.constexpr, DROPOUT: tl.constexpr,
-                          MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
-        """xa = (x * m_j) @ A^T / (1 - p) for row block; adapter j owns ranks OFFS[j]..OFFS[j+1]."""
+                          split_stride, k_per_split, threshold, inv_keep, G: tl.constexpr,
+                          DROPOUT: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        """xa = (x * m_j) @ A^T / (1 - p) for one row block over one split of K (split s writes
+        XA + s * split_stride; the launcher sums the splits); adapter j owns ranks
+        OFFS[j]..OFFS[j+1]."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split = tl.program_id(1)
         rr = tl.arange(0, BLOCK_R)
         row_ok = rows < M
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         seed = 0
         if DROPOUT:
             seed = tl.load(SEED).to(tl.uint32)
-        for k0 in range(0, K, BLOCK_K):
+        k_start = split * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        for k0 in range(k_start, k_end, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
+            col_ok = cols < k_end
             x = tl.load(X + rows[:, None] * stride_x + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             at = tl.load(A + rr[None, :] * stride_a + cols[:, None],
@@ -106,7 +122,7 @@ if HAVE_TRITON:
                 acc = _dot(x, at, acc, MODE)
         if DROPOUT:
             acc = acc * inv_keep
-        tl.store(XA + rows[:, None] * stride_xa + rr[None, :], acc,
+        tl.store(XA + split * split_stride + rows[:, None] * stride_xa + rr[None, :], acc,
                  mask=row_ok[:, None] & (rr < R)[None, :])
 
     @triton.jit
@@ -225,48 +241,6 @@ if HAVE_TRITON:
                      mask=r_ok[:, None] & col_ok[None, :])
 
 
-# ---------------------------------------------------------------- dropout mask (shared spec)
-
-
-def threshold_of(p: float) -> int:
-    """Keep an element when the top 24 bits of its random word are >= this."""
-    return min(1 << 24, int(round(p * (1 << 24))))
-
-
-def _inv_keep(p: float) -> float:
-    return 1.0 / (1.0 - p) if p > 0 else 1.0
-
-
-def _mulhilo(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
-    """(high, low) 32-bit words of a * b for int64 tensors holding uint32 values."""
-    t1, t2 = a * (b >> 16), a * (b & 0xFFFF)
-    low = ((t1 & 0xFFFF) << 16) + t2
-    return ((t1 >> 16) + (low >> 32)) & _MASK32, low & _MASK32
-
-
-def philox_reference(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, key: int):
-    """Philox4x32-10 in PyTorch (int64 tensors holding uint32), the same words as ``_philox``."""
-    k0, k1 = key & _MASK32, 0
-    for _ in range(10):
-        hi0, lo0 = _mulhilo(c0, _M0)
-        hi1, lo1 = _mulhilo(c2, _M1)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
-    return c0, c1, c2, c3
-
-
-def keep_mask_reference(seed: int, rows: int, cols: int, slot: int, p: float,
-                        device=None) -> Tensor:
-    """The dropout keep-mask (bool [rows, cols]) the kernels use for ``seed`` and adapter slot."""
-    q = torch.arange((cols + 3) // 4, dtype=torch.int64, device=device)
-    r = torch.arange(rows, dtype=torch.int64, device=device)
-    c0 = q[None, :].expand(rows, -1)
-    c1 = (r[:, None] & _MASK32).expand(-1, q.numel())
-    words = philox_reference(c0, c1, torch.full_like(c0, slot), torch.zeros_like(c0), seed)
-    u = torch.stack(words, dim=-1).reshape(rows, -1)[:, :cols]
-    return (u >> 8) >= threshold_of(p)
-
-
 # ---------------------------------------------------------------- launch configuration
 
 
@@ -291,14 +265,6 @@ def _sms(t: Tensor) -> int:
     return _sm_count(t.device.index or 0) if t.is_cuda else 2
 
 
-def _splits(t: Tensor, rows: int, block_m: int, blocks: int) -> int:
-    """Rows per split so that blocks x splits programs fill the GPU (2 per SM), a multiple of
-    block_m; fewer programs under the interpreter."""
-    want = max(1, triton.cdiv(2 * _sms(t), max(blocks, 1)))
-    splits = max(1, min(triton.cdiv(rows, block_m), want))
-    return triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
-
-
 _OFFSETS: dict = {}
 
 
@@ -321,23 +287,43 @@ def rows2d(t: Tensor) -> Tensor:
 # ---------------------------------------------------------------- launchers (Triton)
 
 
+def split_extent(extent: int, block: int, other_programs: int, per_sm: int, t: Tensor):
+    """(splits, extent per split): cut ``extent`` into block-aligned splits so that
+    other_programs x splits is about per_sm programs per SM (per_sm 0: one split)."""
+    if per_sm <= 0 or extent <= 0:
+        return 1, max(extent, 1)
+    want = triton.cdiv(per_sm * _sms(t), max(other_programs, 1))
+    splits = max(1, min(triton.cdiv(extent, block), want))
+    per = triton.cdiv(triton.cdiv(extent, splits), block) * block
+    return triton.cdiv(extent, per), per
+
+
 def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
     """xa [M, R] float32 = dropout(x) @ A_cat^T; ``ranks`` splits R between adapters that
-    share x (each gets its own mask, slot j)."""
+    share x (each gets its own mask, slot j). Long rows are split along K over several
+    programs (float32 partial sums, added in a fixed order)."""
     M, K = x2.shape
     R = a_cat.shape[0]
     ranks = ranks or [R]
     if xa is None:
         xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
-    br = _block_r(R)
-    bm, bk = (64 if M >= 64 * 2 * _sms(x2) else 32), (128 if x2.element_size() == 2 else 64)
-    if M:
-        _lora_down_kernel[(triton.cdiv(M, bm),)](
-            x2, a_cat, xa, seed if seed is not None else xa, _offsets(ranks, x2.device), M, K, R,
-            x2.stride(0), a_cat.stride(0), xa.stride(0), threshold_of(p), _inv_keep(p),
-            G=len(ranks), DROPOUT=p > 0, MODE=dot_mode(x2.device, x2.dtype, a_cat.dtype),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=4)
+    cfg = config("down", block_m=64 if M >= 64 * 2 * _sms(x2) else 32,
+                 block_k=128 if x2.element_size() == 2 else 64, warps=4, per_sm=0)
+    bm, bk = cfg["block_m"], cfg["block_k"]
+    if M == 0:
+        return xa
+    splits, per = split_extent(K, bk, triton.cdiv(M, bm), cfg["per_sm"], x2)
+    out = xa if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32,
+                                             device=x2.device)
+    _lora_down_kernel[(triton.cdiv(M, bm), splits)](
+        x2, a_cat, out, seed if seed is not None else xa, _offsets(ranks, x2.device), M, K, R,
+        x2.stride(0), a_cat.stride(0), xa.stride(0) if splits == 1 else R, M * R, per,
+        threshold_of(p), _inv_keep(p), G=len(ranks), DROPOUT=p > 0,
+        MODE=dot_mode(x2.device, x2.dtype, a_cat.dtype), BLOCK_M=bm, BLOCK_K=bk,
+        BLOCK_R=_block_r(R), num_warps=cfg["warps"])
+    if splits > 1:
+        torch.sum(out, 0, out=xa)
     return xa
 
 
@@ -345,13 +331,13 @@ def lora_up_triton(base2, xa, b, scale, out):
     """out [M, N] = cast(base + scale * xa @ B^T); ``out`` may be ``base2`` itself."""
     M, N = base2.shape
     R = b.shape[1]
-    bm, bn = 64, 128
+    cfg = config("up", block_m=64, block_n=128, warps=8)
+    bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
         _lora_up_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             base2, xa, b, out, M, N, R, base2.stride(0), xa.stride(0), b.stride(0), out.stride(0),
             scale, MODE=dot_mode(base2.device, torch.float32), FIX_BF16=fix_bf16(out),
-            BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_R=_block_r(R), num_warps=8)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_block_r(R), num_warps=cfg["warps"])
     return out
 
 
@@ -359,12 +345,14 @@ def lora_grad_down_triton(g2, b, scale, da):
     """da [M, r] (a float32 view, possibly a column slice) = scale * g @ B."""
     M, N = g2.shape
     R = b.shape[1]
-    bm = 64 if M >= 64 * 2 * _sms(g2) else 32
+    cfg = config("grad_down", block_m=64 if M >= 64 * 2 * _sms(g2) else 32, block_n=128,
+                 warps=4)
+    bm = cfg["block_m"]
     if M:
         _lora_grad_down_kernel[(triton.cdiv(M, bm),)](
             g2, b, da, M, N, R, g2.stride(0), b.stride(0), da.stride(0), scale,
-            MODE=dot_mode(g2.device, g2.dtype, b.dtype), BLOCK_M=bm, BLOCK_N=128,
-            BLOCK_R=_block_r(R), num_warps=4)
+            MODE=dot_mode(g2.device, g2.dtype, b.dtype), BLOCK_M=bm, BLOCK_N=cfg["block_n"],
+            BLOCK_R=_block_r(R), num_warps=cfg["warps"])
     return da
 
 
@@ -372,17 +360,17 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
     """dB [N, r] = scale * g^T @ xa (xa may be a column slice of a wider buffer)."""
     M, N = g2.shape
     R = xa.shape[1]
-    bm, bn = 64, 128
+    cfg = config("grad_b", block_m=64, block_n=128, warps=4, per_sm=2)
+    bm, bn = cfg["block_m"], cfg["block_n"]
     nb = triton.cdiv(N, bn)
-    per = _splits(g2, M, bm, nb)
-    splits = triton.cdiv(M, per) if M else 1
+    splits, per = split_extent(M, bm, nb, cfg["per_sm"], g2)
     alloc = torch.empty if M else torch.zeros  # every element written when M > 0
     part = alloc((splits, N, R), dtype=torch.float32, device=g2.device)
     if M and N:
         _lora_grad_b_kernel[(nb, splits)](
             g2, xa, part, M, N, R, g2.stride(0), xa.stride(0), per,
             MODE=dot_mode(g2.device, torch.float32), BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_R=_block_r(R), num_warps=4)
+            BLOCK_R=_block_r(R), num_warps=cfg["warps"])
     return (part.sum(0) * scale).to(out_dtype)
 
 
@@ -395,10 +383,11 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
     ranks = ranks or [R]
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
     br = _block_r(R)
-    bm, bk = 64, (64 if br >= 64 else 128)
+    cfg = config("grad_x", block_m=64, block_k=64 if br >= 64 else 128,
+                 warps=8 if br >= 64 else 4, per_sm=2)
+    bm, bk = cfg["block_m"], cfg["block_k"]
     nb = triton.cdiv(K, bk)
-    per = _splits(x2, M, bm, nb)
-    splits = triton.cdiv(M, per) if M else 1
+    splits, per = split_extent(M, bm, nb, cfg["per_sm"], x2)
     alloc = torch.empty if M else torch.zeros  # every element written when M > 0
     part = alloc((splits, R, K) if need_da else (1,), dtype=torch.float32, device=x2.device)
     if M and K and (dx is not None or need_da):
@@ -410,51 +399,7 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
             HAS_DX=dx is not None, ACCUMULATE=accumulate, HAS_DA=need_da,
             MODE=dot_mode(x2.device, torch.float32),
             FIX_BF16=dx is not None and fix_bf16(dx), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
-            num_warps=8 if br >= 64 else 4)
+            num_warps=cfg["warps"])
     return dx, (part.sum(0) if need_da else None)
 
 
-# ---------------------------------------------------------------- PyTorch reference (CPU kernel)
-
-
-def lora_down_reference(x2, a_cat, seed, p, ranks=None):
-    xf, af = x2.float(), a_cat.float()
-    if p == 0:
-        return xf @ af.T
-    M, K = x2.shape
-    parts, lo = [], 0
-    for j, r in enumerate(ranks or [a_cat.shape[0]]):
-        keep = keep_mask_reference(int(seed.reshape(-1)[0]), M, K, j, p, x2.device)
-        parts.append((xf * keep) @ af[lo:lo + r].T * _inv_keep(p))
-        lo += r
-    return torch.cat(parts, 1)
-
-
-def lora_up_reference(base2, xa, b, scale, out_dtype):
-    return (base2.float() + scale * (xa @ b.float().T)).to(out_dtype)
-
-
-def lora_grad_down_reference(g2, b, scale):
-    return scale * (g2.float() @ b.float())
-
-
-def lora_grad_b_reference(g2, xa, scale, out_dtype):
-    return (scale * (g2.float().T @ xa)).to(out_dtype)
-
-
-def lora_grad_x_reference(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_da=True,
-                          ranks=None):
-    """Returns (dx or None, dA_cat float32 or None); dx, when given, is replaced, not written."""
-    M, K = x2.shape
-    xf, af = x2.float(), a_cat.float()
-    dxl, da_parts, lo = torch.zeros(M, K, device=x2.device), [], 0
-    for j, r in enumerate(ranks or [a_cat.shape[0]]):
-        keep = (keep_mask_reference(int(seed.reshape(-1)[0]), M, K, j, p, x2.device) if p > 0
-                else torch.ones(M, K, dtype=torch.bool, device=x2.device))
-        dxl += (da[:, lo:lo + r] @ af[lo:lo + r]) * keep
-        da_parts.append(da[:, lo:lo + r].T @ (xf * keep))
-        lo += r
-    out = None
-    if dx is not None:
-        out = (dxl * _inv_keep(p) + (dx.float() if accumulate else 0)).to(dx.dtype)
-    return out, (torch.cat(da_parts, 0) * _inv_keep(p) if need_da else None)

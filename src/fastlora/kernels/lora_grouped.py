@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import HAVE_TRITON, check_float, require, use_triton
-from ._lora_blocks import (_sms, dot_mode, fix_bf16, lora_down_reference, lora_down_triton,
-                           lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
+from ._lora_blocks import (config, dot_mode, fix_bf16, lora_down_reference, lora_down_triton,
+                           split_extent, lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
                            lora_grad_x_reference, lora_grad_x_triton, lora_up_reference, rows2d)
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
@@ -95,21 +95,25 @@ if HAVE_TRITON:
                  mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _lora_glu_bwd_kernel(DH, BG, BU, XA, WBG, WBU, DG, DU, DA, M, N, RG, RU, stride_dh,
+    def _lora_glu_bwd_kernel(DH, BG, BU, XA, WBG, WBU, DG, DU, DA_PART, M, N, RG, RU, stride_dh,
                              stride_bg, stride_bu, stride_xa, stride_wbg, stride_wbu, stride_d,
-                             stride_da, sg, su, ACT: tl.constexpr, MODE: tl.constexpr,
+                             cols_per_split, sg, su, ACT: tl.constexpr, MODE: tl.constexpr,
                              FIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr):
-        """Per row block, over all N: d gate, d up (stored) and da = s * d @ B (both branches)."""
+        """One row block over one split of the columns: d gate, d up (stored) and the split's
+        part of da = s * d @ B (both branches) into DA_PART[split] ([M, RG + RU] float32)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split = tl.program_id(1)
         row_ok = rows < M
         rg, ru = tl.arange(0, BLOCK_RG), tl.arange(0, BLOCK_RU)
         ty = DG.dtype.element_ty
         acc_g = tl.zeros([BLOCK_M, BLOCK_RG], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_RU], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        col_start = split * cols_per_split
+        col_end = tl.minimum(col_start + cols_per_split, N)
+        for n0 in range(col_start, col_end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
+            col_ok = cols < col_end
             mask = row_ok[:, None] & col_ok[None, :]
             gate = _branch(BG, XA, WBG, rows, cols, row_ok, col_ok, stride_bg, stride_xa,
                            stride_wbg, RG, sg, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RG)
@@ -128,10 +132,9 @@ if HAVE_TRITON:
                          mask=col_ok[:, None] & (ru < RU)[None, :], other=0.0)
             acc_g = _dot(dg.to(tl.float32), wg, acc_g, MODE)
             acc_u = _dot(du.to(tl.float32), wu, acc_u, MODE)
-        tl.store(DA + rows[:, None] * stride_da + rg[None, :], acc_g * sg,
-                 mask=row_ok[:, None] & (rg < RG)[None, :])
-        tl.store(DA + RG + rows[:, None] * stride_da + ru[None, :], acc_u * su,
-                 mask=row_ok[:, None] & (ru < RU)[None, :])
+        part = DA_PART + (split * M + rows[:, None]) * (RG + RU)
+        tl.store(part + rg[None, :], acc_g * sg, mask=row_ok[:, None] & (rg < RG)[None, :])
+        tl.store(part + RG + ru[None, :], acc_u * su, mask=row_ok[:, None] & (ru < RU)[None, :])
 
 
 def _act_reference(g: Tensor, activation: str):
@@ -156,34 +159,42 @@ def glu_forward_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, out_dty
     rg, ru = b_g.shape[1], b_u.shape[1]
     if h is None:
         h = torch.empty((M, N), dtype=out_dtype, device=base_g.device)
-    bm, bn = 64, 64
+    cfg = config("glu_fwd", block_m=64, block_n=64, warps=8)
+    bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
         _lora_glu_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             base_g, base_u, xa, b_g, b_u, h, M, N, rg, ru, base_g.stride(0), base_u.stride(0),
             xa.stride(0), b_g.stride(0), b_u.stride(0), h.stride(0), sg, su,
             ACT=ACTIVATIONS[activation], MODE=dot_mode(h.device, torch.float32),
             FIX=fix_bf16(h), BLOCK_M=bm, BLOCK_N=bn, BLOCK_RG=_br(rg), BLOCK_RU=_br(ru),
-            num_warps=8)
+            num_warps=cfg["warps"])
     return h
 
 
 def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dtype,
                         dg=None, du=None, da=None):
-    """(d gate, d up, da [M, rg + ru] float32 = s * d @ B per branch)."""
+    """(d gate, d up, da [M, rg + ru] float32 = s * d @ B per branch). The columns are split
+    over enough programs to fill the GPU; each split writes its float32 part of da and the
+    parts are summed in a fixed order (deterministic, no atomics)."""
     M, N = base_g.shape
     rg, ru = b_g.shape[1], b_u.shape[1]
     dev = base_g.device
     dg = dg if dg is not None else torch.empty((M, N), dtype=dtype, device=dev)
     du = du if du is not None else torch.empty((M, N), dtype=dtype, device=dev)
     da = da if da is not None else torch.empty((M, rg + ru), dtype=torch.float32, device=dev)
-    bm = 64 if M >= 64 * 2 * _sms(base_g) else 32
-    if M:
-        _lora_glu_bwd_kernel[(triton.cdiv(M, bm),)](
-            dh, base_g, base_u, xa, b_g, b_u, dg, du, da, M, N, rg, ru, dh.stride(0),
-            base_g.stride(0), base_u.stride(0), xa.stride(0), b_g.stride(0), b_u.stride(0),
-            dg.stride(0), da.stride(0), sg, su, ACT=ACTIVATIONS[activation],
-            MODE=dot_mode(dev, torch.float32), FIX=fix_bf16(dg), BLOCK_M=bm, BLOCK_N=64,
-            BLOCK_RG=_br(rg), BLOCK_RU=_br(ru), num_warps=8)
+    cfg = config("glu_bwd", block_m=64, block_n=64, warps=4, per_sm=4)
+    bm, bn = cfg["block_m"], cfg["block_n"]
+    if M == 0:
+        return dg, du, da
+    splits, per = split_extent(N, bn, triton.cdiv(M, bm), cfg["per_sm"], base_g)
+    part = torch.empty((splits, M, rg + ru), dtype=torch.float32, device=dev)
+    _lora_glu_bwd_kernel[(triton.cdiv(M, bm), splits)](
+        dh, base_g, base_u, xa, b_g, b_u, dg, du, part, M, N, rg, ru, dh.stride(0),
+        base_g.stride(0), base_u.stride(0), xa.stride(0), b_g.stride(0), b_u.stride(0),
+        dg.stride(0), per, sg, su, ACT=ACTIVATIONS[activation],
+        MODE=dot_mode(dev, torch.float32), FIX=fix_bf16(dg), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_RG=_br(rg), BLOCK_RU=_br(ru), num_warps=cfg["warps"])
+    torch.sum(part, 0, out=da)
     return dg, du, da
 
 
