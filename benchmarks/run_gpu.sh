@@ -10,9 +10,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
+# .whl: bitsandbytes, liger, trl, datasets...
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# .whl_unsloth (optional): the trimmed Unsloth set, in its own folder that train_step.py puts
+# on the path of the unsloth variant's process only (Unsloth patches libraries on import).
+if ls .whl_unsloth/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_unsloth \
+    .whl_unsloth/*.whl && export FASTLORA_UNSLOTH_SITE=/tmp/site_unsloth
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mode=${1:-all}; shift || true

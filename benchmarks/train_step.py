@@ -40,6 +40,13 @@ SHAPES = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEERS = ("liger", "unsloth")
+# fastlora variants: (options, torch.compile mode). "-cg": CUDA graphs (inductor's cudagraph
+# trees through mode="reduce-overhead"); "-nolora" / "-noce": a pattern family switched off.
+FASTLORA = {"fastlora": ({}, None),
+            "fastlora-cg": ({}, "reduce-overhead"),
+            "fastlora-nolora": ({"disable": ["lora_linear", "lora_mlp", "lora_qkv",
+                                             "lora_linear_4bit"]}, None),
+            "fastlora-noce": ({"disable": ["linear_cross_entropy"]}, None)}
 
 
 def build_config(shape: str):
@@ -127,10 +134,13 @@ def worker(args) -> dict:
     step_model = model
     if args.variant == "inductor":
         step_model = torch.compile(model)
-    elif args.variant == "fastlora":
+    elif args.variant in FASTLORA:
         import fastlora  # noqa: F401  (registers the backend name when run from a source tree)
-        options = json.loads(args.fastlora_options) if args.fastlora_options else None
-        step_model = torch.compile(model, backend="fastlora", options=options)
+        options, mode = FASTLORA[args.variant]
+        options = {**options, **(json.loads(args.fastlora_options) if args.fastlora_options
+                                 else {})}
+        step_model = torch.compile(model, backend="fastlora", options=options or None,
+                                   mode=mode)
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda", generator=gen)
 
@@ -161,8 +171,7 @@ def worker(args) -> dict:
            "tok_s": args.batch * args.seq / median, "step_ms": 1000 * median,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warmup_s,
            "loss": float(loss), "device": torch.cuda.get_device_name()}
-    if args.variant == "fastlora":
-        import fastlora
+    if args.variant in FASTLORA:
         row["matches"] = fastlora.reports(model).counts()
         row["near_misses"] = len(fastlora.reports(model).near_misses())
     return row
@@ -179,8 +188,13 @@ def run_one(args, shape: str, variant: str) -> dict:
     if args.fastlora_options:
         cmd += ["--fastlora-options", args.fastlora_options]
     base = {"shape": shape, "variant": variant, "gc": gc}
+    env = dict(os.environ)
+    if variant == "unsloth" and os.environ.get("FASTLORA_UNSLOTH_SITE"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["FASTLORA_UNSLOTH_SITE"],
+                                                          env.get("PYTHONPATH")]))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                              env=env)
     except subprocess.TimeoutExpired:
         return {**base, "error": f"timed out after {args.timeout} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -195,6 +209,9 @@ def _importable(variant: str) -> str | None:
     if module is None:
         return None
     import importlib.util
+    site = os.environ.get("FASTLORA_UNSLOTH_SITE") if variant == "unsloth" else None
+    if site and (pathlib.Path(site) / module).is_dir():
+        return None
     return None if importlib.util.find_spec(module) else f"{module} is not importable here"
 
 

@@ -71,7 +71,7 @@ def cases():
 def candidates(kernel: str, quick: bool):
     warps = (4, 8)
     if kernel in ("glu_bwd", "grad_x", "grad_b", "down"):
-        tiles = ((32, 128), (64, 64), (64, 128), (128, 64))
+        tiles = ((32, 128), (64, 64), (64, 128))
         per_sm = (0, 2, 4) if kernel == "down" else (2, 4, 8)
         key = "block_k" if kernel in ("down", "grad_x") else "block_n"
         combos = itertools.product(tiles, warps, per_sm)
