@@ -69,6 +69,25 @@ def test_layer_norm_matches_float64(shape, dtype, affine, impl):
         assert db.numel() == 0
 
 
+@pytest.mark.parametrize("tile", [(1, 2), (4, 4, 1), (8, 8, 2)])
+def test_layer_norm_tiles(tile, monkeypatch):
+    """The launch configurations the tuner may set (benchmarks/tune_rope_ln.py), with and
+    without dW / dB, on rows that do not fill the last tile."""
+    monkeypatch.setattr(K, "TILE_OVERRIDE", tile)
+    x, dy = torch.randn(37, 72) * 2 + 0.5, torch.randn(37, 72)
+    w, b = _params(72, torch.float32, "weight+bias")
+    y_ref, dx_ref, dw_ref, db_ref = reference64(x, w, b, dy, 1e-5)
+    nan = lambda *s: torch.full(s, float("nan"))
+    y, mean, rstd = K.layer_norm_forward_triton(x, w, b, 1e-5, nan(37, 72), nan(37), nan(37))
+    assert rel_err(y, y_ref) < 1e-5
+    for trainable in (False, True):
+        dx, dw, db = K.layer_norm_backward_triton(dy, x, w, mean, rstd, trainable, trainable,
+                                                  dx=nan(37, 72))
+        assert rel_err(dx, dx_ref) < 1e-5
+        if trainable:
+            assert rel_err(dw, dw_ref) < 1e-5 and rel_err(db, db_ref) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_per_head_weight(dtype, impl):

@@ -108,6 +108,31 @@ def test_rope_backward_is_exact_transpose_when_sin_halves_differ():
     assert rel_err(dq, dq_ref) < 1e-6 and rel_err(dk, dk_ref) < 1e-6
 
 
+@pytest.mark.parametrize("tile", [None, (64, 2, 2), (128, 1, 4), (4096, 32, 8)])
+def test_rope_tiles_and_layouts(tile, monkeypatch):
+    """Every launch configuration the tuner may set (benchmarks/tune_rope_ln.py), on layouts
+    where cos/sin vary per head, broadcast over batch, or q/k have 2 or 3 dimensions."""
+    monkeypatch.setattr(K, "TILE_OVERRIDE", tile)
+    T, D = 7, 12
+    layouts = [  # q, k, cos, sin, rot
+        (torch.randn(2, 5, T, D), torch.randn(2, 5, T, D), torch.randn(2, 5, T, D),
+         torch.randn(2, 5, T, D), D),  # cos/sin differ per head
+        (torch.randn(3, 4, T, D), torch.randn(3, 1, T, D), torch.randn(1, 1, T, 6),
+         torch.randn(1, 1, T, 6), 6),
+        (torch.randn(4, T, D), torch.randn(4, T, D), torch.randn(T, D), torch.randn(T, D), D),
+        (torch.randn(T, D), torch.randn(T, D), torch.randn(T, 8), torch.randn(T, 8), 8),
+    ]
+    nan = lambda t: torch.full_like(t, float("nan"))
+    for q, k, cos, sin, rot in layouts:
+        dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+        for interleaved in (False, True):
+            want = grads64(q, k, cos, sin, rot, dq_out, dk_out, interleaved)
+            got = (*K.rope_forward_triton(q, k, cos, sin, rot, interleaved, nan(q), nan(k)),
+                   *K.rope_backward_triton(dq_out, dk_out, cos, sin, rot, interleaved, q.dtype,
+                                           k.dtype, nan(q), nan(k)))
+            assert all(rel_err(g, w) < 1e-6 for g, w in zip(got, want))
+
+
 def test_rope_in_place_into_an_owned_buffer():
     q, k, cos, sin = make_inputs(2, 4, 2, 7, 16, 16, torch.float32, transposed=False)
     want_q, want_k = reference64(q, cos, sin, 16), reference64(k, cos, sin, 16)

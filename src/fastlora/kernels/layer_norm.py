@@ -61,54 +61,98 @@ if HAVE_TRITON:
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
+    def _layer_norm_bwd_tile(DY, X, W, w, MEAN, RSTD, DX, rows, cols, col_ok, stride_dy,
+                             stride_x, stride_dx, M, N, w_rows, HAS_W: tl.constexpr,
+                             PER_HEAD_W: tl.constexpr):
+        """dx of one tile of rows; returns (dy, n) in float32 for the dw / db sums."""
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        n = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dn = dy
+        if PER_HEAD_W:
+            dn = dy * tl.load(W + (rows % w_rows)[:, None] * N + cols[None, :], mask=mask,
+                              other=0.0).to(tl.float32)
+        elif HAS_W:
+            dn = dy * w[None, :]
+        dx = (dn - (tl.sum(dn, axis=1) / N)[:, None]
+              - n * (tl.sum(dn * n, axis=1) / N)[:, None]) * rstd[:, None]
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
+                 mask=mask)
+        return dy, n
+
+    @triton.jit
     def _layer_norm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_x,
                         stride_dx, M, N, tiles_per_program, w_rows, HAS_W: tl.constexpr,
                         PER_HEAD_W: tl.constexpr, COMPUTE_DW: tl.constexpr,
                         COMPUTE_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Without dw / db (frozen weights: the LoRA case) every program takes one tile and there
+        # is no loop; with them a persistent grid sums its tiles into one partial row each.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         col_ok = cols < N
+        w = cols  # unused unless HAS_W and not PER_HEAD_W
         if HAS_W and not PER_HEAD_W:
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for t in range(0, tiles_per_program):
-            rows = (tl.cast(pid, tl.int64) * tiles_per_program + t) * BLOCK_M \
-                + tl.arange(0, BLOCK_M)
-            row_ok = rows < M
-            mask = row_ok[:, None] & col_ok[None, :]
-            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
-            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask,
-                        other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            n = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            dn = dy
-            if PER_HEAD_W:
-                dn = dy * tl.load(W + (rows % w_rows)[:, None] * N + cols[None, :], mask=mask,
-                                  other=0.0).to(tl.float32)
-            elif HAS_W:
-                dn = dy * w[None, :]
-            dx = (dn - (tl.sum(dn, axis=1) / N)[:, None]
-                  - n * (tl.sum(dn * n, axis=1) / N)[:, None]) * rstd[:, None]
-            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
-                     mask=mask)
+        if COMPUTE_DW or COMPUTE_DB:
+            dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+            db = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for t in range(0, tiles_per_program):
+                rows = (tl.cast(pid, tl.int64) * tiles_per_program + t) * BLOCK_M \
+                    + tl.arange(0, BLOCK_M)
+                dy, n = _layer_norm_bwd_tile(DY, X, W, w, MEAN, RSTD, DX, rows, cols, col_ok,
+                                             stride_dy, stride_x, stride_dx, M, N, w_rows, HAS_W,
+                                             PER_HEAD_W)
+                if COMPUTE_DW:
+                    dw += tl.sum(dy * n, axis=0)
+                if COMPUTE_DB:
+                    db += tl.sum(dy, axis=0)
             if COMPUTE_DW:
-                dw += tl.sum(dy * n, axis=0)
+                tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_ok)
             if COMPUTE_DB:
-                db += tl.sum(dy, axis=0)
-        if COMPUTE_DW:
-            tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_ok)
-        if COMPUTE_DB:
-            tl.store(DB_PARTIAL + pid * N + cols, db, mask=col_ok)
+                tl.store(DB_PARTIAL + pid * N + cols, db, mask=col_ok)
+        else:
+            rows = tl.cast(pid, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            _layer_norm_bwd_tile(DY, X, W, w, MEAN, RSTD, DX, rows, cols, col_ok, stride_dy,
+                                 stride_x, stride_dx, M, N, w_rows, HAS_W, PER_HEAD_W)
 
 
-def tile_config(n: int, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): the RMSNorm tiling (about 16 KB of input per tile), the
-    same memory pattern; see src/fastlora/kernels/rms_norm.py."""
-    from .rms_norm import tile_config as rms_tile_config
-    return rms_tile_config(n, element_size)
+# (BLOCK_M, num_warps) or (BLOCK_M, num_warps, programs per SM of the dw/db grid); set by
+# benchmarks/tune_rope_ln.py while it sweeps. None: the table of tile_config.
+TILE_OVERRIDE = None
+DW_PROGRAMS_PER_SM = 4
+
+
+def tile_config(n: int, element_size: int, kind: str = "fwd") -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n`` features; ``kind`` is "fwd", "bwd" (no dw
+    / db) or "bwd_dw". A tile is BLOCK_M whole rows (BLOCK_N >= n), so several rows' loads are in
+    flight; the table starts from RMSNorm's H200 sweep (the same memory pattern, one more
+    reduction), by row size in bytes."""
+    block_n = triton.next_power_of_2(n)
+    if TILE_OVERRIDE is not None:
+        return TILE_OVERRIDE[0], block_n, TILE_OVERRIDE[1]
+    row_bytes = block_n * element_size
+    table = {  # row bytes up to: (BLOCK_M, num_warps)
+        "fwd": ((8192, (2, 8)), (None, (1, 16))),
+        "bwd": ((4096, (1, 2)), (8192, (2, 8)), (16384, (1, 8)), (None, (1, 16))),
+        "bwd_dw": ((8192, (4, 8)), (None, (2, 16))),
+    }[kind]
+    for limit, (block_m, warps) in table:
+        if limit is None or row_bytes <= limit:
+            break
+    if row_bytes < 1024:  # tiny rows (tests, small models): more rows, fewer warps
+        block_m, warps = max(1, min(16, 4096 // row_bytes)), 2
+    return block_m, block_n, warps
+
+
+def _dw_programs_per_sm() -> int:
+    return TILE_OVERRIDE[2] if TILE_OVERRIDE is not None and len(TILE_OVERRIDE) > 2 \
+        else DW_PROGRAMS_PER_SM
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -150,7 +194,7 @@ def layer_norm_forward_triton(x, weight, bias, eps, y=None, mean=None, rstd=None
         mean = torch.empty(M, dtype=torch.float32, device=x.device)
     if rstd is None:
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    block_m, block_n, warps = tile_config(N, x.element_size())
+    block_m, block_n, warps = tile_config(N, x.element_size(), "fwd")
     if M:
         _layer_norm_fwd[(triton.cdiv(M, block_m),)](
             x2, weight.contiguous() if weight is not None else x2,
@@ -169,10 +213,10 @@ def layer_norm_backward_triton(dy, x, weight, mean, rstd, compute_dw, compute_db
     compute_dw = compute_dw and weight is not None
     per_head = _w_rows(weight) > 1
     kernel_dw = compute_dw and not per_head  # a per-head dw is summed below
-    block_m, block_n, warps = tile_config(N, x.element_size())
-    tiles = triton.cdiv(M, block_m)
     reduce = kernel_dw or compute_db
-    programs = persistent_programs(x2, tiles, per_sm=4) if reduce else max(tiles, 1)
+    block_m, block_n, warps = tile_config(N, x.element_size(), "bwd_dw" if reduce else "bwd")
+    tiles = triton.cdiv(M, block_m)
+    programs = persistent_programs(x2, tiles, _dw_programs_per_sm()) if reduce else max(tiles, 1)
     shape = (programs, N)
     dw_part = torch.empty(shape if kernel_dw else (1, 1), dtype=torch.float32, device=x.device)
     db_part = torch.empty(shape if compute_db else (1, 1), dtype=torch.float32, device=x.device)

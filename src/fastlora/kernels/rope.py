@@ -15,9 +15,9 @@ features read at the vector's own (batch, token), so position ids that restart i
 With ``interleaved`` (GPT-J style, Cohere) the pairs are (2i, 2i + 1) instead of (i, i + h),
 with the same formulas. Everything is computed in float32 and rounded once to the output dtype
 (the promotion of x's and cos's dtypes, as in eager). q and k are rotated by one kernel launch:
-the first programs take rows of q, the rest rows of k. Inputs may be strided views (HF passes
-transposes of the projection outputs, Phi-3 slices of the fused qkv output); cos/sin broadcast
-over heads with stride 0, so they are never expanded in memory.
+the first programs take tiles of q, the rest tiles of k (the tiling: see the kernel). Inputs may
+be strided views (HF passes transposes of the projection outputs, Phi-3 slices of the fused qkv
+output); cos/sin broadcast over heads with stride 0, so they are never expanded in memory.
 
 Memory and traffic: per tensor the unfused graph writes and re-reads the negated half, the
 concatenated rotate_half, two products and their sum (plus the final cat for partial rotary),
@@ -39,34 +39,49 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    # Tiling. A program takes BLOCK_T tokens x BLOCK_HD heads of one tensor: a 3-D tile
+    # [BLOCK_T, BLOCK_HD, features] of about 8K elements, so enough bytes are in flight. cos/sin
+    # are the same for every head of a token: the program's heads read the same cos/sin rows
+    # (pointer stride 0 over heads), so L2/HBM see them once per program instead of once per
+    # head vector (40 times per token on Llama-8B q+k: twice the bytes of q and k). HF's
+    # [B, T, H, D] projections keep the heads of a token contiguous, so a tile is one contiguous
+    # block; each half of a row is a contiguous run of features, so loads vectorise (16 bytes).
+
     @triton.jit
-    def _rotate_rows(X, O, CS, SN, pid, n_rows, D1, D2, sx0, sx1, sx2, so0, so1, so2,
-                     sc0, sc1, sc2, HALF: tl.constexpr, ROT: tl.constexpr, D: tl.constexpr,
-                     INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-        # Rows are the head vectors of a 4-D view [D0, D1, D2, D]; row r sits at (i0, i1, i2).
-        rows = tl.cast(pid, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < n_rows
-        i2 = rows % D2
-        i1 = (rows // D2) % D1
-        i0 = rows // (D2 * D1)
-        xrow = i0 * sx0 + i1 * sx1 + i2 * sx2
-        orow = i0 * so0 + i1 * so1 + i2 * so2
-        crow = i0 * sc0 + i1 * sc1 + i2 * sc2
-        pair = tl.arange(0, BLOCK_H)
-        mask = row_ok[:, None] & (pair < HALF)[None, :]
-        if INTERLEAVED:  # pairs (2i, 2i + 1)
-            c_a = (2 * pair)[None, :]
-            c_b = c_a + 1
-        else:  # pairs (i, i + h)
-            c_a = pair[None, :]
-            c_b = c_a + HALF
-        x1 = tl.load(X + xrow[:, None] + c_a, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(X + xrow[:, None] + c_b, mask=mask, other=0.0).to(tl.float32)
-        c1 = tl.load(CS + crow[:, None] + c_a, mask=mask, other=0.0).to(tl.float32)
-        c2 = tl.load(CS + crow[:, None] + c_b, mask=mask, other=0.0).to(tl.float32)
-        s1 = tl.load(SN + crow[:, None] + c_a, mask=mask, other=0.0).to(tl.float32)
-        s2 = tl.load(SN + crow[:, None] + c_b, mask=mask, other=0.0).to(tl.float32)
+    def _pairs_of(P, off, tmask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+        """The two members of every rotated pair in a tile, as float32 [.., .., BLOCK_H]."""
+        if INTERLEAVED:  # (2i, 2i + 1): load the contiguous run, then de-interleave in registers
+            cols = tl.arange(0, 2 * BLOCK_H)[None, None, :]
+            v = tl.load(P + off + cols, mask=tmask & (cols < 2 * HALF), other=0.0)
+            a, b = tl.split(tl.reshape(v.to(tl.float32), [v.shape[0], v.shape[1], BLOCK_H, 2]))
+        else:  # (i, i + h): two contiguous runs
+            cols = tl.arange(0, BLOCK_H)[None, None, :]
+            m = tmask & (cols < HALF)
+            a = tl.load(P + off + cols, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(P + off + HALF + cols, mask=m, other=0.0).to(tl.float32)
+        return a, b
+
+    @triton.jit
+    def _rotate_tile(X, O, CS, SN, pid, n_tok, T, H, h_blocks, sxa, sxt, sxh, soa, sot, soh,
+                     sca, sct, sch, HALF: tl.constexpr, ROT: tl.constexpr, D: tl.constexpr,
+                     INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+        # The tensor is a view [A, H, T, D] (strides s*a, s*h, s*t); tokens are the (a, t) pairs.
+        # (token and head numbers fit in int32; the offsets built from them need int64)
+        tok = (pid // h_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        head = (pid % h_blocks) * BLOCK_HD + tl.arange(0, BLOCK_HD)
+        mask = (tok < n_tok)[:, None, None] & (head < H)[None, :, None]
+        a, t, head = (tok // T).to(tl.int64), (tok % T).to(tl.int64), head.to(tl.int64)
+        xoff = (a * sxa + t * sxt)[:, None, None] + (head * sxh)[None, :, None]
+        ooff = (a * soa + t * sot)[:, None, None] + (head * soh)[None, :, None]
+        # sch is 0 where cos/sin broadcast over the heads (HF): the heads of a token then read
+        # the same addresses, served once by the cache (a [BLOCK_T, 1, ..] load instead would
+        # get its own register layout, and converting between layouts goes through shared memory)
+        coff = (a * sca + t * sct)[:, None, None] + (head * sch)[None, :, None]
+        x1, x2 = _pairs_of(X, xoff, mask, HALF, INTERLEAVED, BLOCK_H)
+        c1, c2 = _pairs_of(CS, coff, mask, HALF, INTERLEAVED, BLOCK_H)
+        s1, s2 = _pairs_of(SN, coff, mask, HALF, INTERLEAVED, BLOCK_H)
         if BACKWARD:
             y1 = x1 * c1 + x2 * s2
             y2 = x2 * c2 - x1 * s1
@@ -74,40 +89,55 @@ if HAVE_TRITON:
             y1 = x1 * c1 - x2 * s1
             y2 = x2 * c2 + x1 * s2
         out_ty = O.dtype.element_ty
-        tl.store(O + orow[:, None] + c_a, y1.to(out_ty), mask=mask)
-        tl.store(O + orow[:, None] + c_b, y2.to(out_ty), mask=mask)
+        if INTERLEAVED:
+            cols = tl.arange(0, 2 * BLOCK_H)[None, None, :]
+            y = tl.reshape(tl.join(y1, y2), [BLOCK_T, BLOCK_HD, 2 * BLOCK_H])
+            tl.store(O + ooff + cols, y.to(out_ty), mask=mask & (cols < ROT))
+        else:
+            cols = tl.arange(0, BLOCK_H)[None, None, :]
+            tl.store(O + ooff + cols, y1.to(out_ty), mask=mask & (cols < HALF))
+            tl.store(O + ooff + HALF + cols, y2.to(out_ty), mask=mask & (cols < HALF))
         if ROT < D:  # partial rotary: the remaining features pass through
-            pcols = tl.arange(0, BLOCK_P)
-            pmask = row_ok[:, None] & (pcols < D - ROT)[None, :]
-            xp = tl.load(X + xrow[:, None] + ROT + pcols[None, :], mask=pmask, other=0.0)
-            tl.store(O + orow[:, None] + ROT + pcols[None, :], xp.to(out_ty), mask=pmask)
+            pcols = tl.arange(0, BLOCK_P)[None, None, :]
+            pmask = mask & (pcols < D - ROT)
+            xp = tl.load(X + xoff + ROT + pcols, mask=pmask, other=0.0)
+            tl.store(O + ooff + ROT + pcols, xp.to(out_ty), mask=pmask)
 
     @triton.jit
-    def _rope_kernel(Q, K, QO, KO, CQ, SQ, CK, SK, q_rows, k_rows, q_programs,
-                     QD1, QD2, KD1, KD2,
-                     sq0, sq1, sq2, sqo0, sqo1, sqo2, scq0, scq1, scq2,
-                     sk0, sk1, sk2, sko0, sko1, sko2, sck0, sck1, sck2,
+    def _rope_kernel(Q, K, QO, KO, CQ, SQ, CK, SK, q_programs,
+                     q_tok, q_t, q_h, q_hb, sqa, sqt, sqh, sqoa, sqot, sqoh, scqa, scqt, scqh,
+                     k_tok, k_t, k_h, k_hb, ska, skt, skh, skoa, skot, skoh, scka, sckt, sckh,
                      HALF: tl.constexpr, ROT: tl.constexpr, D: tl.constexpr,
-                     INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_R: tl.constexpr,
+                     INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr,
+                     Q_BLOCK_T: tl.constexpr, Q_BLOCK_HD: tl.constexpr,
+                     K_BLOCK_T: tl.constexpr, K_BLOCK_HD: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
         pid = tl.program_id(0)
-        if pid < q_programs:
-            _rotate_rows(Q, QO, CQ, SQ, pid, q_rows, QD1, QD2, sq0, sq1, sq2, sqo0, sqo1, sqo2,
-                         scq0, scq1, scq2, HALF, ROT, D, INTERLEAVED, BACKWARD, BLOCK_R, BLOCK_H,
-                         BLOCK_P)
+        if pid < q_programs:  # the first programs rotate q, the rest k
+            _rotate_tile(Q, QO, CQ, SQ, pid, q_tok, q_t, q_h, q_hb, sqa, sqt, sqh, sqoa, sqot,
+                         sqoh, scqa, scqt, scqh, HALF, ROT, D, INTERLEAVED, BACKWARD,
+                         Q_BLOCK_T, Q_BLOCK_HD, BLOCK_H, BLOCK_P)
         else:
-            _rotate_rows(K, KO, CK, SK, pid - q_programs, k_rows, KD1, KD2, sk0, sk1, sk2,
-                         sko0, sko1, sko2, sck0, sck1, sck2, HALF, ROT, D, INTERLEAVED, BACKWARD,
-                         BLOCK_R, BLOCK_H, BLOCK_P)
+            _rotate_tile(K, KO, CK, SK, pid - q_programs, k_tok, k_t, k_h, k_hb, ska, skt, skh,
+                         skoa, skot, skoh, scka, sckt, sckh, HALF, ROT, D, INTERLEAVED, BACKWARD,
+                         K_BLOCK_T, K_BLOCK_HD, BLOCK_H, BLOCK_P)
 
 
-def block_config(rot_dim: int, d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_H, BLOCK_P, num_warps): about 4096 rotated elements per program."""
-    block_h = triton.next_power_of_2(max(1, rot_dim // 2))
-    block_p = triton.next_power_of_2(max(1, d - rot_dim))
-    block_r = max(1, min(64, 2048 // block_h))
-    warps = 4 if block_r * block_h >= 1024 else 2
-    return block_r, block_h, block_p, warps
+# The launch configuration: (rotated elements per program, most heads per program, num_warps).
+# benchmarks/tune_rope_ln.py sets TILE_OVERRIDE while it sweeps; None means DEFAULT_TILE.
+DEFAULT_TILE = (8192, 32, 8)
+TILE_OVERRIDE = None
+
+
+def block_config(rot_dim: int, heads: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_HD, num_warps) for a tensor of ``heads`` heads: all heads of a token in
+    one program (up to 32), and enough tokens for about 8192 rotated elements (16 KB of bf16
+    read) in flight per program. The same tile size for q and k, so one num_warps fits both."""
+    elems, max_heads, warps = TILE_OVERRIDE or DEFAULT_TILE
+    block_rot = 2 * triton.next_power_of_2(max(1, rot_dim // 2))
+    block_hd = min(triton.next_power_of_2(max(1, heads)), triton.next_power_of_2(max_heads))
+    block_t = max(1, elems // (block_hd * block_rot))
+    return 1 << (block_t.bit_length() - 1), block_hd, warps  # a power of two
 
 
 # ---------------------------------------------------------------- shapes and validation
@@ -162,6 +192,23 @@ def _rows_last_contiguous(t: Tensor) -> Tensor:
 # ---------------------------------------------------------------- launchers
 
 
+def _tile_plan(x4: Tensor, o4: Tensor, c4: Tensor, rot_dim: int) -> tuple:
+    """Views x, out and cos as [A, H, T, D]: H (the heads) is the axis cos/sin broadcast over
+    (stride 0), so that a program reuses one cos/sin row for all its heads. Returns the sizes,
+    strides and tile of _rotate_tile's arguments."""
+    sizes, cst = x4.shape[:3], c4.stride()[:3]
+    bcast = [ax for ax in (1, 0, 2) if cst[ax] == 0 and sizes[ax] > 1]
+    h_ax = bcast[0] if bcast else 1
+    a_ax, t_ax = (ax for ax in range(3) if ax != h_ax)
+    H, T = sizes[h_ax], sizes[t_ax]
+    block_t, block_hd, warps = block_config(rot_dim, H)
+    n_tok = sizes[a_ax] * T
+    h_blocks = triton.cdiv(H, block_hd)
+    pick = lambda t: (t.stride(a_ax), t.stride(t_ax), t.stride(h_ax))
+    args = (n_tok, T, H, h_blocks, *pick(x4), *pick(o4), *pick(c4))
+    return args, triton.cdiv(n_tok, block_t) * h_blocks, block_t, block_hd, warps
+
+
 def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
     q4, k4 = _as_4d(_rows_last_contiguous(xq)), _as_4d(_rows_last_contiguous(xk))
     oq4, ok4 = _as_4d(oq), _as_4d(ok_)
@@ -172,20 +219,17 @@ def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
     cq, sq = _trig_view(cos, q4, rot_dim), _trig_view(sin, q4, rot_dim)
     ck, sk = _trig_view(cos, k4, rot_dim), _trig_view(sin, k4, rot_dim)
     d = q4.shape[-1]
-    block_r, block_h, block_p, warps = block_config(rot_dim, d)
-    q_rows, k_rows = q4.numel() // d, k4.numel() // d
-    q_programs = triton.cdiv(q_rows, block_r)
-    grid = (q_programs + triton.cdiv(k_rows, block_r),)
+    q_args, q_programs, q_bt, q_bhd, warps = _tile_plan(q4, oq4, cq, rot_dim)
+    k_args, k_programs, k_bt, k_bhd, _ = _tile_plan(k4, ok4, ck, rot_dim)
+    grid = (q_programs + k_programs,)
     if grid[0] == 0:
         return
     _rope_kernel[grid](
-        q4, k4, oq4, ok4, cq, sq, ck, sk, q_rows, k_rows, q_programs,
-        q4.shape[1], q4.shape[2], k4.shape[1], k4.shape[2],
-        *q4.stride()[:3], *oq4.stride()[:3], *cq.stride()[:3],
-        *k4.stride()[:3], *ok4.stride()[:3], *ck.stride()[:3],
+        q4, k4, oq4, ok4, cq, sq, ck, sk, q_programs, *q_args, *k_args,
         HALF=rot_dim // 2, ROT=rot_dim, D=d, INTERLEAVED=interleaved, BACKWARD=backward,
-        BLOCK_R=block_r,
-        BLOCK_H=block_h, BLOCK_P=block_p, num_warps=warps)
+        Q_BLOCK_T=q_bt, Q_BLOCK_HD=q_bhd,
+        K_BLOCK_T=k_bt, K_BLOCK_HD=k_bhd, BLOCK_H=triton.next_power_of_2(max(1, rot_dim // 2)),
+        BLOCK_P=triton.next_power_of_2(max(1, d - rot_dim)), num_warps=warps)
 
 
 def rope_forward_triton(q, k, cos, sin, rot_dim, interleaved=False, q_out=None, k_out=None):
