@@ -173,7 +173,9 @@ def worker(args) -> dict:
            "loss": float(loss), "device": torch.cuda.get_device_name()}
     if args.variant in FASTLORA:
         row["matches"] = fastlora.reports(model).counts()
-        row["near_misses"] = len(fastlora.reports(model).near_misses())
+        misses = fastlora.reports(model).near_misses()
+        row["near_misses"] = len(misses)
+        row["near_miss_reasons"] = sorted({f"{n['pattern']}: {n['reason']}" for n in misses})
     return row
 
 

@@ -136,7 +136,11 @@ def main(argv=None):
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--kernels", default="glu_bwd,glu_fwd,down,grad_x,grad_b,up")
     ap.add_argument("--quick", action="store_true", help="every third candidate only")
+    ap.add_argument("--split-bf16", type=int, default=1, choices=[0, 1],
+                    help="1: float32 operands as bfloat16 hi + lo (MODE 3); 0: tf32x3")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = ap.parse_args(argv)
+    K.SPLIT_BF16 = bool(args.split_bf16)
     all_cases = cases()
     results = []
     out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))
@@ -152,7 +156,7 @@ def main(argv=None):
             print(f"   {s['shape']:<28} default {s['default_ms']:.4f}  chosen "
                   f"{s['chosen_ms'] or float('nan'):.4f}  best {s['best_ms'] or float('nan'):.4f}"
                   f"  {s['best_config']}", flush=True)
-        (out / "tune_lora.json").write_text(json.dumps(results, indent=1))
+        (out / f"tune_lora{args.tag}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ from ._lora_reference import (_inv_keep, keep_mask_reference, lora_down_referenc
                               threshold_of)
 
 PRECISION = "tf32x3"  # dot precision for float32 operands on the GPU ("ieee" to compare)
+SPLIT_BF16 = True  # bfloat16 activations: float32 operands as bfloat16 hi + lo (MODE 3)
 
-# Launch configurations (block sizes, warps, programs per SM) picked by benchmarks/tune_lora.py
-# on the H200. ``TUNE[kernel]`` overrides a kernel's defaults (the tuning script sets it).
+# Launch configurations (block sizes, warps, programs per SM): the defaults in the launchers are
+# the best total over the Llama-1B and -8B adapter shapes in benchmarks/tune_lora.py on the H200
+# (results in benchmarks/results_h200/tune_lora*.json). ``TUNE[kernel]`` overrides them.
 TUNE: dict[str, dict] = {}
 
 
@@ -67,15 +69,36 @@ if HAVE_TRITON:
         return (u >> 8).to(tl.int32, bitcast=True) >= threshold
 
     @triton.jit
+    def _bf16_parts(x):
+        """x (float32) = hi + lo + O(2^-17 |x|), hi and lo in bfloat16."""
+        x = x.to(tl.float32)
+        hi = x.to(tl.bfloat16)
+        return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+    @triton.jit
     def _dot(a, b, acc, MODE: tl.constexpr):
         """acc + a @ b. MODE 0: native 16-bit tensor-core dot; 1: float32 operands through tf32x3
-        (~fp32 accuracy on tensor cores); 2: exact float32 (the interpreter)."""
+        (~fp32 accuracy on tensor cores); 2: exact float32 (the interpreter); 3: bfloat16
+        activations: each float32 operand split into bfloat16 hi + lo and the products
+        hi*hi + hi*lo + lo*hi (hi*lo only where the other side is bfloat16) on bfloat16 tensor
+        cores (~2^-16 relative error, far below the bfloat16 rounding of the results)."""
         if MODE == 0:
             return tl.dot(a, b, acc)
         elif MODE == 1:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
-        else:
+        elif MODE == 2:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            if a.dtype == tl.bfloat16:
+                if b.dtype == tl.bfloat16:
+                    return tl.dot(a, b, acc)
+                b_hi, b_lo = _bf16_parts(b)
+                return tl.dot(a, b_hi, tl.dot(a, b_lo, acc))
+            a_hi, a_lo = _bf16_parts(a)
+            if b.dtype == tl.bfloat16:
+                return tl.dot(a_hi, b, tl.dot(a_lo, b, acc))
+            b_hi, b_lo = _bf16_parts(b)
+            return tl.dot(a_hi, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, acc)))
 
     @triton.jit
     def _rne(x, FIX: tl.constexpr):
@@ -244,11 +267,16 @@ if HAVE_TRITON:
 # ---------------------------------------------------------------- launch configuration
 
 
-def dot_mode(device: torch.device, *dtypes: torch.dtype) -> int:
+def dot_mode(device: torch.device, act_dtype: torch.dtype,
+             other_dtype: torch.dtype = torch.float32) -> int:
+    """The ``_dot`` MODE for products of an activation-dtype operand with an ``other_dtype``
+    one (float32 adapters or the float32 rank-r intermediates)."""
     if device.type != "cuda":
         return 2
-    if all(d in (torch.bfloat16, torch.float16) for d in dtypes) and len(set(dtypes)) == 1:
+    if act_dtype == other_dtype and act_dtype in (torch.bfloat16, torch.float16):
         return 0
+    if act_dtype == torch.bfloat16 and SPLIT_BF16:
+        return 3
     return 1 if PRECISION == "tf32x3" else 2
 
 
@@ -308,8 +336,7 @@ def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
     if xa is None:
         xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
-    cfg = config("down", block_m=64 if M >= 64 * 2 * _sms(x2) else 32,
-                 block_k=128 if x2.element_size() == 2 else 64, warps=4, per_sm=0)
+    cfg = config("down", block_m=64, block_k=64, warps=4, per_sm=4)
     bm, bk = cfg["block_m"], cfg["block_k"]
     if M == 0:
         return xa
@@ -336,7 +363,7 @@ def lora_up_triton(base2, xa, b, scale, out):
     if M and N:
         _lora_up_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             base2, xa, b, out, M, N, R, base2.stride(0), xa.stride(0), b.stride(0), out.stride(0),
-            scale, MODE=dot_mode(base2.device, torch.float32), FIX_BF16=fix_bf16(out),
+            scale, MODE=dot_mode(base2.device, out.dtype), FIX_BF16=fix_bf16(out),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_block_r(R), num_warps=cfg["warps"])
     return out
 
@@ -360,7 +387,7 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
     """dB [N, r] = scale * g^T @ xa (xa may be a column slice of a wider buffer)."""
     M, N = g2.shape
     R = xa.shape[1]
-    cfg = config("grad_b", block_m=64, block_n=128, warps=4, per_sm=2)
+    cfg = config("grad_b", block_m=32, block_n=128, warps=4, per_sm=8)
     bm, bn = cfg["block_m"], cfg["block_n"]
     nb = triton.cdiv(N, bn)
     splits, per = split_extent(M, bm, nb, cfg["per_sm"], g2)
@@ -369,7 +396,7 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
     if M and N:
         _lora_grad_b_kernel[(nb, splits)](
             g2, xa, part, M, N, R, g2.stride(0), xa.stride(0), per,
-            MODE=dot_mode(g2.device, torch.float32), BLOCK_M=bm, BLOCK_N=bn,
+            MODE=dot_mode(g2.device, g2.dtype), BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_R=_block_r(R), num_warps=cfg["warps"])
     return (part.sum(0) * scale).to(out_dtype)
 
@@ -383,8 +410,7 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
     ranks = ranks or [R]
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
     br = _block_r(R)
-    cfg = config("grad_x", block_m=64, block_k=64 if br >= 64 else 128,
-                 warps=8 if br >= 64 else 4, per_sm=2)
+    cfg = config("grad_x", block_m=64, block_k=64, warps=4, per_sm=8)
     bm, bk = cfg["block_m"], cfg["block_k"]
     nb = triton.cdiv(K, bk)
     splits, per = split_extent(M, bm, nb, cfg["per_sm"], x2)
@@ -397,7 +423,7 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
             x2.stride(0), da.stride(0), a_cat.stride(0), dx.stride(0) if dx is not None else 0,
             per, threshold_of(p), _inv_keep(p), G=len(ranks), DROPOUT=p > 0,
             HAS_DX=dx is not None, ACCUMULATE=accumulate, HAS_DA=need_da,
-            MODE=dot_mode(x2.device, torch.float32),
+            MODE=dot_mode(x2.device, x2.dtype),
             FIX_BF16=dx is not None and fix_bf16(dx), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
             num_warps=cfg["warps"])
     return dx, (part.sum(0) if need_da else None)

@@ -130,8 +130,8 @@ if HAVE_TRITON:
                          mask=col_ok[:, None] & (rg < RG)[None, :], other=0.0)
             wu = tl.load(WBU + cols[:, None] * stride_wbu + ru[None, :],
                          mask=col_ok[:, None] & (ru < RU)[None, :], other=0.0)
-            acc_g = _dot(dg.to(tl.float32), wg, acc_g, MODE)
-            acc_u = _dot(du.to(tl.float32), wu, acc_u, MODE)
+            acc_g = _dot(dg, wg, acc_g, MODE)
+            acc_u = _dot(du, wu, acc_u, MODE)
         part = DA_PART + (split * M + rows[:, None]) * (RG + RU)
         tl.store(part + rg[None, :], acc_g * sg, mask=row_ok[:, None] & (rg < RG)[None, :])
         tl.store(part + RG + ru[None, :], acc_u * su, mask=row_ok[:, None] & (ru < RU)[None, :])
@@ -159,13 +159,13 @@ def glu_forward_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, out_dty
     rg, ru = b_g.shape[1], b_u.shape[1]
     if h is None:
         h = torch.empty((M, N), dtype=out_dtype, device=base_g.device)
-    cfg = config("glu_fwd", block_m=64, block_n=64, warps=8)
+    cfg = config("glu_fwd", block_m=32, block_n=128, warps=4)
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
         _lora_glu_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             base_g, base_u, xa, b_g, b_u, h, M, N, rg, ru, base_g.stride(0), base_u.stride(0),
             xa.stride(0), b_g.stride(0), b_u.stride(0), h.stride(0), sg, su,
-            ACT=ACTIVATIONS[activation], MODE=dot_mode(h.device, torch.float32),
+            ACT=ACTIVATIONS[activation], MODE=dot_mode(h.device, h.dtype),
             FIX=fix_bf16(h), BLOCK_M=bm, BLOCK_N=bn, BLOCK_RG=_br(rg), BLOCK_RU=_br(ru),
             num_warps=cfg["warps"])
     return h
@@ -182,7 +182,7 @@ def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dt
     dg = dg if dg is not None else torch.empty((M, N), dtype=dtype, device=dev)
     du = du if du is not None else torch.empty((M, N), dtype=dtype, device=dev)
     da = da if da is not None else torch.empty((M, rg + ru), dtype=torch.float32, device=dev)
-    cfg = config("glu_bwd", block_m=64, block_n=64, warps=4, per_sm=4)
+    cfg = config("glu_bwd", block_m=64, block_n=64, warps=4, per_sm=8)
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M == 0:
         return dg, du, da
@@ -192,7 +192,7 @@ def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dt
         dh, base_g, base_u, xa, b_g, b_u, dg, du, part, M, N, rg, ru, dh.stride(0),
         base_g.stride(0), base_u.stride(0), xa.stride(0), b_g.stride(0), b_u.stride(0),
         dg.stride(0), per, sg, su, ACT=ACTIVATIONS[activation],
-        MODE=dot_mode(dev, torch.float32), FIX=fix_bf16(dg), BLOCK_M=bm, BLOCK_N=bn,
+        MODE=dot_mode(dev, dg.dtype), FIX=fix_bf16(dg), BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_RG=_br(rg), BLOCK_RU=_br(ru), num_warps=cfg["warps"])
     torch.sum(part, 0, out=da)
     return dg, du, da
