@@ -29,7 +29,7 @@ from torch.nn.functional import softmax
 
 from fastlora.canonicalize import example_value
 from fastlora.pattern import Pattern, Reject, register_pattern
-from fastlora.patterns._attention_masks import prove_mask
+from fastlora.patterns._attention_masks import bring_into, prove_mask
 
 # Dynamo records ``F.softmax(x, dim=-1, dtype=...)`` as called; tracing F.softmax itself would add
 # its private ``_stacklevel`` argument. Wrapping records the call exactly as the model makes it.
@@ -180,8 +180,8 @@ def check(m):
     # Graph values the replacement reads besides the matched inputs: the rewriter passes every
     # binding to the replacement (by name) and inserts it after all of them.
     m.bindings["k_src"], m.bindings["v_src"] = k_src, v_src
-    if docs is not None:
-        m.bindings["doc_ids"] = docs
+    if docs is not None:  # under checkpointing: built outside the layer, passed in
+        m.bindings["doc_ids"] = bring_into(docs, m.outputs[0].graph)
     return {"kernel": kernel, "why": why, "causal": causal, "window": window,
             "softcap": softcap, "sm_scale": scale, "gqa": kv_heads != heads, "cast_to": cast_to}
 

@@ -36,9 +36,14 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     rewritten = _copy(gm)
     try:
         active = [p for p in patterns if p.name not in opts.disable]
-        # Subgraphs first (bodies of activation checkpointing and other higher-order ops).
-        for module in _graph_modules(rewritten):
+        modules = list(_graph_modules(rewritten))
+        # Every graph is canonical before any is rewritten: a pattern in a body may look out
+        # into the graph that calls it (the attention mask prover does, see _link_callers).
+        for module in modules:
             canonicalize(module.graph)
+        _link_callers(modules)
+        # Subgraphs first (bodies of activation checkpointing and other higher-order ops).
+        for module in modules:
             # 3-4. Match and rewrite.
             apply_patterns(module.graph, active, report, strict=opts.strict, options=opts,
                            top_level=module is rewritten)
@@ -78,6 +83,18 @@ def _graph_modules(gm: fx.GraphModule):
         if isinstance(child, fx.GraphModule):
             yield from _graph_modules(child)
     yield gm
+
+
+def _link_callers(modules) -> None:
+    """Record on each nested body's graph the nodes that call it, as ``graph.fastlora_callers``
+    (e.g. ``tag_activation_checkpoint(body, *operands)`` in the graph around a checkpointed
+    layer), so a pattern can follow a body's placeholder out to the operand passed in."""
+    for module in modules:
+        for node in module.graph.nodes:
+            body = getattr(module, node.target, None) if node.op == "get_attr" else None
+            if isinstance(body, fx.GraphModule):
+                callers = getattr(body.graph, "fastlora_callers", [])
+                body.graph.fastlora_callers = callers + list(node.users)
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None):
