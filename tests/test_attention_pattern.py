@@ -233,6 +233,29 @@ def test_handwritten_window_mask_is_proven():
         [("triton", True, 3)]
 
 
+def test_mask_spelled_with_comparison_dunders_is_proven():
+    """transformers 5.17 under Dynamo records ``a == b`` of its mask functions as the method call
+    ``a.__eq__(b)``; the canonicalizer maps the comparison dunders to torch.eq / le / ...."""
+    def build(i, j):
+        return j.__le__(i).__and__(j.__gt__(i - 3))
+
+    params, misses = _compile_and_compare(MaskedAttention(build), torch.randn(2, 10, 16))
+    assert misses == [] and [(p["kernel"], p["causal"], p["window"]) for p in params] == \
+        [("triton", True, 3)]
+
+
+def test_canonicalizer_maps_the_eq_method_to_torch_eq():
+    from torch import fx
+
+    from fastlora.canonicalize import canonicalize
+    graph = fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    graph.output(graph.call_method("__eq__", (a, b)))
+    canonicalize(graph)
+    (node,) = [n for n in graph.nodes if n.op == "call_function"]
+    assert node.target is torch.eq and node.args == (a, b)
+
+
 @pytest.mark.parametrize("build,reason", [
     (lambda i, j: j < i, "constraint `kv - q + 1 <= 0`"),  # strictly before: no diagonal
     (lambda i, j: (j <= i + 2), "constraint `kv - q - 2 <= 0`"),  # sees two future tokens

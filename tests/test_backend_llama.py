@@ -124,3 +124,24 @@ def test_autocast_bf16_no_worse_than_eager_autocast():
     err_e = max([rel_err(loss_e, loss32)] + [rel_err(grads_e[n], g) for n, g in grads32.items()])
     err_c = max([rel_err(loss_c, loss32)] + [rel_err(grads_c[n], g) for n, g in grads32.items()])
     assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
+
+
+def test_graph_copy_keeps_module_meta():
+    """The rewritten copy keeps each (nested) graph module's meta, e.g. the
+    ``_checkpoint_context_fn`` of a selectively checkpointed body."""
+    from torch import fx
+
+    from fastlora.backend import _copy
+
+    class Body(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    outer = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity()))
+    body = fx.symbolic_trace(Body())
+    body.meta["_checkpoint_context_fn"] = policy = object()
+    outer.add_submodule("body", body)
+    outer.meta["tag"] = "outer"
+    copied = _copy(outer)
+    assert copied.meta["tag"] == "outer" and copied.body.meta["_checkpoint_context_fn"] is policy
+    assert copied.body is not body

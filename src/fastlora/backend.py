@@ -71,6 +71,7 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     copy = fx.GraphModule(gm, graph)
+    copy.meta = dict(gm.meta)  # e.g. a checkpointed body's _checkpoint_context_fn (selective AC)
     for name, child in gm.named_children():
         if isinstance(child, fx.GraphModule):
             setattr(copy, name, _copy(child))

@@ -103,7 +103,15 @@ _SAME_AS_FUNCTION = {
 }
 
 
+# Comparison dunders (``a.__eq__(b)``: Dynamo records HF's ``a == b`` on some versions as this
+# method call, on others as operator.eq) become the torch comparison functions.
+_DUNDER_COMPARE = {"__eq__": torch.eq, "__ne__": torch.ne, "__lt__": torch.lt,
+                   "__le__": torch.le, "__gt__": torch.gt, "__ge__": torch.ge}
+
+
 def _method_target(name: str):
+    if name in _DUNDER_COMPARE:
+        return _DUNDER_COMPARE[name]
     if name in _SAME_AS_FUNCTION:
         return getattr(torch, name)
     return getattr(torch.Tensor, name)

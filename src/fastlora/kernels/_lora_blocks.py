@@ -76,12 +76,22 @@ if HAVE_TRITON:
         return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
 
     @triton.jit
+    def _bf16_parts3(x):
+        """x (float32) = p0 + p1 + p2 + O(2^-25 |x|), the parts in bfloat16."""
+        x = x.to(tl.float32)
+        p0 = x.to(tl.bfloat16)
+        r = x - p0.to(tl.float32)
+        p1 = r.to(tl.bfloat16)
+        return p0, p1, (r - p1.to(tl.float32)).to(tl.bfloat16)
+
+    @triton.jit
     def _dot(a, b, acc, MODE: tl.constexpr):
         """acc + a @ b. MODE 0: native 16-bit tensor-core dot; 1: float32 operands through tf32x3
         (~fp32 accuracy on tensor cores); 2: exact float32 (the interpreter); 3: bfloat16
-        activations: each float32 operand split into bfloat16 hi + lo and the products
-        hi*hi + hi*lo + lo*hi (hi*lo only where the other side is bfloat16) on bfloat16 tensor
-        cores (~2^-16 relative error, far below the bfloat16 rounding of the results)."""
+        activations on bfloat16 tensor cores: a bfloat16 x float32 product splits the float32
+        side in three bfloat16 parts (float32-level accuracy: these products make the adapter
+        gradients); a float32 x float32 product (the rank-r up-products, whose results are
+        rounded to bfloat16) splits both in two and sums hi*hi + hi*lo + lo*hi (~2^-16)."""
         if MODE == 0:
             return tl.dot(a, b, acc)
         elif MODE == 1:
@@ -92,11 +102,12 @@ if HAVE_TRITON:
             if a.dtype == tl.bfloat16:
                 if b.dtype == tl.bfloat16:
                     return tl.dot(a, b, acc)
-                b_hi, b_lo = _bf16_parts(b)
-                return tl.dot(a, b_hi, tl.dot(a, b_lo, acc))
-            a_hi, a_lo = _bf16_parts(a)
+                b0, b1, b2 = _bf16_parts3(b)
+                return tl.dot(a, b0, tl.dot(a, b1, tl.dot(a, b2, acc)))
             if b.dtype == tl.bfloat16:
-                return tl.dot(a_hi, b, tl.dot(a_lo, b, acc))
+                a0, a1, a2 = _bf16_parts3(a)
+                return tl.dot(a0, b, tl.dot(a1, b, tl.dot(a2, b, acc)))
+            a_hi, a_lo = _bf16_parts(a)
             b_hi, b_lo = _bf16_parts(b)
             return tl.dot(a_hi, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, acc)))
 
@@ -336,7 +347,7 @@ def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
     if xa is None:
         xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
-    cfg = config("down", block_m=64, block_k=64, warps=4, per_sm=4)
+    cfg = config("down", block_m=64, block_k=64, warps=4, per_sm=2)
     bm, bk = cfg["block_m"], cfg["block_k"]
     if M == 0:
         return xa
@@ -358,7 +369,7 @@ def lora_up_triton(base2, xa, b, scale, out):
     """out [M, N] = cast(base + scale * xa @ B^T); ``out`` may be ``base2`` itself."""
     M, N = base2.shape
     R = b.shape[1]
-    cfg = config("up", block_m=64, block_n=128, warps=8)
+    cfg = config("up", block_m=32, block_n=128, warps=4)
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
         _lora_up_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
@@ -387,7 +398,7 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
     """dB [N, r] = scale * g^T @ xa (xa may be a column slice of a wider buffer)."""
     M, N = g2.shape
     R = xa.shape[1]
-    cfg = config("grad_b", block_m=32, block_n=128, warps=4, per_sm=8)
+    cfg = config("grad_b", block_m=64, block_n=128, warps=4, per_sm=2)
     bm, bn = cfg["block_m"], cfg["block_n"]
     nb = triton.cdiv(N, bn)
     splits, per = split_extent(M, bm, nb, cfg["per_sm"], g2)
@@ -410,7 +421,7 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
     ranks = ranks or [R]
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
     br = _block_r(R)
-    cfg = config("grad_x", block_m=64, block_k=64, warps=4, per_sm=8)
+    cfg = config("grad_x", block_m=64, block_k=128, warps=4, per_sm=8)
     bm, bk = cfg["block_m"], cfg["block_k"]
     nb = triton.cdiv(K, bk)
     splits, per = split_extent(M, bm, nb, cfg["per_sm"], x2)

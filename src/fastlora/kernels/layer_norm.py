@@ -125,21 +125,22 @@ if HAVE_TRITON:
 # (BLOCK_M, num_warps) or (BLOCK_M, num_warps, programs per SM of the dw/db grid); set by
 # benchmarks/tune_rope_ln.py while it sweeps. None: the table of tile_config.
 TILE_OVERRIDE = None
-DW_PROGRAMS_PER_SM = 4
+DW_PROGRAMS_PER_SM = 1  # H200 sweep: 1 program per SM beats 2, 4 and 8 (fewer partials)
 
 
 def tile_config(n: int, element_size: int, kind: str = "fwd") -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n`` features; ``kind`` is "fwd", "bwd" (no dw
     / db) or "bwd_dw". A tile is BLOCK_M whole rows (BLOCK_N >= n), so several rows' loads are in
     flight; the table starts from RMSNorm's H200 sweep (the same memory pattern, one more
-    reduction), by row size in bytes."""
+    reduction), by row size in bytes, refined by benchmarks/tune_rope_ln.py on the H200
+    (results_h200/tune_rope_ln.json: 85-93% of the copy rate forward, 89-97% backward)."""
     block_n = triton.next_power_of_2(n)
     if TILE_OVERRIDE is not None:
         return TILE_OVERRIDE[0], block_n, TILE_OVERRIDE[1]
     row_bytes = block_n * element_size
     table = {  # row bytes up to: (BLOCK_M, num_warps)
-        "fwd": ((8192, (2, 8)), (None, (1, 16))),
-        "bwd": ((4096, (1, 2)), (8192, (2, 8)), (16384, (1, 8)), (None, (1, 16))),
+        "fwd": ((4096, (1, 4)), (8192, (2, 4)), (16384, (1, 8)), (None, (1, 16))),
+        "bwd": ((16384, (1, 8)), (None, (1, 16))),
         "bwd_dw": ((8192, (4, 8)), (None, (2, 16))),
     }[kind]
     for limit, (block_m, warps) in table:
