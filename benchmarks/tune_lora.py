@@ -22,6 +22,7 @@ import pathlib
 import torch
 import triton.testing
 
+from fastlora.kernels import _dot_precision as D
 from fastlora.kernels import _lora_blocks as K
 from fastlora.kernels import lora_grouped as G
 
@@ -140,7 +141,7 @@ def main(argv=None):
                     help="1: float32 operands as bfloat16 hi + lo (MODE 3); 0: tf32x3")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = ap.parse_args(argv)
-    K.SPLIT_BF16 = bool(args.split_bf16)
+    D.SPLIT_BF16 = bool(args.split_bf16)
     all_cases = cases()
     results = []
     out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))

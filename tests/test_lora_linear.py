@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import fastlora
+from fastlora.kernels import _dot_precision as D
 from fastlora.kernels import _lora_blocks as K
 from fastlora.kernels import lora_linear as L
 from helpers import rel_err, run_step, tiny_llama, with_lora
@@ -92,6 +93,36 @@ def test_blocks_match_float64(dtype, r, p, impl, launch_configs):
     assert rel_err(y, y_ref) < TOL[dtype]
     assert rel_err(dx, dx_ref) < TOL[dtype]
     assert rel_err(dA, da_ref) < TOL[dtype] and rel_err(db, db_ref) < TOL[dtype]
+
+
+def test_bf16_split_parts_are_exact():
+    """MODE 3's operand split (GPU dots on bfloat16 tensor cores): every part is a bfloat16
+    value, three parts rebuild a float32 to 2^-24 and two to 2^-16 (the dots themselves run on
+    the GPU only: the interpreter has no bfloat16 dot; test_cuda_op_matches_float64)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split(X, P3, P2, N: tl.constexpr):
+        i = tl.arange(0, N)
+        x = tl.load(X + i)
+        p0, p1, p2 = D._bf16_parts3(x)
+        hi, lo = D._bf16_parts(x)
+        tl.store(P3 + i, p0.to(tl.float32))
+        tl.store(P3 + N + i, p1.to(tl.float32))
+        tl.store(P3 + 2 * N + i, p2.to(tl.float32))
+        tl.store(P2 + i, hi.to(tl.float32))
+        tl.store(P2 + N + i, lo.to(tl.float32))
+
+    n = 4096
+    x = torch.randn(n) * torch.logspace(-20, 20, n)
+    p3, p2 = torch.full((3, n), float("nan")), torch.full((2, n), float("nan"))
+    split[(1,)](x, p3, p2, N=n)
+    for parts in (p3, p2):
+        assert torch.equal(parts, parts.bfloat16().float())  # exact bfloat16 values
+    err3 = ((p3.double().sum(0) - x.double()).abs() / x.double().abs()).max()
+    err2 = ((p2.double().sum(0) - x.double()).abs() / x.double().abs()).max()
+    assert err3 <= 2.0 ** -23 and err2 <= 2.0 ** -15 and err2 > 2.0 ** -23
 
 
 def test_dropout_mask_kernel_equals_reference_and_keeps_1_minus_p():

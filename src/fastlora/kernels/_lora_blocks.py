@@ -5,10 +5,7 @@ Every block works on 2-D row-major views (rows = tokens). ``A_cat`` may stack th
 several adapters that share one input (ranks ``ranks``); adapter j then gets its own dropout
 mask (slot j). The math of each block is in its docstring; the op files compose them.
 
-Dot precision (``_dot``): MODE 0 is a native 16-bit tensor-core dot (exact products, float32
-accumulation) for two 16-bit operands; MODE 1 casts to float32 and uses Triton's ``tf32x3``
-(three TF32 products: ~22 mantissa bits, i.e. float32-level accuracy on tensor cores) whenever
-a float32 operand is involved; MODE 2 is exact float32 (the interpreter).
+Dot precision: ``_dot`` and its MODEs are in kernels/_dot_precision.py.
 
 Dropout mask spec (shared by the kernels and ``keep_mask_reference``): Philox4x32-10 keyed by the
 low 32 bits of the seed, counter (col // 4, row, slot, 0), word col % 4; kept when the word's top
@@ -21,13 +18,11 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, _sm_count
+from ._dot_precision import dot_mode, fix_bf16  # noqa: F401  (used by the op files too)
 from ._lora_reference import (_inv_keep, keep_mask_reference, lora_down_reference,  # noqa: F401
                               lora_grad_b_reference, lora_grad_down_reference,
                               lora_grad_x_reference, lora_up_reference, philox_reference,
                               threshold_of)
-
-PRECISION = "tf32x3"  # dot precision for float32 operands on the GPU ("ieee" to compare)
-SPLIT_BF16 = True  # bfloat16 activations: float32 operands as bfloat16 hi + lo (MODE 3)
 
 # Launch configurations (block sizes, warps, programs per SM): the defaults in the launchers are
 # the best total over the Llama-1B and -8B adapter shapes in benchmarks/tune_lora.py on the H200
@@ -42,6 +37,8 @@ def config(kernel: str, **defaults) -> dict:
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from ._dot_precision import _bf16_parts, _bf16_parts3, _dot, _rne  # noqa: F401
 
     @triton.jit
     def _philox(c0, c1, c2, c3, k0, k1):
@@ -67,59 +64,6 @@ if HAVE_TRITON:
         o0, o1, o2, o3 = _philox(c0, c1, c2, c1 * 0, seed, k1)
         u = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), [BLOCK_M, BLOCK_K])
         return (u >> 8).to(tl.int32, bitcast=True) >= threshold
-
-    @triton.jit
-    def _bf16_parts(x):
-        """x (float32) = hi + lo + O(2^-17 |x|), hi and lo in bfloat16."""
-        x = x.to(tl.float32)
-        hi = x.to(tl.bfloat16)
-        return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
-
-    @triton.jit
-    def _bf16_parts3(x):
-        """x (float32) = p0 + p1 + p2 + O(2^-25 |x|), the parts in bfloat16."""
-        x = x.to(tl.float32)
-        p0 = x.to(tl.bfloat16)
-        r = x - p0.to(tl.float32)
-        p1 = r.to(tl.bfloat16)
-        return p0, p1, (r - p1.to(tl.float32)).to(tl.bfloat16)
-
-    @triton.jit
-    def _dot(a, b, acc, MODE: tl.constexpr):
-        """acc + a @ b. MODE 0: native 16-bit tensor-core dot; 1: float32 operands through tf32x3
-        (~fp32 accuracy on tensor cores); 2: exact float32 (the interpreter); 3: bfloat16
-        activations on bfloat16 tensor cores: a bfloat16 x float32 product splits the float32
-        side in three bfloat16 parts (float32-level accuracy: these products make the adapter
-        gradients); a float32 x float32 product (the rank-r up-products, whose results are
-        rounded to bfloat16) splits both in two and sums hi*hi + hi*lo + lo*hi (~2^-16)."""
-        if MODE == 0:
-            return tl.dot(a, b, acc)
-        elif MODE == 1:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
-        elif MODE == 2:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            if a.dtype == tl.bfloat16:
-                if b.dtype == tl.bfloat16:
-                    return tl.dot(a, b, acc)
-                b0, b1, b2 = _bf16_parts3(b)
-                return tl.dot(a, b0, tl.dot(a, b1, tl.dot(a, b2, acc)))
-            if b.dtype == tl.bfloat16:
-                a0, a1, a2 = _bf16_parts3(a)
-                return tl.dot(a0, b, tl.dot(a1, b, tl.dot(a2, b, acc)))
-            a_hi, a_lo = _bf16_parts(a)
-            b_hi, b_lo = _bf16_parts(b)
-            return tl.dot(a_hi, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi, acc)))
-
-    @triton.jit
-    def _rne(x, FIX: tl.constexpr):
-        """float32 -> bfloat16 rounding to nearest even where the conversion truncates (the
-        Triton interpreter does; FIX is False on the GPU, whose cvt.rn already rounds)."""
-        if FIX:
-            bits = x.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            x = bits.to(tl.float32, bitcast=True)
-        return x
 
     @triton.jit
     def _lora_down_kernel(X, A, XA, SEED, OFFS, M, K, R, stride_x, stride_a, stride_xa,
@@ -276,24 +220,6 @@ if HAVE_TRITON:
 
 
 # ---------------------------------------------------------------- launch configuration
-
-
-def dot_mode(device: torch.device, act_dtype: torch.dtype,
-             other_dtype: torch.dtype = torch.float32) -> int:
-    """The ``_dot`` MODE for products of an activation-dtype operand with an ``other_dtype``
-    one (float32 adapters or the float32 rank-r intermediates)."""
-    if device.type != "cuda":
-        return 2
-    if act_dtype == other_dtype and act_dtype in (torch.bfloat16, torch.float16):
-        return 0
-    if act_dtype == torch.bfloat16 and SPLIT_BF16:
-        return 3
-    return 1 if PRECISION == "tf32x3" else 2
-
-
-def fix_bf16(out: Tensor) -> bool:
-    """Round bfloat16 stores by hand under the interpreter (it truncates; the GPU rounds)."""
-    return out.dtype == torch.bfloat16 and not out.is_cuda
 
 
 def _block_r(r: int) -> int:
