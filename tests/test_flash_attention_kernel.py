@@ -3,6 +3,7 @@ vs an independent float64 attention with an explicitly built mask."""
 import pytest
 import torch
 
+from fastlora.kernels import _attention_blocks as KA
 from fastlora.kernels import flash_attention as K
 from fastlora.kernels import flash_attention_backward as KB
 from helpers import rel_err
@@ -128,7 +129,7 @@ def test_reference_matches_float64(feature):
 @pytest.mark.parametrize("block", [16, 32])
 def test_block_edges_and_longer_rows(block, monkeypatch):
     """Block sizes that do and do not divide the window, with interior (unmasked) blocks."""
-    monkeypatch.setattr(K, "CONFIG_OVERRIDE", dict(fwd_m=block, fwd_n=16, dq_m=16, dq_n=block,
+    monkeypatch.setattr(KA, "CONFIG_OVERRIDE", dict(fwd_m=block, fwd_n=16, dq_m=16, dq_n=block,
                                                    dkv_m=block, dkv_n=16))
     check("triton", 1, 2, 1, 100, 16, torch.float32, "all")
     check("triton", 1, 2, 1, 100, 16, torch.float32, "window")

@@ -82,7 +82,7 @@ def sdpa_masked(q, k, v, mask=None, **_):
 
 
 def fastlora(q, k, v, window=0, softcap=0.0, doc_ids=None, config=None, **_):
-    from fastlora.kernels import flash_attention as K
+    from fastlora.kernels import _attention_blocks as K
     q, k, v = _heads_first(q, k, v)
     K.CONFIG_OVERRIDE, before = config, K.CONFIG_OVERRIDE
     try:

@@ -24,14 +24,14 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, use_triton
-from .flash_attention import (_doc_args, _last_dim_contiguous, _probabilities, _validate,
-                              block_d, dot_precision, kernel_config)
+from ._attention_blocks import (_doc_args, _last_dim_contiguous, _probabilities, _validate,
+                                block_d, dot_precision, kernel_config)
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .flash_attention import _key_range, _scores, _visible
+    from ._attention_blocks import _key_range, _scores, _visible
 
     @triton.jit
     def _query_range(n0, S_Q, S_K, window, DS, DE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -1,0 +1,218 @@
+"""What the flash-attention forward (flash_attention.py) and backward
+(flash_attention_backward.py) share: the visibility geometry of causal / sliding-window /
+packed-document attention (which key blocks a query block sees, and the mask of an edge
+block), the softcapped scores, the launch configuration, input validation, and the PyTorch
+probabilities that the CPU reference of both directions uses. The math is in flash_attention.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._common import HAVE_TRITON, check_float, check_same_device, require
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tanh(x):
+        # No libdevice: tanh(x) = 1 - 2 / (exp(2x) + 1), which is exact at both infinities.
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _visible(i, j, start_i, end_i, S_K, window,
+                 CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+        """Mask of visible (query i, key j) pairs; i, j (and start_i, end_i, shaped like i) are
+        2-D broadcastable index tensors, so the same code serves both tile orientations."""
+        vis = j < S_K
+        if CAUSAL:
+            vis = vis & (j <= i)
+        if HAS_WINDOW:
+            vis = vis & (j > i - window)
+        if HAS_DOCS:
+            vis = vis & (j >= start_i) & (j < end_i)
+        return vis
+
+    @triton.jit
+    def _key_range(m0, S_Q, S_K, window, DS, DE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+        """For query rows [m0, m0 + BLOCK_M): keys in [lo, hi) are visible to some row, keys in
+        [mid_lo, mid_hi) (whole blocks) to every row. Document bounds are non-decreasing in i."""
+        m_last = tl.minimum(m0 + BLOCK_M, S_Q) - 1
+        lo = m0 * 0
+        hi = lo + S_K
+        full_lo = lo
+        full_hi = hi
+        if CAUSAL:
+            hi = tl.minimum(hi, m_last + 1)
+            full_hi = tl.minimum(full_hi, m0 + 1)
+        if HAS_WINDOW:
+            lo = tl.maximum(lo, m0 - window + 1)
+            full_lo = tl.maximum(full_lo, m_last - window + 1)
+        if HAS_DOCS:
+            lo = tl.maximum(lo, tl.load(DS + m0))
+            full_lo = tl.maximum(full_lo, tl.load(DS + m_last))
+            hi = tl.minimum(hi, tl.load(DE + m_last))
+            full_hi = tl.minimum(full_hi, tl.load(DE + m0))
+        lo = (lo // BLOCK_N) * BLOCK_N
+        mid_lo = tl.minimum(tl.maximum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo), hi)
+        mid_hi = tl.maximum(tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi), mid_lo)
+        return lo, mid_lo, mid_hi, hi
+
+    @triton.jit
+    def _scores(q, kt, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+        """(scores in log2 units, tanh(scale * q.k / softcap) or the scores): float32, [M, N]."""
+        s = tl.dot(q, kt, input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            t = _tanh(s * (sm_scale / softcap))
+            s = t * (softcap * 1.4426950408889634)
+        else:
+            s = s * (sm_scale * 1.4426950408889634)
+            t = s
+        return s, t
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# Tests set this to force small blocks (several blocks per sequence on tiny shapes); benchmarks
+# set it to sweep. Keys: fwd_m, fwd_n, fwd_warps, fwd_stages, dq_m, dq_n, dkv_m, dkv_n, bwd_warps,
+# bwd_stages.
+CONFIG_OVERRIDE: dict | None = None
+
+
+def kernel_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+    """Block sizes by head dim and dtype (a heuristic for the H200 until
+    benchmarks/kernel_cases/attention.py sweeps them; float32, for exactness tests, gets tiles
+    that fit shared memory at twice the bytes); tiny blocks under the interpreter, where each
+    program costs milliseconds."""
+    wide = block_d(head_dim) > 128
+    if not on_gpu:
+        cfg = dict(fwd_m=16, fwd_n=16, fwd_warps=1, fwd_stages=1, dq_m=16, dq_n=16, dkv_m=16,
+                   dkv_n=16, bwd_warps=1, bwd_stages=1)
+    elif dtype == torch.float32:
+        m, n = (32, 16) if wide else (64, 32)
+        cfg = dict(fwd_m=m, fwd_n=n, fwd_warps=4, fwd_stages=2, dq_m=n, dq_n=n, dkv_m=n,
+                   dkv_n=n, bwd_warps=4, bwd_stages=1)
+    elif block_d(head_dim) <= 64:
+        cfg = dict(fwd_m=128, fwd_n=64, fwd_warps=4, fwd_stages=3, dq_m=64, dq_n=64, dkv_m=64,
+                   dkv_n=64, bwd_warps=4, bwd_stages=2)
+    elif not wide:
+        cfg = dict(fwd_m=128, fwd_n=64, fwd_warps=8, fwd_stages=3, dq_m=64, dq_n=64, dkv_m=64,
+                   dkv_n=64, bwd_warps=8, bwd_stages=2)
+    else:
+        cfg = dict(fwd_m=64, fwd_n=32, fwd_warps=8, fwd_stages=2, dq_m=32, dq_n=32, dkv_m=32,
+                   dkv_n=32, bwd_warps=8, bwd_stages=1)
+    if CONFIG_OVERRIDE:
+        cfg.update(CONFIG_OVERRIDE)
+    return cfg
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get exact (IEEE) products, not TF32: the op promises fp32 accuracy."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------- shared by both directions
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], window: int,
+              softcap: float) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        require(t.dim() == 4, f"fastlora.flash_attention: {name} must be (batch, heads, seq, "
+                              f"head_dim), got shape {tuple(t.shape)}")
+    check_same_device(q=q, k=k, v=v)
+    require(q.dtype == k.dtype == v.dtype,
+            f"fastlora.flash_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})",
+            TypeError)
+    B, H, S_Q, D = q.shape
+    require(k.shape[0] == B and v.shape[0] == B and k.shape[2] == v.shape[2],
+            f"fastlora.flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} do not fit "
+            f"q {tuple(q.shape)}")
+    require(k.shape[3] == D and v.shape[3] == D,
+            f"fastlora.flash_attention: head dims differ (q {D}, k {k.shape[3]}, "
+            f"v {v.shape[3]}); only equal head dims are supported")
+    require(k.shape[1] == v.shape[1] and H % k.shape[1] == 0,
+            f"fastlora.flash_attention: {H} query heads cannot share {k.shape[1]} key/value "
+            "heads evenly")
+    require(D <= 256, f"fastlora.flash_attention: head dim {D} > 256 is not supported")
+    require(window >= 0, f"fastlora.flash_attention: window must be >= 0 (0 = none), got {window}")
+    require(softcap >= 0.0, f"fastlora.flash_attention: softcap must be >= 0 (0 = none), got "
+                            f"{softcap}")
+    if doc_ids is not None:
+        require(doc_ids.dim() == 2 and doc_ids.shape[-1] == S_Q == k.shape[2]
+                and doc_ids.shape[0] in (1, B),
+                f"fastlora.flash_attention: doc_ids must have shape ({B} or 1, {S_Q}) and keys "
+                f"must be as long as queries, got doc_ids {tuple(doc_ids.shape)}, "
+                f"{k.shape[2]} keys")
+        require(not doc_ids.is_floating_point() and not doc_ids.is_complex(),
+                f"fastlora.flash_attention: doc_ids must be integers, got {doc_ids.dtype}",
+                TypeError)
+        require(doc_ids.device == q.device, "fastlora.flash_attention: doc_ids on another device")
+
+
+def document_bounds(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(start, end), int32, shaped like ``doc_ids``: the first index of each token's run of
+    equal ids and one past its last index."""
+    S = doc_ids.shape[-1]
+    idx = torch.arange(S, device=doc_ids.device, dtype=torch.int32).expand_as(doc_ids)
+    change = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cat([torch.ones_like(change[:, :1]), change], 1)
+    last = torch.cat([change, torch.ones_like(change[:, :1])], 1)
+    start = torch.where(first, idx, 0).cummax(1).values
+    end = torch.where(last, idx + 1, S).flip(1).cummin(1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def _doc_args(doc_ids: Optional[Tensor], q: Tensor):
+    """(start, end, batch stride) for the kernels; dummies when there are no documents."""
+    if doc_ids is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        return dummy, dummy, 0
+    start, end = document_bounds(doc_ids)
+    return start, end, (start.stride(0) if start.shape[0] > 1 else 0)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def visible_mask(S_Q: int, S_K: int, causal: bool, window: int, doc_ids: Optional[Tensor],
+                 device) -> Tensor:
+    """(B or 1, 1, S_Q, S_K) bool: which keys each query sees (the op's definition)."""
+    i = torch.arange(S_Q, device=device)[:, None]
+    j = torch.arange(S_K, device=device)[None, :]
+    vis = torch.ones(S_Q, S_K, dtype=torch.bool, device=device)
+    if causal:
+        vis = vis & (j <= i)
+    if window > 0:
+        vis = vis & (j > i - window)
+    vis = vis[None, None]
+    if doc_ids is not None:
+        start, end = document_bounds(doc_ids)
+        vis = vis & (j >= start[:, None, :, None].long()) & (j < end[:, None, :, None].long())
+    return vis
+
+
+def _probabilities(q, k, scale, causal, window, softcap, doc_ids):
+    """float32 probabilities (B, H, S_Q, S_K), the capped scores' tanh (or None), and lse."""
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, 1)
+    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    t = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = t * softcap
+    vis = visible_mask(q.shape[2], k.shape[2], causal, window, doc_ids, q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows that see nothing: all zero
+    return p, t, lse
