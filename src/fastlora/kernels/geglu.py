@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
-from .swiglu import block_config, grid, rows2d
+from ._glu_tiles import launch_backward, launch_forward
 
 APPROXIMATIONS = ("tanh", "none")
 _K = math.sqrt(2.0 / math.pi)
@@ -37,6 +37,8 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from ._glu_tiles import load_f32, store, tile
 
     @triton.jit
     def _gelu_and_grad(g, TANH: tl.constexpr, NEED_GRAD: tl.constexpr):
@@ -63,34 +65,22 @@ if HAVE_TRITON:
     @triton.jit
     def _geglu_fwd(G, U, Y, stride_g, stride_u, stride_y, M, N, TANH: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
+        g = load_f32(G, stride_g, rows, cols, mask)
+        u = load_f32(U, stride_u, rows, cols, mask)
         a, _ = _gelu_and_grad(g, TANH, False)
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], (a * u).to(Y.dtype.element_ty),
-                 mask=mask)
+        store(Y, stride_y, rows, cols, mask, a * u)
 
     @triton.jit
     def _geglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
                    TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-        g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
+        dy = load_f32(DY, stride_dy, rows, cols, mask)
+        g = load_f32(G, stride_g, rows, cols, mask)
+        u = load_f32(U, stride_u, rows, cols, mask)
         a, da = _gelu_and_grad(g, TANH, True)
-        tl.store(DG + rows[:, None] * stride_dg + cols[None, :],
-                 (dy * u * da).to(DG.dtype.element_ty), mask=mask)
-        tl.store(DU + rows[:, None] * stride_du + cols[None, :], (dy * a).to(DU.dtype.element_ty),
-                 mask=mask)
+        store(DG, stride_dg, rows, cols, mask, dy * u * da)
+        store(DU, stride_du, rows, cols, mask, dy * a)
 
 
 def _validate(gate: Tensor, up: Tensor, approximate: str) -> None:
@@ -109,34 +99,11 @@ def _validate(gate: Tensor, up: Tensor, approximate: str) -> None:
 
 
 def geglu_forward_triton(gate, up, approximate, y=None):
-    g2, u2 = rows2d(gate), rows2d(up)
-    M, N = g2.shape
-    if y is None:
-        y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    y2 = y.view(M, N)
-    bm, bn, warps = block_config(N)
-    if M * N:
-        _geglu_fwd[grid(M, N, bm, bn)](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), M, N,
-                                       TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn,
-                                       num_warps=warps)
-    return y.view(gate.shape)
+    return launch_forward(_geglu_fwd, gate, up, y, TANH=approximate == "tanh")
 
 
 def geglu_backward_triton(dy, gate, up, approximate, dgate=None, dup=None):
-    g2, u2, dy2 = rows2d(gate), rows2d(up), rows2d(dy)
-    M, N = g2.shape
-    if dgate is None:
-        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    if dup is None:
-        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    dg2, du2 = dgate.view(M, N), dup.view(M, N)
-    bm, bn, warps = block_config(N)
-    if M * N:
-        _geglu_bwd[grid(M, N, bm, bn)](dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0),
-                                       u2.stride(0), dg2.stride(0), du2.stride(0), M, N,
-                                       TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn,
-                                       num_warps=warps)
-    return dgate.view(gate.shape), dup.view(up.shape)
+    return launch_backward(_geglu_bwd, dy, gate, up, dgate, dup, TANH=approximate == "tanh")
 
 
 # ---------------------------------------------------------------- PyTorch reference (CPU kernel)

@@ -20,62 +20,33 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
+from ._glu_tiles import launch_backward, launch_forward
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from ._glu_tiles import load_f32, store, tile
+
     @triton.jit
     def _swiglu_fwd(G, U, Y, stride_g, stride_u, stride_y, M, N,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
+        g = load_f32(G, stride_g, rows, cols, mask)
+        u = load_f32(U, stride_u, rows, cols, mask)
         s = 1.0 / (1.0 + tl.exp(-g))
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], (g * s * u).to(Y.dtype.element_ty),
-                 mask=mask)
+        store(Y, stride_y, rows, cols, mask, g * s * u)
 
     @triton.jit
     def _swiglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-        g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
+        dy = load_f32(DY, stride_dy, rows, cols, mask)
+        g = load_f32(G, stride_g, rows, cols, mask)
+        u = load_f32(U, stride_u, rows, cols, mask)
         s = 1.0 / (1.0 + tl.exp(-g))
-        dg = dy * u * s * (1.0 + g * (1.0 - s))
-        du = dy * g * s
-        tl.store(DG + rows[:, None] * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty),
-                 mask=mask)
-        tl.store(DU + rows[:, None] * stride_du + cols[None, :], du.to(DU.dtype.element_ty),
-                 mask=mask)
-
-
-def block_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for an elementwise [M, n] map: 4096 elements a program,
-    at most 1024 columns wide so that MLP widths (8192, 14336, 9216) waste no masked lanes."""
-    block_n = min(triton.next_power_of_2(n), 1024)
-    block_m = max(1, 4096 // block_n)
-    return block_m, block_n, 8
-
-
-def rows2d(t: Tensor) -> Tensor:
-    """``t`` as [rows, last dim] with unit stride along the row (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
-
-
-def grid(m: int, n: int, block_m: int, block_n: int):
-    return triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+        store(DG, stride_dg, rows, cols, mask, dy * u * s * (1.0 + g * (1.0 - s)))
+        store(DU, stride_du, rows, cols, mask, dy * g * s)
 
 
 def _validate(gate: Tensor, up: Tensor) -> None:
@@ -98,35 +69,12 @@ def _validate_packed(x: Tensor) -> None:
 
 
 def swiglu_forward_triton(gate, up, y=None):
-    g2, u2 = rows2d(gate), rows2d(up)
-    M, N = g2.shape
-    if y is None:
-        y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    y2 = y.view(M, N)
-    bm, bn, warps = block_config(N)
-    if M * N:
-        _swiglu_fwd[grid(M, N, bm, bn)](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0),
-                                        M, N, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
-    return y.view(gate.shape)
+    return launch_forward(_swiglu_fwd, gate, up, y)
 
 
 def swiglu_backward_triton(dy, gate, up, dgate=None, dup=None):
     """d gate and d up; they may be two views of one buffer (the packed op passes its halves)."""
-    g2, u2, dy2 = rows2d(gate), rows2d(up), rows2d(dy)
-    M, N = g2.shape
-    if dgate is None:
-        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    if dup is None:
-        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    dg2, du2 = dgate.view(M, N), dup.view(M, N)  # views: the kernel must write into them
-    require(dg2.stride(-1) == 1 and du2.stride(-1) == 1,
-            "fastlora.swiglu: gradient buffers must be contiguous along the last dimension")
-    bm, bn, warps = block_config(N)
-    if M * N:
-        _swiglu_bwd[grid(M, N, bm, bn)](dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0),
-                                        u2.stride(0), dg2.stride(0), du2.stride(0), M, N,
-                                        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
-    return dgate.view(gate.shape), dup.view(up.shape)
+    return launch_backward(_swiglu_bwd, dy, gate, up, dgate, dup)
 
 
 def _halves(x: Tensor):

@@ -1,0 +1,88 @@
+"""The elementwise tile scaffolding that SwiGLU (swiglu.py) and GeGLU (geglu.py) share.
+
+One program per [BLOCK_M, BLOCK_N] tile of the [tokens, ffn] map; inputs are read in place as
+row-strided views (e.g. the two halves of a packed gate_up output), the math is float32 and the
+result is rounded once, at the store. A forward kernel has the signature
+``(G, U, Y, stride_g, stride_u, stride_y, M, N, *constexprs)`` and a backward kernel
+``(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N, *constexprs)``;
+``launch_forward`` / ``launch_backward`` drive either op's pair.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import HAVE_TRITON, require
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Row and column indices of this program's tile, and its in-bounds mask."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return rows, cols, (rows < M)[:, None] & (cols < N)[None, :]
+
+    @triton.jit
+    def load_f32(P, stride, rows, cols, mask):
+        return tl.load(P + rows[:, None] * stride + cols[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def store(P, stride, rows, cols, mask, value):
+        tl.store(P + rows[:, None] * stride + cols[None, :], value.to(P.dtype.element_ty),
+                 mask=mask)
+
+
+def block_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for an elementwise [M, n] map: 4096 elements a program,
+    at most 1024 columns wide so that MLP widths (8192, 14336, 9216) waste no masked lanes."""
+    block_n = min(triton.next_power_of_2(n), 1024)
+    block_m = max(1, 4096 // block_n)
+    return block_m, block_n, 8
+
+
+def rows2d(t: Tensor) -> Tensor:
+    """``t`` as [rows, last dim] with unit stride along the row (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def grid(m: int, n: int, block_m: int, block_n: int):
+    return triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+
+
+def launch_forward(kernel, gate: Tensor, up: Tensor, y: Tensor | None = None, **constexprs):
+    """y = kernel(gate, up), a new tensor unless ``y`` is given (tests poison it)."""
+    g2, u2 = rows2d(gate), rows2d(up)
+    M, N = g2.shape
+    if y is None:
+        y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    y2 = y.view(M, N)
+    bm, bn, warps = block_config(N)
+    if M * N:
+        kernel[grid(M, N, bm, bn)](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), M, N,
+                                   BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **constexprs)
+    return y.view(gate.shape)
+
+
+def launch_backward(kernel, dy: Tensor, gate: Tensor, up: Tensor, dgate: Tensor | None = None,
+                    dup: Tensor | None = None, **constexprs):
+    """(d gate, d up); they may be two views of one buffer (the packed op passes its halves)."""
+    g2, u2, dy2 = rows2d(gate), rows2d(up), rows2d(dy)
+    M, N = g2.shape
+    if dgate is None:
+        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if dup is None:
+        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    dg2, du2 = dgate.view(M, N), dup.view(M, N)  # views: the kernel must write into them
+    require(dg2.stride(-1) == 1 and du2.stride(-1) == 1,
+            "fastlora: gradient buffers must be contiguous along the last dimension")
+    bm, bn, warps = block_config(N)
+    if M * N:
+        kernel[grid(M, N, bm, bn)](dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0),
+                                   u2.stride(0), dg2.stride(0), du2.stride(0), M, N,
+                                   BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **constexprs)
+    return dgate.view(gate.shape), dup.view(up.shape)
