@@ -4,7 +4,8 @@ import torch
 
 import fastlora
 from fastlora.kernels import rms_norm as K
-from helpers import compare_compiled, compare_low_precision, rel_err, tiny_llama, with_lora
+from helpers import (compare_compiled, compare_low_precision, rel_err, run_step, tiny_llama,
+                     with_lora)
 from test_rms_norm_kernel import reference64
 
 pytestmark = pytest.mark.gpu
@@ -51,3 +52,23 @@ def test_tiny_llama_cuda_bf16():
     err_eager, err_compiled = compare_low_precision(with_lora(tiny_llama(layers=2)).cuda(),
                                                     _inputs(), options={"compiler": "inductor"})
     assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
+
+
+def test_tiny_llama_cuda_graphs_match_eager():
+    """``mode="reduce-overhead"``: inductor's CUDA graphs around the rewritten graph (the
+    fastlora-cg benchmark variant). Every custom op must be capturable (no host sync, no
+    allocation of host data after warm-up); three steps cover warm-up, recording and replay."""
+    import copy
+
+    model = with_lora(tiny_llama(layers=2)).cuda()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="fastlora", mode="reduce-overhead",
+                             options={"strict": True})
+    for _ in range(3):
+        inputs = _inputs()
+        loss_e, grads_e = run_step(model, inputs)
+        loss_c, grads_c = run_step(compiled, inputs, twin)
+        loss_c = loss_c.clone()  # a graph output is overwritten by the next replay
+        assert rel_err(loss_c, loss_e) < 1e-5
+        assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-4
+    assert fastlora.last_report().counts()["rms_norm"] == 5
