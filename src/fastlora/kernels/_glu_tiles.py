@@ -36,9 +36,17 @@ if HAVE_TRITON:
                  mask=mask)
 
 
+# (elements per program, most columns, num_warps); benchmarks/tune_glu.py sweeps it.
+TILE_OVERRIDE: tuple[int, int, int] | None = None
+
+
 def block_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for an elementwise [M, n] map: 4096 elements a program,
     at most 1024 columns wide so that MLP widths (8192, 14336, 9216) waste no masked lanes."""
+    if TILE_OVERRIDE is not None:
+        elems, widest, warps = TILE_OVERRIDE
+        block_n = min(triton.next_power_of_2(n), widest)
+        return max(1, elems // block_n), block_n, warps
     block_n = min(triton.next_power_of_2(n), 1024)
     block_m = max(1, 4096 // block_n)
     return block_m, block_n, 8

@@ -1,0 +1,94 @@
+"""Sweep the SwiGLU / GeGLU tile (elements per program, widest tile, warps) on the GPU.
+
+    python benchmarks/tune_glu.py            # results feed kernels/_glu_tiles.py:block_config
+
+The launchers are timed directly with triton.testing.do_bench_cudagraph (pure GPU time, no
+Python dispatch) at the Llama-8B MLP width (8192 x 14336) and Gemma's (8192 x 9216 for GeGLU),
+bf16, against inductor's code for the same eager function timed the same way. Each
+configuration's output is checked against the default configuration's first. Writes
+$OUT/tune_glu.json.
+"""
+import itertools
+import json
+import os
+import pathlib
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from fastlora.kernels import _glu_tiles as T
+from fastlora.kernels import geglu, swiglu
+
+COPY_GBPS = 4220.0
+
+
+def _time(fn) -> float:
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception:  # capture can fail on some builds
+        return triton.testing.do_bench(fn, rep=50, return_mode="median")
+
+
+def cases():
+    out = []
+    for name, (M, N) in (("swiglu", (8192, 14336)), ("geglu_tanh", (8192, 9216))):
+        g, u, dy = (torch.randn(M, N, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        if name == "swiglu":
+            fwd = lambda g=g, u=u: swiglu.swiglu_forward_triton(g, u)
+            bwd = lambda g=g, u=u, dy=dy: swiglu.swiglu_backward_triton(dy, g, u)
+            eager_fwd = lambda g, u: F.silu(g) * u
+        else:
+            fwd = lambda g=g, u=u: geglu.geglu_forward_triton(g, u, "tanh")
+            bwd = lambda g=g, u=u, dy=dy: geglu.geglu_backward_triton(dy, g, u, "tanh")
+            eager_fwd = lambda g, u: F.gelu(g, approximate="tanh") * u
+
+        def eager_bwd(g, u, dy, f=eager_fwd):
+            g, u = g.detach().requires_grad_(), u.detach().requires_grad_()
+            return torch.autograd.grad(f(g, u), (g, u), dy)
+
+        ind_fwd, ind_bwd = torch.compile(eager_fwd), torch.compile(eager_bwd)
+        nbytes = M * N * 2
+        out.append((f"{name} fwd {M}x{N}", fwd, lambda g=g, u=u, f=ind_fwd: f(g, u),
+                    3 * nbytes))
+        out.append((f"{name} bwd {M}x{N}", bwd, lambda g=g, u=u, dy=dy, f=ind_bwd: f(g, u, dy),
+                    5 * nbytes))
+    return out
+
+
+def main():
+    rows = []
+    configs = [(e, w, warps) for e, w, warps in itertools.product((2048, 4096, 8192),
+                                                                  (512, 1024, 2048), (4, 8, 16))
+               if e >= w]
+    for label, fn, inductor, nbytes in cases():
+        T.TILE_OVERRIDE = None
+        first = fn()
+        ref = [t.clone() for t in (first if isinstance(first, tuple) else (first,))]
+        default = _time(fn)
+        ind = _time(inductor)
+        best = (default, None)
+        for cfg in configs:
+            T.TILE_OVERRIDE = cfg
+            got = fn()
+            got = got if isinstance(got, tuple) else (got,)
+            if not all(torch.equal(a, b) for a, b in zip(got, ref)):
+                rows.append({"case": label, "config": cfg, "error": "output differs"})
+                continue
+            ms = _time(fn)
+            rows.append({"case": label, "config": cfg, "ms": ms, "gbps": nbytes / ms / 1e6})
+            best = min(best, (ms, cfg), key=lambda b: b[0])
+        T.TILE_OVERRIDE = None
+        rows.append({"case": label, "config": "default", "ms": default,
+                     "gbps": nbytes / default / 1e6, "inductor_ms": ind})
+        print(f"{label:<28} default {nbytes / default / 1e6:6.0f} GB/s "
+              f"({100 * nbytes / default / 1e6 / COPY_GBPS:.0f}%), best "
+              f"{nbytes / best[0] / 1e6:6.0f} GB/s at {best[1]}, inductor "
+              f"{nbytes / ind / 1e6:6.0f} GB/s", flush=True)
+    out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune_glu.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
