@@ -1,0 +1,315 @@
+"""lora_mlp_block: lora_mlp + down_proj's lora_linear as one op that recomputes h in backward.
+
+The op against the two unfused ops (same seeds: the same masks, so the same values bit for bit)
+and against float64 on odd shapes; the bytes it saves for backward; the pattern compiled vs
+eager on tiny Llamas (plain, bias, seeded dropout twin) and a near miss where h has a second user.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastlora
+from fastlora.kernels import _lora_blocks as K
+from helpers import compare_compiled, rel_err, run_step, tiny_llama, with_lora
+from test_lora_grouped import GroupSeededDropout, _SharedSeed
+from test_lora_linear import SeededDropout, _mixed, errors_vs
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+M, HID, FFN, OUT = 37, 72, 40, 72  # tokens, hidden, ffn (odd sizes: masked tiles everywhere)
+OPTIONS = {"compiler": "aot_eager", "strict": True}
+PATTERNS = ("lora_mlp", "lora_linear", "lora_mlp_block")
+
+
+def _act(g, activation):
+    if activation == "silu":
+        return F.silu(g)
+    return F.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _operands(dtype, r, bias, p, lead=(M,)):
+    """Leaf tensors of one MLP: base weights frozen in ``dtype``, fp32 adapters trainable."""
+    def leaf(*shape, scale=1.0, dt=torch.float32, grad=True):
+        return (torch.randn(*shape, dtype=dt) * scale).requires_grad_(grad)
+    t = dict(x=leaf(*lead, HID, dt=dtype),
+             gate_weight=leaf(FFN, HID, scale=0.15, dt=dtype, grad=False),
+             gate_bias=leaf(FFN, dt=dtype) if bias else None,
+             gate_A=leaf(r, HID, scale=0.15), gate_B=leaf(FFN, r),
+             up_weight=leaf(FFN, HID, scale=0.15, dt=dtype, grad=False),
+             up_bias=leaf(FFN, dt=dtype) if bias else None,
+             up_A=leaf(3, HID, scale=0.15), up_B=leaf(FFN, 3),
+             down_weight=leaf(OUT, FFN, scale=0.15, dt=dtype, grad=False),
+             down_bias=leaf(OUT, dt=dtype) if bias else None,
+             down_A=leaf(r, FFN, scale=0.15), down_B=leaf(OUT, r))
+    seeds = (torch.tensor([11]), torch.tensor([12])) if p else (None, None)
+    return t, seeds
+
+
+def _block(t, seeds, p, activation, dtype):
+    return torch.ops.fastlora.lora_mlp_block(
+        t["x"], t["gate_weight"], t["gate_bias"], t["gate_A"], t["gate_B"], t["up_weight"],
+        t["up_bias"], t["up_A"], t["up_B"], seeds[0], 0.5, 0.7, p, activation, dtype,
+        t["down_weight"], t["down_bias"], t["down_A"], t["down_B"], seeds[1], 1.5, p, dtype)
+
+
+def _two_ops(t, seeds, p, activation, dtype):
+    h = torch.ops.fastlora.lora_mlp(
+        t["x"], t["gate_weight"], t["gate_bias"], t["gate_A"], t["gate_B"], t["up_weight"],
+        t["up_bias"], t["up_A"], t["up_B"], seeds[0], 0.5, 0.7, p, activation, dtype)[0]
+    return torch.ops.fastlora.lora_linear(h, t["down_weight"], t["down_bias"], None, t["down_A"],
+                                          t["down_B"], seeds[1], 1.5, p, dtype)
+
+
+def _reference64(t, p, activation, dy):
+    """y and the gradients of every trainable leaf, in float64, with the ops' dropout masks."""
+    d = {k: v.detach().double().requires_grad_(v.requires_grad) if v is not None else None
+         for k, v in t.items()}
+    x2 = d["x"].reshape(-1, HID)
+    ones = torch.ones(x2.shape[0], HID, dtype=torch.bool)
+    kg = K.keep_mask_reference(11, x2.shape[0], HID, 0, p) if p else ones
+    ku = K.keep_mask_reference(11, x2.shape[0], HID, 1, p) if p else ones
+    kd = K.keep_mask_reference(12, x2.shape[0], FFN, 0, p) if p else ones[:, :FFN]
+
+    def lin(inp, w, b, a, bb, s, keep):
+        base = inp @ w.T + (b if b is not None else 0)
+        return base + s * ((inp * keep / (1 - p)) @ a.T) @ bb.T
+    gate = lin(x2, d["gate_weight"], d["gate_bias"], d["gate_A"], d["gate_B"], 0.5, kg)
+    up = lin(x2, d["up_weight"], d["up_bias"], d["up_A"], d["up_B"], 0.7, ku)
+    h = _act(gate, activation) * up
+    y = lin(h, d["down_weight"], d["down_bias"], d["down_A"], d["down_B"], 1.5, kd)
+    names = [k for k, v in d.items() if v is not None and v.requires_grad]
+    grads = torch.autograd.grad(y, [d[k] for k in names], dy.double().reshape(y.shape))
+    return y, dict(zip(names, grads))
+
+
+def _grads(t):
+    return {k: v.grad for k, v in t.items() if v is not None and v.requires_grad}
+
+
+# ---------------------------------------------------------------- the op
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("dtype,r,bias,p,activation", [
+    (torch.float32, 1, True, 0.0, "silu"),
+    (torch.float32, 8, False, 0.25, "gelu_tanh"),
+    (torch.bfloat16, 8, True, 0.0, "gelu"),
+    (torch.bfloat16, 1, True, 0.2, "silu"),
+])
+def test_op_equals_two_ops_and_float64(impl, dtype, r, bias, p, activation, monkeypatch):
+    if impl == "reference":  # CPU tensors take the PyTorch references instead of the kernels
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    t, seeds = _operands(dtype, r, bias, p)
+    y, bg, bu, xa, xa_d = _block(t, seeds, p, activation, dtype)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    got = _grads(t)
+    t2 = {k: v.detach().clone().requires_grad_(v.requires_grad) if v is not None else None
+          for k, v in t.items()}
+    y2, xa_d2 = _two_ops(t2, seeds, p, activation, dtype)
+    y2.backward(dy)
+    # the same functions on the same values: bit for bit
+    assert torch.equal(y, y2) and torch.equal(xa_d, xa_d2)
+    for name, g in _grads(t2).items():
+        assert torch.equal(got[name], g), name
+    y64, want = _reference64(t, p, activation, dy)
+    assert y.dtype == dtype and rel_err(y, y64) < TOL[dtype]
+    assert set(got) == set(want)
+    for name, g in want.items():
+        assert rel_err(got[name], g) < TOL[dtype], name
+
+
+def test_three_dim_input_and_needs_no_dx():
+    t, seeds = _operands(torch.float32, 4, False, 0.1, lead=(3, 5))
+    t["x"].requires_grad_(False)
+    y = _block(t, seeds, 0.1, "silu", torch.float32)[0]
+    assert y.shape == (3, 5, OUT)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    _, want = _reference64(t, 0.1, "silu", dy)
+    for name, g in _grads(t).items():
+        assert rel_err(g, want[name]) < 1e-5, name
+
+
+def test_opcheck_and_errors():
+    t, seeds = _operands(torch.float32, 4, True, 0.1, lead=(2, 3))
+    args = (t["x"], t["gate_weight"], t["gate_bias"], t["gate_A"], t["gate_B"], t["up_weight"],
+            t["up_bias"], t["up_A"], t["up_B"], seeds[0], 0.5, 0.7, 0.1, "silu", torch.float32,
+            t["down_weight"], t["down_bias"], t["down_A"], t["down_B"], seeds[1], 1.5, 0.1,
+            torch.float32)
+    torch.library.opcheck(torch.ops.fastlora.lora_mlp_block.default, args)
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    y, bg, bu, xa, xa_d = torch.ops.fastlora.lora_mlp_block(*plain)
+    torch.library.opcheck(torch.ops.fastlora.lora_mlp_block_backward.default,
+                          (torch.randn_like(y), *plain[0:2], *plain[3:6], *plain[7:9], bg, bu,
+                           xa, seeds[0], 0.5, 0.7, 0.1, "silu", torch.float32, plain[15],
+                           plain[17], plain[18], xa_d, seeds[1], 1.5, 0.1, True, True, True))
+    op = torch.ops.fastlora.lora_mlp_block
+    with pytest.raises(ValueError, match="down_weight must be"):
+        op(*args[:15], torch.randn(OUT, FFN + 1), *args[16:])
+    with pytest.raises(ValueError, match="one-element int64 seed"):
+        op(*args[:19], None, *args[20:])
+    trainable = dict(t, down_weight=t["down_weight"].detach().requires_grad_())
+    y = _block(trainable, seeds, 0.1, "silu", torch.float32)[0]
+    with pytest.raises(RuntimeError, match="base weights must be frozen"):
+        y.sum().backward()
+
+
+def _saved_activation_bytes(fn, inputs):
+    """Bytes of the tensors autograd saves that are not inputs (weights, x, seeds), and their
+    shapes."""
+    ptrs = {v.data_ptr() for v in inputs if v is not None}
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in ptrs:
+            saved.append(tensor)
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    unique = {s.data_ptr(): s for s in saved}.values()
+    return sum(s.numel() * s.element_size() for s in unique), [tuple(s.shape) for s in unique]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saves_no_hidden_state(dtype):
+    t, seeds = _operands(dtype, 8, False, 0.1)
+    fused, shapes = _saved_activation_bytes(lambda: _block(t, seeds, 0.1, "silu", dtype),
+                                            [*t.values(), *seeds])
+    unfused, _ = _saved_activation_bytes(lambda: _two_ops(t, seeds, 0.1, "silu", dtype),
+                                         [*t.values(), *seeds])
+    e = torch.finfo(dtype).bits // 8
+    assert shapes.count((M, FFN)) == 2  # base_gate, base_up; no h
+    assert fused == 2 * M * FFN * e + 4 * M * (8 + 3 + 8)  # + the float32 xa's
+    assert unfused - fused == M * FFN * e  # exactly h
+
+
+# ---------------------------------------------------------------- the pattern
+
+
+def _inputs():
+    ids = torch.randint(0, 97, (2, 11))
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("layers,r,bias,checkpoint", [(2, 4, False, False), (1, 1, True, False),
+                                                     (2, 8, False, True)])
+def test_llama_compiled_vs_eager(layers, r, bias, checkpoint):
+    model = with_lora(tiny_llama(layers=layers, mlp_bias=bias), r=r)
+    inputs = _inputs()
+    if checkpoint:  # the pattern also fires inside the checkpointed layer bodies
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        inputs["use_cache"] = False
+    fastlora.clear_reports()
+    loss_err, grad_errs, grads = compare_compiled(model, inputs, OPTIONS)
+    reports = fastlora.reports()
+    assert reports.counts()["lora_mlp_block"] == layers, reports.counts()
+    assert len(grads) == 2 * 7 * layers
+    assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
+    assert not [n for n in reports.near_misses() if n["pattern"] == "lora_mlp_block"]
+    blocks = [m for r in reports for m in r.matches if m["pattern"] == "lora_mlp_block"]
+    assert {m["params"]["activation"] for m in blocks} == {"silu"}
+
+
+@pytest.mark.parametrize("mode", ["bf16_base_fp32_adapters", "autocast_bf16"])
+def test_llama_bf16(mode):
+    """Against the float32 model: the compiled error may not exceed eager bf16's own error."""
+    model32 = with_lora(tiny_llama(layers=1), r=8)
+    if mode == "autocast_bf16":
+        errs = errors_vs(copy.deepcopy(model32), model32, _inputs(), autocast=torch.bfloat16,
+                         patterns=PATTERNS)
+    else:
+        errs = errors_vs(model32, _mixed(copy.deepcopy(model32)), _inputs(), patterns=PATTERNS)
+    assert fastlora.last_report().counts() == {"lora_mlp": 1, "lora_linear": 5,
+                                               "lora_mlp_block": 1}
+    assert errs[1] <= 1.5 * errs[0] + 1e-3, errs
+
+
+def test_compiled_model_saves_no_hidden_state():
+    """Distinct [batch, seq, ffn] tensors the compiled model keeps for backward: base_gate and
+    base_up per layer with the pattern, + h without it."""
+    model = with_lora(tiny_llama(layers=2, inter=56))
+    found = {}
+    for disable in ([], ["lora_mlp_block"]):
+        torch._dynamo.reset()
+        twin = copy.deepcopy(model)
+        compiled = torch.compile(twin, backend="fastlora", options={**OPTIONS, "disable": disable})
+        inputs = _inputs()
+        compiled(**inputs).loss.backward()  # compile first (the hooks also see fake tensors)
+        ptrs = set()
+
+        def pack(t):
+            if tuple(t.shape) == (2, 11, 56):
+                ptrs.add(t.data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = compiled(**inputs).loss
+        loss.backward()
+        found[bool(disable)] = len(ptrs)
+    assert found == {False: 2 * 2, True: 3 * 2}
+
+
+def test_dropout_seeded_twin():
+    p = 0.2
+    model = with_lora(tiny_llama(layers=1), dropout=p)
+    twin, shared = copy.deepcopy(model), _SharedSeed()
+    for name, module in twin.named_modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            slot = {"gate_proj": 0, "up_proj": 1}.get(name.rsplit(".", 1)[-1])
+            module.lora_dropout["default"] = (SeededDropout(p) if slot is None
+                                              else GroupSeededDropout(p, slot, shared))
+    # q/k/v as single adapters, like the twin
+    others = [p_.name for p_ in fastlora.registered_patterns() if p_.name not in PATTERNS]
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="fastlora",
+                             options={**OPTIONS, "disable": others})
+    torch.manual_seed(4)
+    loss_c, grads_c = run_step(compiled, _inputs(), compiled_model)
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_mlp": 1, "lora_linear": 5, "lora_mlp_block": 1}
+    block = next(m for m in report.matches if m["pattern"] == "lora_mlp_block")
+    assert block["params"]["dropout_p"] == block["params"]["down_dropout_p"] == p
+    torch.manual_seed(4)
+    loss_t, grads_t = run_step(twin, _inputs())
+    assert rel_err(loss_c, loss_t) < 1e-6
+    assert max(rel_err(grads_c[n], g) for n, g in grads_t.items()) < 1e-5
+
+
+class GatedMLP(nn.Module):
+    """A gated MLP; with ``leak`` its hidden state h is also read outside down_proj."""
+
+    def __init__(self, leak):
+        super().__init__()
+        self.leak = leak
+        self.gate_proj, self.up_proj = nn.Linear(24, 40, bias=False), nn.Linear(24, 40, bias=False)
+        self.down_proj = nn.Linear(40, 24, bias=False)
+
+    def forward(self, x):
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h) + (h.mean(-1, keepdim=True) if self.leak else 0)
+
+
+@pytest.mark.parametrize("leak", [True, False])
+def test_near_misses_stay_two_ops(leak):
+    """h read by a second node; or down_proj without an adapter (a plain F.linear reads h)."""
+    targets = ["gate_proj", "up_proj"] + (["down_proj"] if leak else [])
+    model = with_lora(GatedMLP(leak), targets=targets)
+    x = torch.randn(2, 7, 24)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="fastlora", options=OPTIONS)
+    loss_c = compiled(x).square().mean()
+    loss_c.backward()
+    report = fastlora.last_report()
+    assert report.counts() == ({"lora_mlp": 1, "lora_linear": 1} if leak else {"lora_mlp": 1})
+    misses = [n for n in report.near_misses if n["pattern"] == "lora_mlp_block"]
+    why = "also read by torch.mean" if leak else "goes to F.linear"
+    assert len(misses) == 1 and why in misses[0]["reason"], misses
+    loss_e = model(x).square().mean()
+    loss_e.backward()
+    assert rel_err(loss_c, loss_e) < 1e-6
+    for (n, p), (_, q) in zip(model.named_parameters(), compiled_model.named_parameters()):
+        if p.requires_grad:
+            assert rel_err(q.grad, p.grad) < 1e-5, n
