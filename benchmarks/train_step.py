@@ -45,7 +45,7 @@ PEERS = ("liger", "unsloth")
 FASTLORA = {"fastlora": ({}, None),
             "fastlora-cg": ({}, "reduce-overhead"),
             "fastlora-nolora": ({"disable": ["lora_linear", "lora_mlp", "lora_qkv",
-                                             "lora_linear_4bit"]}, None),
+                                             "lora_mlp_block", "lora_linear_4bit"]}, None),
             "fastlora-noce": ({"disable": ["linear_cross_entropy"]}, None)}
 
 
