@@ -29,7 +29,8 @@ from torch.nn.functional import softmax
 
 from fastlora.canonicalize import example_value
 from fastlora.pattern import Pattern, Reject, register_pattern
-from fastlora.patterns._attention_masks import bring_into, prove_mask
+from fastlora.patterns._attention_masks import prove_mask
+from fastlora.patterns._checkpoint_bodies import bring_into
 
 # Dynamo records ``F.softmax(x, dim=-1, dtype=...)`` as called; tracing F.softmax itself would add
 # its private ``_stacklevel`` argument. Wrapping records the call exactly as the model makes it.
