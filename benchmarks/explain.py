@@ -20,6 +20,7 @@ def main(argv=None):
     ap.add_argument("--shape", default="tiny", choices=sorted(train_step.SHAPES))
     ap.add_argument("--gc", default="off", choices=["on", "off"])
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=0, help="override the number of layers")
     ap.add_argument("--graph-code", action="store_true", help="also print Dynamo's graph code")
     args = ap.parse_args(argv)
     import transformers
@@ -29,6 +30,8 @@ def main(argv=None):
         torch._logging.set_logs(graph_code=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = train_step.build_config(args.shape)
+    if args.layers:
+        cfg.num_hidden_layers = args.layers
     ns = argparse.Namespace(variant="fastlora", rank=16, gc=args.gc == "on", load_4bit=False,
                             shape=args.shape, cache="/tmp/fastlora-bench", seq=args.seq)
     if device == "cuda":
