@@ -38,7 +38,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._dot_precision import _bf16_parts, _bf16_parts3, _dot, _rne  # noqa: F401
+    from ._dot_precision import _dot, _rne  # noqa: F401  (_rne: also the op files)
 
     @triton.jit
     def _philox(c0, c1, c2, c3, k0, k1):
