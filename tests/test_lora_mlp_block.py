@@ -313,3 +313,17 @@ def test_near_misses_stay_two_ops(leak):
     for (n, p), (_, q) in zip(model.named_parameters(), compiled_model.named_parameters()):
         if p.requires_grad:
             assert rel_err(q.grad, p.grad) < 1e-5, n
+
+
+def test_report_marks_the_matches_fused_further():
+    """The lora_mlp and down_proj lora_linear entries stay in the report (counted), marked as
+    fused into lora_mlp_block; o_proj's lora_linear is not."""
+    model = with_lora(tiny_llama(layers=2))
+    fastlora.clear_reports()
+    compare_compiled(model, _inputs(), OPTIONS)
+    matches = [m for r in fastlora.reports() for m in r.matches]
+    absorbed = sorted((m["pattern"], m["module"].rsplit(".", 1)[-1]) for m in matches
+                      if m.get("absorbed_into") == "lora_mlp_block")
+    assert absorbed == [("lora_linear", "down_proj")] * 2 + [("lora_mlp", "mlp")] * 2, absorbed
+    assert all("absorbed_into" not in m for m in matches if m["module"].endswith("o_proj"))
+    assert "lora_mlp (in lora_mlp_block)" in str(fastlora.reports()[0])

@@ -68,7 +68,8 @@ class Report:
         self.fallback: str | None = None  # set when the graph was compiled unrewritten
         self._model_params: dict = {}  # id -> weakref of each parameter the graph takes
 
-    def add_match(self, match) -> None:
+    def add_match(self, match) -> int:
+        """Record a match; returns its index in ``matches``."""
         out = match.outputs[0]
         path, cls = _module_of(out)
         params = {k: _plain(v) for k, v in match.bindings.items() if not isinstance(v, fx.Node)}
@@ -76,6 +77,12 @@ class Report:
         self.matches.append({"pattern": match.pattern.name, "spelling": match.spelling,
                              "module": path, "class": cls, "source": _source_of(out),
                              "params": params})
+        return len(self.matches) - 1
+
+    def absorb(self, index: int, by: str) -> None:
+        """Mark match ``index`` as fused further into a later match of pattern ``by`` (its op
+        no longer runs on its own; it is still counted)."""
+        self.matches[index].setdefault("absorbed_into", by)
 
     def add_near_miss(self, pattern: str, node: fx.Node, reason: str) -> None:
         path, cls = _module_of(node)
@@ -103,7 +110,7 @@ class Report:
             lines.append(f"  FALLBACK: compiled without rewrites because {self.fallback}")
         if self.matches:
             lines.append(_table(["pattern", "module", "class", "source", "params"],
-                                [[m["pattern"], m["module"], m["class"], m["source"],
+                                [[_pattern_label(m), m["module"], m["class"], m["source"],
                                   _fmt_params(m["params"])] for m in self.matches]))
         if self.near_misses:
             lines.append("  near misses (left unfused):")
@@ -117,6 +124,11 @@ class Report:
 
 def _plain_dict(d: dict) -> dict:
     return {k: _plain(v) for k, v in d.items()}
+
+
+def _pattern_label(match: dict) -> str:
+    into = match.get("absorbed_into")
+    return f"{match['pattern']} (in {into})" if into else match["pattern"]
 
 
 def _fmt_params(params: dict) -> str:

@@ -85,7 +85,7 @@ def _check_replacement(match: Match) -> str | None:
     return None
 
 
-def _insert(match: Match) -> None:
+def _insert(match: Match, index: int) -> None:
     graph = match.outputs[0].graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     inputs = [v for v in match.bindings.values() if isinstance(v, fx.Node)]
@@ -106,6 +106,7 @@ def _insert(match: Match) -> None:
     new_nodes = [n for n in graph.nodes if n not in before]
     mode = _fake_mode(example_value(n) for n in inputs)
     for n in new_nodes:  # record fake values so later patterns can read shapes and dtypes
+        n.meta["fastlora_match"] = index  # which report entry inserted it
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in meta_src.meta:
                 n.meta[key] = meta_src.meta[key]
@@ -208,7 +209,10 @@ def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, 
     if reason is not None:
         remember(nodes, len(nodes) + 1000, reason)  # a full match that was refused: best reason
         return False
-    report.add_match(match)
+    index = report.add_match(match)
+    for node in match.region:  # ops an earlier match inserted, now fused further by this one
+        if "fastlora_match" in node.meta:
+            report.absorb(node.meta["fastlora_match"], pattern.name)
     erased.update(match.region)
-    _insert(match)
+    _insert(match, index)
     return True
