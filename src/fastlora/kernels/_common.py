@@ -54,3 +54,19 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     require(len(set(devices.values())) == 1,
             f"fastlora: tensors on different devices: {devices}", RuntimeError)
+
+
+def row_tile(n: int, element_size: int, table, override=None) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of a row-wise kernel whose tile is BLOCK_M whole rows of
+    ``n`` features: ``table`` is ((row bytes up to, (BLOCK_M, num_warps)), ...) ending in a
+    ``None`` limit; ``override`` (BLOCK_M, num_warps, ...) wins (tuning sweeps set it)."""
+    block_n = 1 << max(0, n - 1).bit_length()  # next power of two
+    if override is not None:
+        return override[0], block_n, override[1]
+    row_bytes = block_n * element_size
+    for limit, (block_m, warps) in table:
+        if limit is None or row_bytes <= limit:
+            break
+    if row_bytes < 1024:  # tiny rows (tests, small models): more rows, fewer warps
+        block_m, warps = max(1, min(16, 4096 // row_bytes)), 2
+    return block_m, block_n, warps

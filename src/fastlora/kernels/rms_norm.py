@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import HAVE_TRITON, check_float, check_same_device, persistent_programs, require
-from ._common import use_triton
+from ._common import (HAVE_TRITON, check_float, check_same_device, persistent_programs, require,
+                      row_tile, use_triton)
 
 if HAVE_TRITON:
     import triton
@@ -89,21 +89,11 @@ def tile_config(n: int, element_size: int, kind: str = "fwd") -> tuple[int, int,
     "bwd_dw". From the sweep of benchmarks/tune_norms.py on the H200 (bf16, 8192-16384 rows):
     the best (rows per program, warps) by row size in bytes, e.g. 2048 features fwd (2, 8) at
     3130 GB/s where one row with 16 warps gave 1231."""
-    block_n = triton.next_power_of_2(n)
-    if TILE_OVERRIDE is not None:
-        return TILE_OVERRIDE[0], block_n, TILE_OVERRIDE[1]
-    row_bytes = block_n * element_size
-    table = {  # row bytes up to: (BLOCK_M, num_warps)
+    return row_tile(n, element_size, {  # row bytes up to: (BLOCK_M, num_warps)
         "fwd": ((8192, (2, 8)), (None, (1, 16))),
         "bwd": ((4096, (1, 2)), (8192, (2, 8)), (16384, (1, 8)), (None, (1, 16))),
         "bwd_dw": ((8192, (4, 8)), (None, (2, 16))),
-    }[kind]
-    for limit, (block_m, warps) in table:
-        if limit is None or row_bytes <= limit:
-            break
-    if row_bytes < 1024:  # tiny rows (tests, small models): more rows, fewer warps
-        block_m, warps = max(1, min(16, 4096 // row_bytes)), 2
-    return block_m, block_n, warps
+    }[kind], TILE_OVERRIDE)
 
 
 TILE_OVERRIDE = None  # (BLOCK_M, num_warps), set by benchmarks/tune_norms.py while it sweeps
