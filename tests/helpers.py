@@ -86,3 +86,19 @@ def _global_err(loss, grads, loss_ref, grads_ref) -> float:
     flat = torch.cat([grads[n].double().flatten() for n in names])
     flat_ref = torch.cat([grads_ref[n].double().flatten() for n in names])
     return max(rel_err(loss, loss_ref), rel_err(flat, flat_ref))
+
+
+def saved_activations(fn, inputs) -> tuple[int, list[tuple]]:
+    """(bytes, shapes) of the distinct tensors autograd saves while ``fn()`` runs, leaving out
+    ``inputs`` (weights, x, seeds: kept by the caller anyway)."""
+    ptrs = {v.data_ptr() for v in inputs if isinstance(v, torch.Tensor)}
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in ptrs:
+            saved.append(tensor)
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    unique = {s.data_ptr(): s for s in saved}.values()
+    return sum(s.numel() * s.element_size() for s in unique), [tuple(s.shape) for s in unique]

@@ -13,7 +13,7 @@ from torch import nn
 
 import fastlora
 from fastlora.kernels import _lora_blocks as K
-from helpers import compare_compiled, rel_err, run_step, tiny_llama, with_lora
+from helpers import compare_compiled, rel_err, run_step, saved_activations, tiny_llama, with_lora
 from test_lora_grouped import GroupSeededDropout, _SharedSeed
 from test_lora_linear import SeededDropout, _mixed, errors_vs
 
@@ -157,28 +157,12 @@ def test_opcheck_and_errors():
         y.sum().backward()
 
 
-def _saved_activation_bytes(fn, inputs):
-    """Bytes of the tensors autograd saves that are not inputs (weights, x, seeds), and their
-    shapes."""
-    ptrs = {v.data_ptr() for v in inputs if v is not None}
-    saved = []
-
-    def pack(tensor):
-        if tensor.data_ptr() not in ptrs:
-            saved.append(tensor)
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    unique = {s.data_ptr(): s for s in saved}.values()
-    return sum(s.numel() * s.element_size() for s in unique), [tuple(s.shape) for s in unique]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saves_no_hidden_state(dtype):
     t, seeds = _operands(dtype, 8, False, 0.1)
-    fused, shapes = _saved_activation_bytes(lambda: _block(t, seeds, 0.1, "silu", dtype),
+    fused, shapes = saved_activations(lambda: _block(t, seeds, 0.1, "silu", dtype),
                                             [*t.values(), *seeds])
-    unfused, _ = _saved_activation_bytes(lambda: _two_ops(t, seeds, 0.1, "silu", dtype),
+    unfused, _ = saved_activations(lambda: _two_ops(t, seeds, 0.1, "silu", dtype),
                                          [*t.values(), *seeds])
     e = torch.finfo(dtype).bits // 8
     assert shapes.count((M, FFN)) == 2  # base_gate, base_up; no h

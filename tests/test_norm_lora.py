@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fastlora
-from helpers import compare_compiled, rel_err, tiny_llama, with_lora
+from helpers import compare_compiled, rel_err, saved_activations, tiny_llama, with_lora
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 M, HID, FFN = 37, 72, 40  # tokens, hidden, ffn (odd sizes: masked tiles everywhere)
@@ -187,28 +187,13 @@ def test_opcheck_and_frozen_bases(kind):
         out.sum().backward()
 
 
-def _saved_activation_bytes(fn, inputs):
-    """Bytes of the tensors autograd saves that are not inputs (weights, x, seeds)."""
-    ptrs = {v.data_ptr() for v in inputs if isinstance(v, torch.Tensor)}
-    saved = []
-
-    def pack(tensor):
-        if tensor.data_ptr() not in ptrs:
-            saved.append(tensor)
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    unique = {s.data_ptr(): s for s in saved}.values()
-    return sum(s.numel() * s.element_size() for s in unique)
-
-
 @pytest.mark.parametrize("kind", ["qkv", "mlp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_saves_no_norm_output(kind, dtype):
     t = KINDS[kind][0](dtype, 8, False, 0.0, False)
     inputs = [*t.values(), *KINDS[kind][1](t, 0.1, dtype)]
-    fused = _saved_activation_bytes(lambda: _fused(kind, t, 0.1, dtype, 0.0), inputs)
-    unfused = _saved_activation_bytes(lambda: _two_ops(kind, t, 0.1, dtype, 0.0), inputs)
+    fused, _ = saved_activations(lambda: _fused(kind, t, 0.1, dtype, 0.0), inputs)
+    unfused, _ = saved_activations(lambda: _two_ops(kind, t, 0.1, dtype, 0.0), inputs)
     e = torch.finfo(dtype).bits // 8
     assert unfused - fused == M * HID * e + 4 * M  # exactly y, and rstd (recomputed too)
 
