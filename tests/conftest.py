@@ -8,6 +8,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fastlora import builtin_patterns  # noqa: E402  (after TRITON_INTERPRET)
+
+# Tests import fastlora.patterns.* directly; from a source tree (PYTHONPATH=src, as on the GPU
+# machine) that package is the top-level patterns/ folder, which this makes importable.
+builtin_patterns._package()
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_reset():

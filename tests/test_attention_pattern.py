@@ -23,11 +23,14 @@ def tiny_mistral(window=4, layers=2):
 
 
 def tiny_gemma2(layers=2):
-    """Gemma 2 (HF picks eager attention for its softcap); a softcap small enough to bend the
+    """Gemma 2 with eager attention (its softcap); a softcap small enough to bend the
     scores of a random tiny model; layer 0 slides (window 4), layer 1 is global."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
     cfg = Gemma2Config(num_hidden_layers=layers, head_dim=16, sliding_window=4,
                        attn_logit_softcapping=1.5, query_pre_attn_scalar=16, **SMALL)
+    # eager, as HF advises for softcapping; some transformers versions default to SDPA, which
+    # drops the softcap (then the global layer is plain causal attention, kept on SDPA)
+    cfg._attn_implementation = "eager"
     return Gemma2ForCausalLM(cfg)
 
 

@@ -52,11 +52,27 @@ def test_disable_option_and_print(capsys):
 
 @pytest.mark.parametrize("bad,err", [({"nope": 1}, "unknown fastlora option"),
                                      ({"disable": ["rms_nrom"]}, "unknown pattern"),
-                                     ({"compiler": "tvm"}, "must be one of")])
+                                     ({"compiler": "tvm"}, "must be one of"),
+                                     ({"mode": "fast"}, "must be one of")])
 def test_bad_options_are_clear(bad, err):
     compiled = torch.compile(with_lora(tiny_llama(layers=1)), backend="fastlora", options=bad)
     with pytest.raises(Exception, match=err):
         compiled(**_inputs())
+
+
+def test_mode_option_reaches_inductor(monkeypatch):
+    """options={"mode": ...} stands in for torch.compile's mode=, which it refuses beside
+    options=: the rewritten graph goes to inductor with that mode's config patches."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+    real = cfx.compile_fx
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, inputs, **kw: (
+        seen.append(kw.get("config_patches")), real(gm, inputs, **kw))[1])
+    compiled = torch.compile(torch.nn.Linear(3, 2), backend="fastlora",
+                             options={"mode": "max-autotune-no-cudagraphs"})
+    compiled(torch.randn(4, 3))
+    assert seen[0] == torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
 
 
 def test_llama_bf16_no_worse_than_eager_bf16():

@@ -62,8 +62,9 @@ def test_tiny_llama_cuda_graphs_match_eager():
 
     model = with_lora(tiny_llama(layers=2)).cuda()
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend="fastlora", mode="reduce-overhead",
-                             options={"strict": True})
+    # torch.compile refuses mode= beside options=: the mode goes into the options
+    compiled = torch.compile(twin, backend="fastlora",
+                             options={"strict": True, "mode": "reduce-overhead"})
     for _ in range(3):
         inputs = _inputs()
         loss_e, grads_e = run_step(model, inputs)

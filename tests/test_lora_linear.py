@@ -125,6 +125,36 @@ def test_bf16_split_parts_are_exact():
     assert err3 <= 2.0 ** -23 and err2 <= 2.0 ** -15 and err2 > 2.0 ** -23
 
 
+def test_grad_x_halves_its_tile_when_shared_memory_runs_out(monkeypatch):
+    """A tuned tile can need more shared memory than the GPU has at a large rank (r = 64 with
+    dropout on the H200): Triton raises OutOfResources before the kernel runs, and the launcher
+    tries half the K block. Simulated here: the kernel refuses BLOCK_K above 32."""
+    from triton.runtime.errors import OutOfResources
+
+    real, tried, limit = K._lora_grad_x_kernel, [], [32]
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append(kw["BLOCK_K"])
+                if kw["BLOCK_K"] > limit[0]:
+                    raise OutOfResources(262168, 232448, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(K, "_lora_grad_x_kernel", Refusing())
+    M, Kd, r, p = 45, 72, 8, 0.25
+    x, da, a = torch.randn(M, Kd), torch.randn(M, r), torch.randn(r, Kd)
+    seed = torch.tensor([5])
+    dx, dA = K.lora_grad_x_triton(x, da, a, seed, p, dx=torch.full((M, Kd), float("nan")))
+    dx_ref, dA_ref = K.lora_grad_x_reference(x, da, a, seed, p, dx=torch.empty(M, Kd))
+    assert tried == [128, 64, 32]
+    assert rel_err(dx, dx_ref.double()) < 1e-5 and rel_err(dA, dA_ref.double()) < 1e-5
+    limit[0] = 8  # below the smallest tile tried (16): the error reaches the caller
+    with pytest.raises(OutOfResources):
+        K.lora_grad_x_triton(x, da, a, seed, p, dx=torch.empty(M, Kd))
+
+
 def test_dropout_mask_kernel_equals_reference_and_keeps_1_minus_p():
     M, Kd, p = 33, 40, 0.3
     x = torch.rand(M, Kd) + 0.5  # nonzero, so xa = dropout(x) @ I shows the mask

@@ -62,7 +62,7 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     publish(report, example_inputs, opts.print_report)
 
     # 5. Codegen of everything else.
-    return _inner_compile(rewritten, example_inputs, opts.compiler, mode)
+    return _inner_compile(rewritten, example_inputs, opts.compiler, opts.mode or mode)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 _INNER = ("inductor", "aot_eager", "eager")
+_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,9 @@ class Options:
       the graph unfused.
     - ``return_logits``: whether a causal-LM graph keeps returning logits when the loss is fused
       (``False`` lets the fused loss skip them).
+    - ``mode``: inductor's mode for the rewritten graph, e.g. ``"reduce-overhead"`` (CUDA
+      graphs). ``torch.compile`` refuses ``mode=`` together with ``options=``; this takes its
+      place then (``mode=`` alone works too).
     """
 
     disable: tuple[str, ...] = ()
@@ -26,6 +30,7 @@ class Options:
     compiler: str = "inductor"
     strict: bool = False
     return_logits: bool = False
+    mode: str | None = None
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -42,6 +47,8 @@ class Options:
         if options.get("compiler", "inductor") not in _INNER:
             raise ValueError(f"options['compiler'] must be one of {_INNER}, "
                              f"got {options['compiler']!r}")
+        if options.get("mode") not in (None, *_MODES):
+            raise ValueError(f"options['mode'] must be one of {_MODES}, got {options['mode']!r}")
         for flag in ("print_report", "strict", "return_logits"):
             if flag in options and not isinstance(options[flag], bool):
                 raise TypeError(f"options[{flag!r}] must be True or False, got {options[flag]!r}")

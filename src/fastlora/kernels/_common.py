@@ -70,3 +70,19 @@ def row_tile(n: int, element_size: int, table, override=None) -> tuple[int, int,
     if row_bytes < 1024:  # tiny rows (tests, small models): more rows, fewer warps
         block_m, warps = max(1, min(16, 4096 // row_bytes)), 2
     return block_m, block_n, warps
+
+
+def halve_until_it_fits(launch, block: int, smallest: int = 16):
+    """``launch(block)``; where the compiled kernel needs more shared memory than the GPU has
+    (Triton raises OutOfResources when it loads the kernel, before anything runs), again with
+    half the block, down to ``smallest``. Launch configurations are tuned at the common ranks;
+    a large rank (r = 64 with dropout) can push a tuned tile past the limit."""
+    from triton.runtime.errors import OutOfResources
+
+    while True:
+        try:
+            return launch(block)
+        except OutOfResources:
+            if block // 2 < smallest:
+                raise
+            block //= 2

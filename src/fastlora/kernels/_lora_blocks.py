@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import HAVE_TRITON, _sm_count
+from ._common import HAVE_TRITON, _sm_count, halve_until_it_fits
 from ._dot_precision import dot_mode, fix_bf16  # noqa: F401  (used by the op files too)
 from ._lora_reference import (_inv_keep, keep_mask_reference, lora_down_reference,  # noqa: F401
                               lora_grad_b_reference, lora_grad_down_reference,
@@ -348,21 +348,26 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
     br = _block_r(R)
     cfg = config("grad_x", block_m=64, block_k=128, warps=4, per_sm=8)
-    bm, bk = cfg["block_m"], cfg["block_k"]
-    nb = triton.cdiv(K, bk)
-    splits, per = split_extent(M, bm, nb, cfg["per_sm"], x2)
-    alloc = torch.empty if M else torch.zeros  # every element written when M > 0
-    part = alloc((splits, R, K) if need_da else (1,), dtype=torch.float32, device=x2.device)
-    if M and K and (dx is not None or need_da):
-        _lora_grad_x_kernel[(nb, splits)](
-            x2, da, a_cat, dx if dx is not None else x2, part,
-            seed if seed is not None else part, _offsets(ranks, x2.device), M, K, R,
-            x2.stride(0), da.stride(0), a_cat.stride(0), dx.stride(0) if dx is not None else 0,
-            per, threshold_of(p), _inv_keep(p), G=len(ranks), DROPOUT=p > 0,
-            HAS_DX=dx is not None, ACCUMULATE=accumulate, HAS_DA=need_da,
-            MODE=dot_mode(x2.device, x2.dtype),
-            FIX_BF16=dx is not None and fix_bf16(dx), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
-            num_warps=cfg["warps"])
+    bm = cfg["block_m"]
+
+    def launch(bk):
+        nb = triton.cdiv(K, bk)
+        splits, per = split_extent(M, bm, nb, cfg["per_sm"], x2)
+        alloc = torch.empty if M else torch.zeros  # every element written when M > 0
+        part = alloc((splits, R, K) if need_da else (1,), dtype=torch.float32, device=x2.device)
+        if M and K and (dx is not None or need_da):
+            _lora_grad_x_kernel[(nb, splits)](
+                x2, da, a_cat, dx if dx is not None else x2, part,
+                seed if seed is not None else part, _offsets(ranks, x2.device), M, K, R,
+                x2.stride(0), da.stride(0), a_cat.stride(0),
+                dx.stride(0) if dx is not None else 0, per, threshold_of(p), _inv_keep(p),
+                G=len(ranks), DROPOUT=p > 0, HAS_DX=dx is not None, ACCUMULATE=accumulate,
+                HAS_DA=need_da, MODE=dot_mode(x2.device, x2.dtype),
+                FIX_BF16=dx is not None and fix_bf16(dx), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,
+                num_warps=cfg["warps"])
+        return part
+
+    part = halve_until_it_fits(launch, cfg["block_k"])
     return dx, (part.sum(0) if need_da else None)
 
 
