@@ -13,6 +13,11 @@ The base matmul appears in the Dynamo graph in one of two forms (bitsandbytes 0.
   ``MatMul4Bit``) otherwise; its forward body makes that same ``gemm_4bit`` call on its
   placeholders, which map in order to the operands. The quant-state tensors are placeholders.
 
+After peft's ``prepare_model_for_kbit_training`` (float32 norms and embeddings, so float32
+activations), ``Linear4bit`` casts x to its compute dtype and the result back:
+``gemm(x.to(bfloat16), ...).to(float32)``; both casts belong to the match, and the fused op
+runs its base matmul in the compute dtype the same way.
+
 The adapter around it is peft's: either ``lora.Linear``'s spelling (``(base + lora * s).to(dtype)``)
 or ``lora.bnb.Linear4bit``'s (``base.clone() + (lora * s).to(dtype)``), with optional dropout.
 bitsandbytes 8-bit (``Linear8bitLt``) is not fused here: its int8 matmul stays bitsandbytes',
@@ -23,7 +28,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from fastlora.canonicalize import example_value
+from fastlora.canonicalize import CAST, example_value
 from fastlora.pattern import Pattern, Reject, register_pattern
 from fastlora.patterns.lora_linear import (FLOATS, adapter_dtypes, adapter_on_base,
                                            adapter_on_base_dropout, dropout_of,
@@ -68,9 +73,18 @@ def _gemm_4bit():
     return GEMM_4BIT
 
 
+def _is_cast(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is CAST
+
+
 def _quantized_base(base: torch.fx.Node):
     """(gemm call, {gemm placeholder or arg -> outer graph value}, extra region nodes) for the
-    node that computes the base output, or a Reject saying what it is instead."""
+    node that computes the base output, or a Reject saying what it is instead. A cast of the
+    matmul's output (Linear4bit's ``.to(x.dtype)``) is part of the base."""
+    if _is_cast(base) and isinstance(base.args[0], torch.fx.Node) \
+            and len(base.args[0].users) == 1:
+        gemm, outer, extra = _quantized_base(base.args[0])
+        return gemm, outer, extra + [base]
     gemm_op = _gemm_4bit()
     if base.op == "call_function" and gemm_op is not None and base.target is gemm_op:
         return base, (lambda v: v), [base]
@@ -121,7 +135,10 @@ def check(m):
     x = m.value("x")
     base_node = m["base"]
     gemm, outer, extra = _quantized_base(base_node)
-    if outer(gemm.args[0]) is not m["x"]:
+    gemm_x = outer(gemm.args[0])
+    if _is_cast(gemm_x) and gemm_x.args[0] is m["x"]:
+        gemm_x = gemm_x.args[0]  # Linear4bit's x.to(compute_dtype); left to the graph's DCE
+    if gemm_x is not m["x"]:
         raise Reject("the 4-bit matmul and the adapter read different inputs")
     if set(base_node.users) - m.region:
         raise Reject("the 4-bit matmul's output is also used outside the LoRA layer")
@@ -141,8 +158,8 @@ def check(m):
             and qweight.target is torch.Tensor.view and len(qweight.users) == 1:
         extra.append(qweight)  # the W.view(-1, 1) feeding the matmul
         tensors["qweight"] = qweight.args[0]
-    base_dtype = example_value(base_node).dtype
-    if base_dtype != x.dtype or base_dtype not in FLOATS:
+    base_dtype, compute_dtype = example_value(base_node).dtype, example_value(gemm).dtype
+    if base_dtype != x.dtype or base_dtype not in FLOATS or compute_dtype not in FLOATS:
         raise Reject(f"the 4-bit matmul returns {base_dtype} for {x.dtype} inputs")
     if adapter_dtypes(m) is not None:
         raise Reject("QLoRA under torch.autocast is not fused (bitsandbytes casts x itself)")
@@ -157,17 +174,18 @@ def check(m):
     m.bindings.update({k: v for k, v in tensors.items() if v is not None})
     return {"out_features": shape[0], "in_features": shape[1], "blocksize": blocksize,
             "quant_type": quant_type, "double_quant": absmax8 is not None,
-            "out_dtype": m.output_value().dtype, "dropout": dropout_of(m),
+            "out_dtype": m.output_value().dtype, "compute_dtype": compute_dtype,
+            "dropout": dropout_of(m),
             "bnb_call": "MatMul4Bit" if base_node is not gemm else "gemm_4bit"}
 
 
 def replacement(x, lora_A, lora_B, scale, qweight, absmax, out_features, in_features, blocksize,
-                quant_type, out_dtype, dropout, double_quant=False, absmax2=None, code2=None,
-                offset=None, bias=None, p=0.0, training=False, bnb_call=None):
+                quant_type, out_dtype, compute_dtype, dropout, double_quant=False, absmax2=None,
+                code2=None, offset=None, bias=None, p=0.0, training=False, bnb_call=None):
     seed = make_seed(dropout, lora_A)
     return torch.ops.fastlora.lora_linear_4bit(
         x, qweight, absmax, absmax2, code2, offset, bias, lora_A, lora_B, seed, out_features,
-        in_features, blocksize, quant_type, scale, dropout, out_dtype)[0]
+        in_features, blocksize, quant_type, scale, dropout, out_dtype, compute_dtype)[0]
 
 
 def explain(node, reason):

@@ -65,19 +65,25 @@ def test_code_tables_follow_the_spec():
 # ---------------------------------------------------------------- the fused op
 
 
-@pytest.mark.parametrize("double,p", [(True, 0.0), (False, 0.3)])
-def test_op_matches_float64(double, p):
+@pytest.mark.parametrize("double,p,x_dtype", [(True, 0.0, torch.bfloat16),
+                                               (False, 0.3, torch.bfloat16),
+                                               (True, 0.3, torch.float32)])
+def test_op_matches_float64(double, p, x_dtype):
+    """bfloat16 compute dtype; float32 x is the prepare_model_for_kbit_training case (the base
+    matmul on x cast to bfloat16, its output cast back, the adapter on float32 x)."""
     n, k, r = 40, 72, 8
     _, _, args = quantized(n, k, "nf4", double)
     w = Q.dequantize_4bit_reference(*args, torch.float64)
-    x = torch.randn(3, 7, k, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(3, 7, k, dtype=x_dtype, requires_grad=True)
     bias = torch.randn(n, dtype=torch.bfloat16, requires_grad=True)
     a = (torch.randn(r, k) / k ** 0.5).requires_grad_()
     b = torch.randn(n, r, requires_grad=True)
     seed = torch.tensor([77])
     packed, absmax, absmax2, code2, offset = args[:5]
     y, _ = torch.ops.fastlora.lora_linear_4bit(x, packed, absmax, absmax2, code2, offset, bias, a,
-                                               b, seed, n, k, 64, "nf4", 0.5, p, torch.bfloat16)
+                                               b, seed, n, k, 64, "nf4", 0.5, p, x_dtype,
+                                               torch.bfloat16)
+    assert y.dtype == x_dtype
     g = torch.randn_like(y)
     y.backward(g)
     keep = (K.keep_mask_reference(77, 21, k, 0, p).view(3, 7, k) if p
@@ -97,7 +103,7 @@ def test_op_opcheck():
                           (torch.randn(2, 5, 64, dtype=torch.bfloat16), packed, absmax, absmax2,
                            code2, offset, None, torch.randn(4, 64, requires_grad=True),
                            torch.randn(40, 4, requires_grad=True), None, 40, 64, 64, "fp4", 2.0,
-                           0.0, torch.bfloat16))
+                           0.0, torch.bfloat16, torch.bfloat16))
 
 
 # ---------------------------------------------------------------- tiny quantized models
@@ -182,6 +188,33 @@ def test_qlora_llama_both_graph_forms(quant_type, double):
     assert all(m["params"]["quant_type"] == quant_type and m["params"]["double_quant"] == double
                for m in report.matches)
     assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
+
+
+def test_qlora_after_prepare_model_for_kbit_training():
+    """peft's QLoRA recipe makes norms and embeddings float32, so activations are float32 and
+    Linear4bit casts x to its bfloat16 compute dtype and the result back: both casts join the
+    match (they were a near miss before), and the fused op's base matmul is the same bfloat16
+    GEMM, so compiled and eager agree to float32 rounding of the adapters."""
+    from peft import prepare_model_for_kbit_training
+
+    model = quantize_linears(tiny_llama(layers=2).to(torch.bfloat16))
+    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+    twin = copy.deepcopy(model)
+    loss_e, grads_e = run_step(model, _inputs_seeded())
+    compiled = torch.compile(twin, backend="fastlora", options=only_lora())
+    loss_c, grads_c = run_step(compiled, _inputs_seeded(), twin)
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == []
+    assert {m["params"]["compute_dtype"] for m in report.matches} == {"torch.bfloat16"}
+    assert loss_c.dtype == torch.float32
+    assert rel_err(loss_c, loss_e) < 1e-5
+    # 3e-5 here: the bfloat16 dx GEMMs round gradients that differ in their float32 last bits
+    assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-4
+
+
+def _inputs_seeded():
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(3))
+    return {"input_ids": ids, "labels": ids}
 
 
 def test_qlora_dropout_and_bias_against_seeded_twin():

@@ -113,7 +113,7 @@ def _qlora_case(name, k, n, dtype):
     def fused(x, packed, qs, a, b):
         return torch.ops.fastlora.lora_linear_4bit(
             x, packed, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, None, a, b, None,
-            n, k, 64, "nf4", SCALE, 0.0, x.dtype)[0]
+            n, k, 64, "nf4", SCALE, 0.0, x.dtype, x.dtype)[0]
     m = TOKENS
     return Case("lora_linear_4bit", f"{name} {m}x{k}->{n}", make, eager, fused,
                 flops_fwd=2 * m * k * n + 2 * m * RANK * (k + n),

@@ -49,8 +49,15 @@ from ._lora_blocks import (lora_down_reference, lora_down_triton, lora_grad_b_re
 
 def lora_forward(x2, weight, bias, base2, a, b, seed, scale, p, out_dtype):
     """Rows x2 [M, K] -> (out [M, N] in out_dtype, xa [M, r] float32). The base is
-    ``linear(x2, weight, bias)`` (cuBLAS) or the given ``base2``."""
-    y = F.linear(x2, weight, bias) if base2 is None else base2
+    ``linear(x2, weight, bias)`` (cuBLAS) or the given ``base2``. A weight in another dtype
+    than x (QLoRA after peft's prepare_model_for_kbit_training: float32 activations, a
+    bfloat16 compute dtype) is the model's ``linear(x.to(w.dtype), w, bias).to(x.dtype)``."""
+    if base2 is not None:
+        y = base2
+    elif weight.dtype == x2.dtype:
+        y = F.linear(x2, weight, bias)
+    else:
+        y = F.linear(x2.to(weight.dtype), weight, bias).to(x2.dtype)
     if use_triton(x2):
         xa = lora_down_triton(x2, a, seed, p)
         owned = base2 is None and y.dtype == out_dtype  # our own buffer: write y over it
@@ -68,6 +75,7 @@ def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, 
     if needs_dx:
         dx = (gw @ weight if weight is not None
               else torch.zeros((M, K), dtype=x2.dtype, device=x2.device))
+        dx = dx if dx.dtype == x2.dtype else dx.to(x2.dtype)  # the backward of x.to(w.dtype)
     if use_triton(x2):
         da = lora_grad_down_triton(g2, b, scale, torch.empty((M, a.shape[0]), dtype=torch.float32,
                                                              device=x2.device))

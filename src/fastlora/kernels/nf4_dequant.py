@@ -157,13 +157,20 @@ def lora_linear_4bit(x: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Option
                      code2: Optional[Tensor], offset: Optional[Tensor], bias: Optional[Tensor],
                      lora_A: Tensor, lora_B: Tensor, seed: Optional[Tensor], out_features: int,
                      in_features: int, blocksize: int, quant_type: str, scale: float,
-                     dropout_p: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(y, xa): the LoRA linear with W = dequantize(qweight); W lives only inside the call."""
+                     dropout_p: float, out_dtype: torch.dtype,
+                     compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(y, xa): the LoRA linear with W = dequantize(qweight); W lives only inside the call.
+    The base matmul runs in ``compute_dtype`` (bitsandbytes' ``compute_dtype``): for x in
+    another dtype it is ``linear(x.to(compute_dtype), W, bias).to(x.dtype)``, as the model
+    computes it after peft's prepare_model_for_kbit_training (float32 activations)."""
     check_float("x", x)
     require(x.shape[-1] == in_features, f"fastlora.lora_linear_4bit: x has {x.shape[-1]} "
                                         f"features, the weight {in_features}")
+    require(compute_dtype in (torch.float32, torch.bfloat16, torch.float16),
+            f"fastlora.lora_linear_4bit: compute_dtype must be a float dtype, got "
+            f"{compute_dtype}", TypeError)
     w = dequantize_4bit(qweight, absmax, absmax2, code2, offset, out_features, in_features,
-                        blocksize, quant_type, x.dtype)
+                        blocksize, quant_type, compute_dtype)
     out, xa = lora_forward(rows2d(x), w, bias, None, lora_A, lora_B, seed, scale, dropout_p,
                            out_dtype)
     return out.view(*x.shape[:-1], out_features), xa.view(*x.shape[:-1], xa.shape[-1])
@@ -171,7 +178,7 @@ def lora_linear_4bit(x: Tensor, qweight: Tensor, absmax: Tensor, absmax2: Option
 
 @lora_linear_4bit.register_fake
 def _(x, qweight, absmax, absmax2, code2, offset, bias, lora_A, lora_B, seed, out_features,
-      in_features, blocksize, quant_type, scale, dropout_p, out_dtype):
+      in_features, blocksize, quant_type, scale, dropout_p, out_dtype, compute_dtype):
     _validate(qweight, absmax, absmax2, code2, offset, out_features, in_features, blocksize,
               quant_type)
     lead = x.shape[:-1]
@@ -185,11 +192,11 @@ def lora_linear_4bit_backward(grad: Tensor, x: Tensor, qweight: Tensor, absmax: 
                               offset: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                               xa: Tensor, seed: Optional[Tensor], out_features: int,
                               in_features: int, blocksize: int, quant_type: str, scale: float,
-                              dropout_p: float, needs_dx: bool,
+                              dropout_p: float, compute_dtype: torch.dtype, needs_dx: bool,
                               needs_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dbias), empty where not needed; W is dequantized again only for dx."""
     w = (dequantize_4bit(qweight, absmax, absmax2, code2, offset, out_features, in_features,
-                         blocksize, quant_type, x.dtype) if needs_dx else None)
+                         blocksize, quant_type, compute_dtype) if needs_dx else None)
     g2 = rows2d(grad)
     if needs_dbias and w is None:
         g2 = g2.to(x.dtype)
@@ -201,7 +208,8 @@ def lora_linear_4bit_backward(grad: Tensor, x: Tensor, qweight: Tensor, absmax: 
 
 @lora_linear_4bit_backward.register_fake
 def _(grad, x, qweight, absmax, absmax2, code2, offset, lora_A, lora_B, xa, seed, out_features,
-      in_features, blocksize, quant_type, scale, dropout_p, needs_dx, needs_dbias):
+      in_features, blocksize, quant_type, scale, dropout_p, compute_dtype, needs_dx,
+      needs_dbias):
     return (torch.empty_like(x) if needs_dx else x.new_empty(0), torch.empty_like(lora_A),
             torch.empty_like(lora_B),
             x.new_empty(out_features) if needs_dbias else x.new_empty(0))
@@ -209,9 +217,9 @@ def _(grad, x, qweight, absmax, absmax2, code2, offset, lora_A, lora_B, xa, seed
 
 def _setup_context(ctx, inputs, output):
     (x, qweight, absmax, absmax2, code2, offset, bias, a, b, seed, n, k, blocksize, quant_type,
-     scale, p, _out_dtype) = inputs
+     scale, p, _out_dtype, compute_dtype) = inputs
     ctx.save_for_backward(x, qweight, absmax, absmax2, code2, offset, a, b, output[1], seed)
-    ctx.args = (n, k, blocksize, quant_type, scale, p)
+    ctx.args = (n, k, blocksize, quant_type, scale, p, compute_dtype)
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
@@ -223,7 +231,7 @@ def _backward(ctx, grad, _dxa):
         needs[0], needs[6])
     return (dx if needs[0] else None, None, None, None, None, None,
             dbias.to(ctx.bias_dtype) if needs[6] else None, da if needs[7] else None,
-            db if needs[8] else None) + (None,) * 8
+            db if needs[8] else None) + (None,) * 9
 
 
 lora_linear_4bit.register_autograd(_backward, setup_context=_setup_context)
