@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlora.canonicalize import CAST, example_value
+from fastlora.kernels.nf4_dequant import code_table
 from fastlora.pattern import Pattern, Reject, register_pattern
 from fastlora.patterns.lora_linear import (FLOATS, adapter_dtypes, adapter_on_base,
                                            adapter_on_base_dropout, dropout_of,
@@ -167,6 +168,10 @@ def check(m):
     if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
         raise Reject(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit the "
                      f"{shape} base")
+    # The op reads a 16-entry code table it caches per device. Build it now, at compile time:
+    # built on the first call instead, it could land in a CUDA-graph warm-up's memory pool
+    # (mode="reduce-overhead") and outlive it untracked.
+    code_table(quant_type, example_value(tensors["qweight"]).device)
     # The match now covers the matmul too: its inputs replace `base`.
     for i, node in enumerate(extra):
         m.node_map[_Absorbed(f"qlora_{i}")] = node

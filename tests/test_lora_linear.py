@@ -155,6 +155,29 @@ def test_grad_x_halves_its_tile_when_shared_memory_runs_out(monkeypatch):
         K.lora_grad_x_triton(x, da, a, seed, p, dx=torch.empty(M, Kd))
 
 
+def test_launchers_build_no_tensor_from_host_data(monkeypatch):
+    """CUDA graphs: a launcher must not make a device tensor from host data (``torch.tensor``):
+    inside a capture the copy is not allowed, and a tensor cached on a warm-up call lives in
+    the graphs' memory pool untracked (inductor's cudagraph trees then fail their pool check;
+    the adapter bounds of grouped dropout were such a cache)."""
+    M, Kd, ranks, p = 33, 40, [4, 3, 5], 0.25
+    x, a_cat = torch.randn(M, Kd), torch.randn(sum(ranks), Kd)
+    da, seed = torch.randn(M, sum(ranks)), torch.tensor([9])
+    expect_xa = K.lora_down_reference(x, a_cat, seed, p, ranks=ranks)
+    expect_dx, expect_da = K.lora_grad_x_reference(x, da, a_cat, seed, p, dx=torch.empty(M, Kd),
+                                                   ranks=ranks)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.tensor called by a launcher")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    xa = K.lora_down_triton(x, a_cat, seed, p, ranks=ranks)
+    dx, dA = K.lora_grad_x_triton(x, da, a_cat, seed, p, dx=torch.empty(M, Kd), ranks=ranks)
+    monkeypatch.undo()
+    assert rel_err(xa, expect_xa.double()) < 1e-5
+    assert rel_err(dx, expect_dx.double()) < 1e-5 and rel_err(dA, expect_da.double()) < 1e-5
+
+
 def test_dropout_mask_kernel_equals_reference_and_keeps_1_minus_p():
     M, Kd, p = 33, 40, 0.3
     x = torch.rand(M, Kd) + 0.5  # nonzero, so xa = dropout(x) @ I shows the mask

@@ -14,6 +14,7 @@ from torch import nn
 import fastlora
 from fastlora.kernels import _lora_blocks as K
 from fastlora.kernels import nf4_dequant as Q
+from fastlora.patterns import qlora as QP
 from helpers import rel_err, run_step, tiny_llama, with_lora
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
@@ -210,6 +211,27 @@ def test_qlora_after_prepare_model_for_kbit_training():
     assert rel_err(loss_c, loss_e) < 1e-5
     # 3e-5 here: the bfloat16 dx GEMMs round gradients that differ in their float32 last bits
     assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-4
+
+
+def test_code_table_is_built_at_compile_time(monkeypatch):
+    """The op's cached 16-entry code table is built by the pattern when the graph is compiled,
+    not on the op's first call, which under mode="reduce-overhead" is a CUDA-graph warm-up whose
+    memory pool would own the cached tensor."""
+    import inspect
+
+    callers, real = [], Q.code_table
+
+    def spy(quant_type, device):
+        callers.append(inspect.stack()[1].filename)
+        return real(quant_type, device)
+
+    monkeypatch.setattr(Q, "_CODES", {})
+    monkeypatch.setattr(Q, "code_table", spy)
+    monkeypatch.setattr(QP, "code_table", spy)
+    model = with_lora(quantize_linears(tiny_llama(layers=1).to(torch.bfloat16)))
+    torch.compile(model, backend="fastlora", options=only_lora())(**_inputs())
+    assert fastlora.last_report().counts() == {"lora_linear_4bit": 7}
+    assert callers and callers[0].endswith("qlora.py")
 
 
 def _inputs_seeded():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import HAVE_TRITON, _sm_count, halve_until_it_fits
+from ._common import HAVE_TRITON, _sm_count, halve_until_it_fits, require
 from ._dot_precision import dot_mode, fix_bf16  # noqa: F401  (used by the op files too)
 from ._lora_reference import (_inv_keep, keep_mask_reference, lora_down_reference,  # noqa: F401
                               lora_grad_b_reference, lora_grad_down_reference,
@@ -66,13 +66,23 @@ if HAVE_TRITON:
         return (u >> 8).to(tl.int32, bitcast=True) >= threshold
 
     @triton.jit
-    def _lora_down_kernel(X, A, XA, SEED, OFFS, M, K, R, stride_x, stride_a, stride_xa,
+    def _adapter_lanes(rr, j: tl.constexpr, B1, B2, R):
+        """The rank lanes of adapter j (0, 1, 2) in A_cat: [0, B1), [B1, B2), [B2, R)."""
+        if j == 0:
+            return rr < B1
+        elif j == 1:
+            return (rr >= B1) & (rr < B2)
+        else:
+            return (rr >= B2) & (rr < R)
+
+    @triton.jit
+    def _lora_down_kernel(X, A, XA, SEED, B1, B2, M, K, R, stride_x, stride_a, stride_xa,
                           split_stride, k_per_split, threshold, inv_keep, G: tl.constexpr,
                           DROPOUT: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
         """xa = (x * m_j) @ A^T / (1 - p) for one row block over one split of K (split s writes
-        XA + s * split_stride; the launcher sums the splits); adapter j owns ranks
-        OFFS[j]..OFFS[j+1]."""
+        XA + s * split_stride; the launcher sums the splits); adapter j owns the rank lanes
+        of _adapter_lanes."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         split = tl.program_id(1)
         rr = tl.arange(0, BLOCK_R)
@@ -92,7 +102,7 @@ if HAVE_TRITON:
                          mask=(rr < R)[None, :] & col_ok[:, None], other=0.0)
             if DROPOUT:
                 for j in tl.static_range(G):
-                    mine = (rr >= tl.load(OFFS + j)) & (rr < tl.load(OFFS + j + 1))
+                    mine = _adapter_lanes(rr, j, B1, B2, R)
                     keep = _keep(seed, rows, k0, j, threshold, BLOCK_M, BLOCK_K)
                     acc = _dot(tl.where(keep, x, tl.zeros_like(x)),
                                tl.where(mine[None, :], at, tl.zeros_like(at)), acc, MODE)
@@ -166,7 +176,7 @@ if HAVE_TRITON:
                  mask=col_ok[:, None] & r_ok[None, :])
 
     @triton.jit
-    def _lora_grad_x_kernel(X, DA, A, DX, PART, SEED, OFFS, M, K, R, stride_x, stride_da,
+    def _lora_grad_x_kernel(X, DA, A, DX, PART, SEED, B1, B2, M, K, R, stride_x, stride_da,
                             stride_a, stride_dx, rows_per_split, threshold, inv_keep,
                             G: tl.constexpr, DROPOUT: tl.constexpr, HAS_DX: tl.constexpr,
                             ACCUMULATE: tl.constexpr, HAS_DA: tl.constexpr, MODE: tl.constexpr,
@@ -196,7 +206,7 @@ if HAVE_TRITON:
             dxl = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
             if DROPOUT:
                 for j in tl.static_range(G):
-                    mine = (rr >= tl.load(OFFS + j)) & (rr < tl.load(OFFS + j + 1))
+                    mine = _adapter_lanes(rr, j, B1, B2, R)
                     daj = tl.where(mine[None, :], da, 0.0)
                     keep = _keep(seed, rows, col0, j, threshold, BLOCK_M, BLOCK_K)
                     if HAS_DX:
@@ -230,18 +240,14 @@ def _sms(t: Tensor) -> int:
     return _sm_count(t.device.index or 0) if t.is_cuda else 2
 
 
-_OFFSETS: dict = {}
-
-
-def _offsets(ranks: list[int], device) -> Tensor:
-    """Rank boundaries of the adapters in A_cat, a cached device tensor (no copy per call)."""
-    key = (tuple(ranks), str(device))
-    if key not in _OFFSETS:
-        offs = [0]
-        for r in ranks:
-            offs.append(offs[-1] + r)
-        _OFFSETS[key] = torch.tensor(offs, dtype=torch.int32, device=device)
-    return _OFFSETS[key]
+def _bounds(ranks: list[int], R: int) -> tuple[int, int]:
+    """(B1, B2): where adapters 1 and 2 start in A_cat, R where there is none. Plain integers,
+    not a device tensor: a tensor cached on the first call would be allocated inside CUDA
+    graphs' memory pool when that call is their warm-up, and outlive it untracked."""
+    require(len(ranks) <= 3, f"fastlora: at most 3 adapters share one input (q, k, v), got "
+                             f"{len(ranks)}", ValueError)
+    starts = [sum(ranks[:i]) for i in range(1, len(ranks))] + [R, R]
+    return starts[0], starts[1]
 
 
 def rows2d(t: Tensor) -> Tensor:
@@ -281,7 +287,7 @@ def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
     out = xa if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32,
                                              device=x2.device)
     _lora_down_kernel[(triton.cdiv(M, bm), splits)](
-        x2, a_cat, out, seed if seed is not None else xa, _offsets(ranks, x2.device), M, K, R,
+        x2, a_cat, out, seed if seed is not None else xa, *_bounds(ranks, R), M, K, R,
         x2.stride(0), a_cat.stride(0), xa.stride(0) if splits == 1 else R, M * R, per,
         threshold_of(p), _inv_keep(p), G=len(ranks), DROPOUT=p > 0,
         MODE=dot_mode(x2.device, x2.dtype, a_cat.dtype), BLOCK_M=bm, BLOCK_K=bk,
@@ -358,7 +364,7 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
         if M and K and (dx is not None or need_da):
             _lora_grad_x_kernel[(nb, splits)](
                 x2, da, a_cat, dx if dx is not None else x2, part,
-                seed if seed is not None else part, _offsets(ranks, x2.device), M, K, R,
+                seed if seed is not None else part, *_bounds(ranks, R), M, K, R,
                 x2.stride(0), da.stride(0), a_cat.stride(0),
                 dx.stride(0) if dx is not None else 0, per, threshold_of(p), _inv_keep(p),
                 G=len(ranks), DROPOUT=p > 0, HAS_DX=dx is not None, ACCUMULATE=accumulate,
