@@ -144,7 +144,11 @@ def worker(args) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda", generator=gen)
 
+    cuda_graphs = args.variant in FASTLORA and FASTLORA[args.variant][1] == "reduce-overhead"
+
     def step():
+        if cuda_graphs:  # a new iteration: earlier graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
