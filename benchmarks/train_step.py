@@ -114,7 +114,11 @@ def build_model(args, cfg):
                                             bnb_4bit_compute_dtype=torch.bfloat16)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, quantization_config=q, torch_dtype=torch.bfloat16, device_map={"": 0})
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gc)
+        if args.kbit_recipe == "peft":  # targets.md's recipe: norms/embeddings to float32
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gc)
+        elif args.gc:  # bfloat16 activations throughout (as Unsloth trains)
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         with torch.device("cuda"):
             model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
@@ -172,6 +176,7 @@ def worker(args) -> dict:
     median = times[len(times) // 2]
     row = {"shape": args.shape, "variant": args.variant, "batch": args.batch, "seq": args.seq,
            "gc": args.gc, "rank": args.rank, "load_4bit": args.load_4bit,
+           "kbit_recipe": args.kbit_recipe if args.load_4bit else None,
            "tok_s": args.batch * args.seq / median, "step_ms": 1000 * median,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warmup_s,
            "loss": float(loss), "device": torch.cuda.get_device_name()}
@@ -190,7 +195,7 @@ def run_one(args, shape: str, variant: str) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--gc", "on" if gc else "off",
            "--cache", args.cache]
     if args.load_4bit:
-        cmd.append("--load-4bit")
+        cmd += ["--load-4bit", "--kbit-recipe", args.kbit_recipe]
     if args.fastlora_options:
         cmd += ["--fastlora-options", args.fastlora_options]
     base = {"shape": shape, "variant": variant, "gc": gc}
@@ -271,6 +276,9 @@ def main(argv=None):
     ap.add_argument("--gc", default="auto", choices=["auto", "on", "off"],
                     help="gradient checkpointing (auto: on for llama-8b only, as in targets.md)")
     ap.add_argument("--load-4bit", action="store_true", help="bitsandbytes NF4 + double quant base")
+    ap.add_argument("--kbit-recipe", default="peft", choices=["peft", "bf16"],
+                    help="4-bit: peft's prepare_model_for_kbit_training (float32 norms and "
+                         "activations, targets.md's eager row) or bfloat16 activations")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--fastlora-options", default="", help="JSON dict for options=")
@@ -297,7 +305,8 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
             with open(out / "train_step.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-    keys = ["shape", "variant", "batch", "seq", "gc", "rank", "load_4bit", "tok_s", "step_ms",
+    keys = ["shape", "variant", "batch", "seq", "gc", "rank", "load_4bit", "kbit_recipe", "tok_s",
+            "step_ms",
             "peak_gib", "warmup_s", "loss", "matches", "error"]
     with open(out / "train_step.csv", "w") as f:
         f.write(",".join(keys) + "\n")
