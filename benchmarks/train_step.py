@@ -306,8 +306,7 @@ def main(argv=None):
             with open(out / "train_step.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
     keys = ["shape", "variant", "batch", "seq", "gc", "rank", "load_4bit", "kbit_recipe", "tok_s",
-            "step_ms",
-            "peak_gib", "warmup_s", "loss", "matches", "error"]
+            "step_ms", "peak_gib", "warmup_s", "loss", "matches", "error"]
     with open(out / "train_step.csv", "w") as f:
         f.write(",".join(keys) + "\n")
         for r in rows:
