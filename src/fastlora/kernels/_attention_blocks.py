@@ -66,6 +66,34 @@ if HAVE_TRITON:
         return lo, mid_lo, mid_hi, hi
 
     @triton.jit
+    def _query_block(H, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+        """(batch x head program id, batch, head, its k/v head, first query row) of this
+        program of a query-block grid; causal grids start with the last query blocks, which
+        see the most keys."""
+        pid_m = tl.program_id(0)
+        if CAUSAL:
+            pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        return pid_bh, b, h, h // GROUP, pid_m * BLOCK_M
+
+    @triton.jit
+    def _query_keys(rows, row_ok, m0, S_Q, S_K, window, DS, DE, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_DOCS: tl.constexpr):
+        """Each query row's document [start, end) (the row itself without documents; DS, DE
+        already at this batch row) and the block's key ranges of _key_range."""
+        start_r = rows
+        end_r = rows
+        if HAS_DOCS:
+            start_r = tl.load(DS + rows, mask=row_ok, other=0)
+            end_r = tl.load(DE + rows, mask=row_ok, other=0)
+        lo, mid_lo, mid_hi, hi = _key_range(m0, S_Q, S_K, window, DS, DE, BLOCK_M, BLOCK_N,
+                                            CAUSAL, HAS_WINDOW, HAS_DOCS)
+        return start_r, end_r, lo, mid_lo, mid_hi, hi
+
+    @triton.jit
     def _scores(q, kt, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
         """(scores in log2 units, tanh(scale * q.k / softcap) or the scores): float32, [M, N]."""
         s = tl.dot(q, kt, input_precision=DOT_PREC)

@@ -45,7 +45,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._attention_blocks import _key_range, _scores, _tanh, _visible  # noqa: F401
+    from ._attention_blocks import _query_block, _query_keys, _scores, _visible
 
     @triton.jit
     def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, rows, start_r, end_r,
@@ -100,14 +100,7 @@ if HAVE_TRITON:
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_DOCS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr):
-        pid_m = tl.program_id(0)
-        if CAUSAL:  # the last query blocks see the most keys: start them first
-            pid_m = tl.num_programs(0) - 1 - pid_m
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        hk = h // GROUP
-        m0 = pid_m * BLOCK_M
+        pid_bh, b, h, hk, m0 = _query_block(H, GROUP, BLOCK_M, CAUSAL)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < S_Q
         offs_d = tl.arange(0, BLOCK_D)
@@ -121,13 +114,9 @@ if HAVE_TRITON:
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        start_r = rows
-        end_r = rows
-        if HAS_DOCS:
-            start_r = tl.load(DS + rows, mask=row_ok, other=0)
-            end_r = tl.load(DE + rows, mask=row_ok, other=0)
-        lo, mid_lo, mid_hi, hi = _key_range(m0, S_Q, S_K, window, DS, DE, BLOCK_M, BLOCK_N,
-                                            CAUSAL, HAS_WINDOW, HAS_DOCS)
+        start_r, end_r, lo, mid_lo, mid_hi, hi = _query_keys(
+            rows, row_ok, m0, S_Q, S_K, window, DS, DE, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW,
+            HAS_DOCS)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         # A finite floor (not -inf) keeps rows whose first blocks are fully masked free of NaN.
