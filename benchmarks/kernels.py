@@ -6,7 +6,9 @@ For every case in benchmarks/kernel_cases/*.py: median time (triton.testing.do_b
 forward, and of the backward alone (autograd.grad of a kept graph), for the unfused eager
 function, the same function through torch.compile (inductor), and the fastlora op; achieved
 GB/s (or TFLOP/s) over the fewest bytes (FLOPs) the op must move, and that as a share of the
-card's measured ceilings. Prints a table last; writes JSON lines and CSV under --out.
+card's measured ceilings. Each fused and compiled version's forward output is also compared
+with the eager function's on one set of inputs (column ``err``, relative): a timing of a wrong
+kernel would say nothing. Prints a table last; writes JSON lines and CSV under --out.
 """
 from __future__ import annotations
 
@@ -73,6 +75,14 @@ def time_impl(case, fn, timer=None):
     return fwd, bwd
 
 
+def output_error(case, fn) -> float:
+    """Relative error (2-norm) of fn's first output against the eager function's."""
+    inputs = case.make()
+    want = _first(case.eager(**inputs)).detach().double()
+    got = _first(fn(**inputs)).detach().double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
 def rate(case, ms, direction):
     if ms is None:
         return None, None
@@ -114,7 +124,8 @@ def main(argv=None):
                                  "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
                 row = {"op": case.op, "shape": case.shape, "impl": name,
-                       "fwd_ms": fwd, "bwd_ms": bwd}
+                       "fwd_ms": fwd, "bwd_ms": bwd,
+                       "err": None if name == "eager" else output_error(case, fn)}
                 if args.gpu_time:  # kernel time alone, next to the dispatch-inclusive time
                     row["fwd_gpu_ms"], row["bwd_gpu_ms"] = time_impl(case, fn, _gpu_ms)
                 for d, ms in (("fwd", fwd), ("bwd", bwd)):
@@ -128,7 +139,7 @@ def main(argv=None):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     keys = ["op", "shape", "impl", "fwd_ms", "fwd_rate", "fwd_of_peak", "bwd_ms", "bwd_rate",
-            "bwd_of_peak", "fwd_gpu_ms", "bwd_gpu_ms", "error"]
+            "bwd_of_peak", "fwd_gpu_ms", "bwd_gpu_ms", "err", "error"]
     with open(out / "kernels.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -141,7 +152,7 @@ def format_table(rows):
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
     lines = [f"{'op':<22}{'shape':<22}{'impl':<10}{'fwd ms':>9}{'fwd rate':>16}{'%peak':>7}"
-             f"{'bwd ms':>9}{'bwd rate':>16}{'%peak':>7}{'gpu fwd/bwd ms':>18}"]
+             f"{'bwd ms':>9}{'bwd rate':>16}{'%peak':>7}{'gpu fwd/bwd ms':>18}{'err':>9}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['op']:<22}{r['shape']:<22}{r['impl']:<10}  ERROR {r['error']}")
@@ -149,7 +160,8 @@ def format_table(rows):
         lines.append(f"{r['op']:<22}{r['shape']:<22}{r['impl']:<10}{fmt(r['fwd_ms']):>9}"
                      f"{fmt(r['fwd_rate']):>16}{pct(r['fwd_of_peak']):>7}{fmt(r['bwd_ms']):>9}"
                      f"{fmt(r['bwd_rate']):>16}{pct(r['bwd_of_peak']):>7}"
-                     f"{fmt(r.get('fwd_gpu_ms')) + ' / ' + fmt(r.get('bwd_gpu_ms')):>18}")
+                     f"{fmt(r.get('fwd_gpu_ms')) + ' / ' + fmt(r.get('bwd_gpu_ms')):>18}"
+                     f"{'-' if r.get('err') is None else format(r['err'], '.1e'):>9}")
     return "\n".join(lines)
 
 
