@@ -37,6 +37,14 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
             if p.requires_grad and p.grad is not None}
 
 
+def checkpointed(model, inputs: dict) -> dict:
+    """Gradient checkpointing as HF trains with it (non-reentrant) on ``model``; returns the
+    inputs without the KV cache, which checkpointing turns off."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return {**inputs, "use_cache": False}
+
+
 def run_step(model, inputs: dict, params_of=None):
     params_of = params_of if params_of is not None else model
     params_of.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastlora
-from helpers import compare_compiled, compare_low_precision, tiny_llama, with_lora
+from helpers import checkpointed, compare_compiled, compare_low_precision, tiny_llama, with_lora
 
 
 def _inputs(vocab=97, batch=2, seq=11):
@@ -91,10 +91,9 @@ def test_llama_through_inductor():
 
 def test_gradient_checkpointing_subgraphs_are_rewritten():
     model = with_lora(tiny_llama(layers=2))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    inputs = checkpointed(model, _inputs())
     fastlora.clear_reports()
-    loss_err, grad_errs, _ = compare_compiled(model, {**_inputs(), "use_cache": False})
+    loss_err, grad_errs, _ = compare_compiled(model, inputs)
     assert fastlora.reports().counts()["rms_norm"] == 5  # 4 inside checkpointed layers
     assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
 

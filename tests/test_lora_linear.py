@@ -17,7 +17,7 @@ import fastlora
 from fastlora.kernels import _dot_precision as D
 from fastlora.kernels import _lora_blocks as K
 from fastlora.kernels import lora_linear as L
-from helpers import rel_err, run_step, tiny_llama, with_lora
+from helpers import checkpointed, rel_err, run_step, tiny_llama, with_lora
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -366,9 +366,7 @@ def test_dropout_with_gradient_checkpointing_uses_one_mask():
     p = 0.3
     model = with_lora(tiny_llama(layers=1), dropout=p, targets=["v_proj", "down_proj"])
     twin = seeded_twin(model, p)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    inputs = {**_inputs(), "use_cache": False}
+    inputs = checkpointed(model, _inputs())
     compiled = torch.compile(model, backend="fastlora", options=only_lora())
     torch.manual_seed(3)
     loss_c, grads_c = run_step(compiled, inputs, model)

@@ -13,7 +13,8 @@ from torch import nn
 
 import fastlora
 from fastlora.kernels import _lora_blocks as K
-from helpers import compare_compiled, rel_err, run_step, saved_activations, tiny_llama, with_lora
+from helpers import (checkpointed, compare_compiled, rel_err, run_step, saved_activations,
+                     tiny_llama, with_lora)
 from test_lora_grouped import GroupSeededDropout, _SharedSeed
 from test_lora_linear import SeededDropout, _mixed, errors_vs
 
@@ -184,9 +185,7 @@ def test_llama_compiled_vs_eager(layers, r, bias, checkpoint):
     model = with_lora(tiny_llama(layers=layers, mlp_bias=bias), r=r)
     inputs = _inputs()
     if checkpoint:  # the pattern also fires inside the checkpointed layer bodies
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        inputs["use_cache"] = False
+        inputs = checkpointed(model, inputs)
     fastlora.clear_reports()
     loss_err, grad_errs, grads = compare_compiled(model, inputs, OPTIONS)
     reports = fastlora.reports()

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import fastlora
-from helpers import compare_compiled, rel_err, saved_activations, tiny_llama, with_lora
+from helpers import (checkpointed, compare_compiled, rel_err, saved_activations, tiny_llama,
+                     with_lora)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 M, HID, FFN = 37, 72, 40  # tokens, hidden, ffn (odd sizes: masked tiles everywhere)
@@ -211,9 +212,7 @@ def test_llama_compiled_vs_eager(layers, bias, checkpoint):
     model = with_lora(tiny_llama(layers=layers, attention_bias=bias, mlp_bias=bias))
     inputs = _inputs()
     if checkpoint:  # the patterns also fire inside the checkpointed layer bodies
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        inputs["use_cache"] = False
+        inputs = checkpointed(model, inputs)
     fastlora.clear_reports()
     loss_err, grad_errs, grads = compare_compiled(model, inputs, OPTIONS)
     reports = fastlora.reports()
