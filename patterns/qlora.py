@@ -16,7 +16,9 @@ The base matmul appears in the Dynamo graph in one of two forms (bitsandbytes 0.
 After peft's ``prepare_model_for_kbit_training`` (float32 norms and embeddings, so float32
 activations), ``Linear4bit`` casts x to its compute dtype and the result back:
 ``gemm(x.to(bfloat16), ...).to(float32)``; both casts belong to the match, and the fused op
-runs its base matmul in the compute dtype the same way.
+runs its base matmul in the compute dtype the same way. TRL's SFTTrainer also casts a quantized
+model's adapters to bfloat16; base and adapter then both read ``x.to(bfloat16)``, and so does
+the op (its float32 output is the model's).
 
 The adapter around it is peft's: either ``lora.Linear``'s spelling (``(base + lora * s).to(dtype)``)
 or ``lora.bnb.Linear4bit``'s (``base.clone() + (lora * s).to(dtype)``), with optional dropout.
@@ -32,8 +34,9 @@ from fastlora.canonicalize import CAST, example_value
 from fastlora.kernels.nf4_dequant import code_table
 from fastlora.pattern import Pattern, Reject, register_pattern
 from fastlora.patterns.lora_linear import (FLOATS, adapter_dtypes, adapter_on_base,
-                                           adapter_on_base_dropout, dropout_of,
-                                           explain_lora_near_miss, make_seed, module_path)
+                                           adapter_on_base_dropout, cast, dropout_of,
+                                           explain_lora_near_miss, linear_of, make_seed,
+                                           module_path)
 
 try:
     GEMM_4BIT = torch.ops.bitsandbytes.gemm_4bit.default
@@ -137,7 +140,8 @@ def check(m):
     base_node = m["base"]
     gemm, outer, extra = _quantized_base(base_node)
     gemm_x = outer(gemm.args[0])
-    if _is_cast(gemm_x) and gemm_x.args[0] is m["x"]:
+    cast_in = _is_cast(gemm_x) and gemm_x.args[0] is m["x"]
+    if cast_in:
         gemm_x = gemm_x.args[0]  # Linear4bit's x.to(compute_dtype); left to the graph's DCE
     if gemm_x is not m["x"]:
         raise Reject("the 4-bit matmul and the adapter read different inputs")
@@ -162,9 +166,14 @@ def check(m):
     base_dtype, compute_dtype = example_value(base_node).dtype, example_value(gemm).dtype
     if base_dtype != x.dtype or base_dtype not in FLOATS or compute_dtype not in FLOATS:
         raise Reject(f"the 4-bit matmul returns {base_dtype} for {x.dtype} inputs")
-    if adapter_dtypes(m) is not None:
-        raise Reject("QLoRA under torch.autocast is not fused (bitsandbytes casts x itself)")
     a, b = m.value("lora_A"), m.value("lora_B")
+    # TRL's SFTTrainer casts a quantized model's adapters to bfloat16 (the QLoRA paper's
+    # recipe); with peft's float32 activations, base and adapter then both read x.to(bfloat16):
+    # the op takes that cast x (its adapter products stay in float32, not rounded to bfloat16).
+    cast_x = (compute_dtype if cast_in and a.dtype == b.dtype == compute_dtype != x.dtype
+              and example_value(linear_of(m, "lora_A")).dtype == a.dtype else None)
+    if cast_x is None and adapter_dtypes(m) is not None:
+        raise Reject("QLoRA under torch.autocast is not fused (bitsandbytes casts x itself)")
     if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
         raise Reject(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit the "
                      f"{shape} base")
@@ -180,14 +189,18 @@ def check(m):
     return {"out_features": shape[0], "in_features": shape[1], "blocksize": blocksize,
             "quant_type": quant_type, "double_quant": absmax8 is not None,
             "out_dtype": m.output_value().dtype, "compute_dtype": compute_dtype,
+            "cast_x": cast_x,
             "dropout": dropout_of(m),
             "bnb_call": "MatMul4Bit" if base_node is not gemm else "gemm_4bit"}
 
 
 def replacement(x, lora_A, lora_B, scale, qweight, absmax, out_features, in_features, blocksize,
                 quant_type, out_dtype, compute_dtype, dropout, double_quant=False, absmax2=None,
-                code2=None, offset=None, bias=None, p=0.0, training=False, bnb_call=None):
+                code2=None, offset=None, bias=None, p=0.0, training=False, bnb_call=None,
+                cast_x=None):
     seed = make_seed(dropout, lora_A)
+    if cast_x is not None:
+        x = cast(x, cast_x)
     return torch.ops.fastlora.lora_linear_4bit(
         x, qweight, absmax, absmax2, code2, offset, bias, lora_A, lora_B, seed, out_features,
         in_features, blocksize, quant_type, scale, dropout, out_dtype, compute_dtype)[0]

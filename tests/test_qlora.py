@@ -213,6 +213,25 @@ def test_qlora_after_prepare_model_for_kbit_training():
     assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-4
 
 
+def test_qlora_the_trl_way():
+    """TRL's SFTTrainer casts a quantized model's adapters to bfloat16 after peft's recipe has
+    made the activations float32: base and adapter both read x.to(bfloat16). The fused op reads
+    that cast x too; its adapter products stay float32 where eager rounds them to bfloat16, so
+    compiled is held to eager's own error against a float32 twin (as the other 4-bit tests)."""
+    from peft import prepare_model_for_kbit_training
+
+    model = quantize_linears(tiny_llama(layers=2).to(torch.bfloat16))
+    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+    for name, param in model.named_parameters():
+        if param.requires_grad:  # what SFTTrainer does for a quantized model
+            param.data = param.data.to(torch.bfloat16)
+    err_e, err_c = _errors(model, _inputs())
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == []
+    assert {m["params"]["cast_x"] for m in report.matches} == {"torch.bfloat16"}
+    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
+
+
 def test_code_table_is_built_at_compile_time(monkeypatch):
     """The op's cached 16-entry code table is built by the pattern when the graph is compiled,
     not on the op's first call, which under mode="reduce-overhead" is a CUDA-graph warm-up whose
