@@ -114,7 +114,7 @@ def build_model(args, cfg):
                                             bnb_4bit_compute_dtype=torch.bfloat16)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, quantization_config=q, torch_dtype=torch.bfloat16, device_map={"": 0})
-        if args.kbit_recipe == "peft":  # targets.md's recipe: norms/embeddings to float32
+        if args.kbit_recipe in ("peft", "trl"):  # targets.md's: norms/embeddings to float32
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gc)
         elif args.gc:  # bfloat16 activations throughout (as Unsloth trains)
             model.gradient_checkpointing_enable(
@@ -125,7 +125,12 @@ def build_model(args, cfg):
         if args.gc:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if args.load_4bit and args.kbit_recipe == "trl":  # SFTTrainer's cast of QLoRA adapters
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    return model
 
 
 def worker(args) -> dict:
@@ -276,9 +281,11 @@ def main(argv=None):
     ap.add_argument("--gc", default="auto", choices=["auto", "on", "off"],
                     help="gradient checkpointing (auto: on for llama-8b only, as in targets.md)")
     ap.add_argument("--load-4bit", action="store_true", help="bitsandbytes NF4 + double quant base")
-    ap.add_argument("--kbit-recipe", default="peft", choices=["peft", "bf16"],
+    ap.add_argument("--kbit-recipe", default="peft", choices=["peft", "trl", "bf16"],
                     help="4-bit: peft's prepare_model_for_kbit_training (float32 norms and "
-                         "activations, targets.md's eager row) or bfloat16 activations")
+                         "activations, targets.md's eager row); trl: that and the adapters "
+                         "cast to bfloat16 as TRL's SFTTrainer does; bf16: bfloat16 "
+                         "activations throughout")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--fastlora-options", default="", help="JSON dict for options=")
