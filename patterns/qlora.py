@@ -191,7 +191,7 @@ def check(m):
             "out_dtype": m.output_value().dtype, "compute_dtype": compute_dtype,
             "cast_x": cast_x,
             "dropout": dropout_of(m),
-            "bnb_call": "MatMul4Bit" if base_node is not gemm else "gemm_4bit"}
+            "bnb_call": "gemm_4bit" if gemm.graph is base_node.graph else "MatMul4Bit"}
 
 
 def replacement(x, lora_A, lora_B, scale, qweight, absmax, out_features, in_features, blocksize,

@@ -207,6 +207,9 @@ def test_qlora_after_prepare_model_for_kbit_training():
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == []
     assert {m["params"]["compute_dtype"] for m in report.matches} == {"torch.bfloat16"}
+    # the first layer's q, k, v read the frozen embeddings: bitsandbytes' no-autograd call
+    assert [m["params"]["bnb_call"] for m in report.matches] == ["gemm_4bit"] * 3 + \
+        ["MatMul4Bit"] * 11
     assert loss_c.dtype == torch.float32
     assert rel_err(loss_c, loss_e) < 1e-5
     # 3e-5 here: the bfloat16 dx GEMMs round gradients that differ in their float32 last bits
