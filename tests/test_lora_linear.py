@@ -131,6 +131,9 @@ def test_grad_x_halves_its_tile_when_shared_memory_runs_out(monkeypatch):
     tries half the K block. Simulated here: the kernel refuses BLOCK_K above 32."""
     from triton.runtime.errors import OutOfResources
 
+    from fastlora.kernels import _common as C
+
+    monkeypatch.setattr(C, "_FITTED", {})
     real, tried, limit = K._lora_grad_x_kernel, [], [32]
 
     class Refusing:
@@ -150,6 +153,10 @@ def test_grad_x_halves_its_tile_when_shared_memory_runs_out(monkeypatch):
     dx_ref, dA_ref = K.lora_grad_x_reference(x, da, a, seed, p, dx=torch.empty(M, Kd))
     assert tried == [128, 64, 32]
     assert rel_err(dx, dx_ref.double()) < 1e-5 and rel_err(dA, dA_ref.double()) < 1e-5
+    tried.clear()  # the fitted tile is remembered: the next call launches it directly
+    K.lora_grad_x_triton(x, da, a, seed, p, dx=torch.empty(M, Kd))
+    assert tried == [32]
+    monkeypatch.setattr(C, "_FITTED", {})
     limit[0] = 8  # below the smallest tile tried (16): the error reaches the caller
     with pytest.raises(OutOfResources):
         K.lora_grad_x_triton(x, da, a, seed, p, dx=torch.empty(M, Kd))

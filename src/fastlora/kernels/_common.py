@@ -72,17 +72,28 @@ def row_tile(n: int, element_size: int, table, override=None) -> tuple[int, int,
     return block_m, block_n, warps
 
 
-def halve_until_it_fits(launch, block: int, smallest: int = 16):
+_FITTED: dict = {}  # (key, tuned block) -> the block that fitted
+
+
+def halve_until_it_fits(launch, block: int, key=None, smallest: int = 16):
     """``launch(block)``; where the compiled kernel needs more shared memory than the GPU has
     (Triton raises OutOfResources when it loads the kernel, before anything runs), again with
     half the block, down to ``smallest``. Launch configurations are tuned at the common ranks;
-    a large rank (r = 64 with dropout) can push a tuned tile past the limit."""
+    a large rank (r = 64 with dropout) can push a tuned tile past the limit. With a ``key``
+    (what decides the kernel's resources), the block that fitted is remembered, so later calls
+    launch it directly."""
     from triton.runtime.errors import OutOfResources
 
+    tuned = block
+    block = _FITTED.get((key, tuned), tuned) if key is not None else tuned
     while True:
         try:
-            return launch(block)
+            result = launch(block)
         except OutOfResources:
             if block // 2 < smallest:
                 raise
             block //= 2
+            continue
+        if key is not None and block != tuned:
+            _FITTED[(key, tuned)] = block
+        return result

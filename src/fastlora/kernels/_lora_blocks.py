@@ -373,7 +373,9 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
                 num_warps=cfg["warps"])
         return part
 
-    part = halve_until_it_fits(launch, cfg["block_k"])
+    key = ("grad_x", x2.device, x2.dtype, da.dtype, a_cat.dtype, br, bm, cfg["warps"], p > 0,
+           len(ranks), dx is not None, need_da)
+    part = halve_until_it_fits(launch, cfg["block_k"], key)
     return dx, (part.sum(0) if need_da else None)
 
 
