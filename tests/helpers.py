@@ -110,3 +110,22 @@ def saved_activations(fn, inputs) -> tuple[int, list[tuple]]:
         fn()
     unique = {s.data_ptr(): s for s in saved}.values()
     return sum(s.numel() * s.element_size() for s in unique), [tuple(s.shape) for s in unique]
+
+
+def saved_of_shape(model, options: dict, inputs, shape: tuple) -> int:
+    """How many distinct tensors of ``shape`` autograd keeps for backward in one training step
+    of ``model`` (a copy) compiled through fastlora with ``options``; ``inputs()`` makes the
+    batch. The model is compiled by a first step outside the count (hooks would see fakes)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model), backend="fastlora", options=options)
+    compiled(**inputs()).loss.backward()
+    ptrs = set()
+
+    def pack(t):
+        if tuple(t.shape) == shape:
+            ptrs.add(t.data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = compiled(**inputs()).loss
+    loss.backward()
+    return len(ptrs)

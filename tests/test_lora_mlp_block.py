@@ -14,7 +14,7 @@ from torch import nn
 import fastlora
 from fastlora.kernels import _lora_blocks as K
 from helpers import (checkpointed, compare_compiled, rel_err, run_step, saved_activations,
-                     tiny_llama, with_lora)
+                     saved_of_shape, tiny_llama, with_lora)
 from test_lora_grouped import GroupSeededDropout, _SharedSeed
 from test_lora_linear import SeededDropout, _mixed, errors_vs
 
@@ -215,23 +215,9 @@ def test_compiled_model_saves_no_hidden_state():
     """Distinct [batch, seq, ffn] tensors the compiled model keeps for backward: base_gate and
     base_up per layer with the pattern, + h without it."""
     model = with_lora(tiny_llama(layers=2, inter=56))
-    found = {}
-    for disable in ([], ["lora_mlp_block"]):
-        torch._dynamo.reset()
-        twin = copy.deepcopy(model)
-        compiled = torch.compile(twin, backend="fastlora", options={**OPTIONS, "disable": disable})
-        inputs = _inputs()
-        compiled(**inputs).loss.backward()  # compile first (the hooks also see fake tensors)
-        ptrs = set()
-
-        def pack(t):
-            if tuple(t.shape) == (2, 11, 56):
-                ptrs.add(t.data_ptr())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = compiled(**inputs).loss
-        loss.backward()
-        found[bool(disable)] = len(ptrs)
+    found = {bool(disable): saved_of_shape(model, {**OPTIONS, "disable": disable}, _inputs,
+                                           (2, 11, 56))
+             for disable in ([], ["lora_mlp_block"])}
     assert found == {False: 2 * 2, True: 3 * 2}
 
 

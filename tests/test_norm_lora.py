@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import fastlora
-from helpers import (checkpointed, compare_compiled, rel_err, saved_activations, tiny_llama,
-                     with_lora)
+from helpers import (checkpointed, compare_compiled, rel_err, saved_activations,
+                     saved_of_shape, tiny_llama, with_lora)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 M, HID, FFN = 37, 72, 40  # tokens, hidden, ffn (odd sizes: masked tiles everywhere)
@@ -234,22 +234,9 @@ def test_compiled_model_saves_no_norm_output():
     layer's norm reads the embeddings, which the unfused graph does not keep (no gradient flows
     into the frozen embedding) and the fused op keeps in place of y, to recompute it."""
     model = with_lora(tiny_llama(layers=2, hidden=48))
-    found = {}
-    for disable in ([], ["rms_norm_lora_qkv", "rms_norm_lora_mlp_block"]):
-        torch._dynamo.reset()
-        compiled = torch.compile(copy.deepcopy(model), backend="fastlora",
-                                 options={**OPTIONS, "disable": disable})
-        compiled(**_inputs()).loss.backward()  # compile first (the hooks also see fake tensors)
-        ptrs = set()
-
-        def pack(t):
-            if tuple(t.shape) == (2, 11, 48):
-                ptrs.add(t.data_ptr())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = compiled(**_inputs()).loss
-        loss.backward()
-        found[bool(disable)] = len(ptrs)
+    found = {bool(disable): saved_of_shape(model, {**OPTIONS, "disable": disable}, _inputs,
+                                           (2, 11, 48))
+             for disable in ([], ["rms_norm_lora_qkv", "rms_norm_lora_mlp_block"])}
     assert found[True] - found[False] == 2 * 2 - 1, found
 
 

@@ -60,9 +60,15 @@ if HAVE_TRITON:
             full_lo = tl.maximum(full_lo, tl.load(DS + m_last))
             hi = tl.minimum(hi, tl.load(DE + m_last))
             full_hi = tl.minimum(full_hi, tl.load(DE + m0))
-        lo = (lo // BLOCK_N) * BLOCK_N
-        mid_lo = tl.minimum(tl.maximum(((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo), hi)
-        mid_hi = tl.maximum(tl.minimum((full_hi // BLOCK_N) * BLOCK_N, hi), mid_lo)
+        return _whole_blocks(lo, full_lo, full_hi, hi, BLOCK_N)
+
+    @triton.jit
+    def _whole_blocks(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+        """(lo, mid_lo, mid_hi, hi): the visible range [lo, hi) with lo rounded down to a block,
+        and inside it [mid_lo, mid_hi), the whole blocks within [full_lo, full_hi) (no mask)."""
+        lo = (lo // BLOCK) * BLOCK
+        mid_lo = tl.minimum(tl.maximum(((full_lo + BLOCK - 1) // BLOCK) * BLOCK, lo), hi)
+        mid_hi = tl.maximum(tl.minimum((full_hi // BLOCK) * BLOCK, hi), mid_lo)
         return lo, mid_lo, mid_hi, hi
 
     @triton.jit

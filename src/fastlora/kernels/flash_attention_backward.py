@@ -31,7 +31,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._attention_blocks import _query_block, _query_keys, _scores, _visible
+    from ._attention_blocks import (_query_block, _query_keys, _scores, _visible,
+                                    _whole_blocks)
 
     @triton.jit
     def _query_range(n0, S_Q, S_K, window, DS, DE, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -54,10 +55,7 @@ if HAVE_TRITON:
             full_lo = tl.maximum(full_lo, tl.load(DS + n_last))
             hi = tl.minimum(hi, tl.load(DE + n_last))
             full_hi = tl.minimum(full_hi, tl.load(DE + n0))
-        lo = (lo // BLOCK_M) * BLOCK_M
-        mid_lo = tl.minimum(tl.maximum(((full_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo), hi)
-        mid_hi = tl.maximum(tl.minimum((full_hi // BLOCK_M) * BLOCK_M, hi), mid_lo)
-        return lo, mid_lo, mid_hi, hi
+        return _whole_blocks(lo, full_lo, full_hi, hi, BLOCK_M)
 
     @triton.jit
     def _dq_blocks(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, rows, start_r, end_r,
