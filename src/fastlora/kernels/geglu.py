@@ -64,23 +64,24 @@ if HAVE_TRITON:
 
     @triton.jit
     def _geglu_fwd(G, U, Y, stride_g, stride_u, stride_y, M, N, TANH: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
-        g = load_f32(G, stride_g, rows, cols, mask)
-        u = load_f32(U, stride_u, rows, cols, mask)
+        g = load_f32(G, stride_g, rows, cols, mask, EVEN)
+        u = load_f32(U, stride_u, rows, cols, mask, EVEN)
         a, _ = _gelu_and_grad(g, TANH, False)
-        store(Y, stride_y, rows, cols, mask, a * u)
+        store(Y, stride_y, rows, cols, mask, a * u, EVEN)
 
     @triton.jit
     def _geglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
-                   TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   EVEN: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
-        dy = load_f32(DY, stride_dy, rows, cols, mask)
-        g = load_f32(G, stride_g, rows, cols, mask)
-        u = load_f32(U, stride_u, rows, cols, mask)
+        dy = load_f32(DY, stride_dy, rows, cols, mask, EVEN)
+        g = load_f32(G, stride_g, rows, cols, mask, EVEN)
+        u = load_f32(U, stride_u, rows, cols, mask, EVEN)
         a, da = _gelu_and_grad(g, TANH, True)
-        store(DG, stride_dg, rows, cols, mask, dy * u * da)
-        store(DU, stride_du, rows, cols, mask, dy * a)
+        store(DG, stride_dg, rows, cols, mask, dy * u * da, EVEN)
+        store(DU, stride_du, rows, cols, mask, dy * a, EVEN)
 
 
 def _validate(gate: Tensor, up: Tensor, approximate: str) -> None:
