@@ -160,3 +160,44 @@ def test_graph_copy_keeps_module_meta():
     copied = _copy(outer)
     assert copied.meta["tag"] == "outer" and copied.body.meta["_checkpoint_context_fn"] is policy
     assert copied.body is not body
+
+
+def test_graphs_with_user_triton_kernels_get_tritons_float_typing(monkeypatch):
+    """A graph that launches a user Triton kernel (TRL's chunked log-prob, captured inside its
+    autograd.Function) goes to inductor with float arguments typed float32, as Triton launches
+    them; inductor's float64 typing made TRL's kernel fail to compile on the GPU. Other graphs
+    keep inductor's defaults. (CPU: the kernel cannot be captured here, so the graph is built
+    by hand and not run.)"""
+    import torch._inductor.compile_fx as cfx
+    from torch import fx
+
+    from fastlora import backend
+
+    def graph(launch: bool, nested: bool) -> fx.GraphModule:
+        inner = fx.Graph()
+        x = inner.placeholder("x")
+        if launch:
+            inner.call_function(torch.ops.higher_order.triton_kernel_wrapper_mutation, (),
+                                {"kernel_idx": 0, "constant_args_idx": 0, "grid": [(1, 1, 1)],
+                                 "tma_descriptor_metadata": {}, "kwargs": {"X": x}})
+        inner.output(x)
+        if not nested:
+            return fx.GraphModule(torch.nn.Module(), inner)
+        root = torch.nn.Module()
+        root.body = fx.GraphModule(torch.nn.Module(), inner)
+        outer = fx.Graph()
+        y = outer.placeholder("y")
+        body = outer.get_attr("body")
+        outer.output(outer.call_function(torch.ops.higher_order.invoke_subgraph,
+                                         (body, "body", y)))
+        return fx.GraphModule(root, outer)
+
+    seen = []
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, inputs, **kw: (
+        seen.append(kw.get("config_patches")), gm.forward)[1])
+    for launch, nested in ((True, False), (True, True), (False, False), (False, True)):
+        gm = graph(launch, nested)
+        assert backend.has_user_triton_kernels(gm) == launch
+        backend._inner_compile(gm, [], "inductor", None)
+    assert backend.USER_TRITON_KERNEL_PATCHES == {"_use_fp64_for_unbacked_floats": False}
+    assert seen == [backend.USER_TRITON_KERNEL_PATCHES] * 2 + [None] * 2

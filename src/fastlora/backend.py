@@ -107,5 +107,28 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = torch._inductor.list_mode_options(mode) if mode else None
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    if has_user_triton_kernels(gm) and USER_TRITON_KERNEL_PATCHES:
+        log.info("fastlora: this graph launches user Triton kernels; inductor passes their float "
+                 "arguments as float32, as Triton does (%s)", USER_TRITON_KERNEL_PATCHES)
+        patches.update(USER_TRITON_KERNEL_PATCHES)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+# Inductor (torch 2.10+) launches a user Triton kernel's Python-float arguments as float64 where
+# Triton itself launches them as float32. A kernel written for Triton's typing can then fail to
+# compile (TRL's chunked log-prob kernel: "loop-carried variable m has initial type fp32 but is
+# re-assigned to fp64") or compute in another precision than it does outside torch.compile.
+# Graphs that launch user kernels get Triton's own typing back.
+USER_TRITON_KERNEL_PATCHES = {"_use_fp64_for_unbacked_floats": False} \
+    if hasattr(torch._inductor.config, "_use_fp64_for_unbacked_floats") else {}
+
+
+def has_user_triton_kernels(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` or a graph nested in it launches a user-written Triton kernel (as Dynamo
+    captures ``kernel[grid](...)``, e.g. inside an autograd.Function of a training library)."""
+    hops = {getattr(torch.ops.higher_order, name, None)
+            for name in ("triton_kernel_wrapper_mutation", "triton_kernel_wrapper_functional")}
+    hops.discard(None)
+    return any(node.op == "call_function" and node.target in hops
+               for module in _graph_modules(gm) for node in module.graph.nodes)

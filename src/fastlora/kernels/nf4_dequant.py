@@ -58,6 +58,9 @@ if HAVE_TRITON:
         block = (2 * i) // blocksize  # both nibbles of a byte share a block (blocksize is even)
         if NESTED:
             code = tl.load(ABSMAX + block, mask=ok, other=0).to(tl.int32)
+            # a product, then a sum, each rounded, as bitsandbytes computes them (two kernels);
+            # the launch turns off FMA contraction, which would round once and differ in the
+            # last bit (enable_fp_fusion=False)
             scale = tl.load(CODE2 + code) * tl.load(ABSMAX2 + block // 256, mask=ok, other=0.0)
             scale = scale + tl.load(OFFSET)
         else:
@@ -124,7 +127,8 @@ def dequantize_4bit_triton(qweight, absmax, absmax2, code2, offset, n, k, blocks
         _dequant_4bit_kernel[(triton.cdiv(q.numel(), block),)](
             q, absmax, absmax2 if nested else dummy, code2 if nested else dummy,
             offset if nested else dummy, code_table(quant_type, q.device), out, q.numel(), n_out,
-            blocksize, NESTED=nested, FIX_BF16=fix_bf16(out), BLOCK=block, num_warps=4)
+            blocksize, NESTED=nested, FIX_BF16=fix_bf16(out), BLOCK=block, num_warps=4,
+            enable_fp_fusion=False)
     return out
 
 
