@@ -253,7 +253,7 @@ def test_train_qlora_fuses_every_4bit_layer(tmp_path):
 def _train_subprocess(tmp_path, *flags):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastlora.cli", "train", "--steps", "60", "--log-every", "20",
-           "--output-dir", str(out), *flags]
+           "--output-dir", str(out), "--debug", *flags]  # --debug: a failure shows its traceback
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return proc.stdout, json.loads((out / "fastlora_run.json").read_text())
