@@ -1,7 +1,6 @@
 """Sweep the SwiGLU / GeGLU tile (elements per program, widest tile, warps) on the GPU.
 
     python benchmarks/tune_glu.py            # results feed kernels/_glu_tiles.py:block_config
-    python benchmarks/tune_glu.py --masking  # default tile: unmasked vs masked vs a flat 1-D probe
 
 The launchers are timed directly with triton.testing.do_bench_cudagraph (pure GPU time, no
 Python dispatch) at the Llama-8B MLP width (8192 x 14336) and Gemma's (8192 x 9216 for GeGLU),
@@ -9,7 +8,6 @@ bf16, against inductor's code for the same eager function timed the same way. Ea
 configuration's output is checked against the default configuration's first. Writes
 $OUT/tune_glu.json.
 """
-import argparse
 import itertools
 import json
 import os
@@ -17,8 +15,6 @@ import pathlib
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 import triton.testing
 
 from fastlora.kernels import _glu_tiles as T
@@ -60,56 +56,7 @@ def cases():
     return out
 
 
-@triton.jit
-def _flat_swiglu_probe(G, U, Y, n, BLOCK: tl.constexpr):
-    """A flat 1-D SwiGLU forward over contiguous tensors, inductor's tiling: only a probe
-    that tells whether the 2-D tile itself costs bandwidth."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (g / (1.0 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=m)
-
-
-def masking(out: pathlib.Path):
-    """The default tile with and without masks, the flat probe, and inductor."""
-    rows = []
-    for label, fn, inductor, nbytes in cases():
-        T.UNMASKED_WHEN_EVEN = True
-        ref = fn()
-        ref = [t.clone() for t in (ref if isinstance(ref, tuple) else (ref,))]
-        timings = {"unmasked": _time(fn)}
-        T.UNMASKED_WHEN_EVEN = False
-        got = fn()
-        got = got if isinstance(got, tuple) else (got,)
-        assert all(torch.equal(a, b) for a, b in zip(got, ref)), label
-        timings["masked"] = _time(fn)
-        T.UNMASKED_WHEN_EVEN = True
-        timings["inductor"] = _time(inductor)
-        if label.startswith("swiglu fwd"):
-            g, u = (torch.randn(8192, 14336, device="cuda", dtype=torch.bfloat16)
-                    for _ in range(2))
-            y = torch.empty_like(g)
-            for block, warps in itertools.product((1024, 2048, 4096), (4, 8)):
-                timings[f"flat {block}/{warps}w"] = _time(
-                    lambda: _flat_swiglu_probe[(triton.cdiv(g.numel(), block),)](
-                        g, u, y, g.numel(), BLOCK=block, num_warps=warps))
-        for name, ms in timings.items():
-            gbps = nbytes / ms / 1e6
-            rows.append({"case": label, "variant": name, "ms": ms, "gbps": gbps})
-            print(f"{label:<28} {name:<14} {gbps:6.0f} GB/s ({100 * gbps / COPY_GBPS:.0f}%)",
-                  flush=True)
-    (out / "tune_glu_masking.json").write_text(json.dumps(rows, indent=1))
-
-
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--masking", action="store_true", help=masking.__doc__)
-    args = parser.parse_args()
-    out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))
-    out.mkdir(parents=True, exist_ok=True)
-    if args.masking:
-        return masking(out)
     rows = []
     configs = [(e, w, warps) for e, w, warps in itertools.product((2048, 4096, 8192),
                                                                   (512, 1024, 2048), (4, 8, 16))
@@ -138,6 +85,8 @@ def main():
               f"({100 * nbytes / default / 1e6 / COPY_GBPS:.0f}%), best "
               f"{nbytes / best[0] / 1e6:6.0f} GB/s at {best[1]}, inductor "
               f"{nbytes / ind / 1e6:6.0f} GB/s", flush=True)
+    out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "tune_glu.json").write_text(json.dumps(rows, indent=1))
 
 

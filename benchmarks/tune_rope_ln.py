@@ -4,7 +4,6 @@
     python benchmarks/tune_rope_ln.py --ops rope --rep 20
     OUT=/some/dir python benchmarks/tune_rope_ln.py      # JSON to $OUT/tune_rope_ln.json
     python benchmarks/tune_rope_ln.py --smoke            # CPU check of the script (interpreter)
-    python benchmarks/tune_rope_ln.py --ops rope --masked  # RoPE's masked code, even tiles too
 
 Knobs swept (module-level overrides that the launchers honour):
   kernels/rope.py        TILE_OVERRIDE = (rotated elements per program, most heads per program,
@@ -49,9 +48,6 @@ def parse_args(argv=None):
                          "only its default and baselines are timed")
     ap.add_argument("--no-inductor", action="store_true", help="skip the inductor baselines")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--masked", action="store_true",
-                    help="RoPE: mask every tile (rope.UNMASKED_WHEN_EVEN = False), to compare; "
-                         "writes tune_rope_ln_masked.json")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on CPU through the Triton interpreter (checks the script)")
     return ap.parse_args(argv)
@@ -295,7 +291,6 @@ def main():
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
     rows = []
-    R.UNMASKED_WHEN_EVEN = not ARGS.masked
     ops = set(filter(None, ARGS.ops.split(",")))
     SCHEDULE["keys"] = ("rope" in ops) * 2 * len(ROPE_SHAPES) \
         + ("layer_norm" in ops) * 3 * len(LN_SHAPES)
@@ -308,13 +303,12 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "rep_ms": ARGS.rep, "elapsed_s": time.time() - START, "copy_gbps": COPY_GBPS}
-    name = "tune_rope_ln_masked.json" if ARGS.masked else "tune_rope_ln.json"
-    (out / name).write_text(json.dumps({"meta": meta, "summary": SUMMARY,
+    (out / "tune_rope_ln.json").write_text(json.dumps({"meta": meta, "summary": SUMMARY,
                                                        "rows": rows}, indent=1))
     print("\nsummary:")
     for entry in SUMMARY:
         print(" ", entry["line"])
-    print(f"wrote {out / name} ({len(rows)} rows, {meta['elapsed_s']:.0f} s)")
+    print(f"wrote {out / 'tune_rope_ln.json'} ({len(rows)} rows, {meta['elapsed_s']:.0f} s)")
 
 
 if __name__ == "__main__":

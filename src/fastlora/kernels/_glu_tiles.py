@@ -3,10 +3,9 @@
 One program per [BLOCK_M, BLOCK_N] tile of the [tokens, ffn] map; inputs are read in place as
 row-strided views (e.g. the two halves of a packed gate_up output), the math is float32 and the
 result is rounded once, at the store. A forward kernel has the signature
-``(G, U, Y, stride_g, stride_u, stride_y, M, N, *op constexprs, BLOCK_M, BLOCK_N, EVEN)`` and a
-backward kernel ``(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
-*op constexprs, BLOCK_M, BLOCK_N, EVEN)``; ``launch_forward`` / ``launch_backward`` drive
-either op's pair.
+``(G, U, Y, stride_g, stride_u, stride_y, M, N, *constexprs)`` and a backward kernel
+``(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N, *constexprs)``;
+``launch_forward`` / ``launch_backward`` drive either op's pair.
 """
 from __future__ import annotations
 
@@ -26,29 +25,19 @@ if HAVE_TRITON:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         return rows, cols, (rows < M)[:, None] & (cols < N)[None, :]
 
-    # EVEN: the tiles cover [M, N] exactly, so loads and stores go unmasked (the common case:
-    # MLP widths are multiples of the tile width, token counts of the tile height).
+    @triton.jit
+    def load_f32(P, stride, rows, cols, mask):
+        return tl.load(P + rows[:, None] * stride + cols[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
 
     @triton.jit
-    def load_f32(P, stride, rows, cols, mask, EVEN: tl.constexpr):
-        ptr = P + rows[:, None] * stride + cols[None, :]
-        if EVEN:
-            return tl.load(ptr).to(tl.float32)
-        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def store(P, stride, rows, cols, mask, value, EVEN: tl.constexpr):
-        ptr = P + rows[:, None] * stride + cols[None, :]
-        if EVEN:
-            tl.store(ptr, value.to(P.dtype.element_ty))
-        else:
-            tl.store(ptr, value.to(P.dtype.element_ty), mask=mask)
+    def store(P, stride, rows, cols, mask, value):
+        tl.store(P + rows[:, None] * stride + cols[None, :], value.to(P.dtype.element_ty),
+                 mask=mask)
 
 
 # (elements per program, most columns, num_warps); benchmarks/tune_glu.py sweeps it.
 TILE_OVERRIDE: tuple[int, int, int] | None = None
-# benchmarks/tune_glu.py sets False to time the masked code on shapes that tile evenly.
-UNMASKED_WHEN_EVEN = True
 
 
 def block_config(n: int) -> tuple[int, int, int]:
@@ -73,10 +62,6 @@ def grid(m: int, n: int, block_m: int, block_n: int):
     return triton.cdiv(m, block_m), triton.cdiv(n, block_n)
 
 
-def even(m: int, n: int, block_m: int, block_n: int) -> bool:
-    return UNMASKED_WHEN_EVEN and m % block_m == 0 and n % block_n == 0
-
-
 def launch_forward(kernel, gate: Tensor, up: Tensor, y: Tensor | None = None, **constexprs):
     """y = kernel(gate, up), a new tensor unless ``y`` is given (tests poison it)."""
     g2, u2 = rows2d(gate), rows2d(up)
@@ -87,8 +72,7 @@ def launch_forward(kernel, gate: Tensor, up: Tensor, y: Tensor | None = None, **
     bm, bn, warps = block_config(N)
     if M * N:
         kernel[grid(M, N, bm, bn)](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), M, N,
-                                   BLOCK_M=bm, BLOCK_N=bn, EVEN=even(M, N, bm, bn),
-                                   num_warps=warps, **constexprs)
+                                   BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **constexprs)
     return y.view(gate.shape)
 
 
@@ -108,6 +92,5 @@ def launch_backward(kernel, dy: Tensor, gate: Tensor, up: Tensor, dgate: Tensor 
     if M * N:
         kernel[grid(M, N, bm, bn)](dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0),
                                    u2.stride(0), dg2.stride(0), du2.stride(0), M, N,
-                                   BLOCK_M=bm, BLOCK_N=bn, EVEN=even(M, N, bm, bn),
-                                   num_warps=warps, **constexprs)
+                                   BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **constexprs)
     return dgate.view(gate.shape), dup.view(up.shape)

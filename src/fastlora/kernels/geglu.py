@@ -64,24 +64,23 @@ if HAVE_TRITON:
 
     @triton.jit
     def _geglu_fwd(G, U, Y, stride_g, stride_u, stride_y, M, N, TANH: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
-        g = load_f32(G, stride_g, rows, cols, mask, EVEN)
-        u = load_f32(U, stride_u, rows, cols, mask, EVEN)
+        g = load_f32(G, stride_g, rows, cols, mask)
+        u = load_f32(U, stride_u, rows, cols, mask)
         a, _ = _gelu_and_grad(g, TANH, False)
-        store(Y, stride_y, rows, cols, mask, a * u, EVEN)
+        store(Y, stride_y, rows, cols, mask, a * u)
 
     @triton.jit
     def _geglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
-                   TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   EVEN: tl.constexpr):
+                   TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
-        dy = load_f32(DY, stride_dy, rows, cols, mask, EVEN)
-        g = load_f32(G, stride_g, rows, cols, mask, EVEN)
-        u = load_f32(U, stride_u, rows, cols, mask, EVEN)
+        dy = load_f32(DY, stride_dy, rows, cols, mask)
+        g = load_f32(G, stride_g, rows, cols, mask)
+        u = load_f32(U, stride_u, rows, cols, mask)
         a, da = _gelu_and_grad(g, TANH, True)
-        store(DG, stride_dg, rows, cols, mask, dy * u * da, EVEN)
-        store(DU, stride_du, rows, cols, mask, dy * a, EVEN)
+        store(DG, stride_dg, rows, cols, mask, dy * u * da)
+        store(DU, stride_du, rows, cols, mask, dy * a)
 
 
 def _validate(gate: Tensor, up: Tensor, approximate: str) -> None:

@@ -48,39 +48,25 @@ if HAVE_TRITON:
     # block; each half of a row is a contiguous run of features, so loads vectorise (16 bytes).
 
     @triton.jit
-    def _load(ptr, mask, EVEN: tl.constexpr):
-        if EVEN:  # the tile lies wholly inside the tensor: no mask (see _launch)
-            return tl.load(ptr).to(tl.float32)
-        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _store(ptr, value, mask, EVEN: tl.constexpr):
-        if EVEN:
-            tl.store(ptr, value.to(ptr.dtype.element_ty))
-        else:
-            tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def _pairs_of(P, off, tmask, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
-                  BLOCK_H: tl.constexpr, EVEN: tl.constexpr):
+                  BLOCK_H: tl.constexpr):
         """The two members of every rotated pair in a tile, as float32 [.., .., BLOCK_H]."""
         if INTERLEAVED:  # (2i, 2i + 1): load the contiguous run, then de-interleave in registers
             cols = tl.arange(0, 2 * BLOCK_H)[None, None, :]
-            v = _load(P + off + cols, tmask & (cols < 2 * HALF), EVEN)
-            a, b = tl.split(tl.reshape(v, [v.shape[0], v.shape[1], BLOCK_H, 2]))
+            v = tl.load(P + off + cols, mask=tmask & (cols < 2 * HALF), other=0.0)
+            a, b = tl.split(tl.reshape(v.to(tl.float32), [v.shape[0], v.shape[1], BLOCK_H, 2]))
         else:  # (i, i + h): two contiguous runs
             cols = tl.arange(0, BLOCK_H)[None, None, :]
             m = tmask & (cols < HALF)
-            a = _load(P + off + cols, m, EVEN)
-            b = _load(P + off + HALF + cols, m, EVEN)
+            a = tl.load(P + off + cols, mask=m, other=0.0).to(tl.float32)
+            b = tl.load(P + off + HALF + cols, mask=m, other=0.0).to(tl.float32)
         return a, b
 
     @triton.jit
     def _rotate_tile(X, O, CS, SN, pid, n_tok, T, H, h_blocks, sxa, sxt, sxh, soa, sot, soh,
                      sca, sct, sch, HALF: tl.constexpr, ROT: tl.constexpr, D: tl.constexpr,
                      INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
-                     EVEN: tl.constexpr):
+                     BLOCK_HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
         # The tensor is a view [A, H, T, D] (strides s*a, s*h, s*t); tokens are the (a, t) pairs.
         # (token and head numbers fit in int32; the offsets built from them need int64)
         tok = (pid // h_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -93,28 +79,29 @@ if HAVE_TRITON:
         # the same addresses, served once by the cache (a [BLOCK_T, 1, ..] load instead would
         # get its own register layout, and converting between layouts goes through shared memory)
         coff = (a * sca + t * sct)[:, None, None] + (head * sch)[None, :, None]
-        x1, x2 = _pairs_of(X, xoff, mask, HALF, INTERLEAVED, BLOCK_H, EVEN)
-        c1, c2 = _pairs_of(CS, coff, mask, HALF, INTERLEAVED, BLOCK_H, EVEN)
-        s1, s2 = _pairs_of(SN, coff, mask, HALF, INTERLEAVED, BLOCK_H, EVEN)
+        x1, x2 = _pairs_of(X, xoff, mask, HALF, INTERLEAVED, BLOCK_H)
+        c1, c2 = _pairs_of(CS, coff, mask, HALF, INTERLEAVED, BLOCK_H)
+        s1, s2 = _pairs_of(SN, coff, mask, HALF, INTERLEAVED, BLOCK_H)
         if BACKWARD:
             y1 = x1 * c1 + x2 * s2
             y2 = x2 * c2 - x1 * s1
         else:
             y1 = x1 * c1 - x2 * s1
             y2 = x2 * c2 + x1 * s2
+        out_ty = O.dtype.element_ty
         if INTERLEAVED:
             cols = tl.arange(0, 2 * BLOCK_H)[None, None, :]
             y = tl.reshape(tl.join(y1, y2), [BLOCK_T, BLOCK_HD, 2 * BLOCK_H])
-            _store(O + ooff + cols, y, mask & (cols < ROT), EVEN)
+            tl.store(O + ooff + cols, y.to(out_ty), mask=mask & (cols < ROT))
         else:
             cols = tl.arange(0, BLOCK_H)[None, None, :]
-            _store(O + ooff + cols, y1, mask & (cols < HALF), EVEN)
-            _store(O + ooff + HALF + cols, y2, mask & (cols < HALF), EVEN)
-        if ROT < D:  # partial rotary: the remaining features pass through (always masked)
+            tl.store(O + ooff + cols, y1.to(out_ty), mask=mask & (cols < HALF))
+            tl.store(O + ooff + HALF + cols, y2.to(out_ty), mask=mask & (cols < HALF))
+        if ROT < D:  # partial rotary: the remaining features pass through
             pcols = tl.arange(0, BLOCK_P)[None, None, :]
             pmask = mask & (pcols < D - ROT)
             xp = tl.load(X + xoff + ROT + pcols, mask=pmask, other=0.0)
-            tl.store(O + ooff + ROT + pcols, xp.to(O.dtype.element_ty), mask=pmask)
+            tl.store(O + ooff + ROT + pcols, xp.to(out_ty), mask=pmask)
 
     @triton.jit
     def _rope_kernel(Q, K, QO, KO, CQ, SQ, CK, SK, q_programs,
@@ -122,27 +109,24 @@ if HAVE_TRITON:
                      k_tok, k_t, k_h, k_hb, ska, skt, skh, skoa, skot, skoh, scka, sckt, sckh,
                      HALF: tl.constexpr, ROT: tl.constexpr, D: tl.constexpr,
                      INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr,
-                     Q_BLOCK_T: tl.constexpr, Q_BLOCK_HD: tl.constexpr, Q_EVEN: tl.constexpr,
-                     K_BLOCK_T: tl.constexpr, K_BLOCK_HD: tl.constexpr, K_EVEN: tl.constexpr,
+                     Q_BLOCK_T: tl.constexpr, Q_BLOCK_HD: tl.constexpr,
+                     K_BLOCK_T: tl.constexpr, K_BLOCK_HD: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
         pid = tl.program_id(0)
         if pid < q_programs:  # the first programs rotate q, the rest k
             _rotate_tile(Q, QO, CQ, SQ, pid, q_tok, q_t, q_h, q_hb, sqa, sqt, sqh, sqoa, sqot,
                          sqoh, scqa, scqt, scqh, HALF, ROT, D, INTERLEAVED, BACKWARD,
-                         Q_BLOCK_T, Q_BLOCK_HD, BLOCK_H, BLOCK_P, Q_EVEN)
+                         Q_BLOCK_T, Q_BLOCK_HD, BLOCK_H, BLOCK_P)
         else:
             _rotate_tile(K, KO, CK, SK, pid - q_programs, k_tok, k_t, k_h, k_hb, ska, skt, skh,
                          skoa, skot, skoh, scka, sckt, sckh, HALF, ROT, D, INTERLEAVED, BACKWARD,
-                         K_BLOCK_T, K_BLOCK_HD, BLOCK_H, BLOCK_P, K_EVEN)
+                         K_BLOCK_T, K_BLOCK_HD, BLOCK_H, BLOCK_P)
 
 
 # The launch configuration: (rotated elements per program, most heads per program, num_warps).
 # benchmarks/tune_rope_ln.py sets TILE_OVERRIDE while it sweeps; None means DEFAULT_TILE.
 DEFAULT_TILE = (2048, 32, 4)  # H200 sweep (tune_rope_ln.py): 85-93% of the copy rate
 TILE_OVERRIDE = None
-# Tiles that lie wholly inside the tensor load and store unmasked; tune_rope_ln.py --masking
-# sets this False to time the masked code on the same shapes.
-UNMASKED_WHEN_EVEN = True
 
 
 def block_config(rot_dim: int, heads: int) -> tuple[int, int, int]:
@@ -211,7 +195,7 @@ def _rows_last_contiguous(t: Tensor) -> Tensor:
 def _tile_plan(x4: Tensor, o4: Tensor, c4: Tensor, rot_dim: int) -> tuple:
     """Views x, out and cos as [A, H, T, D]: H (the heads) is the axis cos/sin broadcast over
     (stride 0), so that a program reuses one cos/sin row for all its heads. Returns the sizes,
-    strides and tile of _rotate_tile's arguments, and whether every tile lies wholly inside."""
+    strides and tile of _rotate_tile's arguments."""
     sizes, cst = x4.shape[:3], c4.stride()[:3]
     bcast = [ax for ax in (1, 0, 2) if cst[ax] == 0 and sizes[ax] > 1]
     h_ax = bcast[0] if bcast else 1
@@ -222,10 +206,7 @@ def _tile_plan(x4: Tensor, o4: Tensor, c4: Tensor, rot_dim: int) -> tuple:
     h_blocks = triton.cdiv(H, block_hd)
     pick = lambda t: (t.stride(a_ax), t.stride(t_ax), t.stride(h_ax))
     args = (n_tok, T, H, h_blocks, *pick(x4), *pick(o4), *pick(c4))
-    block_h = triton.next_power_of_2(max(1, rot_dim // 2))
-    even = (UNMASKED_WHEN_EVEN and n_tok % block_t == 0 and H % block_hd == 0
-            and block_h == rot_dim // 2)
-    return args, triton.cdiv(n_tok, block_t) * h_blocks, block_t, block_hd, even, warps
+    return args, triton.cdiv(n_tok, block_t) * h_blocks, block_t, block_hd, warps
 
 
 def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
@@ -238,16 +219,16 @@ def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
     cq, sq = _trig_view(cos, q4, rot_dim), _trig_view(sin, q4, rot_dim)
     ck, sk = _trig_view(cos, k4, rot_dim), _trig_view(sin, k4, rot_dim)
     d = q4.shape[-1]
-    q_args, q_programs, q_bt, q_bhd, q_even, warps = _tile_plan(q4, oq4, cq, rot_dim)
-    k_args, k_programs, k_bt, k_bhd, k_even, _ = _tile_plan(k4, ok4, ck, rot_dim)
+    q_args, q_programs, q_bt, q_bhd, warps = _tile_plan(q4, oq4, cq, rot_dim)
+    k_args, k_programs, k_bt, k_bhd, _ = _tile_plan(k4, ok4, ck, rot_dim)
     grid = (q_programs + k_programs,)
     if grid[0] == 0:
         return
     _rope_kernel[grid](
         q4, k4, oq4, ok4, cq, sq, ck, sk, q_programs, *q_args, *k_args,
         HALF=rot_dim // 2, ROT=rot_dim, D=d, INTERLEAVED=interleaved, BACKWARD=backward,
-        Q_BLOCK_T=q_bt, Q_BLOCK_HD=q_bhd, Q_EVEN=q_even,
-        K_BLOCK_T=k_bt, K_BLOCK_HD=k_bhd, K_EVEN=k_even, BLOCK_H=triton.next_power_of_2(max(1, rot_dim // 2)),
+        Q_BLOCK_T=q_bt, Q_BLOCK_HD=q_bhd,
+        K_BLOCK_T=k_bt, K_BLOCK_HD=k_bhd, BLOCK_H=triton.next_power_of_2(max(1, rot_dim // 2)),
         BLOCK_P=triton.next_power_of_2(max(1, d - rot_dim)), num_warps=warps)
 
 

@@ -30,23 +30,23 @@ if HAVE_TRITON:
 
     @triton.jit
     def _swiglu_fwd(G, U, Y, stride_g, stride_u, stride_y, M, N,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
-        g = load_f32(G, stride_g, rows, cols, mask, EVEN)
-        u = load_f32(U, stride_u, rows, cols, mask, EVEN)
+        g = load_f32(G, stride_g, rows, cols, mask)
+        u = load_f32(U, stride_u, rows, cols, mask)
         s = 1.0 / (1.0 + tl.exp(-g))
-        store(Y, stride_y, rows, cols, mask, g * s * u, EVEN)
+        store(Y, stride_y, rows, cols, mask, g * s * u)
 
     @triton.jit
     def _swiglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
-        dy = load_f32(DY, stride_dy, rows, cols, mask, EVEN)
-        g = load_f32(G, stride_g, rows, cols, mask, EVEN)
-        u = load_f32(U, stride_u, rows, cols, mask, EVEN)
+        dy = load_f32(DY, stride_dy, rows, cols, mask)
+        g = load_f32(G, stride_g, rows, cols, mask)
+        u = load_f32(U, stride_u, rows, cols, mask)
         s = 1.0 / (1.0 + tl.exp(-g))
-        store(DG, stride_dg, rows, cols, mask, dy * u * s * (1.0 + g * (1.0 - s)), EVEN)
-        store(DU, stride_du, rows, cols, mask, dy * g * s, EVEN)
+        store(DG, stride_dg, rows, cols, mask, dy * u * s * (1.0 + g * (1.0 - s)))
+        store(DU, stride_du, rows, cols, mask, dy * g * s)
 
 
 def _validate(gate: Tensor, up: Tensor) -> None:
