@@ -1,6 +1,7 @@
 """Sweep the SwiGLU / GeGLU tile (elements per program, widest tile, warps) on the GPU.
 
     python benchmarks/tune_glu.py            # results feed kernels/_glu_tiles.py:block_config
+    python benchmarks/tune_glu.py --layout   # the default tile vs a flat 1-D kernel vs inductor
 
 The launchers are timed directly with triton.testing.do_bench_cudagraph (pure GPU time, no
 Python dispatch) at the Llama-8B MLP width (8192 x 14336) and Gemma's (8192 x 9216 for GeGLU),
@@ -8,6 +9,7 @@ bf16, against inductor's code for the same eager function timed the same way. Ea
 configuration's output is checked against the default configuration's first. Writes
 $OUT/tune_glu.json.
 """
+import argparse
 import itertools
 import json
 import os
@@ -15,6 +17,8 @@ import pathlib
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 import triton.testing
 
 from fastlora.kernels import _glu_tiles as T
@@ -56,7 +60,50 @@ def cases():
     return out
 
 
+@triton.jit
+def _flat_swiglu_probe(G, U, Y, n, BLOCK: tl.constexpr):
+    """SwiGLU forward over contiguous tensors as one flat run, inductor's layout: a probe of
+    what the tile layout of _glu_tiles costs (not used by fastlora)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=m, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))  # as kernels/swiglu.py computes it: the same bits
+    tl.store(Y + offs, (g * s * u).to(Y.dtype.element_ty), mask=m)
+
+
+def layout(out: pathlib.Path):
+    """Each case's default tile and inductor; for the SwiGLU forward also the flat probe."""
+    rows = []
+    for label, fn, inductor, nbytes in cases():
+        timings = {"default tile": _time(fn), "inductor": _time(inductor)}
+        if label.startswith("swiglu fwd"):
+            g, u = (torch.randn(8192, 14336, device="cuda", dtype=torch.bfloat16)
+                    for _ in range(2))
+            y = torch.empty_like(g)
+            for block, warps in itertools.product((1024, 2048), (4, 8)):
+                launch = lambda block=block, warps=warps: _flat_swiglu_probe[
+                    (triton.cdiv(g.numel(), block),)](g, u, y, g.numel(), BLOCK=block,
+                                                      num_warps=warps)
+                launch()
+                assert torch.equal(y, swiglu.swiglu_forward_triton(g, u)), "probe differs"
+                timings[f"flat {block}/{warps}w"] = _time(launch)
+        for name, ms in timings.items():
+            gbps = nbytes / ms / 1e6
+            rows.append({"case": label, "variant": name, "ms": ms, "gbps": gbps})
+            print(f"{label:<28} {name:<14} {gbps:6.0f} GB/s ({100 * gbps / COPY_GBPS:.0f}%)",
+                  flush=True)
+    (out / "tune_glu_layout.json").write_text(json.dumps(rows, indent=1))
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layout", action="store_true", help=layout.__doc__)
+    args = parser.parse_args()
+    out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.layout:
+        return layout(out)
     rows = []
     configs = [(e, w, warps) for e, w, warps in itertools.product((2048, 4096, 8192),
                                                                   (512, 1024, 2048), (4, 8, 16))
@@ -85,8 +132,6 @@ def main():
               f"({100 * nbytes / default / 1e6 / COPY_GBPS:.0f}%), best "
               f"{nbytes / best[0] / 1e6:6.0f} GB/s at {best[1]}, inductor "
               f"{nbytes / ind / 1e6:6.0f} GB/s", flush=True)
-    out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))
-    out.mkdir(parents=True, exist_ok=True)
     (out / "tune_glu.json").write_text(json.dumps(rows, indent=1))
 
 

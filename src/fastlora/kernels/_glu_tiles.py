@@ -1,10 +1,10 @@
 """The elementwise tile scaffolding that SwiGLU (swiglu.py) and GeGLU (geglu.py) share.
 
-One program per [BLOCK_M, BLOCK_N] tile of the [tokens, ffn] map; inputs are read in place as
-row-strided views (e.g. the two halves of a packed gate_up output), the math is float32 and the
-result is rounded once, at the store. A forward kernel has the signature
-``(G, U, Y, stride_g, stride_u, stride_y, M, N, *constexprs)`` and a backward kernel
-``(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N, *constexprs)``;
+One program per [BLOCK_M, BLOCK_N] tile of the [tokens, ffn] map (a 1-D grid, row-major); inputs
+are read in place as row-strided views (e.g. the two halves of a packed gate_up output), the
+math is float32 and the result is rounded once, at the store. A forward kernel has the signature
+``(G, U, Y, stride_g, stride_u, stride_y, M, N, *constexprs)`` and a backward kernel ``(DY, G,
+U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N, *constexprs)``;
 ``launch_forward`` / ``launch_backward`` drive either op's pair.
 """
 from __future__ import annotations
@@ -20,9 +20,16 @@ if HAVE_TRITON:
 
     @triton.jit
     def tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Row and column indices of this program's tile, and its in-bounds mask."""
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        """Row and column indices of this program's tile, and its in-bounds mask. Programs are
+        numbered along the rows first (a 1-D grid), so consecutive programs read neighbouring
+        memory, as a flat elementwise kernel does. Why: on the H200 a flat kernel over the same
+        bytes ran at inductor's 4340 GB/s, where this tile numbered down the columns (a 2-D
+        grid, row blocks first) reached 4110-4185 GB/s. benchmarks/tune_glu.py --layout times
+        this order against the flat kernel and inductor."""
+        col_blocks = tl.cdiv(N, BLOCK_N)
+        pid = tl.program_id(0)
+        rows = (pid // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (pid % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         return rows, cols, (rows < M)[:, None] & (cols < N)[None, :]
 
     @triton.jit
@@ -59,7 +66,7 @@ def rows2d(t: Tensor) -> Tensor:
 
 
 def grid(m: int, n: int, block_m: int, block_n: int):
-    return triton.cdiv(m, block_m), triton.cdiv(n, block_n)
+    return (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
 
 
 def launch_forward(kernel, gate: Tensor, up: Tensor, y: Tensor | None = None, **constexprs):
