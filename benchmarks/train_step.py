@@ -60,12 +60,22 @@ def build_config(shape: str):
     return cfg
 
 
+_T0 = time.perf_counter()
+
+
+def progress(phase: str) -> None:
+    """A worker's phase on stderr, so a timed-out run says where it stood (see run_one)."""
+    print(f"[train_step] {phase} at {time.perf_counter() - _T0:.0f} s", file=sys.stderr,
+          flush=True)
+
+
 def _save_random(cfg, path: pathlib.Path):
     """Peers and 4-bit loading need a checkpoint on disk: write the random model once."""
     import torch
     import transformers
     if (path / "config.json").exists():
         return
+    progress(f"writing a random checkpoint to {path}")
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
     model.save_pretrained(path)
@@ -136,6 +146,7 @@ def build_model(args, cfg):
 def worker(args) -> dict:
     import torch
     cfg = build_config(args.shape)
+    progress("building the model")
     model = build_model(args, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -165,11 +176,13 @@ def worker(args) -> dict:
         return loss
 
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
+        progress(f"warm-up step {i + 1} of {args.warmup}" + (" (compiles)" if i == 0 else ""))
         loss = step()
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
+    progress(f"timing {args.steps} steps")
     times = []
     for _ in range(args.steps):
         torch.cuda.synchronize()
@@ -211,8 +224,11 @@ def run_one(args, shape: str, variant: str) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                               env=env)
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timed out after {args.timeout} s"}
+    except subprocess.TimeoutExpired as e:  # run() collected the output the worker had written
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        phases = [line for line in err.splitlines() if line.startswith("[train_step]")]
+        where = f" (last: {phases[-1][13:]})" if phases else ""
+        return {**base, "error": f"timed out after {args.timeout} s{where}"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
