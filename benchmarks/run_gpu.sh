@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU machine, from a checkout (see benchmarks/README.md):
-#   benchmarks/run_gpu.sh tests                      # pytest -m gpu
+#   benchmarks/run_gpu.sh tests                      # pytest -m gpu (over 10 minutes on an H200)
+#   benchmarks/run_gpu.sh tests-attention|tests-kernels|tests-models   # one third of it each
 #   benchmarks/run_gpu.sh kernels [--ops rms_norm]   # benchmarks/kernels.py
 #   benchmarks/run_gpu.sh train [--shapes llama-1b --variants fastlora,inductor]
 #   benchmarks/run_gpu.sh all                        # tests, kernels, then train with defaults
@@ -25,13 +26,28 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mode=${1:-all}; shift || true
 status=0
 run() { echo "== $*"; "$@" || status=$?; }
+group() {  # the GPU tests in three groups that each fit a 10-minute device call
+  case "$1" in
+    attention) echo tests/test_flash_attention_kernel.py tests/test_attention_pattern.py ;;
+    kernels) echo tests/test_glu_kernels.py tests/test_layer_norm_kernel.py \
+               tests/test_linear_cross_entropy_kernel.py tests/test_lora_grouped.py \
+               tests/test_lora_linear.py tests/test_rope_kernel.py ;;
+    models) echo tests/test_gpu_spine.py tests/test_cli.py tests/test_trl.py tests/test_qlora.py \
+              tests/test_linear_cross_entropy_pattern.py ;;
+  esac
+}
 case "$mode" in
+  tests-attention|tests-kernels|tests-models)
+           name=${mode#tests-}
+           run python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=10 $(group "$name") \
+             "$@" 2>&1 | tee "$OUT/gpu_tests_$name.log" ;;
   tests)   run python3 -m pytest -q -m gpu -p no:cacheprovider tests "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   kernels) run python3 benchmarks/kernels.py --out "$OUT" "$@" ;;
   train)   run python3 benchmarks/train_step.py --out "$OUT" "$@" ;;
   all)     run python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
            run python3 benchmarks/kernels.py --out "$OUT"
            run python3 benchmarks/train_step.py --out "$OUT" ;;
-  *) echo "usage: $0 tests|kernels|train|all [args]"; exit 2 ;;
+  *) echo "usage: $0 tests|tests-attention|tests-kernels|tests-models|kernels|train|all [args]"
+     exit 2 ;;
 esac
 exit $status
