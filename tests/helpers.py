@@ -9,6 +9,12 @@ from peft import LoraConfig, get_peft_model
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def token_batch(batch=2, seq=11, vocab=97, device=None, **extra) -> dict:
+    """Random token ids as a causal-LM batch whose labels are its inputs (plus ``extra``)."""
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    return {"input_ids": ids, "labels": ids, **extra}
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 (NaN anywhere counts as infinitely wrong)."""
     a, b = a.double(), b.double()

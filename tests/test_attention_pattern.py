@@ -11,6 +11,7 @@ from torch import nn
 import fastlora
 from helpers import compare_compiled, compare_low_precision, lora_grads, rel_err, run_step
 from helpers import tiny_llama, with_lora
+from helpers import token_batch
 
 SMALL = dict(vocab_size=97, hidden_size=40, intermediate_size=56, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -35,8 +36,7 @@ def tiny_gemma2(layers=2):
 
 
 def _inputs(batch=2, seq=12, **extra):
-    ids = torch.randint(0, 97, (batch, seq))
-    return {"input_ids": ids, "labels": ids, **extra}
+    return token_batch(batch, seq, **extra)
 
 
 PACKED = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], list(range(12))])

@@ -6,11 +6,11 @@ import torch
 
 import fastlora
 from helpers import checkpointed, compare_compiled, compare_low_precision, tiny_llama, with_lora
+from helpers import token_batch
 
 
-def _inputs(vocab=97, batch=2, seq=11):
-    ids = torch.randint(0, vocab, (batch, seq))
-    return {"input_ids": ids, "labels": ids}
+def _inputs():
+    return token_batch()
 
 
 def test_llama_fp32_rms_norm_matched_and_exact():

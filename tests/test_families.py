@@ -27,6 +27,7 @@ import transformers as T
 
 import fastlora
 from helpers import ALL_LINEAR, compare_compiled, rel_err, run_step, with_lora
+from helpers import token_batch
 
 MINE = ("rms_norm", "layer_norm", "rope", "swiglu", "geglu")
 LAYERS = 2
@@ -96,9 +97,8 @@ def build(family):
     return with_lora(model, targets), expected
 
 
-def _inputs(batch=2, seq=9):
-    ids = torch.randint(0, VOCAB, (batch, seq))
-    return {"input_ids": ids, "labels": ids}
+def _inputs():
+    return token_batch(seq=9, vocab=VOCAB)
 
 
 def only_mine() -> dict:

@@ -6,6 +6,7 @@ import fastlora
 from fastlora.kernels import rms_norm as K
 from helpers import (compare_compiled, compare_low_precision, rel_err, run_step, tiny_llama,
                      with_lora)
+from helpers import token_batch
 from test_rms_norm_kernel import reference64
 
 pytestmark = pytest.mark.gpu
@@ -34,9 +35,8 @@ def test_rms_norm_cuda_matches_float64(shape, dtype, offset, cast):
     assert rel_err(dw.cpu(), dw_ref) < tol
 
 
-def _inputs(vocab=97):
-    ids = torch.randint(0, vocab, (2, 33), device="cuda")
-    return {"input_ids": ids, "labels": ids}
+def _inputs():
+    return token_batch(seq=33, device="cuda")
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

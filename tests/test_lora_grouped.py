@@ -15,6 +15,7 @@ import fastlora
 from fastlora.kernels import _lora_blocks as K
 from fastlora.kernels import lora_grouped as G
 from helpers import rel_err, run_step, tiny_llama, with_lora
+from helpers import token_batch
 from test_lora_linear import _mixed, errors_vs, only_lora
 
 BOTH = ("lora_linear", "lora_mlp")
@@ -106,8 +107,7 @@ def test_lora_mlp_opcheck_and_errors():
 
 
 def _inputs():
-    ids = torch.randint(0, 97, (2, 11))
-    return {"input_ids": ids, "labels": ids}
+    return token_batch()
 
 
 def test_llama_swiglu_fp32_exact():

@@ -16,8 +16,8 @@ from torch import nn
 import fastlora
 from fastlora.kernels import _dot_precision as D
 from fastlora.kernels import _lora_blocks as K
-from fastlora.kernels import lora_linear as L
 from helpers import checkpointed, rel_err, run_step, tiny_llama, with_lora
+from helpers import token_batch
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -30,9 +30,8 @@ def only_lora(*names):
     return {"compiler": "aot_eager", "strict": True, "disable": others}
 
 
-def _inputs(batch=2, seq=11, vocab=97):
-    ids = torch.randint(0, vocab, (batch, seq))
-    return {"input_ids": ids, "labels": ids}
+def _inputs():
+    return token_batch()
 
 
 # ---------------------------------------------------------------- kernels vs float64

@@ -15,6 +15,7 @@ import fastlora
 from fastlora.kernels import _lora_blocks as K
 from helpers import (checkpointed, compare_compiled, rel_err, run_step, saved_activations,
                      saved_of_shape, tiny_llama, with_lora)
+from helpers import token_batch
 from test_lora_grouped import GroupSeededDropout, _SharedSeed
 from test_lora_linear import SeededDropout, _mixed, errors_vs
 
@@ -175,8 +176,7 @@ def test_saves_no_hidden_state(dtype):
 
 
 def _inputs():
-    ids = torch.randint(0, 97, (2, 11))
-    return {"input_ids": ids, "labels": ids}
+    return token_batch()
 
 
 @pytest.mark.parametrize("layers,r,bias,checkpoint", [(2, 4, False, False), (1, 1, True, False),

@@ -15,6 +15,7 @@ from torch import nn
 import fastlora
 from helpers import (checkpointed, compare_compiled, rel_err, saved_activations,
                      saved_of_shape, tiny_llama, with_lora)
+from helpers import token_batch
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 M, HID, FFN = 37, 72, 40  # tokens, hidden, ffn (odd sizes: masked tiles everywhere)
@@ -203,8 +204,7 @@ def test_saves_no_norm_output(kind, dtype):
 
 
 def _inputs():
-    ids = torch.randint(0, 97, (2, 11))
-    return {"input_ids": ids, "labels": ids}
+    return token_batch()
 
 
 @pytest.mark.parametrize("layers,bias,checkpoint", [(2, False, False), (1, True, True)])

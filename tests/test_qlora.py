@@ -16,6 +16,7 @@ from fastlora.kernels import _lora_blocks as K
 from fastlora.kernels import nf4_dequant as Q
 from fastlora.patterns import qlora as QP
 from helpers import rel_err, run_step, tiny_llama, with_lora
+from helpers import token_batch
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 BF = pytest.importorskip("bitsandbytes.functional")
@@ -157,8 +158,7 @@ def float_twin(qmodel):
 
 
 def _inputs():
-    ids = torch.randint(0, 97, (2, 11))
-    return {"input_ids": ids, "labels": ids}
+    return token_batch()
 
 
 def _errors(qmodel, inputs, twin=None):
