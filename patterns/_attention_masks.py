@@ -248,8 +248,11 @@ def _as_bool_mask(mask):
         and not mask.kwargs
     if ok:
         cond, zero, neg = mask.args
-        zero_ok = zero == 0 or isinstance(zero, fx.Node) and zero.target is torch.zeros and \
-            zero.args in (((),), ([],)) and set(zero.kwargs) <= {"device", "dtype"}
+        zero_ok = zero == 0 or isinstance(zero, fx.Node) and set(zero.kwargs) <= {
+            "device", "dtype"} and (  # torch.zeros(()), or transformers 5.17's torch.tensor(0.0)
+            zero.target is torch.zeros and zero.args in (((),), ([],))
+            or zero.target is torch.tensor and len(zero.args) == 1
+            and type(zero.args[0]) in (int, float) and zero.args[0] == 0)
         if zero_ok and isinstance(neg, float) and neg <= -1e4 and \
                 example_value(cond).dtype == torch.bool:
             return cond

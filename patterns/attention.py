@@ -224,12 +224,21 @@ def unrepeated_kv(node):
     return node, 1
 
 
+def _explain(node, reason):
+    """Every SDPA left unfused is a near miss; a softmax only where an eager spelling got far
+    enough to reach it (a router's or a user's softmax is no attention)."""
+    if node.target is softmax and reason.startswith("no spelling of"):
+        return None
+    return reason
+
+
 register_pattern(Pattern(
     name="attention",
     spellings=[sdpa, eager_softcap_masked, eager_masked, eager_softcap, eager],
     check=check,
     replacement=replacement,
-    anchor=F.scaled_dot_product_attention,
+    anchor=(F.scaled_dot_product_attention, softmax),
+    explain_near_miss=_explain,
     description="attention (SDPA and eager; causal, GQA, sliding window, softcap, packed "
                 "documents) as flash attention",
     builtin=True,

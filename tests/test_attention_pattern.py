@@ -269,6 +269,40 @@ def test_unprovable_masks_are_left_alone(build, reason):
     assert params == [] and len(misses) == 1 and reason in misses[0], misses
 
 
+class EagerMaskedAttention(nn.Module):
+    """HF's eager spelling (matmul, scale, + additive mask, float32 softmax, dropout, matmul) with the
+    additive mask as transformers 5.17 builds it: ``where(visible, torch.tensor(zero), -big)``."""
+
+    def __init__(self, zero=0.0):
+        super().__init__()
+        self.zero = zero
+        self.proj = nn.Linear(16, 48)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.proj(x).view(B, S, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        add = torch.where(j <= i, torch.tensor(self.zero, dtype=x.dtype), torch.finfo(x.dtype).min)
+        w = torch.matmul(q, k.transpose(2, 3)) * 8 ** -0.5 + add
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(F.dropout(w, p=0.0, training=self.training), v)
+
+
+def test_additive_mask_with_a_zero_tensor_is_proven():
+    params, misses = _compile_and_compare(EagerMaskedAttention(), torch.randn(2, 10, 16))
+    assert misses == [] and [(p["kernel"], p["causal"]) for p in params] == [("sdpa", True)]
+
+
+def test_eager_spelling_near_miss_is_reported_at_its_softmax():
+    """An eager attention that does not match is reported (its softmax anchors the near miss,
+    as SDPA does for the other spelling); a softmax that is no attention is not."""
+    params, misses = _compile_and_compare(EagerMaskedAttention(zero=0.5), torch.randn(2, 10, 16))
+    assert params == [] and len(misses) == 1 and "is not `where(mask, 0, -big)`" in misses[0]
+    router = nn.Linear(16, 4)
+    _, misses = _compile_and_compare(lambda x: F.softmax(router(x), dim=-1), torch.randn(3, 16))
+    assert misses == []
+
+
 def test_mask_from_the_inputs_is_left_alone():
     user_mask = torch.rand(1, 1, 10, 10) > 0.3
     user_mask[..., torch.arange(10), torch.arange(10)] = True
@@ -307,21 +341,30 @@ def _cuda(batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("make", [tiny_mistral, tiny_gemma2])
 def test_gpu_compiled_matches_eager_fp32(make):
+    fastlora.clear_reports()
     _exact(with_lora(make()).cuda(), _cuda(_inputs(seq=300)))
-    assert all(p["kernel"] == "triton" for p in _attention())
+    found = [params for report in fastlora.reports() for params in _attention(report)]
+    assert len(found) == 2 and all(p["kernel"] == "triton" for p in found), str(fastlora.reports())
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("make", [tiny_mistral, tiny_gemma2])
 def test_gpu_compiled_bf16_no_worse_than_eager(make):
-    fastlora.clear_reports()
-    err_eager, err_compiled = compare_low_precision(with_lora(make()).cuda(),
-                                                    _cuda(_inputs(seq=300)),
-                                                    options=only_attention())
-    # every graph of the run (the card once showed none in the last one): what matched, and why not
-    found = [params for report in fastlora.reports() for params in _attention(report)]
-    assert len(found) == 2, str(fastlora.reports())[-4000:]
-    assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
+    """Averaged over three seeds: one tiny random bf16 model's whole-model error is noise. On the
+    H200, Gemma 2's compiled/eager error ratio over seeds 0-4 was 1.34, 0.95, 1.03, 0.83, 1.30,
+    while the kernel alone is more accurate than eager bf16 attention on every output (the
+    kernel test test_gpu_kernel_at_least_as_accurate_as_eager_bf16)."""
+    errs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        fastlora.clear_reports()
+        errs.append(compare_low_precision(with_lora(make()).cuda(), _cuda(_inputs(seq=300)),
+                                          options=only_attention()))
+        # every graph of the run (the last one may hold no attention): what matched, and why not
+        found = [params for report in fastlora.reports() for params in _attention(report)]
+        assert len(found) == 2, str(fastlora.reports())[-4000:]
+    err_eager, err_compiled = (sum(e) / len(errs) for e in zip(*errs))
+    assert err_compiled <= 1.25 * err_eager + 1e-3, errs
 
 
 @pytest.mark.gpu

@@ -36,7 +36,8 @@ class Pattern:
     spellings: Sequence[Callable]
     replacement: Callable
     check: Callable[["Match"], dict] | None = None
-    anchor: Callable | None = None  # op whose unmatched occurrences are reported as near misses
+    # op (or tuple of ops) whose unmatched occurrences are reported as near misses
+    anchor: Callable | tuple[Callable, ...] | None = None
     priority: int = 0  # higher runs first (a grouped LoRA pattern before the single one)
     description: str = ""
     builtin: bool = False
@@ -44,6 +45,10 @@ class Pattern:
     # anchor left unmatched, or returns None where that node is no near miss at all (an
     # ``F.linear`` that is not a LoRA adapter).
     explain_near_miss: Callable | None = None
+
+    def is_anchor(self, node) -> bool:
+        anchors = self.anchor if isinstance(self.anchor, tuple) else (self.anchor,)
+        return self.anchor is not None and node.op == "call_function" and node.target in anchors
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").isalnum():

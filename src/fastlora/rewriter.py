@@ -157,7 +157,7 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
 
         def remember(attempt_nodes, progress: int, reason: str):
             for n in attempt_nodes:
-                if pattern.anchor is not None and n.target is pattern.anchor:
+                if pattern.is_anchor(n):
                     if n not in best or progress > best[n][0]:
                         best[n] = (progress, reason)
 
@@ -174,8 +174,7 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                                     options, top_level):
                         break
         for node in graph.nodes:  # anchors left in the graph are the near misses
-            if pattern.anchor is not None and node.op == "call_function" \
-                    and node.target is pattern.anchor:
+            if pattern.is_anchor(node):
                 reason = best.get(node, (0, f"no spelling of `{pattern.name}` leads to this "
                                             f"{describe(node)}"))[1]
                 if pattern.explain_near_miss is not None:
