@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlora.canonicalize import CAST, example_value
+from fastlora.matcher import describe
 from fastlora.kernels.nf4_dequant import code_table
 from fastlora.pattern import Pattern, Reject, register_pattern
 from fastlora.patterns.lora_linear import (FLOATS, adapter_dtypes, adapter_on_base,
@@ -124,9 +125,15 @@ def _quantized_base(base: torch.fx.Node):
                 raise Reject("the 4-bit matmul's inputs are computed inside its autograd body")
             return operands[v]
         return v
-    extra = [hop] + [a for a in hop.args[:2] if isinstance(a, torch.fx.Node)] + [base]
-    if set(hop.users) != {base}:
-        raise Reject("other outputs of the 4-bit autograd.Function are used")
+    # Unread outputs (a getitem nobody reads) join the region and go with it. Dynamo leaves
+    # them in graphs of many layers (32 here, not 2), on CPU and GPU alike.
+    dead = [u for u in hop.users if u is not base and not u.users]
+    others = [u for u in hop.users if u is not base and u.users]
+    if others:
+        uses = [f"{describe(u)}, read by " + ", ".join(describe(v) for v in list(u.users)[:3])
+                for u in others[:3]]
+        raise Reject("other outputs of the 4-bit autograd.Function are used: " + "; ".join(uses))
+    extra = [hop] + [a for a in hop.args[:2] if isinstance(a, torch.fx.Node)] + [base] + dead
     return gemm[0], outer, extra
 
 
