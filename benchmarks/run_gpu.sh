@@ -2,6 +2,7 @@
 # One command for the GPU machine, from a checkout (see benchmarks/README.md):
 #   benchmarks/run_gpu.sh tests                      # pytest -m gpu (over 10 minutes on an H200)
 #   benchmarks/run_gpu.sh tests-attention|tests-kernels|tests-models   # one third of it each
+#   TESTS_TIMEOUT=250 benchmarks/run_gpu.sh tests-models   # stop pytest after 250 s, keep its summary
 #   benchmarks/run_gpu.sh kernels [--ops rms_norm]   # benchmarks/kernels.py
 #   benchmarks/run_gpu.sh train [--shapes llama-1b --variants fastlora,inductor]
 #   benchmarks/run_gpu.sh all                        # tests, kernels, then train with defaults
@@ -38,9 +39,11 @@ group() {  # the GPU tests in three groups that each fit a 10-minute device call
 }
 case "$mode" in
   tests-attention|tests-kernels|tests-models)
+           # TESTS_TIMEOUT=N (seconds): interrupt pytest itself (SIGINT) after N s, so it still
+           # prints which tests passed and failed (a timeout around this script loses that)
            name=${mode#tests-}
-           run python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --durations=10 $(group "$name") \
-             "$@" 2>&1 | tee "$OUT/gpu_tests_$name.log" ;;
+           run timeout -s INT "${TESTS_TIMEOUT:-0}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+             -rfEsp --durations=10 $(group "$name") "$@" 2>&1 | tee "$OUT/gpu_tests_$name.log" ;;
   tests)   run python3 -m pytest -q -m gpu -p no:cacheprovider tests "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   kernels) run python3 benchmarks/kernels.py --out "$OUT" "$@" ;;
   train)   run python3 benchmarks/train_step.py --out "$OUT" "$@" ;;
