@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from fastlora.canonicalize import CAST, example_value
-from fastlora.matcher import describe
 from fastlora.kernels.nf4_dequant import code_table
+from fastlora.matcher import describe
 from fastlora.pattern import Pattern, Reject, register_pattern
 from fastlora.patterns.lora_linear import (FLOATS, adapter_dtypes, adapter_on_base,
                                            adapter_on_base_dropout, cast, dropout_of,
@@ -125,8 +125,8 @@ def _quantized_base(base: torch.fx.Node):
                 raise Reject("the 4-bit matmul's inputs are computed inside its autograd body")
             return operands[v]
         return v
-    # Unread outputs (a getitem nobody reads) join the region and go with it. Dynamo leaves
-    # them in graphs of many layers (32 here, not 2), on CPU and GPU alike.
+    # Unread outputs join the region and go with it: torch 2.11's Dynamo leaves an unread
+    # getitem(hop, 1) beside the read [0] (a from_pretrained 4-bit model, CPU and GPU alike).
     dead = [u for u in hop.users if u is not base and not u.users]
     others = [u for u in hop.users if u is not base and u.users]
     if others:
