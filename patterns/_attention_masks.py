@@ -242,18 +242,25 @@ def _is_arange(positions) -> bool:
     return _ndim(positions) == 2 and isinstance(value, Lin) and value.terms == {("axis", 1): 1}
 
 
+def _is_zero(value) -> bool:
+    """A literal 0, ``torch.zeros(())``, or ``torch.tensor(0.0)`` (transformers 5.17)."""
+    if not isinstance(value, fx.Node):
+        return value == 0
+    if value.op != "call_function" or not set(value.kwargs) <= {"device", "dtype"}:
+        return False
+    if value.target is torch.zeros:
+        return value.args in (((),), ([],))
+    return value.target is torch.tensor and len(value.args) == 1 and \
+        type(value.args[0]) in (int, float) and value.args[0] == 0
+
+
 def _as_bool_mask(mask):
     """An additive float mask ``where(cond, 0, very negative)`` as its boolean ``cond``."""
     ok = mask.op == "call_function" and mask.target is torch.where and len(mask.args) == 3 \
         and not mask.kwargs
     if ok:
         cond, zero, neg = mask.args
-        zero_ok = zero == 0 or isinstance(zero, fx.Node) and set(zero.kwargs) <= {
-            "device", "dtype"} and (  # torch.zeros(()), or transformers 5.17's torch.tensor(0.0)
-            zero.target is torch.zeros and zero.args in (((),), ([],))
-            or zero.target is torch.tensor and len(zero.args) == 1
-            and type(zero.args[0]) in (int, float) and zero.args[0] == 0)
-        if zero_ok and isinstance(neg, float) and neg <= -1e4 and \
+        if _is_zero(zero) and isinstance(neg, float) and neg <= -1e4 and \
                 example_value(cond).dtype == torch.bool:
             return cond
     raise Reject(f"the additive mask {describe(mask)} is not `where(mask, 0, -big)`, so fastlora "
