@@ -1,7 +1,7 @@
 """Sweep the SwiGLU / GeGLU tile (elements per program, widest tile, warps) on the GPU.
 
     python benchmarks/tune_glu.py            # results feed kernels/_glu_tiles.py:block_config
-    python benchmarks/tune_glu.py --layout   # the default tile vs a flat 1-D kernel vs inductor
+    python benchmarks/tune_glu.py --layout   # tiles vs the flat stream (FLAT_CONFIG) vs inductor
 
 The launchers are timed directly with triton.testing.do_bench_cudagraph (pure GPU time, no
 Python dispatch) at the Llama-8B MLP width (8192 x 14336) and Gemma's (8192 x 9216 for GeGLU),
@@ -18,7 +18,6 @@ import pathlib
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 import triton.testing
 
 from fastlora.kernels import _glu_tiles as T
@@ -60,38 +59,31 @@ def cases():
     return out
 
 
-@triton.jit
-def _flat_swiglu_probe(G, U, Y, n, BLOCK: tl.constexpr):
-    """SwiGLU forward over contiguous tensors as one flat run, inductor's layout: a probe of
-    what the tile layout of _glu_tiles costs (not used by fastlora)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=m, other=0.0).to(tl.float32)
-    s = 1.0 / (1.0 + tl.exp(-g))  # as kernels/swiglu.py computes it: the same bits
-    tl.store(Y + offs, (g * s * u).to(Y.dtype.element_ty), mask=m)
+FLAT_SWEEP = [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8)]
 
 
 def layout(out: pathlib.Path):
-    """Each case's default tile and inductor; for the SwiGLU forward also the flat probe."""
+    """Each case with the [tokens, ffn] tiles, as a flat stream at each FLAT_SWEEP config
+    (elements per program, warps; _glu_tiles.FLAT_CONFIG), and inductor's code."""
     rows = []
+    default_flat = T.FLAT_CONFIG
     for label, fn, inductor, nbytes in cases():
-        timings = {"default tile": _time(fn), "inductor": _time(inductor)}
-        if label.startswith("swiglu fwd"):
-            g, u = (torch.randn(8192, 14336, device="cuda", dtype=torch.bfloat16)
-                    for _ in range(2))
-            y = torch.empty_like(g)
-            for block, warps in itertools.product((1024, 2048), (4, 8)):
-                launch = lambda block=block, warps=warps: _flat_swiglu_probe[
-                    (triton.cdiv(g.numel(), block),)](g, u, y, g.numel(), BLOCK=block,
-                                                      num_warps=warps)
-                launch()
-                assert torch.equal(y, swiglu.swiglu_forward_triton(g, u)), "probe differs"
-                timings[f"flat {block}/{warps}w"] = _time(launch)
+        T.FLAT_CONFIG = None
+        first = fn()
+        ref = [t.clone() for t in (first if isinstance(first, tuple) else (first,))]
+        timings = {"tiles": _time(fn), "inductor": _time(inductor)}
+        for cfg in FLAT_SWEEP:
+            T.FLAT_CONFIG = cfg
+            got = fn()
+            got = got if isinstance(got, tuple) else (got,)
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"flat {cfg} differs"
+            timings[f"flat {cfg[0]}/{cfg[1]}w" + (" (default)" if cfg == default_flat else "")] \
+                = _time(fn)
+        T.FLAT_CONFIG = default_flat
         for name, ms in timings.items():
             gbps = nbytes / ms / 1e6
             rows.append({"case": label, "variant": name, "ms": ms, "gbps": gbps})
-            print(f"{label:<28} {name:<14} {gbps:6.0f} GB/s ({100 * gbps / COPY_GBPS:.0f}%)",
+            print(f"{label:<28} {name:<22} {gbps:6.0f} GB/s ({100 * gbps / COPY_GBPS:.0f}%)",
                   flush=True)
     (out / "tune_glu_layout.json").write_text(json.dumps(rows, indent=1))
 
@@ -105,6 +97,7 @@ def main():
     if args.layout:
         return layout(out)
     rows = []
+    T.FLAT_CONFIG = None  # the sweep is of the tiles (strided inputs use them)
     configs = [(e, w, warps) for e, w, warps in itertools.product((2048, 4096, 8192),
                                                                   (512, 1024, 2048), (4, 8, 16))
                if e >= w]

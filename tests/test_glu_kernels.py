@@ -11,7 +11,8 @@ from fastlora.kernels import geglu as G
 from fastlora.kernels import swiglu as S
 from helpers import rel_err
 
-SHAPES = [(3, 37, 72), (5, 64), (2, 3, 129), (1, 1, 8), (2, 4100)]
+# (3, 5, 2048) is dense with a multiple of 1024 elements: it runs as one flat stream
+SHAPES = [(3, 37, 72), (5, 64), (2, 3, 129), (1, 1, 8), (2, 4100), (3, 5, 2048)]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
@@ -95,6 +96,23 @@ def test_packed_swiglu_matches_split_and_writes_one_gradient():
     assert rel_err(dx, torch.cat([dg_ref, du_ref], -1)) < 1e-5
     assert rel_err(S.swiglu_packed_backward_reference(dy, x), torch.cat([dg_ref, du_ref], -1)) \
         < 1e-5
+
+
+def test_flat_stream_and_tiles_give_the_same_bits(monkeypatch):
+    """Dense inputs run as one flat stream (_glu_tiles.FLAT_CONFIG); the [tokens, ffn] tiles
+    over the same tensors must give the same bits, forward and backward."""
+    from fastlora.kernels import _glu_tiles as T
+    gate, up, dy = _inputs((3, 5, 2048), torch.bfloat16)
+    rows = lambda t: t.reshape(-1, t.shape[-1])
+    assert T.dense_shape(rows(gate), rows(up)) == (30, 1024)
+    assert T.dense_shape(rows(gate)[:, :1024], rows(up)[:, :1024]) is None  # row-strided
+    for kind in ("silu", "tanh", "none"):
+        flat = run(kind, "triton", gate, up, dy)
+        monkeypatch.setattr(T, "FLAT_CONFIG", None)
+        tiled = run(kind, "triton", gate, up, dy)
+        monkeypatch.undo()
+        for a, b in zip(flat, tiled):
+            assert torch.equal(a, b)
 
 
 def test_strided_inputs_are_read_in_place():
