@@ -99,16 +99,17 @@ def test_packed_swiglu_matches_split_and_writes_one_gradient():
 
 
 def test_flat_stream_and_tiles_give_the_same_bits(monkeypatch):
-    """Dense inputs run as one flat stream (_glu_tiles.FLAT_CONFIG); the [tokens, ffn] tiles
-    over the same tensors must give the same bits, forward and backward."""
+    """Dense inputs run as one flat stream (each op's FLAT); the [tokens, ffn] tiles over the
+    same tensors must give the same bits, forward and backward."""
     from fastlora.kernels import _glu_tiles as T
     gate, up, dy = _inputs((3, 5, 2048), torch.bfloat16)
     rows = lambda t: t.reshape(-1, t.shape[-1])
-    assert T.dense_shape(rows(gate), rows(up)) == (30, 1024)
-    assert T.dense_shape(rows(gate)[:, :1024], rows(up)[:, :1024]) is None  # row-strided
+    assert T.dense_shape((rows(gate), rows(up)), S.FLAT) == (30, 1024)
+    assert T.dense_shape((rows(gate), rows(up)), G.FLAT) == (15, 2048)
+    assert T.dense_shape((rows(gate)[:, :1024], rows(up)[:, :1024]), S.FLAT) is None
     for kind in ("silu", "tanh", "none"):
         flat = run(kind, "triton", gate, up, dy)
-        monkeypatch.setattr(T, "FLAT_CONFIG", None)
+        monkeypatch.setattr(T, "FLAT_OVERRIDE", False)
         tiled = run(kind, "triton", gate, up, dy)
         monkeypatch.undo()
         for a, b in zip(flat, tiled):

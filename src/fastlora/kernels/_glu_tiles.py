@@ -45,9 +45,10 @@ if HAVE_TRITON:
 
 # (elements per program, most columns, num_warps); benchmarks/tune_glu.py sweeps it.
 TILE_OVERRIDE: tuple[int, int, int] | None = None
-# Dense inputs run as one flat row-major stream: (elements per program, num_warps), or None
-# to keep the [tokens, ffn] tiles for them too. benchmarks/tune_glu.py --layout sweeps it.
-FLAT_CONFIG: tuple[int, int] | None = (1024, 4)
+# Dense inputs run as one flat row-major stream, at the (elements per program, num_warps) each
+# op passes as ``flat``. benchmarks/tune_glu.py --layout sweeps this override: a pair replaces
+# every op's, False keeps the [tokens, ffn] tiles for dense inputs too.
+FLAT_OVERRIDE: tuple[int, int] | bool | None = None
 
 
 def block_config(n: int) -> tuple[int, int, int]:
@@ -68,24 +69,28 @@ def rows2d(t: Tensor) -> Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def dense_shape(*tensors: Tensor) -> tuple[int, int] | None:
-    """[rows, width] to run an elementwise map over ``tensors`` as one flat stream, when all are
-    dense [M, N] row-major tensors (the kernel is elementwise, so any common reshape of them
-    is the same map); None when one is a row-strided view (the halves of a packed gate_up)."""
-    if FLAT_CONFIG is None:
-        return None
-    elems = FLAT_CONFIG[0]
+def dense_shape(tensors, flat: tuple[int, int]) -> tuple[int, int] | None:
+    """[rows, width] to run an elementwise map over ``tensors`` (2-D row views) as one flat
+    stream of ``flat[0]`` elements a program, when all are dense [M, N] row-major tensors (the
+    map is elementwise, so any common reshape of them is the same map); None when one is a
+    row-strided view (the halves of a packed gate_up) or the size is not a whole number of
+    programs."""
+    elems = flat[0]
     M, N = tensors[0].shape
     if any(t.stride(0) != N for t in tensors) or (M * N) % elems:
         return None
     return M * N // elems, elems
 
 
-def config(tensors) -> tuple[int, int, int, int, int]:
-    """(M, N, BLOCK_M, BLOCK_N, num_warps) of the launch over ``tensors`` (2-D row views)."""
-    flat = dense_shape(*tensors)
-    if flat is not None:  # a flat kernel (inductor's layout): 4340 GB/s on the H200 vs 4283
-        return (*flat, 1, flat[1], FLAT_CONFIG[1])
+def config(tensors, flat: tuple[int, int]) -> tuple[int, int, int, int, int]:
+    """(M, N, BLOCK_M, BLOCK_N, num_warps) of the launch over ``tensors`` (2-D row views):
+    a flat stream (inductor's layout for an elementwise map) where dense_shape allows, else
+    the [tokens, ffn] tiles of block_config."""
+    if FLAT_OVERRIDE is not None:
+        flat = FLAT_OVERRIDE
+    shape = dense_shape(tensors, flat) if flat else None
+    if shape is not None:
+        return (*shape, 1, shape[1], flat[1])
     return (*tensors[0].shape, *block_config(tensors[0].shape[1]))
 
 
@@ -93,14 +98,16 @@ def grid(m: int, n: int, block_m: int, block_n: int):
     return (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
 
 
-def launch_forward(kernel, gate: Tensor, up: Tensor, y: Tensor | None = None, **constexprs):
-    """y = kernel(gate, up), a new tensor unless ``y`` is given (tests poison it)."""
+def launch_forward(kernel, flat: tuple[int, int], gate: Tensor, up: Tensor,
+                   y: Tensor | None = None, **constexprs):
+    """y = kernel(gate, up), a new tensor unless ``y`` is given (tests poison it); ``flat`` is
+    the op's (elements per program, num_warps) for dense inputs."""
     g2, u2 = rows2d(gate), rows2d(up)
     M, N = g2.shape
     if y is None:
         y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     y2 = y.view(M, N)
-    M, N, bm, bn, warps = config((g2, u2, y2))
+    M, N, bm, bn, warps = config((g2, u2, y2), flat)
     g2, u2, y2 = (t.view(M, N) for t in (g2, u2, y2))
     if M * N:
         kernel[grid(M, N, bm, bn)](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), M, N,
@@ -108,8 +115,8 @@ def launch_forward(kernel, gate: Tensor, up: Tensor, y: Tensor | None = None, **
     return y.view(gate.shape)
 
 
-def launch_backward(kernel, dy: Tensor, gate: Tensor, up: Tensor, dgate: Tensor | None = None,
-                    dup: Tensor | None = None, **constexprs):
+def launch_backward(kernel, flat: tuple[int, int], dy: Tensor, gate: Tensor, up: Tensor,
+                    dgate: Tensor | None = None, dup: Tensor | None = None, **constexprs):
     """(d gate, d up); they may be two views of one buffer (the packed op passes its halves)."""
     g2, u2, dy2 = rows2d(gate), rows2d(up), rows2d(dy)
     M, N = g2.shape
@@ -120,7 +127,7 @@ def launch_backward(kernel, dy: Tensor, gate: Tensor, up: Tensor, dgate: Tensor 
     dg2, du2 = dgate.view(M, N), dup.view(M, N)  # views: the kernel must write into them
     require(dg2.stride(-1) == 1 and du2.stride(-1) == 1,
             "fastlora: gradient buffers must be contiguous along the last dimension")
-    M, N, bm, bn, warps = config((dy2, g2, u2, dg2, du2))
+    M, N, bm, bn, warps = config((dy2, g2, u2, dg2, du2), flat)
     dy2, g2, u2, dg2, du2 = (t.view(M, N) for t in (dy2, g2, u2, dg2, du2))
     if M * N:
         kernel[grid(M, N, bm, bn)](dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0),

@@ -67,14 +67,19 @@ def _validate_packed(x: Tensor) -> None:
 
 # ---------------------------------------------------------------- launchers
 
+# Dense inputs: one flat stream, (elements per program, num_warps). H200, 8192 x 14336 bf16
+# (benchmarks/tune_glu.py --layout): forward 4362 GB/s (inductor 4359, the [tokens, ffn] tiles
+# 4265), backward 4300 (inductor 2704).
+FLAT = (1024, 4)
+
 
 def swiglu_forward_triton(gate, up, y=None):
-    return launch_forward(_swiglu_fwd, gate, up, y)
+    return launch_forward(_swiglu_fwd, FLAT, gate, up, y)
 
 
 def swiglu_backward_triton(dy, gate, up, dgate=None, dup=None):
     """d gate and d up; they may be two views of one buffer (the packed op passes its halves)."""
-    return launch_backward(_swiglu_bwd, dy, gate, up, dgate, dup)
+    return launch_backward(_swiglu_bwd, FLAT, dy, gate, up, dgate, dup)
 
 
 def _halves(x: Tensor):
