@@ -196,7 +196,10 @@ def worker(args) -> dict:
            "gc": args.gc, "rank": args.rank, "load_4bit": args.load_4bit,
            "kbit_recipe": args.kbit_recipe if args.load_4bit else None,
            "tok_s": args.batch * args.seq / median, "step_ms": 1000 * median,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": warmup_s,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+           # with CUDA graphs (-cg) the graphs' memory pool was allocated while they were
+           # recorded, in warm-up, so peak_gib misses it; what the allocator holds does not
+           "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "warmup_s": warmup_s,
            "loss": float(loss), "device": torch.cuda.get_device_name()}
     if args.variant in FASTLORA:
         row["matches"] = fastlora.reports(model).counts()
@@ -221,11 +224,16 @@ def run_one(args, shape: str, variant: str) -> dict:
     if variant == "unsloth" and os.environ.get("FASTLORA_UNSLOTH_SITE"):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["FASTLORA_UNSLOTH_SITE"],
                                                           env.get("PYTHONPATH")]))
+    # the worker's stderr (its phases, warnings, TORCH_LOGS output) is kept beside the results
+    log = pathlib.Path(args.out) / f"worker_{shape}_{variant}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                               env=env)
+        log.write_text(proc.stderr or "")
     except subprocess.TimeoutExpired as e:  # run() collected the output the worker had written
         err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        log.write_text(err)
         phases = [line for line in err.splitlines() if line.startswith("[train_step]")]
         where = f" (last: {phases[-1][13:]})" if phases else ""
         return {**base, "error": f"timed out after {args.timeout} s{where}"}
