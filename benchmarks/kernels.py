@@ -8,7 +8,9 @@ function, the same function through torch.compile (inductor), and the fastlora o
 GB/s (or TFLOP/s) over the fewest bytes (FLOPs) the op must move, and that as a share of the
 card's measured ceilings. Each fused and compiled version's forward output is also compared
 with the eager function's on one set of inputs (column ``err``, relative): a timing of a wrong
-kernel would say nothing. Prints a table last; writes JSON lines and CSV under --out.
+kernel would say nothing. ``--gpu-time`` adds the kernels' own time (torch.profiler) and
+``--host-time`` the CPU's dispatch-and-launch time per call: where the host time is the larger,
+the op leaves the GPU idle. Prints a table last; writes JSON lines and CSV under --out.
 """
 from __future__ import annotations
 
@@ -54,6 +56,33 @@ def _gpu_ms(fn, calls: int = 10) -> float:
     return total_us / calls / 1000
 
 
+def _host_ms(fn, calls: int = 20) -> float:
+    """Host time per call (ms): how long the CPU takes to dispatch fn and enqueue its kernels,
+    timed without synchronizing inside the loop (the kernels of 20 calls fit the launch queue).
+    An op whose host time exceeds its GPU time leaves the GPU idle between kernels unless CUDA
+    graphs replay it."""
+    import time
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - t0
+    sync()
+    return 1000 * host / calls
+
+
+def _no_grad(timer):
+    """The forward as compiled code calls it: the op alone, without recording autograd."""
+    def timed(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+        return timer(call)
+    return timed
+
+
 def _tensors(inputs):
     return [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
 
@@ -62,10 +91,10 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def time_impl(case, fn, timer=None):
+def time_impl(case, fn, timer=None, fwd_timer=None):
     timer = timer or _bench
     inputs = case.make()
-    fwd = timer(lambda: fn(**inputs))
+    fwd = (fwd_timer or timer)(lambda: fn(**inputs))
     bwd = None
     if case.backward and _tensors(inputs):
         out = _first(fn(**inputs))
@@ -101,6 +130,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--gpu-time", action="store_true",
                     help="also report GPU kernel time per call (torch.profiler), no dispatch")
+    ap.add_argument("--host-time", action="store_true",
+                    help="also report host (CPU dispatch + launch) time per call: forward under "
+                         "no_grad as compiled code calls it, backward through autograd.grad")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     import fastlora  # noqa: F401  (registers torch.ops.fastlora.*)
@@ -128,6 +160,9 @@ def main(argv=None):
                        "err": None if name == "eager" else output_error(case, fn)}
                 if args.gpu_time:  # kernel time alone, next to the dispatch-inclusive time
                     row["fwd_gpu_ms"], row["bwd_gpu_ms"] = time_impl(case, fn, _gpu_ms)
+                if args.host_time:  # the CPU's share: is the op bound by its own dispatch?
+                    row["fwd_host_ms"], row["bwd_host_ms"] = time_impl(
+                        case, fn, _host_ms, _no_grad(_host_ms))
                 for d, ms in (("fwd", fwd), ("bwd", bwd)):
                     r, frac = rate(case, ms, d)
                     row[f"{d}_rate"], row[f"{d}_of_peak"] = r, frac
@@ -139,7 +174,8 @@ def main(argv=None):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     keys = ["op", "shape", "impl", "fwd_ms", "fwd_rate", "fwd_of_peak", "bwd_ms", "bwd_rate",
-            "bwd_of_peak", "fwd_gpu_ms", "bwd_gpu_ms", "err", "error"]
+            "bwd_of_peak", "fwd_gpu_ms", "bwd_gpu_ms", "fwd_host_ms", "bwd_host_ms", "err",
+            "error"]
     with open(out / "kernels.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -152,7 +188,8 @@ def format_table(rows):
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
     lines = [f"{'op':<22}{'shape':<22}{'impl':<10}{'fwd ms':>9}{'fwd rate':>16}{'%peak':>7}"
-             f"{'bwd ms':>9}{'bwd rate':>16}{'%peak':>7}{'gpu fwd/bwd ms':>18}{'err':>9}"]
+             f"{'bwd ms':>9}{'bwd rate':>16}{'%peak':>7}{'gpu fwd/bwd ms':>18}"
+             f"{'host fwd/bwd ms':>18}{'err':>9}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['op']:<22}{r['shape']:<22}{r['impl']:<10}  ERROR {r['error']}")
@@ -161,6 +198,7 @@ def format_table(rows):
                      f"{fmt(r['fwd_rate']):>16}{pct(r['fwd_of_peak']):>7}{fmt(r['bwd_ms']):>9}"
                      f"{fmt(r['bwd_rate']):>16}{pct(r['bwd_of_peak']):>7}"
                      f"{fmt(r.get('fwd_gpu_ms')) + ' / ' + fmt(r.get('bwd_gpu_ms')):>18}"
+                     f"{fmt(r.get('fwd_host_ms')) + ' / ' + fmt(r.get('bwd_host_ms')):>18}"
                      f"{'-' if r.get('err') is None else format(r['err'], '.1e'):>9}")
     return "\n".join(lines)
 
