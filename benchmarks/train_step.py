@@ -41,9 +41,13 @@ SHAPES = {
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEERS = ("liger", "unsloth")
 # fastlora variants: (options, torch.compile mode). "-cg": CUDA graphs (inductor's cudagraph
-# trees through mode="reduce-overhead"); "-nolora" / "-noce": a pattern family switched off.
+# trees through mode="reduce-overhead"); "-nolora" / "-noce": a pattern family switched off;
+# "-offload": saved activations of 16 MiB or more to CPU memory (experimental), "-offload-async"
+# the same with PyTorch's copies on a side stream (activation_offload_separate_stream).
 FASTLORA = {"fastlora": ({}, None),
             "fastlora-cg": ({}, "reduce-overhead"),
+            "fastlora-offload": ({"offload_activations": 16}, None),
+            "fastlora-offload-async": ({"offload_activations": 16}, None),
             "fastlora-nolora": ({"disable": ["lora_linear", "lora_mlp", "lora_qkv",
                                              "lora_mlp_block", "lora_linear_4bit"]}, None),
             "fastlora-noce": ({"disable": ["linear_cross_entropy"]}, None)}
@@ -157,6 +161,8 @@ def worker(args) -> dict:
     elif args.variant in FASTLORA:
         import fastlora  # noqa: F401  (registers the backend name when run from a source tree)
         options, mode = FASTLORA[args.variant]
+        if args.variant.endswith("-async"):
+            torch._functorch.config.activation_offload_separate_stream = True
         options = {**options, **(json.loads(args.fastlora_options) if args.fastlora_options
                                  else {})}
         step_model = torch.compile(model, backend="fastlora", options=options or None,
@@ -206,6 +212,9 @@ def worker(args) -> dict:
         misses = fastlora.reports(model).near_misses()
         row["near_misses"] = len(misses)
         row["near_miss_reasons"] = sorted({f"{n['pattern']}: {n['reason']}" for n in misses})
+        offloaded = [o for r in fastlora.reports(model) for o in r.offloaded]
+        if offloaded:
+            row["offloaded"] = len(offloaded)
     return row
 
 

@@ -9,6 +9,7 @@ backend="fastlora")`` works without importing fastlora first. Options come throu
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import traceback
 
@@ -62,7 +63,8 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     publish(report, example_inputs, opts.print_report)
 
     # 5. Codegen of everything else.
-    return _inner_compile(rewritten, example_inputs, opts.compiler, opts.mode or mode)
+    return _inner_compile(rewritten, example_inputs, opts.compiler, opts.mode or mode,
+                          offload_mib=opts.offload_activations, report=report)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -98,7 +100,8 @@ def _link_callers(modules) -> None:
                 body.graph.fastlora_callers = callers + list(node.users)
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None):
+def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None,
+                   offload_mib: float | None = None, report: Report | None = None):
     if compiler == "eager":
         return gm.forward
     if compiler == "aot_eager":
@@ -112,7 +115,14 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
         log.info("fastlora: this graph launches user Triton kernels; inductor passes their float "
                  "arguments as float32, as Triton does (%s)", USER_TRITON_KERNEL_PATCHES)
         patches.update(USER_TRITON_KERNEL_PATCHES)
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    offload = contextlib.nullcontext()
+    if offload_mib is not None:  # experimental: saved activations to CPU memory (offload.py)
+        from .offload import offload_config
+
+        offload_patches, offload = offload_config(offload_mib, report)
+        patches.update(offload_patches)
+    with offload:
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
 # Inductor (torch 2.10+) launches a user Triton kernel's Python-float arguments as float64 where

@@ -23,6 +23,9 @@ class Options:
     - ``mode``: inductor's mode for the rewritten graph, e.g. ``"reduce-overhead"`` (CUDA
       graphs). ``torch.compile`` refuses ``mode=`` together with ``options=``; this takes its
       place then (``mode=`` alone works too).
+    - ``offload_activations``: experimental; a size in MiB: saved activations at least this
+      large are offloaded to CPU memory between forward and backward (see offload.py). Needs
+      the inductor compiler. ``None`` (default): off.
     """
 
     disable: tuple[str, ...] = ()
@@ -31,6 +34,7 @@ class Options:
     strict: bool = False
     return_logits: bool = False
     mode: str | None = None
+    offload_activations: float | None = None
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -49,6 +53,14 @@ class Options:
                              f"got {options['compiler']!r}")
         if options.get("mode") not in (None, *_MODES):
             raise ValueError(f"options['mode'] must be one of {_MODES}, got {options['mode']!r}")
+        offload = options.get("offload_activations")
+        if offload is not None:
+            if isinstance(offload, bool) or not isinstance(offload, (int, float)) or offload < 0:
+                raise TypeError(f"options['offload_activations'] must be a size in MiB (a number "
+                                f">= 0) or None, got {offload!r}")
+            if options.get("compiler", "inductor") != "inductor":
+                raise ValueError("options['offload_activations'] needs compiler='inductor' (the "
+                                 "offload is planned by inductor's partitioner)")
         for flag in ("print_report", "strict", "return_logits"):
             if flag in options and not isinstance(options[flag], bool):
                 raise TypeError(f"options[{flag!r}] must be True or False, got {options[flag]!r}")

@@ -66,6 +66,9 @@ class Report:
         self.near_misses: list[dict] = []
         self.errors: list[str] = []
         self.fallback: str | None = None  # set when the graph was compiled unrewritten
+        # saved activations offloaded to CPU memory (options["offload_activations"]); filled in
+        # when inductor partitions the graph, after the report is published
+        self.offloaded: list[dict] = []
         self._model_params: dict = {}  # id -> weakref of each parameter the graph takes
 
     def add_match(self, match) -> int:
@@ -98,7 +101,7 @@ class Report:
         return {"graph": self.index, "options": _plain_dict(self.options),
                 "counts": self.counts(), "matches": self.matches,
                 "near_misses": self.near_misses, "fallback": self.fallback,
-                "errors": self.errors}
+                "errors": self.errors, "offloaded": self.offloaded}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -112,6 +115,10 @@ class Report:
             lines.append(_table(["pattern", "module", "class", "source", "params"],
                                 [[_pattern_label(m), m["module"], m["class"], m["source"],
                                   _fmt_params(m["params"])] for m in self.matches]))
+        if self.offloaded:
+            lines.append(f"  offloaded to CPU memory: {len(self.offloaded)} saved activations, "
+                         + ", ".join(f"{o['tensor']} {o['shape']}" for o in self.offloaded[:4])
+                         + (", ..." if len(self.offloaded) > 4 else ""))
         if self.near_misses:
             lines.append("  near misses (left unfused):")
             lines.append(_table(["pattern", "module", "source", "reason"],
