@@ -102,6 +102,7 @@ def _validate(gate: Tensor, up: Tensor, approximate: str) -> None:
 # 4356; the [tokens, ffn] tiles 4103); the more arithmetic per element wants more in flight.
 FLAT = (2048, 4)
 
+
 def geglu_forward_triton(gate, up, approximate, y=None):
     return launch_forward(_geglu_fwd, FLAT, gate, up, y, TANH=approximate == "tanh")
 
