@@ -108,7 +108,8 @@ def launch_forward(kernel, flat: tuple[int, int], gate: Tensor, up: Tensor,
         y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     y2 = y.view(M, N)
     M, N, bm, bn, warps = config((g2, u2, y2), flat)
-    g2, u2, y2 = (t.view(M, N) for t in (g2, u2, y2))
+    if (M, N) != tuple(g2.shape):  # the flat stream: the same memory as [M * N / w, w]
+        g2, u2, y2 = (t.view(M, N) for t in (g2, u2, y2))
     if M * N:
         kernel[grid(M, N, bm, bn)](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), M, N,
                                    BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **constexprs)
@@ -128,7 +129,8 @@ def launch_backward(kernel, flat: tuple[int, int], dy: Tensor, gate: Tensor, up:
     require(dg2.stride(-1) == 1 and du2.stride(-1) == 1,
             "fastlora: gradient buffers must be contiguous along the last dimension")
     M, N, bm, bn, warps = config((dy2, g2, u2, dg2, du2), flat)
-    dy2, g2, u2, dg2, du2 = (t.view(M, N) for t in (dy2, g2, u2, dg2, du2))
+    if (M, N) != tuple(g2.shape):  # the flat stream
+        dy2, g2, u2, dg2, du2 = (t.view(M, N) for t in (dy2, g2, u2, dg2, du2))
     if M * N:
         kernel[grid(M, N, bm, bn)](dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0),
                                    u2.stride(0), dg2.stride(0), du2.stride(0), M, N,
