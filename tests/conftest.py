@@ -1,9 +1,18 @@
 """Test set-up: without a GPU, CPU tensors go through the real Triton kernels (interpreter).
-This must happen before anything imports triton (importing torch does not)."""
+This must happen before anything imports triton (importing torch does not).
+
+Threads: one per process by default (``FASTLORA_TEST_THREADS`` sets another count). The tests'
+tensors are tiny; on a busy 2-core machine two threads per op ran the suite about 6x slower
+than one (2026-12-03), and the results must not depend on how many cores the host has."""
 import os
 
-import pytest
-import torch
+THREADS = os.environ.get("FASTLORA_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(THREADS))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

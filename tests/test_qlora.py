@@ -194,26 +194,23 @@ def test_qlora_llama_both_graph_forms(quant_type, double):
 def test_qlora_after_prepare_model_for_kbit_training():
     """peft's QLoRA recipe makes norms and embeddings float32, so activations are float32 and
     Linear4bit casts x to its bfloat16 compute dtype and the result back: both casts join the
-    match (they were a near miss before), and the fused op's base matmul is the same bfloat16
-    GEMM, so compiled and eager agree to float32 rounding of the adapters."""
+    match (they were a near miss before), and the fused op's base matmul is a bfloat16 GEMM as
+    eager's is. Both are held to a float32 twin: eager's bfloat16 GEMM is bitsandbytes' own CPU
+    kernel or torch's, whose summation order depends on the CPU (AVX2 vs AVX-512 differ in the
+    last bfloat16 bit), so comparing compiled to eager directly measured the CPU, not us."""
     from peft import prepare_model_for_kbit_training
 
     model = quantize_linears(tiny_llama(layers=2).to(torch.bfloat16))
     model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
-    twin = copy.deepcopy(model)
-    loss_e, grads_e = run_step(model, _inputs_seeded())
-    compiled = torch.compile(twin, backend="fastlora", options=only_lora())
-    loss_c, grads_c = run_step(compiled, _inputs_seeded(), twin)
+    err_e, err_c = _errors(model, _inputs_seeded())
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == []
     assert {m["params"]["compute_dtype"] for m in report.matches} == {"torch.bfloat16"}
     # the first layer's q, k, v read the frozen embeddings: bitsandbytes' no-autograd call
     assert [m["params"]["bnb_call"] for m in report.matches] == ["gemm_4bit"] * 3 + \
         ["MatMul4Bit"] * 11
-    assert loss_c.dtype == torch.float32
-    assert rel_err(loss_c, loss_e) < 1e-5
-    # 3e-5 here: the bfloat16 dx GEMMs round gradients that differ in their float32 last bits
-    assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-4
+    # eager's error is bfloat16 GEMM rounding (about 5e-3); a wrong formula is far above it
+    assert err_c <= 1.1 * err_e + 1e-4, (err_e, err_c)
 
 
 def test_qlora_the_trl_way():

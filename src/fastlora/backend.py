@@ -16,6 +16,7 @@ import traceback
 import torch
 from torch import fx
 
+from . import dynamo_settings
 from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
 from .canonicalize import canonicalize
 from .options import Options
@@ -24,6 +25,7 @@ from .report import Report, log, publish
 from .rewriter import apply_patterns
 
 _graph_counter = itertools.count()
+dynamo_settings.apply()  # before the first trace: checkpointed layers must reach the backend
 
 
 def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
