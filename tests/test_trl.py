@@ -115,12 +115,18 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert max(errors.values()) < 1e-5, errors
 
 
-def test_varying_lengths_compile_at_most_twice(tmp_path):
-    """Batches of different lengths: the model is compiled for the first shape, then once more
-    with dynamic shapes, and never again."""
+def test_varying_lengths_compile_once(tmp_path):
+    """Batches of different lengths: compile_for_trainer's dynamic shapes compile the model once,
+    at the first step, for every length, with every fusion a static compile has."""
     rows = _rows(60)  # padded to multiples of 8 below: several distinct lengths
     # reports(model) matches parameters by id(); a freed model of an earlier test can leave a
     # report whose ids are reused by this model's parameters, so start from none.
+    fastlora.clear_reports()
+    static = _model()
+    fastlora.compile_for_trainer(static, dynamic=False, **OPTIONS)
+    _run(static, tmp_path / "static", rows[:2], steps=1, batch=2, pad=8)
+    static_counts = fastlora.reports(static)[0].counts()
+    torch._dynamo.reset()
     fastlora.clear_reports()
     model = _model()
     fastlora.compile_for_trainer(model, **OPTIONS)
@@ -129,12 +135,13 @@ def test_varying_lengths_compile_at_most_twice(tmp_path):
                for r in rows}
     assert len({(n + 7) // 8 for n in lengths}) >= 3, lengths
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    losses, _ = _run(model, tmp_path, rows, steps=12, batch=2, pad=8)
+    losses, _ = _run(model, tmp_path / "dynamic", rows, steps=12, batch=2, pad=8)
     assert len(losses) == 12
     graphs = fastlora.reports(model)
-    assert 1 <= len(graphs) <= 2, [(r.index, r.counts(), r.fallback) for r in graphs]
+    assert len(graphs) == 1, [(r.index, r.counts(), r.fallback) for r in graphs]
+    assert graphs[0].counts() == static_counts and static_counts
     dynamo_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
-    assert dynamo_graphs <= 2 * 3, dynamo_graphs  # the model graph + TRL's loss-head pieces
+    assert dynamo_graphs <= 3, dynamo_graphs  # the model graph + TRL's loss-head pieces
 
 
 # ----------------------------------------------------------------------------- GPU (the H200)

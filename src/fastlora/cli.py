@@ -144,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack several examples into each row of --max-length tokens, without "
                         "padding (position ids restart per example; the fused attention kernel "
                         "handles it, where a padding mask leaves attention unfused)")
-    g.add_argument("--dynamic", choices=["auto", "true", "false"], default="auto",
-                   help="torch.compile dynamic shapes (default auto: static first, dynamic "
-                        "after the first new shape)")
+    g.add_argument("--dynamic", choices=["auto", "true", "false"], default="true",
+                   help="torch.compile dynamic shapes (default true: one compile for every "
+                        "sequence length; auto: static first, dynamic after the first new "
+                        "shape; false: a compile per shape)")
     g.add_argument("--no-report", dest="report", action="store_false",
                    help="do not print the rewrite report after compilation")
     g = t.add_argument_group("output")

@@ -49,7 +49,7 @@ class TrainConfig:
     compile: bool = True
     compiler: str = "auto"  # auto: inductor on a GPU, aot_eager on the CPU
     disable: tuple[str, ...] = ()
-    dynamic: bool | None = None  # torch.compile's `dynamic`
+    dynamic: bool | None = True  # torch.compile's `dynamic` (compile_for_trainer's default)
     pad_to_multiple_of: int = 64
     packing: bool = False  # TRL's BFD packing: rows of max_length tokens, no padding
     log_every: int = 10

@@ -13,25 +13,48 @@ the trainer's own unwrapping are unchanged. See docs/trl.md.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .options import Options
 
 
-def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = None, **options):
+def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, **options):
     """Compile ``model`` in place with ``backend="fastlora"`` so a Trainer trains it compiled.
 
     ``options`` are the backend's options (``fastlora.Options``: ``disable``, ``print_report``,
     ``compiler``, ...), checked here so a typo fails now rather than at the first step.
-    ``dynamic`` is ``torch.compile``'s: ``None`` (default) compiles the first shape statically
-    and recompiles once with dynamic shapes when a second sequence length arrives. Returns
+
+    ``dynamic`` is ``torch.compile``'s. ``True`` (default): batch and sequence lengths are
+    symbolic from the first call, so one forward/backward pair serves every length a padding
+    or padding-free collator produces (``None`` compiles the first shape statically and
+    recompiles with dynamic shapes when a second length arrives: two full compiles; ``False``
+    recompiles for every length). While Dynamo traces this model, Python floats stay
+    specialized (Dynamo's ``specialize_float``): with ``dynamic=True`` it would otherwise turn
+    the model's float constants (norm eps, LoRA scaling, dropout p) into run-time values that
+    no kernel can take as constants, and every fusion but a few would be lost. Returns
     ``model``.
     """
     Options.parse(options)
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("this model is already compiled in place; compile it only once")
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
+    if dynamic:
+        model._compiled_call_impl = _floats_specialized(model._compiled_call_impl)
     return model
+
+
+def _floats_specialized(compiled):
+    """``compiled`` called with Dynamo's ``specialize_float`` on, the way ``torch.compile``'s
+    own ``dynamic=`` is applied: a configuration patch around each call of this compiled
+    function only (Dynamo reads it while tracing; a call that traces nothing pays a few
+    microseconds)."""
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+    return call
 
 
 def compile_count() -> int:

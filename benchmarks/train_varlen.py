@@ -1,0 +1,294 @@
+"""Variable-length LoRA training benchmark: what a real SFT run looks like (issue 16).
+
+    python benchmarks/train_varlen.py --shape llama-1b --modes padded,padfree \
+        --variants eager,inductor,fastlora,unsloth
+
+Same model, LoRA and optimizer as train_step.py (random bf16 weights, LoRA r=16 on all seven
+linears, fused AdamW). What changes is the batch: every step draws ``--batch`` examples whose
+token lengths follow a real length distribution, so the sequence length changes every step.
+
+Length distribution: the character lengths of the embedded SFT dataset's messages
+(src/fastlora/data/default_dataset.jsonl, 480 chat examples; prompt + completion 25 to 104
+characters, quartiles 49 / 59 / 73), mapped affinely onto [--min-len, --max-len] (default
+256..2048): the shortest example becomes 256 tokens, the longest 2048, quartiles 806 / 1027 /
+1345 tokens. A batch of 4 is padded to its longest example: over the default 30 steps that is
+17 distinct widths between 914 and 1957. Examples are drawn with a fixed seed, so every variant
+sees the same batches.
+
+Modes:
+- ``padded``: the batch is right-padded to its longest example (HF's DataCollatorWithPadding),
+  with an ``attention_mask``; labels are -100 on pads.
+- ``padfree``: the examples are packed into one row with ``position_ids`` restarting at 0 for
+  each example and no mask (TRL's ``padding_free=True``, DataCollatorWithFlattening); the first
+  label of each example is -100.
+
+Per (mode, variant), in its own process: wall time of each step (synchronised), whether its
+length was new, steady-state tok/s over the last ``--steady`` steps (real tokens and padded
+tokens), total wall time of all steps including compiles, graphs compiled by Dynamo, peak memory,
+and GPU time per step (torch profiler over the steady-state steps) beside the step time, so host
+overhead shows. Writes JSON lines and CSV under --out and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import train_step as ts  # noqa: E402  (build_config, build_model, progress, variants, peers)
+
+DATASET = pathlib.Path(__file__).resolve().parents[1] / "src/fastlora/data/default_dataset.jsonl"
+
+
+def example_lengths(lo: int, hi: int) -> list[int]:
+    """Token lengths of the embedded dataset's examples, mapped affinely onto [lo, hi]."""
+    chars = []
+    for line in DATASET.read_text().splitlines():
+        row = json.loads(line)
+        chars.append(sum(len(m["content"]) for part in ("prompt", "completion")
+                         for m in row[part]))
+    c0, c1 = min(chars), max(chars)
+    return [round(lo + (c - c0) * (hi - lo) / (c1 - c0)) for c in chars]
+
+
+def batches(args) -> list[list[int]]:
+    """The example lengths of every step (same for every variant)."""
+    pool = example_lengths(args.min_len, args.max_len)
+    rng = random.Random(args.seed)
+    return [[rng.choice(pool) for _ in range(args.batch)] for _ in range(args.steps)]
+
+
+def make_batch(lengths: list[int], mode: str, vocab: int, gen, pad_multiple: int):
+    """Model inputs for one step and (real tokens, tokens computed)."""
+    import torch
+    real = sum(lengths)
+    if mode == "padfree":
+        ids = torch.randint(0, vocab, (1, real), device="cuda", generator=gen)
+        pos = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+        labels = ids.clone()
+        starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))], device="cuda")
+        labels[0, starts] = -100
+        return {"input_ids": ids, "position_ids": pos, "labels": labels}, real, real
+    width = max(lengths)
+    width = -(-width // pad_multiple) * pad_multiple
+    ids = torch.randint(0, vocab, (len(lengths), width), device="cuda", generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}, real, ids.numel()
+
+
+def gpu_ms_per_step(prof, steps: int) -> float:
+    """Kernel time on the GPU per step from a torch profiler run (self device time)."""
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps
+
+
+def worker(args) -> dict:
+    import torch
+    import torch._dynamo.utils
+    cfg = ts.build_config(args.shape)
+    ts.progress("building the model")
+    args.seq, args.load_4bit, args.kbit_recipe = args.max_len, False, "bf16"
+    model = ts.build_model(args, cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=True)
+    step_model = model
+    if args.variant == "inductor":
+        step_model = torch.compile(model, dynamic=args.dynamic)
+    elif args.variant.startswith("fastlora"):
+        import fastlora
+        if args.variant == "fastlora-trainer":  # the TRL route: compile_for_trainer's defaults
+            step_model = fastlora.compile_for_trainer(model)
+        else:
+            step_model = torch.compile(model, backend="fastlora", dynamic=args.dynamic)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    seen, rows = set(), []
+    plan = batches(args)
+    steady_from = len(plan) - args.steady
+
+    def step(inputs):
+        loss = step_model(**inputs, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t_start = time.perf_counter()
+    for i, lengths in enumerate(plan):
+        inputs, real, computed = make_batch(lengths, args.mode, cfg.vocab_size, gen,
+                                            args.pad_multiple)
+        width = inputs["input_ids"].shape[1]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = step(inputs)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        rows.append({"width": width, "new": width not in seen, "s": dt, "real": real,
+                     "computed": computed})
+        seen.add(width)
+        if i < 3 or i % 10 == 0:
+            ts.progress(f"step {i + 1}: width {width}, {dt * 1000:.0f} ms")
+    total_s = time.perf_counter() - t_start
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    gpu_ms = None
+    if args.profile:  # the steady-state batches again, untimed, under the profiler
+        gen.manual_seed(0)
+        again = [make_batch(b, args.mode, cfg.vocab_size, gen, args.pad_multiple)[0]
+                 for b in plan][steady_from:]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for inputs in again:
+                step(inputs)
+            torch.cuda.synchronize()
+        gpu_ms = gpu_ms_per_step(prof, len(again))
+    if args.profile:  # where a never-seen length's extra time goes: host and GPU, top ops
+        for label, lengths in (("new width", [args.max_len - 3] * args.batch),
+                               ("seen width", plan[-1])):
+            inputs = make_batch(lengths, args.mode, cfg.vocab_size, gen, args.pad_multiple)[0]
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.profiler.profile(activities=acts) as prof:
+                step(inputs)
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            print(f"[train_varlen] {label} {inputs['input_ids'].shape}: {dt * 1000:.0f} ms "
+                  f"(profiled), GPU {gpu_ms_per_step(prof, 1):.1f} ms", file=sys.stderr)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
+                                            max_name_column_width=70), file=sys.stderr)
+    steady = rows[steady_from:]
+    steady_s = sum(r["s"] for r in steady)
+    fresh = [r["s"] for r in steady if r["new"]]
+    repeat = [r["s"] for r in steady if not r["new"]]
+    out = {"shape": args.shape, "mode": args.mode, "variant": args.variant,
+           "steps": len(rows), "steady_steps": len(steady),
+           "tok_s_real": sum(r["real"] for r in steady) / steady_s,
+           "tok_s_computed": sum(r["computed"] for r in steady) / steady_s,
+           "step_ms": 1000 * steady_s / len(steady),
+           "gpu_ms": gpu_ms,
+           "fresh_ms": 1000 * sum(fresh) / len(fresh) if fresh else None,
+           "repeat_ms": 1000 * sum(repeat) / len(repeat) if repeat else None,
+           "fresh_tok_per_ms": (sum(r["computed"] for r in steady if r["new"]) / 1000 / sum(fresh))
+           if fresh else None,
+           "repeat_tok_per_ms": (sum(r["computed"] for r in steady if not r["new"]) / 1000
+                                 / sum(repeat)) if repeat else None,
+           "total_s": total_s, "first_step_s": rows[0]["s"],
+           "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+           "peak_gib": peak,
+           "loss": float(loss), "per_step_ms": [round(1000 * r["s"], 1) for r in rows],
+           "widths": [r["width"] for r in rows]}
+    if args.variant.startswith("fastlora"):
+        import fastlora
+        out["matches"] = fastlora.reports(model).counts()
+        out["near_misses"] = sorted({f"{n['pattern']}: {n['reason'][:160]}"
+                                     for n in fastlora.reports(model).near_misses()})
+    return out
+
+
+def run_one(args, mode: str, variant: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--shape", args.shape, "--mode", mode,
+           "--variant", variant, "--batch", str(args.batch), "--steps", str(args.steps),
+           "--steady", str(args.steady), "--min-len", str(args.min_len), "--max-len",
+           str(args.max_len), "--pad-multiple", str(args.pad_multiple), "--seed",
+           str(args.seed), "--rank", str(args.rank), "--cache", args.cache,
+           "--gc", "on" if args.gc else "off"]
+    cmd += ["--dynamic", args.dynamic_arg] if args.dynamic_arg else []
+    cmd += ["--profile"] if args.profile else []
+    env = dict(os.environ)
+    if variant == "unsloth" and os.environ.get("FASTLORA_UNSLOTH_SITE"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["FASTLORA_UNSLOTH_SITE"],
+                                                          env.get("PYTHONPATH")]))
+    log = pathlib.Path(args.out) / f"varlen_{args.shape}_{mode}_{variant}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    base = {"shape": args.shape, "mode": mode, "variant": variant}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        log.write_text(err)
+        return {**base, "error": f"timed out after {args.timeout} s"}
+    log.write_text(proc.stderr or "")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**base, "error": " | ".join(tail)[-300:]}
+    return json.loads(lines[-1])
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'mode':<8}{'variant':<18}{'real tok/s':>11}{'comp tok/s':>11}{'step ms':>9}"
+            f"{'GPU ms':>8}{'fresh ms':>9}{'seen ms':>8}{'total s':>9}{'graphs':>7}{'GiB':>7}")
+    out = [head]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['mode']:<8}{r['variant']:<18}  n/a: {r['error']}")
+            continue
+
+        def f(key, fmt):
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+        out.append(f"{r['mode']:<8}{r['variant']:<18}{f('tok_s_real', '11.0f')}"
+                   f"{f('tok_s_computed', '11.0f')}{f('step_ms', '9.1f')}{f('gpu_ms', '8.1f'):>8}"
+                   f"{f('fresh_ms', '9.1f'):>9}{f('repeat_ms', '8.1f'):>8}{f('total_s', '9.1f')}"
+                   f"{r['graphs']:>7}{r['peak_gib']:>7.2f}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(ts.SHAPES))
+    ap.add_argument("--modes", default="padded,padfree")
+    ap.add_argument("--variants", default="eager,inductor,fastlora,unsloth")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steady", type=int, default=10, help="last N steps count as steady state")
+    ap.add_argument("--min-len", type=int, default=256)
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--pad-multiple", type=int, default=1, help="pad widths to a multiple")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--gc", default="off", choices=["on", "off"], help="gradient checkpointing")
+    ap.add_argument("--dynamic", dest="dynamic_arg", default="",
+                    help="torch.compile's dynamic= for inductor/fastlora: true, false or empty")
+    ap.add_argument("--profile", action="store_true", help="GPU time of the steady steps")
+    ap.add_argument("--timeout", type=int, default=500)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--cache", default="/tmp/fastlora-bench")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.dynamic = {"true": True, "false": False}.get(args.dynamic_arg.lower())
+    args.gc = args.gc == "on"
+    if args.worker:
+        print(json.dumps(worker(args)), flush=True)
+        return
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for mode in args.modes.split(","):
+        for variant in args.variants.split(","):
+            missing = ts._importable(variant)
+            row = {"shape": args.shape, "mode": mode, "variant": variant, "error": missing} \
+                if missing else run_one(args, mode, variant)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("per_step_ms", "widths")}),
+                  flush=True)
+            with open(out / "train_varlen.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    keys = ["shape", "mode", "variant", "tok_s_real", "tok_s_computed", "step_ms", "gpu_ms",
+            "fresh_ms", "repeat_ms", "total_s", "graphs", "peak_gib", "loss", "error"]
+    with open(out / "train_varlen.csv", "w") as fh:
+        fh.write(",".join(keys) + "\n")
+        for r in rows:
+            fh.write(",".join(json.dumps(r.get(k, "")).replace(",", ";") for k in keys) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
