@@ -1,4 +1,11 @@
-"""Helpers shared by the kernel files: where a kernel runs and how many programs to launch."""
+"""Helpers shared by the kernel files: where a kernel runs and how many programs to launch.
+
+Lengths are run-time values. Triton compiles a kernel again for each new specialisation of its
+integer arguments (equal to 1, divisible by 16); a token count or sequence length changes its
+class from one batch to the next, so every kernel lists the arguments that follow the batch's
+length in ``@triton.jit(do_not_specialize=[...])``: one compile serves every length. Strides
+and sizes of the model's fixed dimensions stay specialised (their divisibility feeds the
+vectorised loads and never changes)."""
 from __future__ import annotations
 
 import functools

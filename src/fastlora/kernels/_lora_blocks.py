@@ -75,7 +75,7 @@ if HAVE_TRITON:
         else:
             return (rr >= B2) & (rr < R)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "split_stride"])
     def _lora_down_kernel(X, A, XA, SEED, B1, B2, M, K, R, stride_x, stride_a, stride_xa,
                           split_stride, k_per_split, threshold, inv_keep, G: tl.constexpr,
                           DROPOUT: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -113,7 +113,7 @@ if HAVE_TRITON:
         tl.store(XA + split * split_stride + rows[:, None] * stride_xa + rr[None, :], acc,
                  mask=row_ok[:, None] & (rr < R)[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _lora_up_kernel(BASE, XA, B, OUT, M, N, R, stride_base, stride_xa, stride_b, stride_out,
                         scale, MODE: tl.constexpr, FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -133,7 +133,7 @@ if HAVE_TRITON:
         tl.store(OUT + rows[:, None] * stride_out + cols[None, :],
                  _rne(base + scale * lora, FIX_BF16).to(OUT.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _lora_grad_down_kernel(G, B, DA, M, N, R, stride_g, stride_b, stride_da, scale,
                                MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_R: tl.constexpr):
@@ -153,7 +153,7 @@ if HAVE_TRITON:
         tl.store(DA + rows[:, None] * stride_da + rr[None, :], acc * scale,
                  mask=row_ok[:, None] & r_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "rows_per_split"])
     def _lora_grad_b_kernel(G, XA, PART, M, N, R, stride_g, stride_xa, rows_per_split,
                             MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_R: tl.constexpr):
@@ -175,7 +175,7 @@ if HAVE_TRITON:
         tl.store(PART + (split * N + cols[:, None]) * R + rr[None, :], acc,
                  mask=col_ok[:, None] & r_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "rows_per_split"])
     def _lora_grad_x_kernel(X, DA, A, DX, PART, SEED, B1, B2, M, K, R, stride_x, stride_da,
                             stride_a, stride_dx, rows_per_split, threshold, inv_keep,
                             G: tl.constexpr, DROPOUT: tl.constexpr, HAS_DX: tl.constexpr,

@@ -62,7 +62,7 @@ if HAVE_TRITON:
                 da = c + g * tl.exp(-0.5 * g * g) * 0.3989422804014327  # 1 / sqrt(2 pi)
         return a, da
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _geglu_fwd(G, U, Y, stride_g, stride_u, stride_y, M, N, TANH: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
@@ -71,7 +71,7 @@ if HAVE_TRITON:
         a, _ = _gelu_and_grad(g, TANH, False)
         store(Y, stride_y, rows, cols, mask, a * u)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _geglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
                    TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)

@@ -33,7 +33,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _layer_norm_fwd(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, M, N, eps, w_rows,
                         HAS_W: tl.constexpr, PER_HEAD_W: tl.constexpr, HAS_B: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -86,7 +86,7 @@ if HAVE_TRITON:
                  mask=mask)
         return dy, n
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "tiles_per_program"])
     def _layer_norm_bwd(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL, stride_dy, stride_x,
                         stride_dx, M, N, tiles_per_program, w_rows, HAS_W: tl.constexpr,
                         PER_HEAD_W: tl.constexpr, COMPUTE_DW: tl.constexpr,

@@ -76,7 +76,7 @@ if HAVE_TRITON:
                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         return _rne(base + scale * lora, FIX).to(OUT_TY).to(tl.float32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _lora_glu_fwd_kernel(BG, BU, XA, WBG, WBU, H, M, N, RG, RU, stride_bg, stride_bu,
                              stride_xa, stride_wbg, stride_wbu, stride_h, sg, su,
                              ACT: tl.constexpr, MODE: tl.constexpr, FIX: tl.constexpr,
@@ -94,7 +94,7 @@ if HAVE_TRITON:
         tl.store(H + rows[:, None] * stride_h + cols[None, :], _rne(a * up, FIX).to(ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _lora_glu_bwd_kernel(DH, BG, BU, XA, WBG, WBU, DG, DU, DA_PART, M, N, RG, RU, stride_dh,
                              stride_bg, stride_bu, stride_xa, stride_wbg, stride_wbu, stride_d,
                              cols_per_split, sg, su, ACT: tl.constexpr, MODE: tl.constexpr,

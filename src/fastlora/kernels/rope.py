@@ -103,7 +103,7 @@ if HAVE_TRITON:
             xp = tl.load(X + xoff + ROT + pcols, mask=pmask, other=0.0)
             tl.store(O + ooff + ROT + pcols, xp.to(out_ty), mask=pmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["q_programs", "q_tok", "q_t", "k_tok", "k_t"])
     def _rope_kernel(Q, K, QO, KO, CQ, SQ, CK, SK, q_programs,
                      q_tok, q_t, q_h, q_hb, sqa, sqt, sqh, sqoa, sqot, sqoh, scqa, scqt, scqh,
                      k_tok, k_t, k_h, k_hb, ska, skt, skh, skoa, skot, skoh, scka, sckt, sckh,

@@ -28,7 +28,7 @@ if HAVE_TRITON:
 
     from ._glu_tiles import load_f32, store, tile
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _swiglu_fwd(G, U, Y, stride_g, stride_u, stride_y, M, N,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
@@ -37,7 +37,7 @@ if HAVE_TRITON:
         s = 1.0 / (1.0 + tl.exp(-g))
         store(Y, stride_y, rows, cols, mask, g * s * u)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _swiglu_bwd(DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, M, N,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, cols, mask = tile(M, N, BLOCK_M, BLOCK_N)
