@@ -35,7 +35,7 @@ def _rows(n):
     return embedded.dataset_rows()[:n]
 
 
-def _run(model, tmp_path, rows, steps, batch=4, accum=1, pad=64, seed=0):
+def _run(model, tmp_path, rows, steps, batch=4, accum=1, pad=64, seed=0, padding_free=False):
     """Train ``steps`` optimizer steps; returns (per-step losses, final LoRA weights)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -44,8 +44,9 @@ def _run(model, tmp_path, rows, steps, batch=4, accum=1, pad=64, seed=0):
                      gradient_accumulation_steps=accum, learning_rate=1e-2,
                      lr_scheduler_type="constant", logging_steps=1, report_to=[],
                      save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False,
-                     seed=seed, pad_to_multiple_of=pad or None, max_length=128,
-                     disable_tqdm=True, dataloader_drop_last=True)
+                     seed=seed, pad_to_multiple_of=pad or None,
+                     max_length=None if padding_free else 128,
+                     disable_tqdm=True, dataloader_drop_last=True, padding_free=padding_free)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=embedded.load_tokenizer())
     trainer.train()
@@ -96,6 +97,31 @@ def test_sft_trainer_compiled_matches_eager(tmp_path):
     adapters = counts.get("lora_linear", 0) + 2 * counts.get("lora_mlp", 0) \
         + 3 * counts.get("lora_qkv", 0)
     assert adapters == len(ALL_LINEAR) * LAYERS, counts
+
+
+def test_padding_free_batches_fused_and_exact(tmp_path):
+    """TRL's padding_free=True: each batch is one packed row with position_ids restarting per
+    example and no attention mask. The compiled model proves the documents (attention runs
+    per example, fused) over rows of changing lengths in one compile, with eager's losses and
+    weights."""
+    eager = _model()
+    compiled = copy.deepcopy(eager)
+    rows = _rows(24)
+    losses_e, weights_e = _run(eager, tmp_path / "e", rows, steps=4, pad=None, padding_free=True)
+    fastlora.clear_reports()
+    fastlora.compile_for_trainer(compiled, **OPTIONS)
+    losses_c, weights_c = _run(compiled, tmp_path / "c", rows, steps=4, pad=None,
+                               padding_free=True)
+    assert len(losses_c) == 4 and losses_c[-1] != losses_c[0]
+    assert max(rel_err(torch.tensor(c), torch.tensor(e))
+               for c, e in zip(losses_c, losses_e)) < 1e-5, (losses_c, losses_e)
+    errors = {n: rel_err(weights_c[n], w) for n, w in weights_e.items()}
+    assert max(errors.values()) < 1e-5, errors
+    reports = fastlora.reports(compiled)
+    assert len(reports) == 1, [r.counts() for r in reports]
+    attention = [m["params"] for m in reports[0].matches if m["pattern"] == "attention"]
+    assert len(attention) == LAYERS and all(p["kernel"] == "triton" for p in attention), attention
+    assert "packed documents" in attention[0]["why"]
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
