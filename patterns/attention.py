@@ -115,6 +115,22 @@ def choose_kernel(causal: bool, window: int, softcap: float, documents: bool) ->
                                           ": SDPA would need an S x S mask")
 
 
+FLASH_WHY = ("; the sequence length varies (a dynamic graph): PyTorch's flash backend, which "
+             "compiles nothing per length (cuDNN builds an execution graph for every new length: "
+             "127 ms per new length against 0.7 ms per call at the Llama-1B shape on the H200, "
+             "benchmarks/attention_lengths.py)")
+
+
+def _flash_for_varying_lengths(q, cast_to) -> bool:
+    """Plain causal/full attention in a graph whose sequence length is symbolic, on CUDA, in a
+    dtype and head size the flash backend takes: run it on flash rather than letting SDPA pick
+    cuDNN, whose per-shape graph build costs more than the attention itself at a new length."""
+    dtype = cast_to or q.dtype
+    return (q.device.type == "cuda" and not isinstance(q.shape[2], int)
+            and dtype in (torch.bfloat16, torch.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 256)
+
+
 # ---------------------------------------------------------------- the check
 
 
@@ -176,6 +192,8 @@ def check(m):
     kernel, why = choose_kernel(causal, window, softcap, docs is not None)
     if kernel == "none":
         raise Reject(why)
+    if kernel == "sdpa" and _flash_for_varying_lengths(q, cast_to):
+        kernel, why = "sdpa_flash", why + FLASH_WHY
     if kernel == "triton" and head_dim > 256:
         raise Reject(f"head dim {head_dim} > 256 is not supported by the Triton kernel")
     # Graph values the replacement reads besides the matched inputs: the rewriter passes every
@@ -195,6 +213,9 @@ def replacement(query, k_src, v_src, doc_ids=None, *, kernel, causal, window, so
     if kernel == "sdpa":
         return torch.ops.aten.scaled_dot_product_attention.default(
             query, k_src, v_src, None, 0.0, causal, scale=sm_scale, enable_gqa=gqa)
+    if kernel == "sdpa_flash":  # GQA natively: k/v keep their own heads
+        return torch.ops.aten._scaled_dot_product_flash_attention.default(
+            query, k_src, v_src, 0.0, causal, False, scale=sm_scale)[0]
     return torch.ops.fastlora.flash_attention(query, k_src, v_src, doc_ids, sm_scale, causal,
                                               window, softcap)[0]
 
