@@ -137,6 +137,7 @@ def worker(args) -> dict:
             ts.progress(f"step {i + 1}: width {width}, {dt * 1000:.0f} ms")
     total_s = time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated() / 2**30
+    graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # before the profiling
     gpu_ms = None
     if args.profile:  # the steady-state batches again, untimed, under the profiler
         gen.manual_seed(0)
@@ -179,7 +180,7 @@ def worker(args) -> dict:
            "repeat_tok_per_ms": (sum(r["computed"] for r in steady if not r["new"]) / 1000
                                  / sum(repeat)) if repeat else None,
            "total_s": total_s, "first_step_s": rows[0]["s"],
-           "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+           "graphs": graphs,
            "peak_gib": peak,
            "loss": float(loss), "per_step_ms": [round(1000 * r["s"], 1) for r in rows],
            "widths": [r["width"] for r in rows]}
