@@ -182,16 +182,6 @@ def test_positions_without_restarts_are_one_document():
 # ---------------------------------------------------------------- what must be left alone
 
 
-def test_padding_mask_is_left_alone_with_reason():
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, :3] = 0
-    _exact(with_lora(tiny_llama(layers=1)), _inputs(attention_mask=mask))
-    report = fastlora.last_report()
-    assert _attention(report) == []
-    reasons = [n["reason"] for n in report.near_misses if n["pattern"] == "attention"]
-    assert len(reasons) == 1 and "padding mask" in reasons[0], reasons
-
-
 def test_attention_dropout_is_left_alone():
     model = with_lora(tiny_llama(layers=1, attention_dropout=0.25)).train()
     compiled = torch.compile(model, backend="fastlora",
