@@ -13,11 +13,10 @@ from test_attention_pattern import _attention, _exact, _inputs, only_attention, 
 from test_attention_pattern import tiny_mistral
 
 
-def padding(side, batch=2, seq=12):
+def padding(side, batch=2, seq=12, pads=(3, 7)):
     """HF's ``attention_mask`` for a padded batch: rows of different lengths, pads on ``side``;
     ``holes``: a user's mask whose kept tokens are no single run, and a row with none kept."""
     mask = torch.ones(batch, seq, dtype=torch.long)
-    pads = (3, 7)
     for b in range(batch):
         if side == "right":
             mask[b, seq - pads[b % 2]:] = 0
@@ -40,11 +39,11 @@ FAMILIES = {  # name: (model, attention's mask kinds, what a row that sees no ke
 }
 
 
-def padded_inputs(side, ignore_pads=False):
+def padded_inputs(side, ignore_pads=False, seq=12, pads=(3, 7)):
     """Labels are the ids (the pad rows' logits reach the loss, so their attention must be
     eager's too) or -100 on the pads, as collators set them."""
-    mask = padding(side)
-    inputs = _inputs(attention_mask=mask)
+    mask = padding(side, seq=seq, pads=pads)
+    inputs = _inputs(seq=seq, attention_mask=mask)
     if ignore_pads:
         inputs["labels"] = inputs["input_ids"].masked_fill(mask == 0, -100)
     return inputs
@@ -192,3 +191,39 @@ def test_two_padding_masks_are_left_alone():
     params, misses = _compile_padded(PaddedAttention(build), torch.randn(2, 10, 16), _pad())
     assert params == [] and len(misses) == 1 and "two different padding masks" in misses[0], \
         misses
+
+
+# ---------------------------------------------------------------- on the GPU
+
+
+def _cuda(batch):
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gpu_padding_exact_fp32(family, side):
+    """Also pins what the GPU's own SDPA gives a row that sees no key (0, as on the CPU): the
+    left-padded rows' logits reach the loss here."""
+    make, kinds, empty_rows = FAMILIES[family]
+    fastlora.clear_reports()
+    _exact(with_lora(make()).cuda(), _cuda(padded_inputs(side, seq=300, pads=(37, 170))))
+    found = [(m["params"]["kernel"], m["params"]["mask"], m["params"]["empty_rows"])
+             for r in fastlora.reports() for m in r.matches if m["pattern"] == "attention"]
+    assert found == [("triton", kind, empty_rows) for kind in kinds], found
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_gpu_padding_bf16_no_worse_than_eager(family):
+    make, kinds, _ = FAMILIES[family]
+    errs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        torch._dynamo.reset()
+        errs.append(compare_low_precision(with_lora(make()).cuda(),
+                                          _cuda(padded_inputs("left", seq=300, pads=(37, 170))),
+                                          options=only_attention()))
+    err_eager, err_compiled = (sum(e) / len(errs) for e in zip(*errs))
+    assert err_compiled <= 1.25 * err_eager + 1e-3, errs

@@ -159,7 +159,8 @@ def test_triton_kernels_match_float64(feature, dtype):
 
 
 @pytest.mark.parametrize("shape", [(3, 2, 2, 37, 72), (1, 4, 1, 40, 16), (1, 3, 3, 5, 8)])
-@pytest.mark.parametrize("feature", ["causal", "all", "pad_left", "pad_holes_window_softcap_uniform"])
+@pytest.mark.parametrize("feature", ["causal", "all", "pad_left",
+                                     "pad_holes_window_softcap_uniform"])
 def test_triton_odd_shapes_mha_mqa(shape, feature):
     check("triton", *shape, torch.float32, feature)
 
