@@ -306,12 +306,14 @@ def _key_padding(read, q_shape, k_shape):
         where = ", ".join(str(f) for f in forms)
         raise Reject(f"{what} at [{where}] (b: batch, q: query index, kv: key index), which is "
                      "not a key-padding mask `padding[b, kv]`")
+    # The kernel reads row b of a (batch, S_k) mask, row 0 of a (1, S_k) one: the read must
+    # index rows the same way (a constant 0 only where the mask has one row).
     shape = example_value(base).shape
-    if not (statically_known_true(shape[1] == k_shape[2]) and (
-            statically_known_true(shape[0] == q_shape[0]) or statically_known_true(
-                shape[0] == 1))):
-        raise Reject(f"{what} as a padding mask of shape {tuple(shape)}, which is not (batch or "
-                     f"1, {k_shape[2]} keys)")
+    rows = q_shape[0] if forms[0] == _axis(0) else 1
+    if not (statically_known_true(shape[0] == rows) and
+            statically_known_true(shape[1] == k_shape[2])):
+        raise Reject(f"{what} at [{forms[0]}, kv] as a padding mask of shape {tuple(shape)}, "
+                     f"which is not ({rows}, {k_shape[2]} keys)")
     return base
 
 

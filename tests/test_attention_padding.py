@@ -177,6 +177,9 @@ def test_handwritten_additive_padding_mask_is_uniform_on_rows_that_see_nothing()
     (lambda i, j, pad: (j <= i) & torch.cat([pad, pad[:, :1]], 1)[
         torch.arange(2)[:, None, None, None], (j + 1)[None, None]], None,
      "at [b, kv + 1] (b: batch, q: query index, kv: key index), which is not a key-padding"),
+    # the first batch row's padding for every batch row
+    (lambda i, j, pad: (j <= i) & pad[0][None, None, None, :], None,
+     "at [0, kv] as a padding mask of shape (2, 10), which is not (1, 10 keys)"),
     # an additive value that does not swallow the scores: rows that see nothing
     (lambda i, j, pad: (j <= i) & pad[:, None, None, :], -1e9, "does not swallow the scores"),
 ])
