@@ -68,9 +68,10 @@ if HAVE_TRITON:
     @triton.jit
     def _keep(KM, cols, S_K, HAS_PAD: tl.constexpr):
         """keep[j] = KM[j] != 0 for the keys ``cols`` (False past the end); True without a mask."""
+        keep = cols >= 0
         if HAS_PAD:
-            return tl.load(KM + cols, mask=cols < S_K, other=0) != 0
-        return cols >= 0
+            keep = tl.load(KM + cols, mask=cols < S_K, other=0) != 0
+        return keep
 
     @triton.jit
     def _key_span(KM, S_K, HAS_PAD: tl.constexpr, SCAN: tl.constexpr):
