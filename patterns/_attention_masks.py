@@ -1,8 +1,9 @@
 """Proving what an attention mask is (used by patterns/attention.py).
 
 ``prove_mask`` evaluates the graph that built a mask symbolically: aranges become query / key
-indices, comparisons become linear constraints, and reads of position ids or document ids (HF's
-``packed_sequence_mask``) stay symbolic. Causal, sliding-window and document constraints are
+indices, comparisons become linear constraints, and reads of position ids, document ids (HF's
+``packed_sequence_mask``) or a boolean padding mask stay symbolic. Causal, sliding-window,
+document and key-padding (``padding[b, kv]``, HF's ``padding_mask_function``) constraints are
 recognised; anything else raises ``Reject`` with the reason.
 
 Under gradient checkpointing the mask enters each decoder layer as a placeholder: the prover
@@ -11,9 +12,11 @@ follows it out of the layer with patterns/_checkpoint_bodies.py.
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple, Optional
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fastlora.canonicalize import CAST, example_value
 from fastlora.matcher import describe
@@ -67,7 +70,8 @@ class Lin:
         names = {("axis", 0): "b", ("axis", 1): "h", ("axis", 2): "q", ("axis", 3): "kv"}
         text = "".join(f" {'-' if c < 0 else '+'} {str(abs(c)) + '*' if abs(c) != 1 else ''}"
                        f"{names.get(a) or a[1].name + '[..]'}" for a, c in self.terms.items())
-        text += f" {'-' if self.const < 0 else '+'} {abs(self.const)}"
+        if self.const or not self.terms:
+            text += f" {'-' if self.const < 0 else '+'} {abs(self.const)}"
         return text[3:] if text[1] == "+" else "-" + text[3:]
 
 
@@ -200,7 +204,15 @@ class _Prover:
                 mapping[len(mapping)] = Lin(const=i)
             else:
                 raise _Unknown(describe(n))
-        return _subst(self.eval(base), lambda k: mapping[k])
+        try:
+            value = self.eval(base)
+        except _Unknown:  # a run-time tensor (a padding mask): read at the mapped indices
+            dtype = example_value(base).dtype
+            if dtype.is_floating_point or dtype.is_complex:
+                raise
+            read = Lin({("read", base, tuple(mapping[k] for k in range(rank))): 1})
+            return frozenset({("true", read)}) if dtype == torch.bool else read
+        return _subst(value, lambda k: mapping[k])
 
 
 def _root(node):
@@ -255,26 +267,65 @@ def _is_zero(value) -> bool:
 
 
 def _as_bool_mask(mask):
-    """An additive float mask ``where(cond, 0, very negative)`` as its boolean ``cond``."""
+    """An additive float mask ``where(cond, 0, very negative)`` as (its boolean ``cond``, the
+    negative value)."""
     ok = mask.op == "call_function" and mask.target is torch.where and len(mask.args) == 3 \
         and not mask.kwargs
     if ok:
         cond, zero, neg = mask.args
         if _is_zero(zero) and isinstance(neg, float) and neg <= -1e4 and \
                 example_value(cond).dtype == torch.bool:
-            return cond
+            return cond, neg
     raise Reject(f"the additive mask {describe(mask)} is not `where(mask, 0, -big)`, so fastlora "
                  "cannot tell which keys it hides")
 
 
-def prove_mask(mask, q_shape, k_shape):
-    """(causal, window, doc_ids node or None) that the attention mask ``mask`` is, or Reject."""
+# An additive mask value at or below this swallows any score: s + neg == neg exactly in float32
+# and bfloat16 (HF uses the dtype's minimum, -3.4e38), so a row that sees no key gets equal
+# scores everywhere and softmax makes it uniform, which the kernel reproduces.
+SWALLOWS_SCORES = -1e30
+
+
+class ProvenMask(NamedTuple):
+    """What a proven mask is, in the kernel's terms."""
+    causal: bool
+    window: int  # 0: none
+    docs: Optional[fx.Node]  # the document ids compared (HF's packed-sequence cumsum)
+    key_mask: Optional[fx.Node]  # (batch or 1, S_k) bool: the keys kept (HF's padding mask)
+    empty_rows_uniform: bool  # a row that sees no key attends to every key, 1 / S_k each
+
+
+def _key_padding(read, q_shape, k_shape):
+    """The 2-D boolean tensor that the constraint ``read`` (a read of a run-time bool tensor,
+    which must hold) reads at (batch, key index): a key-padding mask. Reject anything else."""
+    (atom,) = read.terms
+    base, forms = atom[1], atom[2]
+    batch, kv_idx = ({_axis(0), Lin()}, _axis(3))
+    what = f"the mask also reads the boolean tensor {describe(_root(base))}"
+    if len(forms) != 2 or forms[0] not in batch or forms[1] != kv_idx:
+        where = ", ".join(str(f) for f in forms)
+        raise Reject(f"{what} at [{where}] (b: batch, q: query index, kv: key index), which is "
+                     "not a key-padding mask `padding[b, kv]`")
+    # The kernel reads row b of a (batch, S_k) mask, row 0 of a (1, S_k) one: the read must
+    # index rows the same way (a constant 0 only where the mask has one row).
+    shape = example_value(base).shape
+    rows = q_shape[0] if forms[0] == _axis(0) else 1
+    if not (statically_known_true(shape[0] == rows) and
+            statically_known_true(shape[1] == k_shape[2])):
+        raise Reject(f"{what} at [{forms[0]}, kv] as a padding mask of shape {tuple(shape)}, "
+                     f"which is not ({rows}, {k_shape[2]} keys)")
+    return base
+
+
+def prove_mask(mask, q_shape, k_shape) -> ProvenMask:
+    """What the attention mask ``mask`` is (ProvenMask), or Reject with the reason."""
     val = example_value(mask)
     if not isinstance(val, torch.Tensor) or val.dim() > 4 or \
             (val.dim() >= 3 and val.shape[-3] != 1):
         raise Reject("the attention mask is not one (batch, 1, q, kv) mask shared by all heads")
+    neg = None  # the additive mask's value for hidden keys
     if val.dtype != torch.bool:
-        mask = _as_bool_mask(_outside(mask))
+        mask, neg = _as_bool_mask(_outside(mask))
     try:
         cons = _Prover().eval(mask)
     except _Unknown as e:
@@ -302,13 +353,14 @@ def prove_mask(mask, q_shape, k_shape):
             docs, positions = reads[0][1], _root(pos)
             continue
         rest.append((kind, x))
-    causal, window = False, 0
+    causal, window, key_mask = False, 0, None
     for kind, x in rest:
         if kind == "true":
-            base = next(iter(x.terms))[1]
-            raise Reject(f"the mask also reads the boolean tensor {describe(_root(base))} (a "
-                         "padding mask?), which fastlora does not fuse; train padding-free "
-                         "(packed rows with position_ids) to use the fused kernel")
+            base = _key_padding(x, q_shape, k_shape)
+            if key_mask is not None and _root(key_mask) is not _root(base):
+                raise Reject("the mask combines two different padding masks")
+            key_mask = base
+            continue
         if positions is not None:  # within one document, positions step by 1 like indices
             pos_reads = {a: c for a, c in x.terms.items()
                          if a[0] == "read" and _root(a[1]) is positions}
@@ -333,5 +385,13 @@ def prove_mask(mask, q_shape, k_shape):
                      "index, kv: key index) is not causal, sliding-window or same-document")
     if window and isinstance(q_shape[2], int) and window >= q_shape[2]:
         window = 0  # the window covers the whole sequence
-    return causal, window, docs
+    # Every row sees its own key unless keys are masked (or there are more queries than keys):
+    # only then can a row see nothing, where the additive mask's value decides what it gets.
+    empty_rows = key_mask is not None or not statically_known_true(q_shape[2] == k_shape[2])
+    if empty_rows and neg is not None and neg > SWALLOWS_SCORES:
+        raise Reject(f"the additive mask hides keys with {neg:g}, which does not swallow the "
+                     "scores: a row that sees no key would attend with scores rounded to that "
+                     "value's ulp, which the kernel does not reproduce (HF's masks use the "
+                     "dtype's minimum: float32 or bfloat16, not float16)")
+    return ProvenMask(causal, window, docs, key_mask, empty_rows and neg is not None)
 

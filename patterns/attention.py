@@ -3,18 +3,18 @@ attention (``matmul -> * scale -> [c * tanh(/c)] -> [+ mask] -> softmax(float32)
 dropout -> matmul``), with k/v given per kv head (``enable_gqa``) or repeated (``repeat_kv``).
 
 Becomes ``torch.ops.fastlora.flash_attention`` (src/fastlora/kernels/flash_attention.py) for
-sliding windows, softcapping and packed documents, and PyTorch's own SDPA on the un-repeated k/v
-(``is_causal``, no mask) for plain causal or full attention, where cuDNN / flash are faster:
-``choose_kernel`` holds the rule, benchmarks/kernel_cases/attention.py measures it.
+sliding windows, softcapping, packed documents and padding masks, and PyTorch's own SDPA on the
+un-repeated k/v (``is_causal``, no mask) for plain causal or full attention, where cuDNN / flash
+are faster: ``choose_kernel`` holds the rule, benchmarks/kernel_cases/attention.py measures it.
 
 A mask is replaced only when it is proven to be what the kernel computes: ``prove_mask``
-(patterns/_attention_masks.py)
-evaluates the graph that built it symbolically: aranges become query / key indices,
-comparisons become linear constraints, and reads of position ids or document ids (HF's
-``packed_sequence_mask``) stay symbolic. Causal, sliding-window and document constraints are
-recognised; anything else (a padding mask read from
-``attention_mask``, a mask from the inputs, an op the prover does not know) leaves the attention
-alone, with the reason in the report.
+(patterns/_attention_masks.py) evaluates the graph that built it symbolically: aranges become
+query / key indices, comparisons become linear constraints, and reads of position ids, document
+ids (HF's ``packed_sequence_mask``) or the boolean padding mask (HF's ``attention_mask[b, kv]``)
+stay symbolic. Causal, sliding-window, document and key-padding constraints are recognised;
+anything else (a mask from the inputs, an op the prover does not know) leaves the attention
+alone, with the reason in the report. A padding mask's values arrive at run time: the kernel
+reads the 2-D ``attention_mask`` itself (see the kernel's docstring for rows that see no key).
 """
 from __future__ import annotations
 
@@ -84,24 +84,30 @@ def eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: 
 # ---------------------------------------------------------------- dispatch
 
 
-def choose_kernel(causal: bool, window: int, softcap: float, documents: bool) -> tuple[str, str]:
+def choose_kernel(causal: bool, window: int, softcap: float, documents: bool,
+                  padding: bool = False) -> tuple[str, str]:
     """Which kernel runs a proven attention: ("sdpa" | "triton" | "none", why).
 
     The rule, from ../shared/targets.md (H200, GQA 32/8, head dim 128) and to be confirmed by
     ``python benchmarks/kernels.py --ops attention``:
-    - no window inside the sequence, no softcap, no documents: PyTorch SDPA with ``is_causal``
-      (cuDNN / flash: 531 / 383 TFLOP/s fwd / bwd at seq 2k), above what a Triton FA2 kernel
-      reaches on Hopper;
-    - sliding window, softcap or packed documents: the Triton kernel. SDPA can express them only
-      with an explicit S x S mask (3.0x / 2.7x slower than causal at 2k, measured), computes the
-      blocks outside the window or document anyway, and cannot softcap at all.
+    - no window inside the sequence, no softcap, no documents, no padding: PyTorch SDPA with
+      ``is_causal`` (cuDNN / flash: 531 / 383 TFLOP/s fwd / bwd at seq 2k), above what a Triton
+      FA2 kernel reaches on Hopper;
+    - sliding window, softcap, packed documents or a padding mask: the Triton kernel. SDPA can
+      express them only with an explicit S x S mask (3.0x / 2.7x slower than causal at 2k,
+      measured), computes the blocks outside the window, document or padding anyway, and cannot
+      softcap at all.
+    Causal + right padding would be exact for the real tokens under SDPA's ``is_causal`` alone,
+    but only the pad rows differ and nothing in the graph proves they are ignored: the mask and
+    the labels are run-time values (proving it on the device and branching would need a host
+    sync per step). The Triton kernel computes every row exactly and skips the pad keys.
     ``FASTLORA_ATTENTION=triton`` sends every proven attention to the Triton kernel (tests,
     benchmarks); ``=sdpa`` keeps SDPA where it needs no mask and leaves the rest unfused.
     """
     forced = os.environ.get(KERNEL_ENV, "auto")
     if forced not in ("auto", "triton", "sdpa"):
         raise Reject(f"{KERNEL_ENV}={forced!r} is not one of auto, triton, sdpa")
-    plain = not (window or softcap or documents)
+    plain = not (window or softcap or documents or padding)
     if forced == "triton":
         return "triton", f"{KERNEL_ENV}=triton"
     if plain:
@@ -110,9 +116,13 @@ def choose_kernel(causal: bool, window: int, softcap: float, documents: bool) ->
     if forced == "sdpa":
         return "none", f"{KERNEL_ENV}=sdpa keeps masked attention as the model wrote it"
     needs = [n for n, on in (("sliding window", window), ("packed documents", documents),
-                             ("softcap", softcap)) if on]
-    return "triton", " + ".join(needs) + (": SDPA cannot softcap" if softcap else
-                                          ": SDPA would need an S x S mask")
+                             ("padding mask", padding), ("softcap", softcap)) if on]
+    why = ": SDPA cannot softcap" if softcap else ": SDPA would need an S x S mask"
+    if padding:
+        why += ("; the kernel skips the padded keys (SDPA's is_causal alone would be exact only "
+                "for real tokens of right-padded rows, which the graph cannot prove)"
+                if causal else "; the kernel skips the padded keys")
+    return "triton", " + ".join(needs) + why
 
 
 FLASH_WHY = ("; the sequence length varies (a dynamic graph): PyTorch's flash backend, which "
@@ -184,12 +194,12 @@ def check(m):
         raise Reject(f"{heads} query heads but {kv_heads} key heads without enable_gqa")
     if heads % kv_heads:
         raise Reject(f"{heads} query heads cannot share {kv_heads} key/value heads evenly")
-    window, docs = 0, None
+    window, docs, key_mask, uniform = 0, None, None, False
     if mask is not None:
-        causal, window, docs = prove_mask(mask, q.shape, k.shape)
+        causal, window, docs, key_mask, uniform = prove_mask(mask, q.shape, k.shape)
     if docs is not None and q.shape[2] != k.shape[2]:
         raise Reject("packed documents with queries and keys of different lengths")
-    kernel, why = choose_kernel(causal, window, softcap, docs is not None)
+    kernel, why = choose_kernel(causal, window, softcap, docs is not None, key_mask is not None)
     if kernel == "none":
         raise Reject(why)
     if kernel == "sdpa" and _flash_for_varying_lengths(q, cast_to):
@@ -199,14 +209,24 @@ def check(m):
     # Graph values the replacement reads besides the matched inputs: the rewriter passes every
     # binding to the replacement (by name) and inserts it after all of them.
     m.bindings["k_src"], m.bindings["v_src"] = k_src, v_src
-    if docs is not None:  # under checkpointing: built outside the layer, passed in
+    # Under checkpointing the document ids and the padding mask are computed outside the
+    # layer: each is passed in as one more operand of the checkpointed call.
+    if docs is not None:
         m.bindings["doc_ids"] = bring_into(docs, m.outputs[0].graph)
-    return {"kernel": kernel, "why": why, "causal": causal, "window": window,
-            "softcap": softcap, "sm_scale": scale, "gqa": kv_heads != heads, "cast_to": cast_to}
+    if key_mask is not None:
+        m.bindings["key_mask"] = bring_into(key_mask, m.outputs[0].graph)
+    kinds = [("causal" if causal else "full"), "window" * bool(window),
+             "documents" * (docs is not None), "padding" * (key_mask is not None)]
+    params = {"kernel": kernel, "why": why, "mask": "+".join(k for k in kinds if k),
+              "causal": causal, "window": window, "softcap": softcap, "sm_scale": scale,
+              "gqa": kv_heads != heads, "cast_to": cast_to}
+    if key_mask is not None:  # what a row that sees no key gets: eager's additive mask makes
+        params["empty_rows"] = "uniform" if uniform else "zero"  # it uniform, SDPA's bool one 0
+    return params
 
 
-def replacement(query, k_src, v_src, doc_ids=None, *, kernel, causal, window, softcap,
-                sm_scale, gqa, cast_to=None, **_matched):
+def replacement(query, k_src, v_src, doc_ids=None, key_mask=None, *, kernel, causal, window,
+                softcap, sm_scale, gqa, cast_to=None, empty_rows=None, **_matched):
     if cast_to is not None:
         to = torch.ops.aten.to.dtype  # an op, not a method: the rewriter runs it on fakes
         query, k_src, v_src = to(query, cast_to), to(k_src, cast_to), to(v_src, cast_to)
@@ -217,7 +237,8 @@ def replacement(query, k_src, v_src, doc_ids=None, *, kernel, causal, window, so
         return torch.ops.aten._scaled_dot_product_flash_attention.default(
             query, k_src, v_src, 0.0, causal, False, scale=sm_scale)[0]
     return torch.ops.fastlora.flash_attention(query, k_src, v_src, doc_ids, sm_scale, causal,
-                                              window, softcap)[0]
+                                              window, softcap, key_mask,
+                                              empty_rows == "uniform")[0]
 
 
 def unrepeated_kv(node):
@@ -261,6 +282,6 @@ register_pattern(Pattern(
     anchor=(F.scaled_dot_product_attention, softmax),
     explain_near_miss=_explain,
     description="attention (SDPA and eager; causal, GQA, sliding window, softcap, packed "
-                "documents) as flash attention",
+                "documents, padding masks) as flash attention",
     builtin=True,
 ))

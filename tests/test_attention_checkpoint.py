@@ -2,7 +2,8 @@
 ``use_reentrant=False``): each decoder layer is the body of a ``tag_activation_checkpoint``
 higher-order op and the mask enters it as a placeholder. The prover follows that placeholder to
 the mask built outside the layer; these tests pin one proven attention per layer, exact losses and
-LoRA gradients against eager, and the near misses that must stay (with their reasons)."""
+LoRA gradients against eager (padding masks included), and the near misses that must stay
+(with their reasons)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ import fastlora
 from fastlora.pattern import Reject
 from fastlora.patterns._attention_masks import prove_mask
 from helpers import compare_compiled, rel_err, tiny_llama, with_lora
+from test_attention_padding import padded_inputs
 from test_attention_pattern import PACKED, _inputs, only_attention, tiny_gemma2, tiny_mistral
 
 GC = {"use_reentrant": False}
@@ -82,12 +84,23 @@ def test_gemma2_eager_additive_masks(bodies):
         [("triton", 4, 1.5), ("triton", 0, 1.5)]
 
 
-def test_padding_mask_stays_a_near_miss_in_each_layer(bodies):
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, :3] = 0
-    params, misses = _exact_with_gc(tiny_llama(layers=2), _inputs(attention_mask=mask))
-    assert len(bodies) == 2 and params == [] and len(misses) == 2, misses
-    assert all("padding mask" in r for r in misses), misses
+@pytest.mark.parametrize("make,side,kinds", [
+    (lambda: tiny_llama(layers=2), "left", [("causal+padding", "zero")] * 2),
+    (lambda: tiny_mistral(window=4, layers=2), "right", [("causal+window+padding", "zero")] * 2),
+    (tiny_gemma2, "left", [("causal+window+padding", "uniform"), ("causal+padding", "uniform")]),
+])
+def test_padding_mask_passed_into_each_layer(bodies, make, side, kinds):
+    """HF builds the 4-D mask outside the layers from the 2-D ``attention_mask``; the prover
+    follows the mask out of each layer, and the 2-D padding mask the kernel reads is passed into
+    each body as one more operand."""
+    params, misses = _exact_with_gc(make(), padded_inputs(side))
+    assert len(bodies) == 2 and misses == []
+    assert [(p["kernel"], p["mask"], p["empty_rows"]) for p in params] == \
+        [("triton", *kind) for kind in kinds]
+    added = [n for b in bodies for n in b.graph.nodes
+             if n.op == "placeholder" and n.target.startswith("fastlora_")]
+    assert len(added) == 2 and all(n.meta["example_value"].dtype == torch.bool
+                                   for n in added), added
 
 
 # ---------------------------------------------------------------- masks the prover cannot follow
@@ -168,4 +181,4 @@ def test_body_called_with_two_different_masks_is_not_followed():
     with pytest.raises(Reject, match="do not bind to one tensor outside it"):
         prove_mask(m, shape, shape)
     body.fastlora_callers = calls[:1]  # one call: followed to `kv <= q`
-    assert prove_mask(m, shape, shape) == (True, 0, None)
+    assert prove_mask(m, shape, shape) == (True, 0, None, None, False)

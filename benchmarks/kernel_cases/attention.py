@@ -7,6 +7,13 @@ flash-attention op against what a model runs without fastlora.
     documents     vs SDPA with HF's explicit packed-document mask and repeated k/v
     softcap 50    vs flex_attention with a softcap score_mod, compiled (SDPA cannot softcap;
                   HF runs Gemma 2 eagerly, which at these lengths does not fit in memory)
+    right / left pad   rows padded by 0, 1/4, 1/2, 3/4 of their length (cycled over the batch),
+                  vs SDPA with HF's padding mask and repeated k/v (what runs unfused); the
+                  right-padded rows also vs SDPA is_causal, exact on the real rows only, which
+                  tells whether that dispatch (unprovable in the graph, see choose_kernel)
+                  would be worth a runtime proof; "left pad uniform" is eager attention's
+                  padding (rows that see nothing attend to every key) vs SDPA with HF's
+                  additive mask, 2k and 8k only
 
 TFLOP/s count only the visible (query, key) pairs: forward 4 * B * H * D * pairs, backward
 2.5 x that (five matmuls instead of two), so an implementation that computes masked-out blocks
@@ -45,7 +52,36 @@ def _pairs(seq, window=0, doc_ids=None):
     return seq * (seq + 1) // 2
 
 
-def _mask(seq, window=0, doc_ids=None):
+PAD_FRACTIONS = [0, 0.25, 0.5, 0.75]  # of each row's length, cycled over the batch
+
+
+def _key_mask(batch, seq, side):
+    """HF's 2-D attention_mask, int64: 1 on the real tokens."""
+    keep = torch.ones(batch, seq, dtype=torch.long)
+    for b in range(batch):
+        pads = int(seq * PAD_FRACTIONS[b % len(PAD_FRACTIONS)])
+        if side == "right":
+            keep[b, seq - pads:] = 0
+        else:
+            keep[b, :pads] = 0
+    return keep.cuda()
+
+
+def _padded_pairs(key_mask, side, uniform=False):
+    """Visible (query, key) pairs per row, averaged over the batch (causal): L real tokens see
+    L(L+1)/2; right pads each see the L real keys; left pads see none, or all S keys when
+    uniform (eager's additive mask)."""
+    seq, total = key_mask.shape[1], 0
+    for L in key_mask.sum(1).tolist():
+        total += L * (L + 1) // 2
+        if side == "right":
+            total += (seq - L) * L
+        elif uniform:
+            total += (seq - L) * seq
+    return total // key_mask.shape[0]
+
+
+def _mask(seq, window=0, doc_ids=None, key_mask=None):
     """The boolean mask HF builds for SDPA: (B or 1, 1, S, S)."""
     i = torch.arange(seq, device="cuda")
     m = i[None, :] <= i[:, None]
@@ -54,7 +90,14 @@ def _mask(seq, window=0, doc_ids=None):
     m = m[None, None]
     if doc_ids is not None:
         m = m & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if key_mask is not None:
+        m = m & key_mask.bool()[:, None, None, :]
     return m
+
+
+def _additive(mask, dtype):
+    """HF's eager mask: 0 where visible, the dtype's minimum elsewhere."""
+    return torch.where(mask, torch.zeros((), device="cuda", dtype=dtype), torch.finfo(dtype).min)
 
 
 def _qkv(batch, seq, dtype):
@@ -81,13 +124,14 @@ def sdpa_masked(q, k, v, mask=None, **_):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def fastlora(q, k, v, window=0, softcap=0.0, doc_ids=None, config=None, **_):
+def fastlora(q, k, v, window=0, softcap=0.0, doc_ids=None, config=None, key_mask=None,
+             uniform=False, **_):
     from fastlora.kernels import _attention_blocks as K
     q, k, v = _heads_first(q, k, v)
     K.CONFIG_OVERRIDE, before = config, K.CONFIG_OVERRIDE
     try:
         return torch.ops.fastlora.flash_attention(q, k, v, doc_ids, D ** -0.5, True, window,
-                                                  softcap)[0]
+                                                  softcap, key_mask, uniform)[0]
     finally:
         K.CONFIG_OVERRIDE = before
 
@@ -137,6 +181,19 @@ def cases(dtype=torch.bfloat16):
         case(f"softcap {SOFTCAP:g} vs flex", flex_softcap,
              lambda seq=seq: {"block_mask": _causal_block_mask(seq), "softcap": SOFTCAP},
              _pairs(seq))
+        for side in ("right", "left"):
+            km = _key_mask(batch, seq, side)
+            case(f"{side} pad", sdpa_masked,
+                 lambda seq=seq, km=km: {"mask": _mask(seq, 0, None, km), "key_mask": km},
+                 _padded_pairs(km, side))
+            if side == "right":
+                case("right pad vs is_causal", sdpa_causal, lambda km=km: {"key_mask": km},
+                     _padded_pairs(km, side))
+            elif seq <= 8192:
+                case("left pad uniform", sdpa_masked,
+                     lambda seq=seq, km=km: {"mask": _additive(_mask(seq, 0, None, km), dtype),
+                                             "key_mask": km, "uniform": True},
+                     _padded_pairs(km, side, uniform=True))
         if os.environ.get("FASTLORA_ATTENTION_SWEEP") == "1" and seq == 8192:
             for fwd_m, fwd_n, warps, stages in ((128, 64, 4, 3), (128, 128, 8, 3),
                                                 (64, 64, 4, 3), (128, 64, 8, 4)):
