@@ -291,30 +291,24 @@ class ProvenMask(NamedTuple):
     causal: bool
     window: int  # 0: none
     docs: Optional[fx.Node]  # the document ids compared (HF's packed-sequence cumsum)
-    key_mask: Optional[fx.Node]  # (batch or 1, S_k) bool: the keys kept (HF's padding mask)
+    key_mask: Optional[fx.Node]  # a 2-D bool tensor: the keys kept (HF's padding mask)
+    key_mask_rows: str  # "batch": batch row b reads its row b; "first": every b reads row 0
     empty_rows_uniform: bool  # a row that sees no key attends to every key, 1 / S_k each
 
 
-def _key_padding(read, q_shape, k_shape):
-    """The 2-D boolean tensor that the constraint ``read`` (a read of a run-time bool tensor,
-    which must hold) reads at (batch, key index): a key-padding mask. Reject anything else."""
+def _key_padding(read):
+    """(the boolean tensor, "batch" or "first") that the constraint ``read`` (a read of a
+    run-time bool tensor, which must hold) reads at [b, kv] or [0, kv]: a key-padding mask, of
+    which eager reads rows 0..B-1 (or row 0 for every b) and columns 0..S_k-1. Reject anything
+    else."""
     (atom,) = read.terms
     base, forms = atom[1], atom[2]
-    batch, kv_idx = ({_axis(0), Lin()}, _axis(3))
-    what = f"the mask also reads the boolean tensor {describe(_root(base))}"
-    if len(forms) != 2 or forms[0] not in batch or forms[1] != kv_idx:
+    if len(forms) != 2 or forms[0] not in (_axis(0), Lin()) or forms[1] != _axis(3):
         where = ", ".join(str(f) for f in forms)
-        raise Reject(f"{what} at [{where}] (b: batch, q: query index, kv: key index), which is "
-                     "not a key-padding mask `padding[b, kv]`")
-    # The kernel reads row b of a (batch, S_k) mask, row 0 of a (1, S_k) one: the read must
-    # index rows the same way (a constant 0 only where the mask has one row).
-    shape = example_value(base).shape
-    rows = q_shape[0] if forms[0] == _axis(0) else 1
-    if not (statically_known_true(shape[0] == rows) and
-            statically_known_true(shape[1] == k_shape[2])):
-        raise Reject(f"{what} at [{forms[0]}, kv] as a padding mask of shape {tuple(shape)}, "
-                     f"which is not ({rows}, {k_shape[2]} keys)")
-    return base
+        raise Reject(f"the mask also reads the boolean tensor {describe(_root(base))} at "
+                     f"[{where}] (b: batch, q: query index, kv: key index), which is not a "
+                     "key-padding mask `padding[b, kv]`")
+    return base, "batch" if forms[0] == _axis(0) else "first"
 
 
 def prove_mask(mask, q_shape, k_shape) -> ProvenMask:
@@ -353,13 +347,13 @@ def prove_mask(mask, q_shape, k_shape) -> ProvenMask:
             docs, positions = reads[0][1], _root(pos)
             continue
         rest.append((kind, x))
-    causal, window, key_mask = False, 0, None
+    causal, window, key_mask, key_rows = False, 0, None, "batch"
     for kind, x in rest:
         if kind == "true":
-            base = _key_padding(x, q_shape, k_shape)
-            if key_mask is not None and _root(key_mask) is not _root(base):
+            base, rows = _key_padding(x)
+            if key_mask is not None and (_root(key_mask) is not _root(base) or key_rows != rows):
                 raise Reject("the mask combines two different padding masks")
-            key_mask = base
+            key_mask, key_rows = base, rows
             continue
         if positions is not None:  # within one document, positions step by 1 like indices
             pos_reads = {a: c for a, c in x.terms.items()
@@ -393,5 +387,5 @@ def prove_mask(mask, q_shape, k_shape) -> ProvenMask:
                      "scores: a row that sees no key would attend with scores rounded to that "
                      "value's ulp, which the kernel does not reproduce (HF's masks use the "
                      "dtype's minimum: float32 or bfloat16, not float16)")
-    return ProvenMask(causal, window, docs, key_mask, empty_rows and neg is not None)
+    return ProvenMask(causal, window, docs, key_mask, key_rows, empty_rows and neg is not None)
 

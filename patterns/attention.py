@@ -194,9 +194,9 @@ def check(m):
         raise Reject(f"{heads} query heads but {kv_heads} key heads without enable_gqa")
     if heads % kv_heads:
         raise Reject(f"{heads} query heads cannot share {kv_heads} key/value heads evenly")
-    window, docs, key_mask, uniform = 0, None, None, False
+    window, docs, key_mask, key_rows, uniform = 0, None, None, "batch", False
     if mask is not None:
-        causal, window, docs, key_mask, uniform = prove_mask(mask, q.shape, k.shape)
+        causal, window, docs, key_mask, key_rows, uniform = prove_mask(mask, q.shape, k.shape)
     if docs is not None and q.shape[2] != k.shape[2]:
         raise Reject("packed documents with queries and keys of different lengths")
     kernel, why = choose_kernel(causal, window, softcap, docs is not None, key_mask is not None)
@@ -222,14 +222,23 @@ def check(m):
               "gqa": kv_heads != heads, "cast_to": cast_to}
     if key_mask is not None:  # what a row that sees no key gets: eager's additive mask makes
         params["empty_rows"] = "uniform" if uniform else "zero"  # it uniform, SDPA's bool one 0
+        params["key_mask_rows"] = key_rows
     return params
 
 
 def replacement(query, k_src, v_src, doc_ids=None, key_mask=None, *, kernel, causal, window,
-                softcap, sm_scale, gqa, cast_to=None, empty_rows=None, **_matched):
+                softcap, sm_scale, gqa, cast_to=None, empty_rows=None, key_mask_rows="batch",
+                **_matched):
     if cast_to is not None:
         to = torch.ops.aten.to.dtype  # an op, not a method: the rewriter runs it on fakes
         query, k_src, v_src = to(query, cast_to), to(k_src, cast_to), to(v_src, cast_to)
+    if key_mask is not None:
+        # The rows and columns the model reads: rows 0..B-1 (or row 0 for all) and keys
+        # 0..S_k-1. Views, and no-ops where the shapes match (shapes that are only equal at run
+        # time under dynamic shapes, or a longer mask); a shorter mask fails here as in eager.
+        size, narrow = torch.ops.aten.sym_size.int, torch.ops.aten.narrow.default
+        rows = size(query, 0) if key_mask_rows == "batch" else 1
+        key_mask = narrow(narrow(key_mask, 0, 0, rows), 1, 0, size(k_src, 2))
     if kernel == "sdpa":
         return torch.ops.aten.scaled_dot_product_attention.default(
             query, k_src, v_src, None, 0.0, causal, scale=sm_scale, enable_gqa=gqa)

@@ -181,4 +181,4 @@ def test_body_called_with_two_different_masks_is_not_followed():
     with pytest.raises(Reject, match="do not bind to one tensor outside it"):
         prove_mask(m, shape, shape)
     body.fastlora_callers = calls[:1]  # one call: followed to `kv <= q`
-    assert prove_mask(m, shape, shape) == (True, 0, None, None, False)
+    assert prove_mask(m, shape, shape) == (True, 0, None, None, "batch", False)

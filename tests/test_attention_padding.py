@@ -83,6 +83,21 @@ def test_padding_bf16_no_worse_than_eager_bf16(family):
     assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
 
 
+def test_batch_size_changing_recompiles_fused():
+    """After a new batch size Dynamo recompiles with a dynamic batch, where the mask's batch
+    size and the activations' are different symbols (equal only at run time): still fused, the
+    mask's rows read as eager reads them."""
+    model = with_lora(tiny_llama(layers=1))
+    compiled_model = __import__("copy").deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="fastlora",
+                             options=only_attention(compiler="aot_eager", strict=True))
+    for batch in (4, 2, 3):
+        mask = torch.cat([padding("right"), padding("left")])[:batch]
+        inputs = {**_inputs(batch=batch), "attention_mask": mask}
+        assert rel_err(compiled(**inputs).loss, model(**inputs).loss) < 1e-5
+        assert _kinds() == [("triton", "causal+padding", "zero")], batch
+
+
 def test_padding_with_dynamic_lengths():
     """One dynamic graph for two lengths: the padding mask's shape is symbolic and still
     proven (its key dimension is the keys'), and both steps are exact."""
@@ -156,8 +171,29 @@ def _pad():
 ])
 def test_handwritten_padding_masks_are_proven(build):
     params, misses = _compile_padded(PaddedAttention(build), torch.randn(2, 10, 16), _pad())
-    assert misses == [] and [(p["mask"], p["empty_rows"]) for p in params] == \
-        [("causal+padding", "zero")]
+    assert misses == [] and [(p["mask"], p["empty_rows"], p["key_mask_rows"])
+                             for p in params] == [("causal+padding", "zero", "batch")]
+
+
+def test_first_rows_padding_for_every_batch_row():
+    """``pad[0]`` for every batch row: the kernel reads row 0 of the mask for all of them (a
+    kernel reading row b would be silently wrong for b = 1)."""
+    params, misses = _compile_padded(
+        PaddedAttention(lambda i, j, pad: (j <= i) & pad[0][None, None, None, :]),
+        torch.randn(2, 10, 16), _pad())
+    assert misses == [] and [(p["mask"], p["key_mask_rows"]) for p in params] == \
+        [("causal+padding", "first")]
+
+
+def test_longer_padding_mask_reads_its_first_keys():
+    """A mask longer than the keys (HF pads or slices it to the keys it reads): eager reads keys
+    0..S_k-1 of it, and so does the kernel."""
+    pad = torch.cat([_pad(), torch.zeros(2, 3, dtype=torch.bool)], 1)
+    params, misses = _compile_padded(
+        PaddedAttention(lambda i, j, pad: (j <= i) & pad[torch.arange(2)[:, None, None, None],
+                                                         j[None, None]]),
+        torch.randn(2, 10, 16), pad)
+    assert misses == [] and [p["mask"] for p in params] == ["causal+padding"]
 
 
 def test_handwritten_additive_padding_mask_is_uniform_on_rows_that_see_nothing():
@@ -177,9 +213,6 @@ def test_handwritten_additive_padding_mask_is_uniform_on_rows_that_see_nothing()
     (lambda i, j, pad: (j <= i) & torch.cat([pad, pad[:, :1]], 1)[
         torch.arange(2)[:, None, None, None], (j + 1)[None, None]], None,
      "at [b, kv + 1] (b: batch, q: query index, kv: key index), which is not a key-padding"),
-    # the first batch row's padding for every batch row
-    (lambda i, j, pad: (j <= i) & pad[0][None, None, None, :], None,
-     "at [0, kv] as a padding mask of shape (2, 10), which is not (1, 10 keys)"),
     # an additive value that does not swallow the scores: rows that see nothing
     (lambda i, j, pad: (j <= i) & pad[:, None, None, :], -1e9, "does not swallow the scores"),
 ])
