@@ -154,13 +154,13 @@ class _Boom:
     def __init__(self, exc):
         self.exc = exc
 
-    def train(self):
+    def train(self, resume_from_checkpoint=None):
         raise self.exc
 
 
 def _fail_training(monkeypatch, exc):
-    import fastlora.train as train_module
-    monkeypatch.setattr(train_module, "_build_trainer", lambda *a, **k: _Boom(exc))
+    import fastlora.sft
+    monkeypatch.setattr(fastlora.sft, "build_trainer", lambda *a, **k: _Boom(exc))
 
 
 def test_gpu_out_of_memory_is_one_paragraph(tmp_path, capsys, monkeypatch):

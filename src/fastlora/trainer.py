@@ -16,18 +16,20 @@ from __future__ import annotations
 import torch
 
 from .options import Options
+from .pattern import registered_patterns
 
 
 def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = None, **options):
     """Compile ``model`` in place with ``backend="fastlora"`` so a Trainer trains it compiled.
 
     ``options`` are the backend's options (``fastlora.Options``: ``disable``, ``print_report``,
-    ``compiler``, ...), checked here so a typo fails now rather than at the first step.
+    ``compiler``, ...), checked here, pattern names included, so a typo fails now with a
+    one-line ``OptionsError`` rather than at the first step.
     ``dynamic`` is ``torch.compile``'s: ``None`` (default) compiles the first shape statically
     and recompiles once with dynamic shapes when a second sequence length arrives. Returns
     ``model``.
     """
-    Options.parse(options)
+    Options.parse(options).check_pattern_names({p.name for p in registered_patterns()})
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("this model is already compiled in place; compile it only once")
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
