@@ -31,7 +31,7 @@ dynamo_settings.apply()  # before the first trace: checkpointed layers must reac
 def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
                      mode: str | None = None):
     patterns = registered_patterns()
-    opts = backend_options(options, {p.name for p in patterns})  # a bad option: one clear line
+    opts = backend_options(options, {p.name for p in patterns}, example_inputs, mode)
     report = Report(next(_graph_counter), opts.as_dict())
 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.

@@ -5,7 +5,7 @@ import dataclasses
 import difflib
 import inspect
 
-_INNER = ("inductor", "aot_eager", "eager")
+_INNER = ("auto", "inductor", "aot_eager", "eager")
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -28,8 +28,10 @@ class Options:
     - ``disable``: pattern names to leave unfused, e.g. ``["rms_norm"]``.
     - ``print_report``: print each graph's rewrite report to stdout (it is always logged to the
       ``fastlora`` logger, which ``TORCH_LOGS="+fastlora"`` shows).
-    - ``compiler``: what compiles the rewritten graph: ``"inductor"`` (default), ``"aot_eager"``
-      (AOTAutograd without code generation, fast to compile, for debugging) or ``"eager"``.
+    - ``compiler``: what compiles the rewritten graph: ``"auto"`` (default: ``"inductor"`` for a
+      graph on a GPU, or with ``mode`` or ``offload_activations`` set; ``"aot_eager"`` for a
+      graph on the CPU, where it is faster end to end, docs/options.md has the figures),
+      ``"inductor"``, ``"aot_eager"`` (AOTAutograd without code generation) or ``"eager"``.
     - ``strict``: raise on an internal error of a pattern instead of reporting it and compiling
       the graph unfused.
     - ``return_logits``: whether a causal-LM graph keeps returning logits when the loss is fused
@@ -44,7 +46,7 @@ class Options:
 
     disable: tuple[str, ...] = ()
     print_report: bool = False
-    compiler: str = "inductor"
+    compiler: str = "auto"
     strict: bool = False
     return_logits: bool = False
     mode: str | None = None
@@ -70,7 +72,7 @@ class Options:
             raise OptionsError(f"options['disable'] must be a pattern name or a list of pattern "
                                f"names, got {disable!r}")
         options["disable"] = tuple(disable)
-        compiler = options.get("compiler", "inductor")
+        compiler = options.get("compiler", "auto")
         if compiler not in _INNER:
             raise OptionsError(f"options['compiler'] must be one of {_INNER}, got {compiler!r}")
         if options.get("mode") not in (None, *_MODES):
@@ -81,7 +83,7 @@ class Options:
             if isinstance(offload, bool) or not isinstance(offload, (int, float)) or offload < 0:
                 raise OptionsError(f"options['offload_activations'] must be a size in MiB (a "
                                    f"number >= 0) or None, got {offload!r}")
-            if compiler != "inductor":
+            if compiler not in ("auto", "inductor"):
                 raise OptionsError("options['offload_activations'] needs compiler='inductor' "
                                    "(the offload is planned by inductor's partitioner)")
         for flag in ("print_report", "strict", "return_logits"):
@@ -100,17 +102,33 @@ class Options:
         return dataclasses.asdict(self)
 
 
-def backend_options(options: dict | None, pattern_names) -> Options:
-    """``Options.parse`` and the pattern names, for the backend's first call. A bad option raises
+def backend_options(options: dict | None, pattern_names, example_inputs=(),
+                    mode: str | None = None) -> Options:
+    """``Options.parse`` and the pattern names, for the backend's call on a graph, with
+    ``compiler="auto"`` resolved for that graph (``inductor_or_not``). A bad option raises
     ``OptionsError`` as an exception Dynamo passes on unwrapped, its traceback cut to the
     backend's frame, instead of a long ``BackendCompilerFailed`` whose text asks for a bug
     report."""
     try:
         opts = Options.parse(options)
         opts.check_pattern_names(pattern_names)
-        return opts
     except OptionsError as e:
         raise _dynamo_passes_on(e, inspect.currentframe().f_back) from None
+    if opts.compiler == "auto":
+        opts = dataclasses.replace(opts, compiler=auto_compiler(opts, example_inputs, mode))
+    return opts
+
+
+def auto_compiler(opts: Options, example_inputs=(), mode: str | None = None) -> str:
+    """``compiler="auto"``: inductor where it pays or is needed (a tensor of the graph on a GPU,
+    an inductor ``mode``, ``offload_activations``); otherwise aot_eager. On the CPU the fused
+    ops run their PyTorch reference kernels either way, and inductor's C++ build costs more
+    than it saves on the rest (docs/options.md, "On the CPU")."""
+    if opts.mode or mode or opts.offload_activations is not None:
+        return "inductor"
+    on_gpu = any(getattr(getattr(t, "device", None), "type", "cpu") != "cpu"
+                 for t in example_inputs)
+    return "inductor" if on_gpu else "aot_eager"
 
 
 def _dynamo_passes_on(error: OptionsError, frame) -> Exception:
