@@ -4,7 +4,8 @@ Each fence is labelled:
 - ```python: run. The blocks of one page run in order in one fresh process (a later block may
   use what an earlier one defined), as a user runs them: installed fastlora, no Triton
   interpreter, in an empty working folder.
-- ```bash: each command line runs in that same kind of folder, after the page's Python blocks.
+- ```bash: each command line runs in a shell in that folder, in its place among the page's
+  Python blocks (a command may make a file the next Python block reads).
 - ```text: output, pseudo-code or a synopsis; never run.
 
 A comment on the line just above a fence changes that, visibly in the page's source:
@@ -86,23 +87,29 @@ PAGES_TO_RUN = [p for p in PAGES if any(b.lang in ("python", "bash") and _runnab
 def test_page_runs(page, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     page_blocks = blocks(page)
-    python = [(i, b) for i, b in enumerate(page_blocks) if b.lang == "python" and _runnable(b)]
-    if python:
-        script = "\n".join(f"print({SEPARATOR.format(i)!r}, flush=True)\n{b.code}"
-                           for i, b in python)
-        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"{page.name}: {proc.stderr[-4000:]}"
-        outputs = _split(proc.stdout)
-        for i, block in enumerate(page_blocks):
-            if block.mark == "output":
-                _check_output(block, outputs.get(_source_of(page_blocks, i), ""))
-    for block in page_blocks:
-        if block.lang == "bash" and _runnable(block):
-            for command in _commands(block.code):
-                proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
-                                      capture_output=True, text=True, timeout=900)
-                assert proc.returncode == 0, f"{block.name}: {command}\n{proc.stderr[-4000:]}"
+    steps = []
+    for i, b in enumerate(page_blocks):
+        if b.lang == "python" and _runnable(b):
+            steps.append(f"print({SEPARATOR.format(i)!r}, flush=True)\n{b.code}")
+        elif b.lang == "bash" and _runnable(b):
+            steps += [f"_shell({command!r}, {b.name!r})" for command in _commands(b.code)]
+    proc = subprocess.run([sys.executable, "-c", _SHELL + "\n".join(steps)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{page.name}: {proc.stderr[-4000:]}"
+    outputs = _split(proc.stdout)
+    for i, block in enumerate(page_blocks):
+        if block.mark == "output":
+            _check_output(block, outputs.get(_source_of(page_blocks, i), ""))
+
+
+_SHELL = """
+def _shell(command, where):
+    import subprocess, sys
+    proc = subprocess.run(command, shell=True, executable="/bin/bash", capture_output=True,
+                          text=True)
+    if proc.returncode:
+        sys.exit(f"{where}: {command} failed ({proc.returncode}):\\n{proc.stderr[-3000:]}")
+"""
 
 
 def _split(stdout: str) -> dict[int, str]:
