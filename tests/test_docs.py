@@ -1,9 +1,10 @@
 """Every code block in README.md and docs/*.md runs, or says why not.
 
 Each fence is labelled:
-- ```python: run. The blocks of one page run in order in one fresh process (a later block may
-  use what an earlier one defined), as a user runs them: installed fastlora, no Triton
-  interpreter, in an empty working folder.
+- ```python: run. The blocks of one page run in order in one namespace (a later block may use
+  what an earlier one defined), as a user runs them: installed fastlora, no Triton interpreter,
+  in an empty working folder (tests/doc_runner.py runs every page in one process, resetting
+  Dynamo and the pattern registry between pages, so torch is imported once).
 - ```bash: each command line runs in a shell in that folder, in its place among the page's
   Python blocks (a command may make a file the next Python block reads).
 - ```text: output, pseudo-code or a synopsis; never run.
@@ -15,6 +16,7 @@ A comment on the line just above a fence changes that, visibly in the page's sou
   each of its lines must be printed by that block as shown, except lines with ``...`` (what the
   page leaves out, e.g. report rows whose source line numbers change with library versions).
 """
+import json
 import os
 import pathlib
 import re
@@ -29,7 +31,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 FENCE = re.compile(r"^```(\S*)\s*$")
 MARK = re.compile(r"^<!--\s*doc-test:\s*(skip|gpu|output)\s*:?\s*(.*?)\s*-->\s*$")
-SEPARATOR = "----- fastlora doc block {} -----"
 
 
 class Block:
@@ -83,38 +84,39 @@ PAGES_TO_RUN = [p for p in PAGES if any(b.lang in ("python", "bash") and _runnab
                                         for b in blocks(p))]
 
 
-@pytest.mark.parametrize("page", PAGES_TO_RUN, ids=lambda p: str(p.relative_to(ROOT)))
-def test_page_runs(page, tmp_path):
+@pytest.fixture(scope="module")
+def page_runs(tmp_path_factory):
+    """Every page's blocks, run once by tests/doc_runner.py (one process, torch imported once)."""
+    folder = tmp_path_factory.mktemp("docs")
+    plan = []
+    for page in PAGES_TO_RUN:
+        steps = []
+        for i, b in enumerate(blocks(page)):
+            if b.lang == "python" and _runnable(b):
+                steps.append({"kind": "python", "index": i, "name": b.name, "code": b.code})
+            elif b.lang == "bash" and _runnable(b):
+                steps += [{"kind": "bash", "name": b.name, "code": command}
+                          for command in _commands(b.code)]
+        workdir = folder / page.stem
+        workdir.mkdir()
+        plan.append({"page": page.name, "dir": str(workdir), "steps": steps})
+    (folder / "plan.json").write_text(json.dumps(plan))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "doc_runner.py"),
+                           str(folder / "plan.json"), str(folder / "results.json")],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.mark.parametrize("page", PAGES_TO_RUN, ids=lambda p: str(p.relative_to(ROOT)))
+def test_page_runs(page, page_runs):
+    result = page_runs[page.name]
+    assert result["error"] is None, f"{page.name}:\n{result['error']}"
     page_blocks = blocks(page)
-    steps = []
-    for i, b in enumerate(page_blocks):
-        if b.lang == "python" and _runnable(b):
-            steps.append(f"print({SEPARATOR.format(i)!r}, flush=True)\n{b.code}")
-        elif b.lang == "bash" and _runnable(b):
-            steps += [f"_shell({command!r}, {b.name!r})" for command in _commands(b.code)]
-    proc = subprocess.run([sys.executable, "-c", _SHELL + "\n".join(steps)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{page.name}: {proc.stderr[-4000:]}"
-    outputs = _split(proc.stdout)
     for i, block in enumerate(page_blocks):
         if block.mark == "output":
-            _check_output(block, outputs.get(_source_of(page_blocks, i), ""))
-
-
-_SHELL = """
-def _shell(command, where):
-    import subprocess, sys
-    proc = subprocess.run(command, shell=True, executable="/bin/bash", capture_output=True,
-                          text=True)
-    if proc.returncode:
-        sys.exit(f"{where}: {command} failed ({proc.returncode}):\\n{proc.stderr[-3000:]}")
-"""
-
-
-def _split(stdout: str) -> dict[int, str]:
-    parts = re.split(r"^----- fastlora doc block (\d+) -----$", stdout, flags=re.M)
-    return {int(parts[k]): parts[k + 1] for k in range(1, len(parts) - 1, 2)}
+            _check_output(block, result["outputs"].get(str(_source_of(page_blocks, i)), ""))
 
 
 def _source_of(page_blocks, i) -> int:

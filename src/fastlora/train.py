@@ -148,13 +148,15 @@ def train(cfg: TrainConfig, stream=None, resume: str | None = None) -> dict:
             say(f"kept     {folder.partial} (checkpoint at step {_step_of(kept)}): continue "
                 f"with fastlora train --resume {folder.partial}")
         raise
-    if stop.signal_name is not None:
+    if summary is None:
         raise Interrupted(stop.signal_name, folder.abandon())
     _say_done(summary, out, say)
     return summary
 
 
-def _run(cfg, rows, fmt, folder, checkpoint, stop, stream) -> dict:
+def _run(cfg, rows, fmt, folder, checkpoint, stop, stream) -> dict | None:
+    """Load, build, compile and train; publish the finished run and return its summary, or
+    ``None`` when a signal stopped it early (its checkpoint is in ``folder``)."""
     import transformers
 
     from .loading import add_lora, load_model_and_tokenizer, pick_device, pick_dtype
@@ -216,8 +218,9 @@ def _run(cfg, rows, fmt, folder, checkpoint, stop, stream) -> dict:
     with stop.installed():
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
-    if stop.signal_name is not None:
-        return {}
+    if stop.signal_name is not None and trainer.state.global_step < trainer.state.max_steps:
+        return None  # stopped early, with a checkpoint; the signal on the last step is too late
+    stop.signal_name = None
     trainer.save_model(str(partial))
     folder.discard_checkpoints()
     summary = _summary(cfg, trainer, progress, result, seconds, base, folder.out, compiler,
