@@ -1,6 +1,9 @@
-"""Which compile route is fastest end to end on a CPU: wall time of whole processes, compilation
+"""Which compile route is fastest end to end on a CPU: time of whole processes, compilation
 included, each variant in its own fresh process with an empty inductor cache (a user's first
-run), repeated, the best of the repeats reported (the machine may be shared).
+run), repeated, the best of the repeats reported. Each process runs on one thread
+(``OMP_NUM_THREADS=1``, inductor compiling in-process), so its CPU time is what its wall time is
+on an idle core: on a shared machine compare the CPU seconds, which other users' load does not
+inflate the way it inflates wall time.
 
     python benchmarks/cpu_routes.py                 # both workloads, 3 repeats
     python benchmarks/cpu_routes.py --workload train --repeats 2
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -55,18 +59,23 @@ def _command(workload: str, route: str, scratch: pathlib.Path) -> list[str]:
             "--output-dir", str(scratch / "run")]
 
 
-def measure(workload: str, route: str) -> float:
+def measure(workload: str, route: str) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one fresh process."""
     with tempfile.TemporaryDirectory() as scratch:
         scratch = pathlib.Path(scratch)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor-cache")  # cold, as a first run
+        env.update(OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         proc = subprocess.run(_command(workload, route, scratch), env=env, capture_output=True,
                               text=True)
         seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{workload}/{route} failed:\n{proc.stderr[-3000:]}")
-    return seconds
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds, cpu
 
 
 def main() -> None:
@@ -86,11 +95,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "cpu_routes.jsonl", "a") as f:
         for (w, r), t in times.items():
-            f.write(json.dumps({"workload": w, "route": r, "seconds": t, "cores": os.cpu_count()})
-                    + "\n")
-    print(f"{'workload':<9} {'route':<10} {'best s':>7}  every repeat")
+            f.write(json.dumps({"workload": w, "route": r, "wall_cpu_seconds": t,
+                                "cores": os.cpu_count()}) + "\n")
+    print(f"{'workload':<9} {'route':<10} {'CPU s':>6} {'wall s':>7}  every repeat (wall / CPU)")
     for (w, r), t in times.items():
-        print(f"{w:<9} {r:<10} {min(t):7.1f}  {', '.join(f'{x:.1f}' for x in t)}")
+        print(f"{w:<9} {r:<10} {min(c for _, c in t):6.1f} {min(x for x, _ in t):7.1f}  "
+              + ", ".join(f"{x:.1f} / {c:.1f}" for x, c in t))
 
 
 if __name__ == "__main__":
