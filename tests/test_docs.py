@@ -77,7 +77,7 @@ def test_every_block_is_labelled():
 @pytest.mark.parametrize("block", [b for b in ALL if b.lang != "text" and not _runnable(b)],
                          ids=lambda b: b.name)
 def test_blocks_not_run_here(block):
-    pytest.skip(block.reason if block.mark == "skip" else "needs a CUDA device")
+    pytest.skip(f"{block.name}: {block.reason if block.mark == 'skip' else 'needs a CUDA device'}")
 
 
 PAGES_TO_RUN = [p for p in PAGES if any(b.lang in ("python", "bash") and _runnable(b)

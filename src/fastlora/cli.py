@@ -19,8 +19,8 @@ from .errors import FastloraError, Interrupted, paragraph
 _TRAIN_EXAMPLES = """\
 examples:
   fastlora train
-      LoRA fine-tune of the embedded tiny Llama on the embedded dataset (runs on a CPU in a
-      few minutes)
+      LoRA fine-tune of the embedded tiny Llama on the embedded dataset (about two minutes
+      on a 2-core CPU; add --no-compile there for half a minute)
   fastlora train --model meta-llama/Llama-3.2-1B-Instruct --dataset chats.jsonl --steps 500
   fastlora train --model ./my-8b --load-in-4bit --gradient-checkpointing --batch-size 4 \\
       --max-length 2048 --output-dir runs/qlora-8b
