@@ -231,6 +231,11 @@ def _quiet() -> None:
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes",
                  "torch._dynamo", "torch._inductor"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported already (main() called from Python)
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+        sys.modules["transformers"].utils.logging.set_verbosity_error()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def _train(args) -> int:
