@@ -179,6 +179,16 @@ def check(m):
     # the op takes that cast x (its adapter products stay in float32, not rounded to bfloat16).
     cast_x = (compute_dtype if cast_in and a.dtype == b.dtype == compute_dtype != x.dtype
               and example_value(linear_of(m, "lora_A")).dtype == a.dtype else None)
+    if cast_x is None and a.dtype == b.dtype != x.dtype and a.dtype != compute_dtype \
+            and example_value(linear_of(m, "lora_A")).dtype == a.dtype:
+        # TRL's recipe on float32 compute (the CPU default): base and adapter read x in two
+        # different dtypes, which the one op does not do.
+        raise Reject(f"the adapter weights are {a.dtype} but the 4-bit matmul computes in "
+                     f"{compute_dtype}, so the adapter alone rounds its {x.dtype} input to "
+                     f"{a.dtype} (TRL's SFTTrainer stores a 4-bit model's adapters in bfloat16); "
+                     f"fused when the two agree: bnb_4bit_compute_dtype={a.dtype}, or the "
+                     f"adapters cast to {compute_dtype} (fastlora train does that for --dtype "
+                     f"fp32)")
     if cast_x is None and adapter_dtypes(m) is not None:
         raise Reject("QLoRA under torch.autocast is not fused (bitsandbytes casts x itself)")
     if a.shape[1] != shape[1] or b.shape[0] != shape[0]:

@@ -53,9 +53,9 @@ def test_threshold_leaves_smaller_tensors_alone(no_cache):
 
 
 @pytest.mark.parametrize("value,error,message", [
-    (-1, TypeError, "a size in MiB"),
-    ("16", TypeError, "a size in MiB"),
-    (True, TypeError, "a size in MiB"),
+    (-1, fastlora.OptionsError, "a size in MiB"),
+    ("16", fastlora.OptionsError, "a size in MiB"),
+    (True, fastlora.OptionsError, "a size in MiB"),
 ])
 def test_bad_values_are_refused(value, error, message):
     with pytest.raises(error, match=message):

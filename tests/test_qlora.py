@@ -232,6 +232,37 @@ def test_qlora_the_trl_way():
     assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
 
 
+def test_qlora_float32_compute_the_trl_way_is_a_near_miss_that_says_why():
+    """float32 weights and compute (``fastlora train --load-in-4bit`` on the CPU) with TRL's
+    bfloat16 adapters: the base reads float32 x, the adapter x.to(bfloat16). The op reads one x,
+    so each 4-bit adapter is a near miss whose reason names the two dtypes, TRL's cast and the
+    fix; with the adapters cast back to float32 (what fastlora train does) every one is fused."""
+    from peft import prepare_model_for_kbit_training
+
+    model = quantize_linears(tiny_llama(layers=1), dtype=torch.float32)
+    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+    for name, param in model.named_parameters():
+        if param.requires_grad:  # what SFTTrainer does for a quantized model
+            param.data = param.data.to(torch.bfloat16)
+    options = {**only_lora(), "strict": False}
+    torch.compile(copy.deepcopy(model), backend="fastlora", options=options)(**_inputs())
+    report = fastlora.last_report()
+    assert report.counts() == {}
+    misses = [n for n in report.near_misses if n["pattern"] == "lora_linear_4bit"]
+    assert sorted(n["module"].split(".lora_A")[0] + ".base_layer" for n in misses) == sorted(
+        name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+    for miss in misses:
+        assert "adapter weights are torch.bfloat16 but the 4-bit matmul computes in " \
+               "torch.float32" in miss["reason"] and "--dtype fp32" in miss["reason"], miss
+
+    from fastlora.sft import keep_adapters_in
+    assert keep_adapters_in(model, torch.float32) == 14  # lora_A and lora_B of 7 layers
+    err_e, err_c = _errors(model, _inputs())
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear_4bit": 7} and report.near_misses == []
+    assert err_c <= 1.25 * err_e + 1e-5, (err_e, err_c)
+
+
 def test_unread_outputs_of_the_4bit_autograd_function_join_the_match():
     """torch 2.11's Dynamo leaves an unread ``getitem(MatMul4Bit's autograd_function_apply, 1)``
     beside the read ``[0]`` (seen for every layer of a from_pretrained 4-bit Llama, on the card

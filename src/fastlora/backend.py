@@ -19,7 +19,7 @@ from torch import fx
 from . import dynamo_settings
 from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
 from .canonicalize import canonicalize
-from .options import Options
+from .options import backend_options
 from .pattern import registered_patterns
 from .report import Report, log, publish
 from .rewriter import apply_patterns
@@ -30,9 +30,8 @@ dynamo_settings.apply()  # before the first trace: checkpointed layers must reac
 
 def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None,
                      mode: str | None = None):
-    opts = Options.parse(options)
     patterns = registered_patterns()
-    opts.check_pattern_names({p.name for p in patterns})
+    opts = backend_options(options, {p.name for p in patterns}, example_inputs, mode)
     report = Report(next(_graph_counter), opts.as_dict())
 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.

@@ -96,8 +96,12 @@ def load_jsonl(path) -> tuple[list[dict], str]:
                             "Pass a JSONL file (one JSON object per line) with --dataset, or "
                             "leave --dataset out to train on the embedded default dataset.")
     rows, fmt, fmt_line = [], None, 0
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        if b"\0" in f.read(8192):
+            raise _binary(path)
+        f.seek(0)
+        for number, raw in enumerate(f, start=1):
+            line = _text(path, number, raw)
             if not line.strip():
                 continue
             try:
@@ -120,6 +124,25 @@ def load_jsonl(path) -> tuple[list[dict], str]:
         raise FastloraError(f"The dataset {path} has no rows.",
                             f"Write one JSON object per line with {_EXPECTED}.")
     return rows, fmt
+
+
+def _text(path, number: int, raw: bytes) -> str:
+    """One line of the file as text; a binary or non-UTF-8 file is an input error."""
+    if b"\0" in raw:
+        raise _binary(path)
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise FastloraError(f"The dataset {path} is not UTF-8 text: line {number} has the byte "
+                            f"0x{raw[e.start]:02x} at position {e.start + 1}.",
+                            "Save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), one JSON object "
+                            "per line.") from None
+
+
+def _binary(path) -> FastloraError:
+    return FastloraError(f"The dataset {path} is a binary file (it holds zero bytes), not JSONL "
+                         f"text.", f"Pass a UTF-8 text file with one JSON object per line, each "
+                                   f"with {_EXPECTED}.")
 
 
 def _line_error(path, number: int, why: str) -> FastloraError:

@@ -69,6 +69,9 @@ class Report:
         # saved activations offloaded to CPU memory (options["offload_activations"]); filled in
         # when inductor partitions the graph, after the report is published
         self.offloaded: list[dict] = []
+        # ("match:<i>" | "near_miss:<i>", same) pairs: a value of the first reaches the second
+        # through unfused ops only (report_graph.py; to_networkx / to_dot)
+        self.flow: set[tuple[str, str]] = set()
         self._model_params: dict = {}  # id -> weakref of each parameter the graph takes
 
     def add_match(self, match) -> int:
@@ -101,10 +104,26 @@ class Report:
         return {"graph": self.index, "options": _plain_dict(self.options),
                 "counts": self.counts(), "matches": self.matches,
                 "near_misses": self.near_misses, "fallback": self.fallback,
-                "errors": self.errors, "offloaded": self.offloaded}
+                "errors": self.errors, "offloaded": self.offloaded,
+                "flow": sorted(self.flow)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def to_networkx(self):
+        """A ``networkx.DiGraph``: a node per match (``"match:<i>"``) and per near miss
+        (``"near_miss:<i>"``) with its report entry as attributes, and an edge where the output
+        of one reaches the other through unfused ops only."""
+        from .report_graph import to_networkx
+
+        return to_networkx(self)
+
+    def to_dot(self) -> str:
+        """The same graph in Graphviz's DOT language (``dot -Tsvg report.dot``), transitively
+        reduced; near misses dashed, with their reason as a tooltip."""
+        from .report_graph import to_dot
+
+        return to_dot(self)
 
     def __str__(self) -> str:
         lines = [f"fastlora rewrite report, graph {self.index}: "

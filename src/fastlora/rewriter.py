@@ -25,6 +25,7 @@ from .canonicalize import example_value
 from .matcher import Attempt, attempts_at, describe, output_targets, size, trace_spelling
 from .pattern import Match, Pattern, Reject
 from .report import Report
+from .report_graph import record_flow
 
 
 def _escaping(match: Match) -> str | None:
@@ -152,6 +153,7 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
     ``options`` (the backend's Options) and ``top_level`` (False for the body of a higher-order
     op, whose outputs are not the model's) are handed to each pattern's ``check`` on the Match.
     """
+    first_near_miss = len(report.near_misses)
     for pattern in patterns:
         best: dict[fx.Node, tuple[int, str]] = {}  # anchor node -> (progress, reason)
 
@@ -182,6 +184,7 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                     if reason is None:
                         continue
                 report.add_near_miss(pattern.name, node, reason)
+    record_flow(report, graph, first_near_miss)  # which fused op feeds which (report_graph.py)
 
 
 def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, strict,

@@ -2,26 +2,26 @@
 model compiled by the fastlora backend, on your model and data or on the embedded default.
 
 ``train(TrainConfig(...))`` is the whole job; the command line (cli.py) only parses flags into a
-``TrainConfig``. The output folder is written under a ``.partial`` name and renamed when training
-has finished, so a folder with the final name is always complete.
+``TrainConfig``. Every input is checked before torch loads. The output folder is written under a
+``.partial`` name and renamed when training has finished, so a folder with the final name is
+always complete; checkpoints in it let ``resume=`` continue an interrupted run (run_folder.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import os
+import math
 import pathlib
-import shutil
 import sys
 import time
 
-from . import embedded
+from . import builtin_patterns, embedded
 from .dataset import FORMATS, is_conversational, load_jsonl
-from .errors import FastloraError, out_of_memory
-from .loading import add_lora, load_model_and_tokenizer, pick_device, pick_dtype
+from .errors import FastloraError, Interrupted, out_of_memory
+from .options import unknown_patterns_message
+from .run_folder import (RUN_FILE, RunFolder, final_dir, find_resume_point, output_dir,
+                         resumed_config)
 
-RUN_FILE = "fastlora_run.json"  # written last: its presence marks a finished run
 DEFAULT_LR, DEFAULT_LR_EMBEDDED = 2e-4, 2e-3
 
 
@@ -50,174 +50,227 @@ class TrainConfig:
     compiler: str = "auto"  # auto: inductor on a GPU, aot_eager on the CPU
     disable: tuple[str, ...] = ()
     dynamic: bool | None = True  # torch.compile's `dynamic` (compile_for_trainer's default)
+    padding_free: bool = True  # a batch is one row of its examples, position_ids, no mask
     pad_to_multiple_of: int = 64
     packing: bool = False  # TRL's BFD packing: rows of max_length tokens, no padding
+    checkpoint_every: int = 50  # steps between checkpoints (0: only when interrupted)
     log_every: int = 10
     report: bool = True
 
 
-# ----------------------------------------------------------------------------- output folder
-def _output_dir(cfg: TrainConfig) -> pathlib.Path:
-    if cfg.output_dir:
-        out = pathlib.Path(cfg.output_dir).expanduser()
-    else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = pathlib.Path("fastlora-output") / stamp
-    if out.exists() and not out.is_dir():
-        raise FastloraError(f"The output path {out} is a file.", "Pass a folder with --output-dir.")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        finished = (out / RUN_FILE).exists()
-        raise FastloraError(
-            f"The output folder {out} already exists and is not empty"
-            f"{' (it holds a finished run)' if finished else ''}.",
-            "Pass another --output-dir, or --overwrite to replace it when this run finishes.")
-    return out.resolve()
+# field -> (flag, what it must be, test): every number checked before anything loads
+_NUMBERS = {
+    "steps": ("a positive integer", lambda v: isinstance(v, int) and v >= 1),
+    "batch_size": ("a positive integer", lambda v: isinstance(v, int) and v >= 1),
+    "grad_accum": ("a positive integer", lambda v: isinstance(v, int) and v >= 1),
+    "max_length": ("a positive integer", lambda v: isinstance(v, int) and v >= 1),
+    "lora_r": ("a positive integer", lambda v: isinstance(v, int) and v >= 1),
+    "log_every": ("a positive integer", lambda v: isinstance(v, int) and v >= 1),
+    "pad_to_multiple_of": ("0 or a positive integer", lambda v: isinstance(v, int) and v >= 0),
+    "checkpoint_every": ("0 or a positive integer", lambda v: isinstance(v, int) and v >= 0),
+    "seed": ("0 or a positive integer", lambda v: isinstance(v, int) and v >= 0),
+    "epochs": ("a positive number", lambda v: v is None or _positive(v)),
+    "lr": ("a positive number", lambda v: v is None or _positive(v)),
+    "lora_alpha": ("a positive number", lambda v: v is None or _positive(v)),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+    "warmup_ratio": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+}
+_CHOICES = {"dtype": ("auto", "bf16", "fp16", "fp32"),
+            "compiler": ("auto", "inductor", "aot_eager", "eager")}
 
 
-def _partial_dir(out: pathlib.Path) -> pathlib.Path:
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)  # left by a run that was killed
-    partial.mkdir(parents=True)
-    return partial
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _publish(partial: pathlib.Path, out: pathlib.Path) -> None:
-    """Rename the finished ``partial`` folder to ``out`` (replacing an old ``out``)."""
-    old = None
-    if out.exists():
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        out.rename(old)
-    partial.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _positive(v) -> bool:
+    return _number(v) and v > 0
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise a one-line FastloraError for the first bad setting, naming its flag."""
+    for name, (expected, ok) in _NUMBERS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not ok(value):
+            raise FastloraError(f"--{name.replace('_', '-')}: expected {expected}, got "
+                                f"{value!r}.")
+    for name, allowed in _CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise FastloraError(f"--{name}: expected one of {', '.join(allowed)}, got "
+                                f"{getattr(cfg, name)!r}.")
+    known = builtin_patterns.names()
+    unknown = sorted(set(cfg.disable) - set(known))
+    if unknown:
+        raise FastloraError(unknown_patterns_message("--disable-pattern", unknown, known) + ".")
 
 
 # ----------------------------------------------------------------------------- the run
-def _sft_config(cfg: TrainConfig, out: pathlib.Path, device: str, dtype, lr: float):
-    import torch
-    from trl import SFTConfig
-
-    steps = {"max_steps": -1, "num_train_epochs": cfg.epochs} if cfg.epochs else \
-        {"max_steps": cfg.steps}
-    # transformers 5 takes a fraction in warmup_steps; 4.x has warmup_ratio for it
-    fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    steps["warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"] = cfg.warmup_ratio
-    return SFTConfig(
-        output_dir=str(out), **steps, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=lr,
-        lr_scheduler_type="linear", max_length=cfg.max_length,
-        pad_to_multiple_of=cfg.pad_to_multiple_of or None, dataloader_drop_last=True,
-        packing=cfg.packing, packing_strategy="bfd",
-        gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, data_seed=cfg.seed,
-        bf16=device == "cuda" and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16, use_cpu=device == "cpu",
-        logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding", dataset_num_proc=None)
-
-
-def _build_trainer(model, tokenizer, rows, sft_args, callbacks):
-    from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
-
-    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, callbacks=callbacks)
-    for cb in (PrinterCallback, ProgressCallback):  # our own bar replaces them
-        trainer.remove_callback(cb)
-    return trainer
-
-
 def _compiler(cfg: TrainConfig, device: str) -> str:
     if cfg.compiler != "auto":
         return cfg.compiler
     return "inductor" if device == "cuda" else "aot_eager"
 
 
-def train(cfg: TrainConfig, stream=None) -> dict:
+def train(cfg: TrainConfig, stream=None, resume: str | None = None) -> dict:
     """Run the fine-tune described by ``cfg``; returns the summary also saved as
-    ``fastlora_run.json`` in the output folder."""
-    import torch
-    import transformers
-
-    from .report import reports
-    from .progress import ProgressCallback
-    from .trainer import compile_count, compile_for_trainer
-
+    ``fastlora_run.json`` in the output folder. ``resume``: a checkpoint folder, an interrupted
+    run's folder, or ``"latest"``; the run continues with its own settings (those of ``cfg``
+    that differ from the defaults must agree, except how it is compiled and logged)."""
     stream = stream or sys.stdout
     say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731
     _require("trl", "datasets", extra="train")
-    out = _output_dir(cfg)
+    checkpoint = None
+    if resume:
+        checkpoint = find_resume_point(resume, cfg.output_dir)
+        cfg = resumed_config(checkpoint, cfg, TrainConfig())
+    check_config(cfg)
+    out = final_dir(checkpoint.parent).resolve() if checkpoint else output_dir(cfg)
     rows, fmt = load_jsonl(cfg.dataset or embedded.DATASET)
+
+    import torch  # the inputs are fine: now the heavy part
+
+    from .interrupt import StopOnSignal
+
+    folder = RunFolder(out, resuming=checkpoint is not None)
+    if checkpoint is None:
+        folder.save_config(cfg)
+    stop = StopOnSignal()
+    try:
+        summary = _run(cfg, rows, fmt, folder, checkpoint, stop, stream)
+    except torch.OutOfMemoryError as e:  # loading, compiling or training
+        kept = folder.abandon()
+        raise out_of_memory(e, cfg.batch_size, cfg.max_length, kept) from e
+    except KeyboardInterrupt:
+        raise Interrupted(None, folder.abandon()) from None
+    except BaseException:
+        kept = folder.abandon()
+        if kept is not None:
+            say(f"kept     {folder.partial} (checkpoint at step {_step_of(kept)}): continue "
+                f"with fastlora train --resume {folder.partial}")
+        raise
+    if summary is None:
+        raise Interrupted(stop.signal_name, folder.abandon())
+    _say_done(summary, out, say)
+    return summary
+
+
+def _run(cfg, rows, fmt, folder, checkpoint, stop, stream) -> dict | None:
+    """Load, build, compile and train; publish the finished run and return its summary, or
+    ``None`` when a signal stopped it early (its checkpoint is in ``folder``)."""
+    import transformers
+
+    from .loading import add_lora, load_model_and_tokenizer, pick_device, pick_dtype
+    from .progress import ProgressCallback
+    from .report import reports
+    from .sft import build_trainer, keep_adapters_in, padding_free_collator, sft_config
+    from .trainer import compile_count, compile_for_trainer
+
+    say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731
     device = pick_device()
     dtype = pick_dtype(cfg, device)
     if cfg.load_in_4bit and device != "cuda":
         say("note: --load-in-4bit without a GPU runs bitsandbytes' CPU kernels (slow)")
-    partial = _partial_dir(out)
-    try:
-        transformers.set_seed(cfg.seed)
-        model, tokenizer, base = load_model_and_tokenizer(cfg, device, dtype, partial / "base_model")
-        if is_conversational(fmt) and not getattr(tokenizer, "chat_template", None):
-            raise FastloraError(
-                f"The dataset is in the {FORMATS[fmt]} format, but the tokenizer of "
-                f"{cfg.model!r} has no chat template to turn messages into text.",
-                'Use a model with a chat template, or write the rows as {"prompt": "...", '
-                '"completion": "..."} strings or {"text": "..."}.')
-        model = add_lora(model, cfg)
-        lr = cfg.lr or (DEFAULT_LR_EMBEDDED if cfg.model is None else DEFAULT_LR)
-        compiler = _compiler(cfg, device)
-        progress = ProgressCallback(model, every=cfg.log_every, print_report=cfg.report,
-                                    stream=stream, dynamic=cfg.dynamic)
-        trainer = _build_trainer(model, tokenizer, rows, _sft_config(cfg, partial, device, dtype,
-                                                                       lr), [progress])
-        trainable, total = model.get_nb_trainable_parameters()
-        say(f"model    {cfg.model or embedded.DEFAULT_NAME + ' (embedded default, random init)'}"
-            f": {total / 1e6:.1f}M parameters, {dtype_name(dtype)}"
-            f"{', 4-bit NF4' if cfg.load_in_4bit else ''}, on {device}")
-        say(f"LoRA     r={cfg.lora_r} alpha={cfg.lora_alpha or 2 * cfg.lora_r} "
-            f"dropout={cfg.lora_dropout} on {cfg.lora_targets}: "
-            f"{trainable / 1e6:.2f}M trainable parameters")
-        say(f"data     {cfg.dataset or 'embedded default dataset'}: {len(rows)} rows "
-            f"({FORMATS[fmt]})")
-        say(f"training {_length(cfg)}, batch {cfg.batch_size} x {cfg.grad_accum} accumulated, "
-            f"lr {lr:g}, max length {cfg.max_length}, seed {cfg.seed}")
-        if cfg.compile:
-            options = {"compiler": compiler}
-            if cfg.disable:
-                options["disable"] = list(cfg.disable)
-            compile_for_trainer(model, dynamic=cfg.dynamic, **options)
-            say(f"compile  backend=\"fastlora\" (rest of the graph: {compiler}); the first step "
-                f"compiles")
-        else:
-            say("compile  off (--no-compile): plain eager PyTorch")
-        say()
-        graphs_before = compile_count()
-        started = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - started
-        trainer.save_model(str(partial))
-        summary = _summary(cfg, trainer, progress, result, seconds, base, out, compiler,
-                           compile_count() - graphs_before, reports(model) if cfg.compile else [])
-        _point_adapter_at_base(partial, out, base, cfg.model is None)
-        (partial / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        _publish(partial, out)
-    except torch.OutOfMemoryError as e:  # loading, compiling or training
-        shutil.rmtree(partial, ignore_errors=True)
-        raise out_of_memory(e, cfg.batch_size, cfg.max_length) from e
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    losses = summary["loss_history"]
+    partial = folder.partial
+    transformers.set_seed(cfg.seed)
+    model, tokenizer, base = load_model_and_tokenizer(cfg, device, dtype, partial / "base_model")
+    if is_conversational(fmt) and not getattr(tokenizer, "chat_template", None):
+        raise FastloraError(
+            f"The dataset is in the {FORMATS[fmt]} format, but the tokenizer of "
+            f"{cfg.model!r} has no chat template to turn messages into text.",
+            'Use a model with a chat template, or write the rows as {"prompt": "...", '
+            '"completion": "..."} strings or {"text": "..."}.')
+    model = add_lora(model, cfg)
+    lr = cfg.lr or (DEFAULT_LR_EMBEDDED if cfg.model is None else DEFAULT_LR)
+    compiler = _compiler(cfg, device)
+    progress = ProgressCallback(model, every=cfg.log_every, print_report=cfg.report,
+                                stream=stream, dynamic=cfg.dynamic)
+    trainer = build_trainer(model, tokenizer, rows, sft_config(cfg, partial, device, dtype, lr),
+                            [progress, stop], padding_free_collator(cfg, tokenizer, model))
+    kept_fp32 = cfg.load_in_4bit and keep_adapters_in(model, dtype)
+    trainable, total = model.get_nb_trainable_parameters()
+    say(f"model    {cfg.model or embedded.DEFAULT_NAME + ' (embedded default, random init)'}"
+        f": {total / 1e6:.1f}M parameters, {dtype_name(dtype)}"
+        f"{', 4-bit NF4' if cfg.load_in_4bit else ''}, on {device}")
+    say(f"LoRA     r={cfg.lora_r} alpha={cfg.lora_alpha or 2 * cfg.lora_r} "
+        f"dropout={cfg.lora_dropout} on {cfg.lora_targets}: "
+        f"{trainable / 1e6:.2f}M trainable parameters"
+        f"{' (kept in float32 for float32 compute)' if kept_fp32 else ''}")
+    say(f"data     {cfg.dataset or 'embedded default dataset'}: {len(rows)} rows "
+        f"({FORMATS[fmt]}); {_batches(cfg)}")
+    say(f"training {_length(cfg)}, batch {cfg.batch_size} x {cfg.grad_accum} accumulated, "
+        f"lr {lr:g}, max length {cfg.max_length}, seed {cfg.seed}; "
+        + (f"a checkpoint every {cfg.checkpoint_every} steps and on Ctrl-C"
+           if cfg.checkpoint_every else "a checkpoint on Ctrl-C"))
+    if checkpoint is not None:
+        say(f"resume   from {checkpoint} (step {_step_of(checkpoint)})")
+    if cfg.compile:
+        options = {"compiler": compiler}
+        if cfg.disable:
+            options["disable"] = list(cfg.disable)
+        compile_for_trainer(model, dynamic=cfg.dynamic, **options)
+        say(f"compile  backend=\"fastlora\" (rest of the graph: {compiler}); the first step "
+            f"compiles")
+    else:
+        say("compile  off (--no-compile): plain eager PyTorch")
     say()
-    first = [loss for _, loss in losses[:10]]
-    say(f"done     {summary['steps']} steps in {seconds:.1f}s; mean loss of the first 10 steps "
-        f"{sum(first) / max(1, len(first)):.3f}, of the last 10 {summary['final_loss']:.3f}; "
-        f"{summary['tokens_per_second_after_compile'] or 0:,.0f} tokens/s after the last "
-        f"compilation; {summary['fastlora_graphs']} graph(s) compiled through fastlora, "
-        f"{summary['dynamo_graphs_compiled']} Dynamo graph(s) in all")
-    say(f"saved    LoRA adapter in {out}")
-    say(f"next     fastlora export {out} --gguf {out}/model.gguf")
+    graphs_before = compile_count()
+    started = time.perf_counter()
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started
+    if stop.signal_name is not None and trainer.state.global_step < trainer.state.max_steps:
+        return None  # stopped early, with a checkpoint; the signal on the last step is too late
+    stop.signal_name = None
+    trainer.save_model(str(partial))
+    folder.discard_checkpoints()
+    summary = _summary(cfg, trainer, progress, result, seconds, base, folder.out, compiler,
+                       compile_count() - graphs_before, reports(model) if cfg.compile else [])
+    _point_adapter_at_base(partial, folder.out, base, cfg.model is None)
+    (partial / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    folder.publish()
     return summary
+
+
+def _say_done(summary: dict, out: pathlib.Path, say) -> None:
+    first = [loss for _, loss in summary["loss_history"][:10]]
+    say()
+    say(f"done     {summary['steps']} steps in {summary['seconds']:.1f}s; mean loss of the first "
+        f"10 steps {sum(first) / max(1, len(first)):.3f}, of the last 10 "
+        f"{summary['final_loss']:.3f}; {summary['tokens_per_second_after_compile'] or 0:,.0f} "
+        f"tokens/s after the last compilation; {summary['fastlora_graphs']} graph(s) compiled "
+        f"through fastlora, {summary['dynamo_graphs_compiled']} Dynamo graph(s) in all")
+    say(f"saved    LoRA adapter in {out}")
+    for line in next_steps(out, summary["model_type"]):
+        say(f"next     {line}")
+
+
+def next_steps(out: pathlib.Path, model_type: str | None) -> list[str]:
+    """The export commands that work here: GGUF only for an architecture export writes and
+    with the gguf package installed (the [export] extra)."""
+    import importlib.util
+
+    from .export import GGUF_ARCHS
+
+    merge = f"fastlora export {out}"
+    if model_type not in GGUF_ARCHS:
+        return [f"{merge}    (merge into 16-bit weights; GGUF export supports "
+                f"{', '.join(GGUF_ARCHS)}, not {model_type})"]
+    if importlib.util.find_spec("gguf") is None:
+        return [f"{merge}    (merge into 16-bit weights; for a GGUF file too, pip install "
+                f"'fastlora[export]' and add --gguf {out / 'model.gguf'})"]
+    return [f"{merge} --gguf {out / 'model.gguf'}    (merge, and write GGUF for llama.cpp)"]
+
+
+def _step_of(checkpoint: pathlib.Path) -> str:
+    return checkpoint.name.rsplit("-", 1)[-1]
+
+
+def _batches(cfg: TrainConfig) -> str:
+    if cfg.packing:
+        return f"packed into rows of {cfg.max_length} tokens (padding-free)"
+    if cfg.padding_free:
+        return "padding-free batches (one row per batch, position ids, no mask)"
+    return "padded batches with an attention mask"
 
 
 def _require(*modules: str, extra: str) -> None:
@@ -241,12 +294,13 @@ def _length(cfg: TrainConfig) -> str:
 def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graphs, model_reports):
     import fastlora
 
-    history = progress.loss_history
+    state = trainer.state  # its log_history goes back to step 1 on a resumed run too
+    history = [(e["step"], e["loss"]) for e in state.log_history if "loss" in e and "step" in e]
     last = [loss for _, loss in history[-10:]]
-    state = trainer.state
     after = progress.steady_tokens_per_second()
     return {
         "fastlora_version": fastlora.__version__,
+        "model_type": getattr(trainer.model.config, "model_type", None),
         "config": dataclasses.asdict(cfg),
         "base_model": str(out / "base_model") if cfg.model is None else base,
         "steps": state.global_step,

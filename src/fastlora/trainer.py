@@ -18,13 +18,15 @@ import functools
 import torch
 
 from .options import Options
+from .pattern import registered_patterns
 
 
 def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, **options):
     """Compile ``model`` in place with ``backend="fastlora"`` so a Trainer trains it compiled.
 
     ``options`` are the backend's options (``fastlora.Options``: ``disable``, ``print_report``,
-    ``compiler``, ...), checked here so a typo fails now rather than at the first step.
+    ``compiler``, ...), checked here, pattern names included, so a typo fails now with a
+    one-line ``OptionsError`` rather than at the first step.
 
     ``dynamic`` is ``torch.compile``'s. ``True`` (default): batch and sequence lengths are
     symbolic from the first call, so one forward/backward pair serves every length a padding
@@ -36,7 +38,7 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     no kernel can take as constants, and every fusion but a few would be lost. Returns
     ``model``.
     """
-    Options.parse(options)
+    Options.parse(options).check_pattern_names({p.name for p in registered_patterns()})
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("this model is already compiled in place; compile it only once")
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
