@@ -92,7 +92,7 @@ def test_gemma2_bf16_softcap_rounded_like_eager():
     model = with_lora(_tiny_gemma2(), targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     err_eager, err_compiled = compare_low_precision(model, _inputs(), options=_opts())
     match = _match()
-    assert match["params"]["round_softcap"] is True
+    assert match["params"]["round_steps"] is True
     assert match["params"]["logits_dtype"] == "torch.bfloat16"
     assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
 
