@@ -220,16 +220,20 @@ def test_bad_input_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,hidden,vocab,cap", [(1000, 1024, 32003, 0.0),
-                                                   (2048, 2048, 128256, 0.0),
-                                                   (777, 640, 50257, 30.0)])
-def test_cuda_matches_float64(dtype, rows, hidden, vocab, cap):
+@pytest.mark.parametrize("rows,hidden,vocab,cap,scale", [(1000, 1024, 32003, 0.0, 1.0),
+                                                         (2048, 2048, 128256, 0.0, 1.0),
+                                                         (777, 640, 50257, 30.0, 1.0),
+                                                         (1000, 1024, 49155, 0.0, 1 / 16),
+                                                         (777, 640, 50257, 0.0, 0.0625)])
+def test_cuda_matches_float64(dtype, rows, hidden, vocab, cap, scale):
     torch.manual_seed(0)
     h, w, labels = (t.cuda() for t in _inputs(rows, hidden, vocab, dtype, ignore_every=7))
+    steps = cap > 0 or scale != 1.0
     loss, dh, dw = K.linear_cross_entropy_forward(
-        h, w, labels, -100, "mean", cap, cap > 0, True, True, impl="triton", chunk=300,
+        h, w, labels, -100, "mean", cap, steps, True, True, scale, impl="triton", chunk=300,
         **{k: v.cuda() for k, v in _poisoned(rows, hidden, vocab, dtype, 300).items()})
-    ref_loss, ref_dh, ref_dw = reference64(h, w, labels, "mean", cap, dtype if cap else None)
+    ref_loss, ref_dh, ref_dw = reference64(h, w, labels, "mean", cap, dtype if steps else None,
+                                           logit_scale=scale)
     assert rel_err(loss, ref_loss) < TOL[dtype]
     assert rel_err(dh, ref_dh) < TOL[dtype] and rel_err(dw, ref_dw) < TOL[dtype]
 
