@@ -180,34 +180,25 @@ def _match_cast(p: fx.Node, t, spelling: SpellingGraph, st: _State) -> None:
     (each reader in the spelling stands for one graph node), so it is only ever taken as an
     input. Otherwise taking it into the region is tried first, then taking it as an input.
     """
-    is_cast = isinstance(t, fx.Node) and t.op == "call_function" and t.target is CAST
-    shared = is_cast and not _is_output(p, spelling) and len(t.users) > len(p.users)
-    if is_cast and not shared:
+    readings = [(t, False)]  # (the graph value the spelling's input stands for, cast taken in)
+    if isinstance(t, fx.Node) and t.op == "call_function" and t.target is CAST \
+            and (p in spelling.outputs or len(t.users) <= len(p.users)):
+        readings.insert(0, (t.args[0], True))
+    failure = None
+    for source, taken_in in readings:
         trial = st.copy()
-        try:
+        if taken_in:
             trial.node_map[p] = t
-            trial.casts.append((p.args[1], t))
-            _match_value(p.args[0], t.args[0], spelling, trial)
-        except _Fail as e:
-            failure = (e, trial)
-        else:
-            st.adopt(trial)
-            return
-        trial = st.copy()
+        trial.casts.append((p.args[1], t))
         try:
-            trial.casts.append((p.args[1], t))
-            _match_value(p.args[0], t, spelling, trial)
-        except _Fail:
-            st.adopt(failure[1])
-            raise failure[0]
+            _match_value(p.args[0], source, spelling, trial)
+        except _Fail as e:
+            failure = failure or (e, trial)
+            continue
         st.adopt(trial)
         return
-    st.casts.append((p.args[1], t))
-    return _match_value(p.args[0], t, spelling, st)
-
-
-def _is_output(p: fx.Node, spelling: SpellingGraph) -> bool:
-    return p in spelling.outputs
+    st.adopt(failure[1])
+    raise failure[0]
 
 
 def _match_node(p: fx.Node, t, spelling: SpellingGraph, st: _State) -> None:
