@@ -1,4 +1,4 @@
-"""Causal-LM loss: ``linear(h, W_lm)`` -> (softcap) -> float -> view -> ``cross_entropy``.
+"""Causal-LM loss: ``linear(h, W_lm)`` -> (scale, softcap) -> float -> view -> ``cross_entropy``.
 
 Becomes ``torch.ops.fastlora.linear_cross_entropy`` (src/fastlora/kernels/linear_cross_entropy.py),
 which never holds more than one chunk of logits. The label shift (pad, slice, view) stays in the
@@ -10,6 +10,8 @@ graph's output, and ``options["return_logits"]`` is False (the default). The gra
 stand-in for them: a NaN scalar expanded to the logits' shape and dtype (no memory, and no
 plausible numbers for anyone who reads them). The report says so in the match's parameters.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,40 @@ def causal_lm_loss_softcapped_fp32(h: torch.Tensor, weight: torch.Tensor, labels
     logits = torch.tanh(F.linear(h, weight).float() / cap) * cap
     flat = logits.view(-1, vocab)
     return F.cross_entropy(flat, labels, ignore_index=ignore_index, reduction=reduction), logits
+
+
+def causal_lm_loss_scaled(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          vocab: int, ignore_index: int, reduction, logit_scale: float):
+    """Cohere, Cohere 2: ``logits * logit_scale`` in the model's dtype, then the loss."""
+    logits = F.linear(h, weight) * logit_scale
+    flat = logits.float().view(-1, vocab)
+    return F.cross_entropy(flat, labels, ignore_index=ignore_index, reduction=reduction), logits
+
+
+def causal_lm_loss_divided(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           vocab: int, ignore_index: int, reduction, logits_scaling: float):
+    """Granite (and its MoE variants): ``logits / logits_scaling`` in the model's dtype."""
+    logits = F.linear(h, weight) / logits_scaling
+    flat = logits.float().view(-1, vocab)
+    return F.cross_entropy(flat, labels, ignore_index=ignore_index, reduction=reduction), logits
+
+
+def logit_scale_of(m) -> float:
+    """The factor the logits are multiplied by (1.0 where the spelling has none). Granite's
+    division by s becomes a product with float32(1 / float32(s)), which is what eager's CUDA
+    kernel computes for a tensor divided by a number (CPU eager divides: the two differ by at
+    most one float32 rounding of the scaled logit)."""
+    if "logit_scale" in m.bindings:
+        scale = m["logit_scale"]
+    elif "logits_scaling" in m.bindings:
+        s = torch.tensor(float(m["logits_scaling"]), dtype=torch.float32)
+        scale = (1.0 / s).item() if s != 0 else float("inf")
+    else:
+        return 1.0
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) \
+            or not math.isfinite(float(scale)) or scale == 0:
+        raise Reject(f"logit scale {scale!r} is not a finite non-zero number")
+    return float(scale)
 
 
 def _describe(node) -> str:
@@ -96,20 +132,24 @@ def check(m):
               "logits_output": DROPPED if outside else "not returned"}
     if linear.dtype != h.dtype or linear.dtype != w.dtype:  # autocast: no cast nodes in graph
         params["compute_dtype"] = linear.dtype
-    if m.spelling == "causal_lm_loss_softcapped":
-        params["round_softcap"] = True  # softcap steps in the logits dtype, as eager
+    scale = logit_scale_of(m)
+    if scale != 1.0:
+        params["scale"] = scale
+    if m.spelling in ("causal_lm_loss_softcapped", "causal_lm_loss_scaled",
+                      "causal_lm_loss_divided"):
+        params["round_steps"] = True  # scale / softcap in the logits dtype, as eager
     return params
 
 
 def replacement(h, weight, labels, vocab, ignore_index, reduction, cap=0.0, *, compute_dh,
                 compute_dw, logits_dtype, logits_ndim, logits_output, compute_dtype=None,
-                round_softcap=False):
+                round_steps=False, scale=1.0, logit_scale=None, logits_scaling=None):
     if compute_dtype is not None:
         h = torch.ops.aten._to_copy.default(h, dtype=compute_dtype)
         weight = torch.ops.aten._to_copy.default(weight, dtype=compute_dtype)
     loss = torch.ops.fastlora.linear_cross_entropy(h, weight, labels, ignore_index, reduction,
-                                                   float(cap), round_softcap, compute_dh,
-                                                   compute_dw)[0]
+                                                   float(cap), round_steps, compute_dh,
+                                                   compute_dw, scale)[0]
     sizes = [torch.ops.aten.sym_size.int(h, i) for i in range(logits_ndim - 1)] + [vocab]
     nan = torch.ops.aten.new_full.default(h, [], float("nan"), dtype=logits_dtype)
     return loss, torch.broadcast_to(nan, sizes)
@@ -117,10 +157,12 @@ def replacement(h, weight, labels, vocab, ignore_index, reduction, cap=0.0, *, c
 
 register_pattern(Pattern(
     name="linear_cross_entropy",
-    spellings=[causal_lm_loss, causal_lm_loss_softcapped, causal_lm_loss_softcapped_fp32],
+    spellings=[causal_lm_loss, causal_lm_loss_softcapped, causal_lm_loss_softcapped_fp32,
+               causal_lm_loss_scaled, causal_lm_loss_divided],
     check=check,
     replacement=replacement,
     anchor=F.cross_entropy,
-    description="lm_head + cross-entropy (HF causal-LM loss, optional final-logit softcap)",
+    description="lm_head + cross-entropy (HF causal-LM loss, optional logit scale or "
+                "final-logit softcap)",
     builtin=True,
 ))

@@ -5,7 +5,8 @@
 
 Spellings: the full rotation (Llama, Mistral, Qwen, Gemma, OLMo, ...); partial rotary (Phi-3,
 Phi, StableLM, GPT-NeoX), where only the first ``rot`` features rotate and the rest are
-concatenated back; and Cohere's interleaved rotation of pairs (2i, 2i + 1), computed in float32.
+concatenated back; Cohere's interleaved rotation of pairs (2i, 2i + 1), computed in float32; and
+GLM's interleaved partial rotation, in the model's dtype.
 q and k become one call of ``torch.ops.fastlora.rope`` (src/fastlora/kernels/rope.py). cos/sin
 (already unsqueezed to [B, 1, T, R]) are read per (batch, token), so packed sequences (position
 ids restarting inside a row) are handled as they come.
@@ -44,6 +45,19 @@ def rope_interleaved(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     return (qf * cos + q_rotated * sin).to(q.dtype), (kf * cos + k_rotated * sin).to(k.dtype)
 
 
+def rope_interleaved_partial(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, rot: int):
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    k_rot, k_pass = k[..., :rot], k[..., rot:]
+    q_rotated = torch.stack((-q_rot[..., 1::2], q_rot[..., ::2]), dim=-1).flatten(-2)
+    k_rotated = torch.stack((-k_rot[..., 1::2], k_rot[..., ::2]), dim=-1).flatten(-2)
+    q_embed, k_embed = q_rot * cos + q_rotated * sin, k_rot * cos + k_rotated * sin
+    return torch.cat((q_embed, q_pass), -1), torch.cat((k_embed, k_pass), -1)
+
+
+INTERLEAVED = ("rope_interleaved", "rope_interleaved_partial")
+
+
 def _known(cond) -> bool:
     return statically_known_true(cond)
 
@@ -58,7 +72,7 @@ def check(m):
     if not (2 <= q.dim() <= 4 and k.dim() == q.dim()):
         raise Reject(f"q and k have {q.dim()} and {k.dim()} dimensions; the kernel takes 2 to 4")
     d = q.shape[-1]
-    rot = m["rot"] if m.spelling == "rope_partial_rotary" else d
+    rot = m["rot"] if "rot" in m.bindings else d
     if not _known(k.shape[-1] == d):
         raise Reject(f"q and k head sizes differ ({d} vs {k.shape[-1]})")
     if not (_known(cos.shape[-1] == rot) and _known(sin.shape[-1] == rot)):
@@ -77,7 +91,7 @@ def check(m):
                 raise Reject(f"cos/sin of shape {tuple(cos.shape)} would broadcast {name} of "
                              f"shape {tuple(x.shape)}; the kernel rotates each {name} vector once")
     # cos/sin that require grad are fine: the op's backward then returns their gradients too.
-    return {"rot_dim": int(rot), "interleaved": m.spelling == "rope_interleaved"}
+    return {"rot_dim": int(rot), "interleaved": m.spelling in INTERLEAVED}
 
 
 def replacement(q, k, cos, sin, rot_dim, interleaved, half=None, rot=None):
@@ -87,11 +101,14 @@ def replacement(q, k, cos, sin, rot_dim, interleaved, half=None, rot=None):
 
 register_pattern(Pattern(
     name="rope",
-    spellings=[rope_rotate_half, rope_partial_rotary, rope_interleaved],
+    # GLM's partial rotation also contains a full interleaved one (of the rotated slice, float32
+    # casts absent in an fp32 model), of the same size: listed first, it wins that tie.
+    spellings=[rope_rotate_half, rope_partial_rotary, rope_interleaved_partial,
+               rope_interleaved],
     check=check,
     replacement=replacement,
     anchor=torch.neg,
     description="rotary position embedding of q and k (HF rotate_half, partial rotary, "
-                "interleaved pairs)",
+                "interleaved pairs, also partial)",
     builtin=True,
 ))

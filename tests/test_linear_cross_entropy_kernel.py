@@ -19,14 +19,18 @@ def _round_st(t, dtype):
     return t + (t.to(dtype).double() - t).detach()
 
 
-def reference64(h, w, labels, reduction="mean", cap=0.0, round_dtype=None, ignore_index=-100):
+def reference64(h, w, labels, reduction="mean", cap=0.0, round_dtype=None, ignore_index=-100,
+                logit_scale=1.0):
     """Loss, dh, dw in float64 through autograd; the logits (and, with ``round_dtype``, each
-    softcap step) rounded like eager in the storage dtype. Mean over no valid label is 0."""
+    scale and softcap step) rounded like eager in the storage dtype. Mean over no valid label
+    is 0."""
     h64 = h.double().requires_grad_()
     w64 = w.double().requires_grad_()
     x = _round_st(h64 @ w64.T, h.dtype)
+    rnd = (lambda t: _round_st(t, round_dtype)) if round_dtype else (lambda t: t)
+    if logit_scale != 1.0:
+        x = rnd(x * logit_scale)
     if cap:
-        rnd = (lambda t: _round_st(t, round_dtype)) if round_dtype else (lambda t: t)
         x = rnd(rnd(torch.tanh(rnd(x / cap))) * cap)
     total = F.cross_entropy(x, labels, ignore_index=ignore_index, reduction="sum")
     n = (labels != ignore_index).sum().clamp(min=1)
@@ -68,6 +72,27 @@ def test_matches_float64(shape, dtype, reduction, cap, round_softcap, impl):
     assert rel_err(loss, ref_loss) < TOL[dtype]
     assert rel_err(dh, ref_dh) < TOL[dtype]
     assert rel_err(dw, ref_dw) < TOL[dtype]
+
+
+# Cohere's logit_scale (0.0625), Granite's 1 / logits_scaling (scaling 3: not a power of two,
+# so the scaled logits are rounded), and a scale with softcap on top (no HF model has both).
+@pytest.mark.parametrize("shape", SHAPES[::2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("logit_scale,cap", [(0.0625, 0.0), (1 / 3, 0.0), (2.5, 3.0)])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_logit_scale_matches_float64(shape, dtype, logit_scale, cap, impl):
+    rows, hidden, vocab, chunk, block_v = shape
+    h, w, labels = _inputs(rows, hidden, vocab, dtype)
+    loss, dh, dw = K.linear_cross_entropy_forward(
+        h, w, labels, -100, "mean", cap, True, True, True, logit_scale, impl=impl, chunk=chunk,
+        block_v=block_v, **_poisoned(rows, hidden, vocab, dtype, chunk))
+    ref_loss, ref_dh, ref_dw = reference64(h, w, labels, "mean", cap, dtype,
+                                           logit_scale=logit_scale)
+    assert rel_err(loss, ref_loss) < TOL[dtype]
+    assert rel_err(dh, ref_dh) < TOL[dtype] and rel_err(dw, ref_dw) < TOL[dtype]
+    unscaled, _, _ = K.linear_cross_entropy_forward(h, w, labels, -100, "mean", cap, True,
+                                                    False, False, impl=impl, chunk=chunk)
+    assert rel_err(unscaled, ref_loss) > 3 * TOL[dtype]  # the scale is not a no-op here
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
@@ -132,6 +157,7 @@ def test_custom_op_autograd_and_opcheck():
     args = (torch.randn(2, 5, 16, requires_grad=True), torch.randn(19, 16),
             torch.randint(0, 19, (10,)), -100, "sum", 2.0, True, True, False)
     torch.library.opcheck(torch.ops.fastlora.linear_cross_entropy.default, args)
+    torch.library.opcheck(torch.ops.fastlora.linear_cross_entropy.default, args + (0.25,))
 
 
 def test_frozen_weight_gets_no_gradient():
@@ -185,6 +211,8 @@ def test_bad_input_errors():
         op(h, w, labels[:3], -100, "mean", 0.0, False, True, False)
     with pytest.raises(ValueError, match="reduction must be"):
         op(h, w, labels, -100, "none", 0.0, False, True, False)
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        op(h, w, labels, -100, "mean", 0.0, False, True, False, float("inf"))
 
 
 # ---------------------------------------------------------------- GPU (run on the H200)
@@ -192,16 +220,20 @@ def test_bad_input_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,hidden,vocab,cap", [(1000, 1024, 32003, 0.0),
-                                                   (2048, 2048, 128256, 0.0),
-                                                   (777, 640, 50257, 30.0)])
-def test_cuda_matches_float64(dtype, rows, hidden, vocab, cap):
+@pytest.mark.parametrize("rows,hidden,vocab,cap,scale", [(1000, 1024, 32003, 0.0, 1.0),
+                                                         (2048, 2048, 128256, 0.0, 1.0),
+                                                         (777, 640, 50257, 30.0, 1.0),
+                                                         (1000, 1024, 49155, 0.0, 1 / 16),
+                                                         (777, 640, 50257, 0.0, 0.0625)])
+def test_cuda_matches_float64(dtype, rows, hidden, vocab, cap, scale):
     torch.manual_seed(0)
     h, w, labels = (t.cuda() for t in _inputs(rows, hidden, vocab, dtype, ignore_every=7))
+    steps = cap > 0 or scale != 1.0
     loss, dh, dw = K.linear_cross_entropy_forward(
-        h, w, labels, -100, "mean", cap, cap > 0, True, True, impl="triton", chunk=300,
+        h, w, labels, -100, "mean", cap, steps, True, True, scale, impl="triton", chunk=300,
         **{k: v.cuda() for k, v in _poisoned(rows, hidden, vocab, dtype, 300).items()})
-    ref_loss, ref_dh, ref_dw = reference64(h, w, labels, "mean", cap, dtype if cap else None)
+    ref_loss, ref_dh, ref_dw = reference64(h, w, labels, "mean", cap, dtype if steps else None,
+                                           logit_scale=scale)
     assert rel_err(loss, ref_loss) < TOL[dtype]
     assert rel_err(dh, ref_dh) < TOL[dtype] and rel_err(dw, ref_dw) < TOL[dtype]
 

@@ -1,6 +1,7 @@
 """lm_head + cross-entropy (HF's causal-LM loss) at the targets.md shapes, 8192 tokens.
 
-eager / inductor: ``F.cross_entropy(F.linear(h, W).float(), labels)`` (Gemma: softcap first).
+eager / inductor: ``F.cross_entropy(F.linear(h, W).float(), labels)`` (Gemma: softcap first;
+Granite: the logits divided by logits_scaling first).
 fastlora: ``torch.ops.fastlora.linear_cross_entropy``. The fused op runs both GEMMs (logits and
 dh) and the softmax/gradient kernel in its forward and only scales dh in its backward, so
 compare fwd + bwd totals, not the two columns separately. TFLOP/s use the unfused split:
@@ -13,10 +14,11 @@ import torch.nn.functional as F
 
 from . import Case
 
-SHAPES = [  # name, tokens, hidden, vocab, softcap
-    ("llama-1b", 8192, 2048, 128256, 0.0),
-    ("llama-8b", 8192, 4096, 128256, 0.0),
-    ("gemma2-2b", 8192, 2304, 256000, 30.0),
+SHAPES = [  # name, tokens, hidden, vocab, softcap, logits divided by
+    ("llama-1b", 8192, 2048, 128256, 0.0, 1.0),
+    ("llama-8b", 8192, 4096, 128256, 0.0, 1.0),
+    ("gemma2-2b", 8192, 2304, 256000, 30.0, 1.0),
+    ("granite-3-8b", 8192, 4096, 49155, 0.0, 16.0),
 ]
 
 
@@ -29,9 +31,14 @@ def eager_softcapped(h, w, labels, cap=30.0):
     return F.cross_entropy(logits.float(), labels)
 
 
-def fused(h, w, labels, cap=0.0):
-    return torch.ops.fastlora.linear_cross_entropy(h, w, labels, -100, "mean", cap, cap > 0,
-                                                   True, False)[0]
+def eager_scaled(h, w, labels, scaling=16.0):
+    return F.cross_entropy((F.linear(h, w) / scaling).float(), labels)
+
+
+def fused(h, w, labels, cap=0.0, scale=1.0):
+    return torch.ops.fastlora.linear_cross_entropy(h, w, labels, -100, "mean", cap,
+                                                   cap > 0 or scale != 1.0, True, False,
+                                                   scale)[0]
 
 
 def _with_chunk(rows):
@@ -48,7 +55,7 @@ def _with_chunk(rows):
 
 def cases(dtype=torch.bfloat16):
     out = []
-    for name, n, hidden, vocab, cap in SHAPES:
+    for name, n, hidden, vocab, cap, scaling in SHAPES:
         def make(n=n, hidden=hidden, vocab=vocab):
             h = torch.randn(n, hidden, device="cuda", dtype=dtype, requires_grad=True)
             w = (torch.randn(vocab, hidden, device="cuda") / hidden ** 0.5).to(dtype)
@@ -60,6 +67,12 @@ def cases(dtype=torch.bfloat16):
         if cap:
             out.append(Case("linear_cross_entropy", shape, make, eager_softcapped,
                             lambda h, w, labels, cap=cap: fused(h, w, labels, cap),
+                            flops_fwd=flops, flops_bwd=flops))
+            continue
+        if scaling != 1.0:
+            out.append(Case("linear_cross_entropy", shape, make,
+                            lambda h, w, labels, s=scaling: eager_scaled(h, w, labels, s),
+                            lambda h, w, labels, s=scaling: fused(h, w, labels, scale=1 / s),
                             flops_fwd=flops, flops_bwd=flops))
             continue
         out.append(Case("linear_cross_entropy", shape, make, eager, fused,

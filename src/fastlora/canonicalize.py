@@ -14,6 +14,8 @@ Rules (each keeps the graph's meaning exactly):
   read from ``meta["example_value"]``) is removed, its users reading its input.
 - ``x * x`` becomes ``torch.pow(x, 2)``.
 - arguments become positional with defaults filled in, for the ops in ``_SIGNATURES``.
+- in an index, a slice that starts at 0 or steps by 1 forwards spells the default:
+  ``x[..., 0::2]`` is ``x[..., ::2]`` (GLM's rotate_half, Cohere's).
 """
 from __future__ import annotations
 
@@ -190,6 +192,22 @@ def _normalize_args(target, args, kwargs):
     return tuple(pos), kw
 
 
+def _default_slice(index):
+    """``index`` (a getitem index: a slice, or a tuple of them and other items) with each slice
+    that starts at 0 or steps by 1 forwards written with the defaults (None) instead."""
+    if isinstance(index, tuple):
+        return tuple(_default_slice(i) for i in index)
+    if not isinstance(index, slice):
+        return index
+    start, stop, step = index.start, index.stop, index.step
+    forwards = step is None or (type(step) is int and step > 0)
+    if forwards and type(start) is int and start == 0:
+        start = None
+    if type(step) is int and step == 1:
+        step = None
+    return slice(start, stop, step)
+
+
 def canonicalize(graph: fx.Graph) -> fx.Graph:
     """Rewrite ``graph`` in place into canonical form (see module docstring) and return it."""
     for node in list(graph.nodes):
@@ -209,6 +227,9 @@ def canonicalize(graph: fx.Graph) -> fx.Graph:
             node.op, node.target = "call_function", _method_target(node.target)
         else:
             node.target = canonical_target(node.target)
+        if node.target is operator.getitem and len(node.args) == 2:
+            node.args = (node.args[0], _default_slice(node.args[1]))
+            continue
         if node.target is torch.mul and len(node.args) == 2 and node.args[0] is node.args[1] \
                 and isinstance(node.args[0], fx.Node) and not node.kwargs:
             node.target, node.args = torch.pow, (node.args[0], 2)

@@ -98,6 +98,10 @@ class _State:
         return _State(dict(self.node_map), dict(self.bindings), list(self.casts),
                       list(self.outputs))
 
+    def adopt(self, trial: "_State") -> None:
+        """Take over what a successful (or the furthest failed) trial copy matched."""
+        self.node_map, self.bindings, self.casts = trial.node_map, trial.bindings, trial.casts
+
 
 @dataclasses.dataclass
 class Attempt:
@@ -164,6 +168,39 @@ def _bind(p: fx.Node, t, spelling: SpellingGraph, st: _State) -> None:
     st.bindings[name] = t
 
 
+def _match_cast(p: fx.Node, t, spelling: SpellingGraph, st: _State) -> None:
+    """A cast in the spelling matches a cast in the graph (which joins the region), or nothing:
+    the graph value already has the dtype the spelling casts to, so the spelling's cast is a
+    no-op on it (a removed no-op cast, or a cast the model made earlier for other readers too,
+    such as Gemma's RMSNorm casting its output back to bf16 for q, k and v). Either way the
+    dtype there must be the one the spelling asked for (checked by _verify_casts once every
+    input is bound), so both readings compute the same values.
+
+    A graph cast read by more nodes than the spelling's cast is read by would escape the region
+    (each reader in the spelling stands for one graph node), so it is only ever taken as an
+    input. Otherwise taking it into the region is tried first, then taking it as an input.
+    """
+    readings = [(t, False)]  # (the graph value the spelling's input stands for, cast taken in)
+    if isinstance(t, fx.Node) and t.op == "call_function" and t.target is CAST \
+            and (p in spelling.outputs or len(t.users) <= len(p.users)):
+        readings.insert(0, (t.args[0], True))
+    failure = None
+    for source, taken_in in readings:
+        trial = st.copy()
+        if taken_in:
+            trial.node_map[p] = t
+        trial.casts.append((p.args[1], t))
+        try:
+            _match_value(p.args[0], source, spelling, trial)
+        except _Fail as e:
+            failure = failure or (e, trial)
+            continue
+        st.adopt(trial)
+        return
+    st.adopt(failure[1])
+    raise failure[0]
+
+
 def _match_node(p: fx.Node, t, spelling: SpellingGraph, st: _State) -> None:
     if p.op == "placeholder":
         return _bind(p, t, spelling, st)
@@ -172,15 +209,7 @@ def _match_node(p: fx.Node, t, spelling: SpellingGraph, st: _State) -> None:
             raise _Fail(f"{describe(t)} should be the same value as {describe(st.node_map[p])}")
         return
     if p.target is CAST:
-        # A cast in the spelling matches a cast in the graph, or nothing where the cast would
-        # have been a no-op; either way the dtype there must be the one the spelling asked for
-        # (checked by _verify_casts once every input is bound).
-        if isinstance(t, fx.Node) and t.op == "call_function" and t.target is CAST:
-            st.node_map[p] = t
-            st.casts.append((p.args[1], t))
-            return _match_value(p.args[0], t.args[0], spelling, st)
-        st.casts.append((p.args[1], t))
-        return _match_value(p.args[0], t, spelling, st)
+        return _match_cast(p, t, spelling, st)
     if not isinstance(t, fx.Node) or t.op != "call_function":
         raise _Fail(f"expected {_op_name(p.target)}, found {describe(t)}")
     if t.target is not p.target:
@@ -205,9 +234,9 @@ def _match_node(p: fx.Node, t, spelling: SpellingGraph, st: _State) -> None:
             if failure is None or len(trial.node_map) > failure[1]:
                 failure = (e, len(trial.node_map), trial)
             continue
-        st.node_map, st.bindings = trial.node_map, trial.bindings
+        st.adopt(trial)
         return
-    st.node_map, st.bindings = failure[2].node_map, failure[2].bindings
+    st.adopt(failure[2])
     raise failure[0]
 
 

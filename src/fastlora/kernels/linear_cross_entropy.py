@@ -3,12 +3,15 @@
 Math, for token i with hidden state h_i (H features), lm_head weight W (V x H) and label y_i:
 
     x_i  = h_i W^T                        in the logits dtype, exactly what F.linear returns
-    z_i  = x_i, or c * tanh(x_i / c)      (final-logit softcapping, Gemma 2/3; optionally rounded
-                                           to the logits dtype after each step, as eager does)
+    u_i  = a * x_i                        (a logit scale: Cohere's logit_scale, Granite's
+                                           1 / logits_scaling; a = 1 for every other model)
+    z_i  = u_i, or c * tanh(u_i / c)      (final-logit softcapping, Gemma 2/3)
+           with ``round_steps`` each of these elementwise steps is rounded to the logits dtype,
+           as eager does when it runs them on bf16/fp16 logits
     lse_i = log sum_v exp(z_iv)           loss_i = lse_i - z_i,y_i   (0 where y_i == ignore_index)
     loss  = sum_i loss_i / n_valid        ("mean"; 0, not NaN, when no label is valid)
           | sum_i loss_i                  ("sum": HF divides by num_items_in_batch outside)
-    dx_iv = s * (softmax(z_i)_v - [v == y_i]) * (1 - tanh^2(x_iv / c))    s = 1/n_valid or 1
+    dx_iv = s * (softmax(z_i)_v - [v == y_i]) * (1 - tanh^2(u_iv / c)) * a   s = 1/n_valid or 1
     dh    = dx @ W          dW = dx^T @ h   (only when W requires grad)
 
 How: tokens are processed in chunks of ``chunk_rows`` rows. For each chunk, cuBLAS (torch.mm)
@@ -28,6 +31,8 @@ logits dtype, by default about max(size of h, 256 MiB)), plus dh (the size of h)
 losses, and, only when W is trainable, dW (V x H, accumulated in float32 across chunks).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -61,9 +66,22 @@ if HAVE_TRITON:
         return x.to(DTYPE)
 
     @triton.jit
+    def _logits(x, logit_scale, cap, SCALED: tl.constexpr, SOFTCAP: tl.constexpr,
+                ROUND: tl.constexpr, DTYPE: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+        # Returns (z, tanh(u / c)) for the logits x: u = a * x, then z = c * tanh(u / c) (or
+        # z = u, and tanh = u, unused, without softcap). With ROUND each step is rounded to
+        # DTYPE, as eager PyTorch does when these steps run on bf16/fp16 logits.
+        if SCALED:
+            x = x * logit_scale
+            if ROUND:
+                x = _rounded(x, DTYPE, RNE_BY_HAND).to(tl.float32)
+        if SOFTCAP:
+            return _softcap(x, cap, ROUND, DTYPE, RNE_BY_HAND)
+        return x, x
+
+    @triton.jit
     def _softcap(x, cap, ROUND: tl.constexpr, DTYPE: tl.constexpr, RNE_BY_HAND: tl.constexpr):
-        # Returns (c * tanh(x / c), tanh(x / c)); with ROUND each step is rounded to DTYPE, as
-        # eager PyTorch does when the softcap runs on bf16/fp16 logits.
+        # Returns (c * tanh(x / c), tanh(x / c)); with ROUND each step is rounded to DTYPE.
         t = x / cap
         if ROUND:
             t = _rounded(t, DTYPE, RNE_BY_HAND).to(tl.float32)
@@ -77,8 +95,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _ce_rows(X, G, LABELS, LOSS, SCALE, stride_x, stride_g, V, ignore_index, cap,
-                 SOFTCAP: tl.constexpr, ROUND: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                 BLOCK_V: tl.constexpr, RNE_BY_HAND: tl.constexpr):
+                 logit_scale, SOFTCAP: tl.constexpr, SCALED: tl.constexpr, ROUND: tl.constexpr,
+                 WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, RNE_BY_HAND: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = X + row * stride_x
         g_row = G + row * stride_g
@@ -101,16 +119,14 @@ if HAVE_TRITON:
                 offs = start + cols
                 mask = offs < V
                 z = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-                if SOFTCAP:
-                    z, _th = _softcap(z, cap, ROUND, DTYPE, RNE_BY_HAND)
+                z, _th = _logits(z, logit_scale, cap, SCALED, SOFTCAP, ROUND, DTYPE, RNE_BY_HAND)
                 z = tl.where(mask, z, float("-inf"))
                 m_new = tl.maximum(m, tl.max(z, axis=0))
                 s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
                 m = m_new
             lse = m + tl.log(s)
             zt = tl.load(x_row + label, mask=in_range, other=0.0).to(tl.float32)
-            if SOFTCAP:
-                zt, _tht = _softcap(zt, cap, ROUND, DTYPE, RNE_BY_HAND)
+            zt, _tht = _logits(zt, logit_scale, cap, SCALED, SOFTCAP, ROUND, DTYPE, RNE_BY_HAND)
             tl.store(LOSS + row, tl.where(in_range, lse - zt, float("nan")))
             # Pass 2: the gradient of the (scaled) loss w.r.t. the logits, over the logits.
             if WRITE_GRAD:
@@ -120,13 +136,14 @@ if HAVE_TRITON:
                     offs = start + cols
                     mask = offs < V
                     z = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-                    th = z
-                    if SOFTCAP:
-                        z, th = _softcap(z, cap, ROUND, DTYPE, RNE_BY_HAND)
+                    z, th = _logits(z, logit_scale, cap, SCALED, SOFTCAP, ROUND, DTYPE,
+                                    RNE_BY_HAND)
                     p = tl.exp(z - lse)
                     d = tl.where(offs == label, p - 1.0, p) * scale + poison
                     if SOFTCAP:
                         d = d * (1.0 - th * th)
+                    if SCALED:
+                        d = d * logit_scale
                     tl.store(g_row + offs, _rounded(d, G.dtype.element_ty, RNE_BY_HAND), mask=mask)
 
 
@@ -160,8 +177,8 @@ def ce_config(vocab: int, on_gpu: bool) -> tuple[int, int]:
 # ---------------------------------------------------------------- the row step (Triton / torch)
 
 
-def ce_rows_triton(x, labels, row_loss, scale, ignore_index, softcap, round_softcap,
-                   write_grad, block_v=None):
+def ce_rows_triton(x, labels, row_loss, scale, ignore_index, softcap, round_steps,
+                   write_grad, block_v=None, logit_scale=1.0):
     """Per-row loss into ``row_loss``; with ``write_grad`` the logits ``x`` (rows x V, any
     float dtype, rows contiguous) are overwritten by their gradient times ``scale``."""
     rows, vocab = x.shape
@@ -171,19 +188,22 @@ def ce_rows_triton(x, labels, row_loss, scale, ignore_index, softcap, round_soft
     if block_v is not None:
         block = block_v
     _ce_rows[(rows,)](x, x, labels, row_loss, scale, x.stride(0), x.stride(0), vocab,
-                      ignore_index, float(softcap) if softcap else 1.0,
-                      SOFTCAP=bool(softcap), ROUND=bool(round_softcap), WRITE_GRAD=write_grad,
-                      BLOCK_V=block, RNE_BY_HAND=not x.is_cuda, num_warps=warps)
+                      ignore_index, float(softcap) if softcap else 1.0, float(logit_scale),
+                      SOFTCAP=bool(softcap), SCALED=logit_scale != 1.0, ROUND=bool(round_steps),
+                      WRITE_GRAD=write_grad, BLOCK_V=block, RNE_BY_HAND=not x.is_cuda,
+                      num_warps=warps)
 
 
-def ce_rows_reference(x, labels, row_loss, scale, ignore_index, softcap, round_softcap,
-                      write_grad, block_v=None):
+def ce_rows_reference(x, labels, row_loss, scale, ignore_index, softcap, round_steps,
+                      write_grad, block_v=None, logit_scale=1.0):
     """The same step in plain PyTorch (the CPU kernel)."""
     rows, vocab = x.shape
+    rnd = (lambda t: t.to(x.dtype).float()) if round_steps else (lambda t: t)
     z = x.float()
+    if logit_scale != 1.0:
+        z = rnd(z * torch.tensor(logit_scale, dtype=torch.float32))
     th = None
     if softcap:
-        rnd = (lambda t: t.to(x.dtype).float()) if round_softcap else (lambda t: t)
         th = rnd(torch.tanh(rnd(z / softcap)))
         z = rnd(th * softcap)
     lse = torch.logsumexp(z, dim=-1)
@@ -200,6 +220,8 @@ def ce_rows_reference(x, labels, row_loss, scale, ignore_index, softcap, round_s
         d = d * scale + torch.where(in_range, 0.0, float("nan"))[:, None]
         if th is not None:
             d = d * (1.0 - th * th)
+        if logit_scale != 1.0:
+            d = d * torch.tensor(logit_scale, dtype=torch.float32)
         x.copy_(torch.where(ignored[:, None], torch.zeros_like(d), d))
 
 
@@ -224,7 +246,8 @@ def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
-def _validate(h: Tensor, weight: Tensor, labels: Tensor, reduction: str, softcap: float):
+def _validate(h: Tensor, weight: Tensor, labels: Tensor, reduction: str, softcap: float,
+              logit_scale: float = 1.0):
     check_float("h", h)
     check_float("weight", weight)
     check_same_device(h=h, weight=weight, labels=labels)
@@ -245,19 +268,22 @@ def _validate(h: Tensor, weight: Tensor, labels: Tensor, reduction: str, softcap
             f"fastlora.linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
     require(softcap >= 0.0, f"fastlora.linear_cross_entropy: softcap must be >= 0 (0 = none), "
                             f"got {softcap}")
+    require(math.isfinite(logit_scale), f"fastlora.linear_cross_entropy: logit_scale must be "
+                                        f"finite, got {logit_scale}")
 
 
 def linear_cross_entropy_forward(h, weight, labels, ignore_index=-100, reduction="mean",
-                                 softcap=0.0, round_softcap=False, compute_dh=True,
-                                 compute_dw=False, *, impl="triton", chunk=None, block_v=None,
-                                 dh=None, dw=None, row_loss=None, buffer=None):
+                                 softcap=0.0, round_steps=False, compute_dh=True,
+                                 compute_dw=False, logit_scale=1.0, *, impl="triton",
+                                 chunk=None, block_v=None, dh=None, dw=None, row_loss=None,
+                                 buffer=None):
     """The chunked forward; returns (loss, dh, dw) (empty dh/dw where not computed).
 
     ``impl`` picks the row step ("triton" or "reference"); ``chunk`` the rows per chunk;
     ``dh`` (N x H), ``dw`` (V x H), ``row_loss`` (N) and ``buffer`` (chunk x V) may be given,
     e.g. poisoned with NaN by tests.
     """
-    _validate(h, weight, labels, reduction, softcap)
+    _validate(h, weight, labels, reduction, softcap, logit_scale)
     step = ce_rows_triton if impl == "triton" else ce_rows_reference
     H, V = h.shape[-1], weight.shape[0]
     h2 = h.reshape(-1, H).contiguous()
@@ -283,8 +309,8 @@ def linear_cross_entropy_forward(h, weight, labels, ignore_index=-100, reduction
         r1 = min(N, r0 + rows)
         hc, x = h2[r0:r1], buffer[:r1 - r0]
         torch.mm(hc, wt, out=x)
-        step(x, labels[r0:r1], row_loss[r0:r1], scale, ignore_index, softcap, round_softcap,
-             compute_dh or compute_dw, block_v)
+        step(x, labels[r0:r1], row_loss[r0:r1], scale, ignore_index, softcap, round_steps,
+             compute_dh or compute_dw, block_v, logit_scale)
         if compute_dh:
             torch.mm(x, weight, out=dh[r0:r1])
         if compute_dw:
@@ -309,18 +335,21 @@ def linear_cross_entropy_forward(h, weight, labels, ignore_index=-100, reduction
 
 @torch.library.custom_op("fastlora::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
-                         reduction: str, softcap: float, round_softcap: bool, compute_dh: bool,
-                         compute_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+                         reduction: str, softcap: float, round_steps: bool, compute_dh: bool,
+                         compute_dw: bool, logit_scale: float = 1.0
+                         ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (loss, dh, dw): the float32 loss and its gradients for an incoming gradient of 1
     (dh only if compute_dh, dw only if compute_dw; empty otherwise)."""
     impl = "triton" if use_triton(h) else "reference"
     return linear_cross_entropy_forward(h, weight, labels, ignore_index, reduction, softcap,
-                                        round_softcap, compute_dh, compute_dw, impl=impl)
+                                        round_steps, compute_dh, compute_dw, logit_scale,
+                                        impl=impl)
 
 
 @linear_cross_entropy.register_fake
-def _(h, weight, labels, ignore_index, reduction, softcap, round_softcap, compute_dh, compute_dw):
-    _validate(h, weight, labels, reduction, softcap)
+def _(h, weight, labels, ignore_index, reduction, softcap, round_steps, compute_dh, compute_dw,
+      logit_scale=1.0):
+    _validate(h, weight, labels, reduction, softcap, logit_scale)
     loss = h.new_empty((), dtype=torch.float32)
     dh = h.new_empty(h.shape) if compute_dh else h.new_empty(0)
     dw = weight.new_empty(weight.shape) if compute_dw else weight.new_empty(0)
@@ -349,7 +378,7 @@ def _backward(ctx, grad, _ddh, _ddw):
     dh, dw = ctx.saved_tensors
     dh, dw = torch.ops.fastlora.linear_cross_entropy_backward(grad, dh, dw)
     return (dh if ctx.compute_dh else None), (dw if ctx.compute_dw else None), \
-        None, None, None, None, None, None, None
+        None, None, None, None, None, None, None, None
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
