@@ -4,11 +4,16 @@ model compiled by the fastlora backend, on your model and data or on the embedde
 ``train(TrainConfig(...))`` is the whole job; the command line (cli.py) only parses flags into a
 ``TrainConfig``. The output folder is written under a ``.partial`` name and renamed when training
 has finished, so a folder with the final name is always complete.
+
+Launched by ``torchrun`` or ``accelerate launch`` (docs/multi_gpu.md), every process loads and
+compiles the model and the Trainer runs DDP across them (gloo on the CPU); only the main process
+(global rank 0) prints and writes the output folder.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
 import os
 import pathlib
@@ -54,6 +59,26 @@ class TrainConfig:
     packing: bool = False  # TRL's BFD packing: rows of max_length tokens, no padding
     log_every: int = 10
     report: bool = True
+
+
+# ----------------------------------------------------------------------------- processes
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """Which of the processes of a ``torchrun`` / ``accelerate launch`` this one is (both set
+    RANK, LOCAL_RANK and WORLD_SIZE); one process of one when launched plainly."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Process":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)),
+                   int(env.get("WORLD_SIZE", 1)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 # ----------------------------------------------------------------------------- output folder
@@ -110,6 +135,7 @@ def _sft_config(cfg: TrainConfig, out: pathlib.Path, device: str, dtype, lr: flo
         pad_to_multiple_of=cfg.pad_to_multiple_of or None, dataloader_drop_last=True,
         packing=cfg.packing, packing_strategy="bfd",
         gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, data_seed=cfg.seed,
+        ddp_find_unused_parameters=False,  # every adapter takes part in every step
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16, use_cpu=device == "cpu",
         logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
@@ -144,19 +170,24 @@ def train(cfg: TrainConfig, stream=None) -> dict:
     from .progress import ProgressCallback
     from .trainer import compile_count, compile_for_trainer
 
-    stream = stream or sys.stdout
+    process = Process.from_env()
+    # Every process checks the input (so all stop on a bad one); only the main one speaks.
+    stream = (stream or sys.stdout) if process.main else io.StringIO()
     say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731
     _require("trl", "datasets", extra="train")
     out = _output_dir(cfg)
     rows, fmt = load_jsonl(cfg.dataset or embedded.DATASET)
     device = pick_device()
+    if device == "cuda" and process.world_size > 1:
+        torch.cuda.set_device(process.local_rank)  # "cuda" is this process's GPU from here on
     dtype = pick_dtype(cfg, device)
     if cfg.load_in_4bit and device != "cuda":
         say("note: --load-in-4bit without a GPU runs bitsandbytes' CPU kernels (slow)")
-    partial = _partial_dir(out)
+    partial = _partial_dir(out) if process.main else out.with_name(out.name + ".partial")
     try:
         transformers.set_seed(cfg.seed)
-        model, tokenizer, base = load_model_and_tokenizer(cfg, device, dtype, partial / "base_model")
+        model, tokenizer, base = load_model_and_tokenizer(
+            cfg, device, dtype, partial / "base_model" if process.main else None)
         if is_conversational(fmt) and not getattr(tokenizer, "chat_template", None):
             raise FastloraError(
                 f"The dataset is in the {FORMATS[fmt]} format, but the tokenizer of "
@@ -179,8 +210,9 @@ def train(cfg: TrainConfig, stream=None) -> dict:
             f"{trainable / 1e6:.2f}M trainable parameters")
         say(f"data     {cfg.dataset or 'embedded default dataset'}: {len(rows)} rows "
             f"({FORMATS[fmt]})")
-        say(f"training {_length(cfg)}, batch {cfg.batch_size} x {cfg.grad_accum} accumulated, "
-            f"lr {lr:g}, max length {cfg.max_length}, seed {cfg.seed}")
+        processes = f" x {process.world_size} processes" if process.world_size > 1 else ""
+        say(f"training {_length(cfg)}, batch {cfg.batch_size}{processes} x {cfg.grad_accum} "
+            f"accumulated, lr {lr:g}, max length {cfg.max_length}, seed {cfg.seed}")
         if cfg.compile:
             options = {"compiler": compiler}
             if cfg.disable:
@@ -195,17 +227,21 @@ def train(cfg: TrainConfig, stream=None) -> dict:
         started = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - started
-        trainer.save_model(str(partial))
+        trainer.save_model(str(partial))  # called by every process, writes on the main one
         summary = _summary(cfg, trainer, progress, result, seconds, base, out, compiler,
-                           compile_count() - graphs_before, reports(model) if cfg.compile else [])
-        _point_adapter_at_base(partial, out, base, cfg.model is None)
-        (partial / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        _publish(partial, out)
+                           compile_count() - graphs_before, reports(model) if cfg.compile else [],
+                           process.world_size)
+        if process.main:
+            _point_adapter_at_base(partial, out, base, cfg.model is None)
+            (partial / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            _publish(partial, out)
     except torch.OutOfMemoryError as e:  # loading, compiling or training
-        shutil.rmtree(partial, ignore_errors=True)
+        if process.main:
+            shutil.rmtree(partial, ignore_errors=True)
         raise out_of_memory(e, cfg.batch_size, cfg.max_length) from e
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if process.main:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     losses = summary["loss_history"]
     say()
@@ -238,7 +274,8 @@ def _length(cfg: TrainConfig) -> str:
     return f"{cfg.epochs:g} epoch(s)" if cfg.epochs else f"{cfg.steps} steps"
 
 
-def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graphs, model_reports):
+def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graphs, model_reports,
+             processes):
     import fastlora
 
     history = progress.loss_history
@@ -252,7 +289,8 @@ def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graph
         "steps": state.global_step,
         "seconds": round(seconds, 2),
         "first_step_seconds": round(progress.first_step_s or 0.0, 2),
-        "tokens": state.num_input_tokens_seen,
+        "processes": processes,
+        "tokens": state.num_input_tokens_seen,  # of all processes (the Trainer gathers them)
         "tokens_per_second_after_compile": None if after is None else round(after, 1),
         "loss_history": history,
         "final_loss": sum(last) / max(1, len(last)),
