@@ -57,10 +57,12 @@ def _entry(rank: int, worker: str, init: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    started = time.perf_counter()
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:  # an exception here reaches the parent with this rank's traceback (start_processes)
         results = WORKERS[worker](rank)
+        results["seconds"] = time.perf_counter() - started
         torch.save(results, pathlib.Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -119,20 +121,24 @@ def ddp(rank: int) -> dict:
     mine = shard(batch, rank)
     results = {}
 
+    started = time.perf_counter()
     fused = copy.deepcopy(model)
     fastlora.clear_reports()
     fastlora.compile_for_trainer(fused, **OPTIONS)
     wrapped = DDP(fused, bucket_cap_mb=BUCKET_CAP_MB)
     wrapped(**mine).loss.backward()
-    results["fused_first"] = {**summary(fastlora.reports(fused)), "grads": _grads(fused)}
+    results["fused_first"] = {**summary(fastlora.reports(fused)), "grads": _grads(fused),
+                              "seconds": time.perf_counter() - started}
 
+    started = time.perf_counter()
     split = copy.deepcopy(model)
     fastlora.clear_reports()
     compiled = torch.compile(DDP(split, bucket_cap_mb=BUCKET_CAP_MB), backend="fastlora",
                              options=OPTIONS)
     compiled(**mine).loss.backward()
     results["split_first"] = {**summary(fastlora.reports(split)), "grads": _grads(split),
-                              "all_graphs": len(fastlora.reports())}
+                              "all_graphs": len(fastlora.reports()),
+                              "seconds": time.perf_counter() - started}
     return results
 
 
@@ -147,6 +153,7 @@ def fsdp2(rank: int) -> dict:
     mine = shard(batch, rank)
     results = {}
     for how in ("per_layer", "whole_model"):
+        started = time.perf_counter()
         sharded = copy.deepcopy(model)
         layers = sharded.base_model.model.model.layers
         full_shapes = sorted(tuple(p.shape) for p in layers[0].parameters())
@@ -171,8 +178,13 @@ def fsdp2(rank: int) -> dict:
         results[how] = {**summary(fastlora.reports(sharded)), "grads": _grads(sharded),
                         "all_counts": fastlora.reports().counts(), "taken": taken,
                         "layer_shapes": full_shapes, "q_local_rows": local_rows,
-                        "q_rows": q_weight.shape[0]}
+                        "q_rows": q_weight.shape[0], "seconds": time.perf_counter() - started}
     return results
 
 
-WORKERS = {"ddp": ddp, "fsdp2": fsdp2}
+def ddp_and_fsdp2(rank: int) -> dict:
+    """Both, in one launch: two processes start (imports, first compile) once."""
+    return {"ddp": ddp(rank), "fsdp2": fsdp2(rank)}
+
+
+WORKERS = {"ddp": ddp, "fsdp2": fsdp2, "ddp_and_fsdp2": ddp_and_fsdp2}

@@ -45,13 +45,18 @@ def single():
 
 
 @pytest.fixture(scope="module")
-def ddp_ranks(tmp_path_factory):
-    return W.launch("ddp", tmp_path_factory.mktemp("ddp"))
+def ranks(tmp_path_factory):
+    return W.launch("ddp_and_fsdp2", tmp_path_factory.mktemp("ranks"))
 
 
-@pytest.fixture(scope="module")
-def fsdp2_ranks(tmp_path_factory):
-    return W.launch("fsdp2", tmp_path_factory.mktemp("fsdp2"))
+@pytest.fixture
+def ddp_ranks(ranks):
+    return [r["ddp"] for r in ranks]
+
+
+@pytest.fixture
+def fsdp2_ranks(ranks):
+    return [r["fsdp2"] for r in ranks]
 
 
 def _assert_grads_equal(grads: dict, single: dict, what: str):
@@ -139,3 +144,35 @@ def test_fsdp2_whole_model_compile_breaks_at_each_layer(fsdp2_ranks, single):
         missing = {p for p, n in single["counts"].items() if run["counts"].get(p, 0) != n}
         assert missing == {"attention"}, (run["counts"], single["counts"])
         assert [p for p, _, _ in run["near_misses"]] == ["attention", "attention"]
+
+
+def test_fastlora_train_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m fastlora.cli train`: the Trainer runs DDP over gloo, every
+    process compiles its model, only the main process prints and writes one output folder.
+    (The rest of the graph on the eager compiler to keep this under a minute: the DDP split
+    with aot_eager is tested above.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "fastlora.cli", "train", "--steps", "2", "--batch-size", "4",
+           "--max-length", "128", "--log-every", "1", "--compiler", "eager", "--debug",
+           "--output-dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-3000:]
+    text = proc.stdout
+    assert text.count("model    fastlora-tiny-llama") == 1, text  # the main process only
+    assert "batch 4 x 2 processes x 1 accumulated" in text, text
+    assert text.count("fastlora rewrite report, graph") == 1 and text.count("done     2") == 1
+    run = json.loads((out / "fastlora_run.json").read_text())
+    assert run["processes"] == 2 and run["steps"] == 2, run
+    assert run["report_counts"]["rms_norm"] == 9 and run["report_counts"]["attention"] == 4
+    assert (out / "base_model" / "model.safetensors").exists()
+    assert (out / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no .partial left behind

@@ -77,8 +77,10 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         return compile_graph(rewritten, example_inputs)
     compiled, pieces = distributed.split_after_fusion(gm, rewritten, example_inputs, bucket_cap,
                                                       compile_graph)
-    report.notes.append(distributed.split_note(pieces, bucket_cap))
-    log.info("fastlora: graph %d: %s", report.index, report.notes[-1])
+    note = distributed.split_note(pieces, bucket_cap)
+    if note:
+        report.notes.append(note)
+        log.info("fastlora: graph %d: %s", report.index, note)
     return compiled
 
 

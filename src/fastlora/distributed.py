@@ -97,12 +97,11 @@ def split_after_fusion(original, rewritten, example_inputs, bucket_bytes_cap: in
     return compiled, len(optimizer.buckets)
 
 
-def split_note(pieces: int, bucket_bytes_cap: int) -> str:
-    cap = f"bucket_cap_mb={bucket_bytes_cap / 2**20:g}"
-    if pieces == 1:
-        return f"DDP: fused as one graph; its gradients fill one bucket ({cap}): not split"
+def split_note(pieces: int, bucket_bytes_cap: int) -> str | None:
+    if pieces == 1:  # its gradients fit one bucket
+        return None
     return (f"DDP: fused as one graph, then split at gradient-bucket boundaries into {pieces} "
-            f"graphs ({cap}); no fused op is cut")
+            f"graphs (bucket_cap_mb={bucket_bytes_cap / 2**20:g}); no fused op is cut")
 
 
 def ddp_piece_note(gm) -> str | None:
@@ -127,7 +126,8 @@ def graph_parameters(example_inputs) -> list:
 
     params = [t for t in example_inputs
               if isinstance(t, torch.nn.Parameter) and not isinstance(t, FakeTensor)]
-    ddp = active_ddp_module() if not params else None
+    pieces_inputs = any(isinstance(t, FakeTensor) for t in example_inputs)
+    ddp = active_ddp_module() if not params and pieces_inputs else None
     return list(ddp.module.parameters()) if ddp is not None else params
 
 
