@@ -113,8 +113,9 @@ def ddp_piece_note(gm) -> str | None:
     return ("DDP: this graph is one piece of a graph that Dynamo's DDPOptimizer split at "
             "gradient-bucket boundaries before fastlora saw it; a fusion across a boundary (an "
             "attention mask built in an earlier piece, a norm or a q/k/v or gate/up group cut "
-            "apart) is left unfused. Compile with fastlora.compile_for_trainer(model) before "
-            "wrapping the model in DDP to fuse first and split after (docs/multi_gpu.md)")
+            "apart) is left unfused. Compile the model in place with "
+            "fastlora.compile_for_trainer(model) to fuse first and split after "
+            "(docs/multi_gpu.md)")
 
 
 # ----------------------------------------------------------------------------- reports(model)
