@@ -25,7 +25,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ----------------------------------------------------------------------------- launching
-def launch(worker: str, out_dir: pathlib.Path, timeout_s: float = 240) -> list[dict]:
+def launch(worker: str, out_dir: pathlib.Path, timeout_s: float = 480) -> list[dict]:
     """Run ``WORKERS[worker]`` on ``WORLD`` spawned processes; returns each rank's results.
 
     The process group meets through a file in ``out_dir`` (no port to race for). A child that
