@@ -16,7 +16,7 @@ import traceback
 import torch
 from torch import fx
 
-from . import dynamo_settings
+from . import distributed, dynamo_settings
 from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
 from .canonicalize import canonicalize
 from .options import backend_options
@@ -33,6 +33,9 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     patterns = registered_patterns()
     opts = backend_options(options, {p.name for p in patterns}, example_inputs, mode)
     report = Report(next(_graph_counter), opts.as_dict())
+    piece_note = distributed.ddp_piece_note(gm)
+    if piece_note:
+        report.notes.append(piece_note)
 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.
     rewritten = _copy(gm)
@@ -63,9 +66,21 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     # 6. Publish the report (logger `fastlora`, tlparse artifact, stdout when asked).
     publish(report, example_inputs, opts.print_report)
 
-    # 5. Codegen of everything else.
-    return _inner_compile(rewritten, example_inputs, opts.compiler, opts.mode or mode,
-                          offload_mib=opts.offload_activations, report=report)
+    # 5. Codegen of everything else; under DDP, split at gradient buckets first (distributed.py).
+    def compile_graph(graph, inputs):
+        return _inner_compile(graph, inputs, opts.compiler, opts.mode or mode,
+                              offload_mib=opts.offload_activations, report=report)
+
+    bucket_cap = distributed.deferred_bucket_cap()
+    if bucket_cap is None:
+        return compile_graph(rewritten, example_inputs)
+    compiled, pieces = distributed.split_after_fusion(gm, rewritten, example_inputs, bucket_cap,
+                                                      compile_graph)
+    note = distributed.split_note(pieces, bucket_cap)
+    if note:
+        report.notes.append(note)
+        log.info("fastlora: graph %d: %s", report.index, note)
+    return compiled
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

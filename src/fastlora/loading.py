@@ -4,6 +4,7 @@ LoRA adapter. Every input problem becomes a ``FastloraError`` saying what to do.
 from __future__ import annotations
 
 import pathlib
+import tempfile
 
 from . import embedded
 from .errors import FastloraError
@@ -105,43 +106,55 @@ def _quantization_config(cfg, dtype):
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
 
 
-def load_model_and_tokenizer(cfg, device: str, dtype, base_dir: pathlib.Path):
-    """The base model (on ``device``) and its tokenizer. The embedded default model is saved to
-    ``base_dir`` first, so the adapter can be merged and exported later."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(cfg, device: str, dtype, base_dir: pathlib.Path | None):
+    """The base model (on ``device``: "cuda" is the current GPU) and its tokenizer. The embedded
+    default model is saved to ``base_dir`` first, so the adapter can be merged and exported
+    later (``None``: not saved, as on the processes of a multi-GPU run but the main one)."""
+    from transformers import AutoTokenizer
 
     quant = _quantization_config(cfg, dtype)
     if cfg.model is None:
         tokenizer = embedded.load_tokenizer()
         model = embedded.build_model()
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
+        if base_dir is not None:
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+        base = None if base_dir is None else str(base_dir)
         if quant is None:
-            return model.to(device=device, dtype=dtype), tokenizer, str(base_dir)
-        source = str(base_dir)
-    else:
-        source = _check_model_path(cfg.model)
-        config = _load_config(source)
-        _check_causal_lm(config, cfg.model)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as e:
-            raise FastloraError(f"Could not load the tokenizer of {cfg.model!r} "
-                                f"({_first_line(e)}).",
-                                "The model folder needs its tokenizer files "
-                                "(tokenizer.json or tokenizer.model).") from e
+            return model.to(device=device, dtype=dtype), tokenizer, base
+        if base_dir is None:  # bitsandbytes quantizes while loading from a folder
+            with tempfile.TemporaryDirectory(prefix="fastlora-base-") as tmp:
+                model.save_pretrained(tmp)
+                return _from_pretrained(tmp, None, device, dtype, quant), tokenizer, None
+        return _from_pretrained(base, None, device, dtype, quant), tokenizer, base
+    source = _check_model_path(cfg.model)
+    config = _load_config(source)
+    _check_causal_lm(config, cfg.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise FastloraError(f"Could not load the tokenizer of {cfg.model!r} "
+                            f"({_first_line(e)}).",
+                            "The model folder needs its tokenizer files "
+                            "(tokenizer.json or tokenizer.model).") from e
+    return _from_pretrained(source, cfg.model, device, dtype, quant), tokenizer, source
+
+
+def _from_pretrained(source: str, name: str | None, device: str, dtype, quant):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     kwargs = {"dtype": dtype}
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": 0 if device == "cuda" else "cpu"})
+        where = torch.cuda.current_device() if device == "cuda" else "cpu"
+        kwargs.update(quantization_config=quant, device_map={"": where})
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
-        raise FastloraError(f"Could not load the model {cfg.model or source!r} "
+        raise FastloraError(f"Could not load the model {name or source!r} "
                             f"({_first_line(e)}).",
                             "Check that the folder holds the weights (model.safetensors).") from e
-    if quant is None:
-        model = model.to(device)
-    return model, tokenizer, source
+    return model if quant is not None else model.to(device)
 
 
 def _first_line(e: BaseException) -> str:

@@ -15,6 +15,8 @@ import weakref
 import torch
 from torch import fx
 
+from . import distributed
+
 log = logging.getLogger("fastlora")
 try:  # TORCH_LOGS="+fastlora" turns the logger on
     torch._logging._internal.register_log("fastlora", "fastlora")
@@ -66,6 +68,7 @@ class Report:
         self.near_misses: list[dict] = []
         self.errors: list[str] = []
         self.fallback: str | None = None  # set when the graph was compiled unrewritten
+        self.notes: list[str] = []  # how the graph was compiled around the rewrite (DDP splits)
         # saved activations offloaded to CPU memory (options["offload_activations"]); filled in
         # when inductor partitions the graph, after the report is published
         self.offloaded: list[dict] = []
@@ -104,7 +107,7 @@ class Report:
         return {"graph": self.index, "options": _plain_dict(self.options),
                 "counts": self.counts(), "matches": self.matches,
                 "near_misses": self.near_misses, "fallback": self.fallback,
-                "errors": self.errors, "offloaded": self.offloaded,
+                "errors": self.errors, "offloaded": self.offloaded, "notes": self.notes,
                 "flow": sorted(self.flow)}
 
     def to_json(self) -> str:
@@ -130,6 +133,7 @@ class Report:
                  + (", ".join(f"{k} x{v}" for k, v in self.counts().items()) or "no matches")]
         if self.fallback:
             lines.append(f"  FALLBACK: compiled without rewrites because {self.fallback}")
+        lines.extend(f"  note: {note}" for note in self.notes)
         if self.matches:
             lines.append(_table(["pattern", "module", "class", "source", "params"],
                                 [[_pattern_label(m), m["module"], m["class"], m["source"],
@@ -189,8 +193,8 @@ _ALL: list[Report] = []
 
 def publish(report: Report, example_inputs, print_it: bool) -> None:
     # Weak references, not bare ids: a freed model's ids get reused by later parameters.
-    report._model_params = {id(t): weakref.ref(t) for t in example_inputs
-                            if isinstance(t, torch.nn.Parameter)}
+    report._model_params = {id(t): weakref.ref(t)
+                            for t in distributed.graph_parameters(example_inputs)}
     _ALL.append(report)
     log.info("%s", report)
     try:
@@ -216,7 +220,7 @@ def reports(model: torch.nn.Module | None = None) -> Reports:
     if model is None:
         return Reports(_ALL)
     model = getattr(model, "_orig_mod", model)
-    params = {id(p): p for p in model.parameters()}
+    params = {id(p): p for p in [*model.parameters(), *distributed.unsharded_parameters(model)]}
     return Reports(r for r in _ALL
                    if any(ref() is params[i] for i, ref in r._model_params.items() if i in params))
 

@@ -80,10 +80,16 @@ def final_dir(partial: pathlib.Path) -> pathlib.Path:
 
 
 class RunFolder:
-    """``<out>.partial`` while the run goes on, with what it takes to clean up after it."""
+    """``<out>.partial`` while the run goes on, with what it takes to clean up after it. Only
+    the main process of a multi-process run (``main``) creates, publishes or removes it; the
+    others only know where it is (the Trainer writes their RNG states into its checkpoints).
+    """
 
-    def __init__(self, out: pathlib.Path, resuming: bool = False):
-        self.out, self.partial = out, partial_dir(out)
+    def __init__(self, out: pathlib.Path, resuming: bool = False, main: bool = True):
+        self.out, self.partial, self.main = out, partial_dir(out), main
+        if not main:
+            self.created = []
+            return
         # folders this run creates above the partial folder, removed again if left empty
         self.created = [p for p in reversed(self.partial.parents) if not p.exists()]
         if not resuming and self.partial.exists():
@@ -91,6 +97,8 @@ class RunFolder:
         self.partial.mkdir(parents=True, exist_ok=resuming)
 
     def save_config(self, cfg) -> None:
+        if not self.main:
+            return
         (self.partial / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)
                                                 + "\n")
 
@@ -99,11 +107,15 @@ class RunFolder:
         return found[-1] if found else None
 
     def discard_checkpoints(self) -> None:
+        if not self.main:
+            return
         for path in checkpoints(self.partial):
             shutil.rmtree(path)
 
     def publish(self) -> None:
         """Rename the finished partial folder to the final name (replacing an old one)."""
+        if not self.main:
+            return
         old = None
         if self.out.exists():
             old = self.out.with_name(self.out.name + f".old-{os.getpid()}")
@@ -116,7 +128,7 @@ class RunFolder:
         """After a run stopped early: keep the partial folder if it holds a checkpoint (returns
         the newest), else remove it and the empty folders the run created."""
         latest = self.latest_checkpoint() if self.partial.exists() else None
-        if latest is not None:
+        if latest is not None or not self.main:
             return latest
         shutil.rmtree(self.partial, ignore_errors=True)
         for folder in reversed(self.created):

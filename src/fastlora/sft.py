@@ -24,6 +24,7 @@ def sft_config(cfg, out: pathlib.Path, device: str, dtype, lr: float):
         pad_to_multiple_of=cfg.pad_to_multiple_of or None, dataloader_drop_last=True,
         packing=cfg.packing, packing_strategy="bfd",
         gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, data_seed=cfg.seed,
+        ddp_find_unused_parameters=False,  # every adapter takes part in every step
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16, use_cpu=device == "cpu",
         logging_steps=1, report_to=[], disable_tqdm=True,

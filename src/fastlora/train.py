@@ -5,12 +5,18 @@ model compiled by the fastlora backend, on your model and data or on the embedde
 ``TrainConfig``. Every input is checked before torch loads. The output folder is written under a
 ``.partial`` name and renamed when training has finished, so a folder with the final name is
 always complete; checkpoints in it let ``resume=`` continue an interrupted run (run_folder.py).
+
+Launched by ``torchrun`` or ``accelerate launch`` (docs/multi_gpu.md), every process loads and
+compiles the model and the Trainer runs DDP across them (gloo on the CPU); only the main process
+(global rank 0) prints and writes the output folder.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -56,6 +62,25 @@ class TrainConfig:
     checkpoint_every: int = 50  # steps between checkpoints (0: only when interrupted)
     log_every: int = 10
     report: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """Which of the processes of a ``torchrun`` / ``accelerate launch`` this one is (both set
+    RANK, LOCAL_RANK and WORLD_SIZE); one process of one when launched plainly."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "Process":
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)),
+                   int(env.get("WORLD_SIZE", 1)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 # field -> (flag, what it must be, test): every number checked before anything loads
@@ -116,7 +141,9 @@ def train(cfg: TrainConfig, stream=None, resume: str | None = None) -> dict:
     ``fastlora_run.json`` in the output folder. ``resume``: a checkpoint folder, an interrupted
     run's folder, or ``"latest"``; the run continues with its own settings (those of ``cfg``
     that differ from the defaults must agree, except how it is compiled and logged)."""
-    stream = stream or sys.stdout
+    process = Process.from_env()
+    # Every process checks the input (so all stop on a bad one); only the main one speaks.
+    stream = (stream or sys.stdout) if process.main else io.StringIO()
     say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731
     _require("trl", "datasets", extra="train")
     checkpoint = None
@@ -131,12 +158,12 @@ def train(cfg: TrainConfig, stream=None, resume: str | None = None) -> dict:
 
     from .interrupt import StopOnSignal
 
-    folder = RunFolder(out, resuming=checkpoint is not None)
+    folder = RunFolder(out, resuming=checkpoint is not None, main=process.main)
     if checkpoint is None:
         folder.save_config(cfg)
     stop = StopOnSignal()
     try:
-        summary = _run(cfg, rows, fmt, folder, checkpoint, stop, stream)
+        summary = _run(cfg, rows, fmt, folder, checkpoint, stop, stream, process)
     except torch.OutOfMemoryError as e:  # loading, compiling or training
         kept = folder.abandon()
         raise out_of_memory(e, cfg.batch_size, cfg.max_length, kept) from e
@@ -154,9 +181,10 @@ def train(cfg: TrainConfig, stream=None, resume: str | None = None) -> dict:
     return summary
 
 
-def _run(cfg, rows, fmt, folder, checkpoint, stop, stream) -> dict | None:
+def _run(cfg, rows, fmt, folder, checkpoint, stop, stream, process) -> dict | None:
     """Load, build, compile and train; publish the finished run and return its summary, or
     ``None`` when a signal stopped it early (its checkpoint is in ``folder``)."""
+    import torch
     import transformers
 
     from .loading import add_lora, load_model_and_tokenizer, pick_device, pick_dtype
@@ -167,12 +195,15 @@ def _run(cfg, rows, fmt, folder, checkpoint, stop, stream) -> dict | None:
 
     say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731
     device = pick_device()
+    if device == "cuda" and process.world_size > 1:
+        torch.cuda.set_device(process.local_rank)  # "cuda" is this process's GPU from here on
     dtype = pick_dtype(cfg, device)
     if cfg.load_in_4bit and device != "cuda":
         say("note: --load-in-4bit without a GPU runs bitsandbytes' CPU kernels (slow)")
     partial = folder.partial
     transformers.set_seed(cfg.seed)
-    model, tokenizer, base = load_model_and_tokenizer(cfg, device, dtype, partial / "base_model")
+    model, tokenizer, base = load_model_and_tokenizer(
+        cfg, device, dtype, partial / "base_model" if process.main else None)
     if is_conversational(fmt) and not getattr(tokenizer, "chat_template", None):
         raise FastloraError(
             f"The dataset is in the {FORMATS[fmt]} format, but the tokenizer of "
@@ -197,7 +228,9 @@ def _run(cfg, rows, fmt, folder, checkpoint, stop, stream) -> dict | None:
         f"{' (kept in float32 for float32 compute)' if kept_fp32 else ''}")
     say(f"data     {cfg.dataset or 'embedded default dataset'}: {len(rows)} rows "
         f"({FORMATS[fmt]}); {_batches(cfg)}")
-    say(f"training {_length(cfg)}, batch {cfg.batch_size} x {cfg.grad_accum} accumulated, "
+    processes = f" x {process.world_size} processes" if process.world_size > 1 else ""
+    say(f"training {_length(cfg)}, batch {cfg.batch_size}{processes} x {cfg.grad_accum} "
+        f"accumulated, "
         f"lr {lr:g}, max length {cfg.max_length}, seed {cfg.seed}; "
         + (f"a checkpoint every {cfg.checkpoint_every} steps and on Ctrl-C"
            if cfg.checkpoint_every else "a checkpoint on Ctrl-C"))
@@ -221,13 +254,15 @@ def _run(cfg, rows, fmt, folder, checkpoint, stop, stream) -> dict | None:
     if stop.signal_name is not None and trainer.state.global_step < trainer.state.max_steps:
         return None  # stopped early, with a checkpoint; the signal on the last step is too late
     stop.signal_name = None
-    trainer.save_model(str(partial))
-    folder.discard_checkpoints()
+    trainer.save_model(str(partial))  # called by every process, writes on the main one
     summary = _summary(cfg, trainer, progress, result, seconds, base, folder.out, compiler,
-                       compile_count() - graphs_before, reports(model) if cfg.compile else [])
-    _point_adapter_at_base(partial, folder.out, base, cfg.model is None)
-    (partial / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    folder.publish()
+                       compile_count() - graphs_before, reports(model) if cfg.compile else [],
+                       process.world_size)
+    if process.main:
+        folder.discard_checkpoints()
+        _point_adapter_at_base(partial, folder.out, base, cfg.model is None)
+        (partial / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        folder.publish()
     return summary
 
 
@@ -291,7 +326,8 @@ def _length(cfg: TrainConfig) -> str:
     return f"{cfg.epochs:g} epoch(s)" if cfg.epochs else f"{cfg.steps} steps"
 
 
-def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graphs, model_reports):
+def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graphs, model_reports,
+             processes=1):
     import fastlora
 
     state = trainer.state  # its log_history goes back to step 1 on a resumed run too
@@ -306,7 +342,8 @@ def _summary(cfg, trainer, progress, result, seconds, base, out, compiler, graph
         "steps": state.global_step,
         "seconds": round(seconds, 2),
         "first_step_seconds": round(progress.first_step_s or 0.0, 2),
-        "tokens": state.num_input_tokens_seen,
+        "processes": processes,
+        "tokens": state.num_input_tokens_seen,  # of all processes (the Trainer gathers them)
         "tokens_per_second_after_compile": None if after is None else round(after, 1),
         "loss_history": history,
         "final_loss": sum(last) / max(1, len(last)),

@@ -13,10 +13,12 @@ the trainer's own unwrapping are unchanged. See docs/trl.md.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
+from . import distributed
 from .options import Options
 from .pattern import registered_patterns
 
@@ -35,26 +37,38 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     recompiles for every length). While Dynamo traces this model, Python floats stay
     specialized (Dynamo's ``specialize_float``): with ``dynamic=True`` it would otherwise turn
     the model's float constants (norm eps, LoRA scaling, dropout p) into run-time values that
-    no kernel can take as constants, and every fusion but a few would be lost. Returns
-    ``model``.
+    no kernel can take as constants, and every fusion but a few would be lost.
+
+    Wrapped in ``DistributedDataParallel`` afterwards (as a Trainer launched by ``torchrun`` or
+    ``accelerate launch`` does), the model's graphs are fused whole and then split at DDP's
+    gradient buckets, instead of being split by Dynamo before fastlora sees them (which loses
+    the fusions a bucket boundary cuts; distributed.py, docs/multi_gpu.md). Returns ``model``.
     """
     Options.parse(options).check_pattern_names({p.name for p in registered_patterns()})
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("this model is already compiled in place; compile it only once")
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
-    if dynamic:
-        model._compiled_call_impl = _floats_specialized(model._compiled_call_impl)
+    model._compiled_call_impl = _traced_with_settings(model._compiled_call_impl,
+                                                      specialize_float=bool(dynamic))
     return model
 
 
-def _floats_specialized(compiled):
-    """``compiled`` called with Dynamo's ``specialize_float`` on, the way ``torch.compile``'s
-    own ``dynamic=`` is applied: a configuration patch around each call of this compiled
-    function only (Dynamo reads it while tracing; a call that traces nothing pays a few
-    microseconds)."""
+def _traced_with_settings(compiled, specialize_float: bool):
+    """``compiled`` called with fastlora's Dynamo settings for this model, applied the way
+    ``torch.compile``'s own ``dynamic=`` is: configuration patches around each call of this
+    compiled function only (Dynamo reads them while tracing; a call that traces nothing pays a
+    few microseconds).
+
+    - ``specialize_float`` (with dynamic shapes): float constants stay constants.
+    - under DDP, Dynamo's split at gradient buckets is left to the backend, after fusion
+      (``distributed.fuse_before_ddp_split``).
+    """
     @functools.wraps(compiled)
     def call(*args, **kwargs):
-        with torch._dynamo.config.patch(specialize_float=True):
+        with contextlib.ExitStack() as stack:
+            if specialize_float:
+                stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
+            stack.enter_context(distributed.fuse_before_ddp_split())
             return compiled(*args, **kwargs)
     return call
 
