@@ -30,12 +30,13 @@ status=0
 run() { echo "== $*"; "$@" || status=$?; }
 group() {  # the GPU tests in three groups that each fit a 10-minute device call
   case "$1" in
-    attention) echo tests/test_flash_attention_kernel.py tests/test_attention_pattern.py ;;
+    attention) echo tests/test_flash_attention_kernel.py tests/test_attention_pattern.py \
+               tests/test_attention_padding.py ;;
     kernels) echo tests/test_glu_kernels.py tests/test_layer_norm_kernel.py \
                tests/test_linear_cross_entropy_kernel.py tests/test_lora_grouped.py \
                tests/test_lora_linear.py tests/test_rope_kernel.py ;;
     models) echo tests/test_gpu_spine.py tests/test_cli.py tests/test_trl.py tests/test_qlora.py \
-              tests/test_linear_cross_entropy_pattern.py ;;
+              tests/test_linear_cross_entropy_pattern.py tests/test_options.py ;;
   esac
 }
 case "$mode" in
