@@ -16,6 +16,14 @@ import traceback
 import types
 
 
+def _shell_env() -> dict:
+    """The environment of bash steps: the scripts of the interpreter running the tests come
+    first on PATH (``fastlora`` is this installation's, even when its venv is not activated)."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
 def run_page(page: dict) -> dict:
     import torch
 
@@ -32,7 +40,7 @@ def run_page(page: dict) -> dict:
         for step in page["steps"]:
             if step["kind"] == "bash":
                 proc = subprocess.run(step["code"], shell=True, executable="/bin/bash",
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, env=_shell_env())
                 if proc.returncode:
                     return {"outputs": outputs, "error": f"{step['name']}: {step['code']} "
                                                          f"failed ({proc.returncode}):\n"
