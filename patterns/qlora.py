@@ -180,9 +180,11 @@ def check(m):
     cast_x = (compute_dtype if cast_in and a.dtype == b.dtype == compute_dtype != x.dtype
               and example_value(linear_of(m, "lora_A")).dtype == a.dtype else None)
     if cast_x is None and a.dtype == b.dtype != x.dtype and a.dtype != compute_dtype \
+            and torch.finfo(a.dtype).bits <= torch.finfo(x.dtype).bits \
             and example_value(linear_of(m, "lora_A")).dtype == a.dtype:
         # TRL's recipe on float32 compute (the CPU default): base and adapter read x in two
-        # different dtypes, which the one op does not do.
+        # different dtypes, and the adapter's is narrower (x rounded), which the one op does not
+        # do. A wider adapter (bf16 x into float32 adapters, peft's default) is an exact cast.
         raise Reject(f"the adapter weights are {a.dtype} but the 4-bit matmul computes in "
                      f"{compute_dtype}, so the adapter alone rounds its {x.dtype} input to "
                      f"{a.dtype} (TRL's SFTTrainer stores a 4-bit model's adapters in bfloat16); "

@@ -43,11 +43,11 @@ def test_matches_form_the_models_dataflow():
 
 
 def test_near_misses_sit_in_the_flow_and_dot_draws_them():
-    """A padding mask leaves attention unfused: its near miss is a node between the rotary
-    embedding and o_proj's adapter."""
+    """A custom 4-D mask (causal with one hidden key in one row) leaves attention unfused: its
+    near miss is a node between the rotary embedding and o_proj's adapter."""
     inputs = token_batch(batch=2, seq=12)
-    mask = torch.ones_like(inputs["input_ids"])
-    mask[0, -3:] = 0
+    mask = torch.tril(torch.ones(12, 12, dtype=torch.bool)).expand(2, 1, 12, 12).clone()
+    mask[0, 0, 5:, 2] = False
     report = _compile(with_lora(tiny_llama(layers=1)), **inputs, attention_mask=mask)
     g = report.to_networkx()
     [miss] = [k for k, d in g.nodes(data=True) if d["kind"] == "near_miss"
