@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import check_float, require, use_triton
+from ._launch import fused_op
 from ._lora_blocks import (lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
                            lora_grad_down_triton, lora_up_reference, lora_up_triton, rows2d)
 from .lora_grouped import _split, grouped_down, grouped_dx
@@ -32,7 +33,7 @@ def _validate_qkv(x, weights, lora_As, lora_Bs, dropout_p, seed):
             "fastlora.lora_qkv: dropout_p must be in [0, 1) and needs a seed when > 0")
 
 
-@torch.library.custom_op("fastlora::lora_qkv", mutates_args=())
+@fused_op("fastlora::lora_qkv")
 def lora_qkv(x: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], q_A: Tensor, q_B: Tensor,
              k_weight: Tensor, k_bias: Optional[Tensor], k_A: Tensor, k_B: Tensor,
              v_weight: Tensor, v_bias: Optional[Tensor], v_A: Tensor, v_B: Tensor,
@@ -70,7 +71,7 @@ def _(x, q_weight, q_bias, q_A, q_B, k_weight, k_bias, k_A, k_B, v_weight, v_bia
         x.new_empty((*lead, r), dtype=torch.float32),)
 
 
-@torch.library.custom_op("fastlora::lora_qkv_backward", mutates_args=())
+@fused_op("fastlora::lora_qkv_backward")
 def lora_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, q_weight: Tensor, q_A: Tensor,
                       q_B: Tensor, k_weight: Tensor, k_A: Tensor, k_B: Tensor, v_weight: Tensor,
                       v_A: Tensor, v_B: Tensor, xa: Tensor, seed: Optional[Tensor],

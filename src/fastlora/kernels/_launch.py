@@ -1,0 +1,103 @@
+"""Who launches the Triton kernels of a fused op: inductor's generated code or our Python.
+
+Every fused op is a ``torch.library.custom_op``. Called as an opaque op, its Python body runs at
+each call of the compiled step: shape checks, config choice, grid and the Triton launch itself,
+about 2 ms of CPU for ``lora_qkv_backward`` (0.3 ms of GPU on an H200): a LoRA step is then
+bound by the host, not the GPU.
+
+``FASTLORA_LAUNCH=inductor`` (the default) lets inductor see through the ops made with
+:func:`fused_op` on CUDA tensors: when AOTAutograd functionalizes the graph, the op's body is
+traced once, with fake tensors, into the aten ops and ``wrap_triton`` kernel calls it makes
+(what ``torch.library.triton_op`` does), and inductor's generated code launches the kernels
+itself with its own launcher (and can capture them in CUDA graphs). Every decision the body
+takes on shapes and dtypes (block sizes, splits, the number of programs) is therefore taken
+once, at trace time; sizes that follow the batch (token counts) stay symbolic: the launchers
+read them through ``_common.size_hint`` where a choice only tunes speed, so that no guard on a
+length is added (the kernels take those lengths as ``do_not_specialize`` arguments).
+
+On CPU tensors (the PyTorch reference, or the Triton interpreter under ``TRITON_INTERPRET=1``)
+the op stays opaque, exactly as with ``FASTLORA_LAUNCH=python``: ``triton_op`` itself cannot
+run under torch.compile on a CPU-only machine (the interpreter's kernels are not traceable),
+which is why the decomposition here checks the device rather than using ``triton_op``.
+The autograd formula (backward = another fused op) and ``register_fake`` are unchanged: dynamo
+uses the fake, AOTAutograd the formula, and only then is each op decomposed.
+
+``FASTLORA_LAUNCH=python`` keeps every op opaque (each call runs its Python launcher), the
+route of fastlora up to 0.x: set it to compare, or where inductor fails on a kernel. It is
+read once, at import.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+from ._common import HAVE_TRITON
+
+LAUNCH = os.environ.get("FASTLORA_LAUNCH", "inductor")
+if LAUNCH not in ("inductor", "python"):
+    raise ValueError(f"FASTLORA_LAUNCH must be 'inductor' or 'python', got {LAUNCH!r}")
+
+_state = threading.local()  # .tracing: inside a decomposition, kernels go through wrap_triton
+
+
+def tracing() -> bool:
+    """True while an op body is being traced for inductor (launches are recorded, not run)."""
+    return getattr(_state, "tracing", False)
+
+
+@contextlib.contextmanager
+def _traced():
+    before = tracing()
+    _state.tracing = True
+    try:
+        yield
+    finally:
+        _state.tracing = before
+
+
+def launch(kernel):
+    """``launch(kernel)[grid](...)``: the kernel itself, or while an op body is traced for
+    inductor its ``wrap_triton`` wrapper (the launch becomes a node of the graph)."""
+    if tracing():
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _tensors(a)
+
+
+def _decomposes(args) -> bool:
+    tensors = list(_tensors(args))
+    return HAVE_TRITON and bool(tensors) and all(t.is_cuda for t in tensors)
+
+
+def fused_op(name: str):
+    """``torch.library.custom_op(name, mutates_args=())`` whose body inductor traces into its
+    kernels on CUDA (see the module's docstring); use :func:`launch` for every kernel call in
+    the body. Returns the ``CustomOpDef``: register the fake and the autograd formula on it as
+    usual."""
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        if LAUNCH == "inductor" and HAVE_TRITON:
+            from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+            from torch._subclasses.fake_tensor import FakeTensor
+
+            def decompose(mode, func, types, args, kwargs):
+                known = (torch.Tensor, FunctionalTensor, FakeTensor)
+                if not _decomposes(list(args) + list(kwargs.values())) or any(
+                        not issubclass(t, known) for t in types):
+                    return mode.__torch_dispatch__(func, types, args, kwargs)
+                with mode, _traced():
+                    return fn(*args, **kwargs)
+
+            op.register_torch_dispatch(FunctionalTensorMode, decompose)
+        return op
+    return wrap
