@@ -127,7 +127,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    if has_user_triton_kernels(gm) and USER_TRITON_KERNEL_PATCHES:
+    if (has_user_triton_kernels(gm) or has_fused_ops(gm)) and USER_TRITON_KERNEL_PATCHES:
         log.info("fastlora: this graph launches user Triton kernels; inductor passes their float "
                  "arguments as float32, as Triton does (%s)", USER_TRITON_KERNEL_PATCHES)
         patches.update(USER_TRITON_KERNEL_PATCHES)
@@ -148,6 +148,14 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
 # Graphs that launch user kernels get Triton's own typing back.
 USER_TRITON_KERNEL_PATCHES = {"_use_fp64_for_unbacked_floats": False} \
     if hasattr(torch._inductor.config, "_use_fp64_for_unbacked_floats") else {}
+
+
+def has_fused_ops(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` calls a fastlora op: on CUDA, AOTAutograd traces those into launches of
+    their Triton kernels that inductor's code makes (FASTLORA_LAUNCH, kernels/_launch.py)."""
+    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+               and node.target.namespace == "fastlora"
+               for module in _graph_modules(gm) for node in module.graph.nodes)
 
 
 def has_user_triton_kernels(gm: fx.GraphModule) -> bool:

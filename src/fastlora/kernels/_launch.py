@@ -24,7 +24,8 @@ uses the fake, AOTAutograd the formula, and only then is each op decomposed.
 
 ``FASTLORA_LAUNCH=python`` keeps every op opaque (each call runs its Python launcher), the
 route of fastlora up to 0.x: set it to compare, or where inductor fails on a kernel. It is
-read once, at import.
+read once, at import. Per op: ``FASTLORA_LAUNCH=inductor,rope=python`` keeps rope (and
+rope_backward) opaque and lets inductor launch the rest.
 """
 from __future__ import annotations
 
@@ -36,9 +37,29 @@ import torch
 
 from ._common import HAVE_TRITON
 
-LAUNCH = os.environ.get("FASTLORA_LAUNCH", "inductor")
-if LAUNCH not in ("inductor", "python"):
-    raise ValueError(f"FASTLORA_LAUNCH must be 'inductor' or 'python', got {LAUNCH!r}")
+ROUTES = ("inductor", "python")
+
+
+def parse(setting: str) -> tuple[str, dict[str, str]]:
+    """``"inductor"``, ``"python"``, or the default route then per-op exceptions:
+    ``"inductor,rope=python,rms_norm=python"`` (an op's backward follows its forward)."""
+    default, *rest = [part.strip() for part in setting.split(",") if part.strip()] or ["inductor"]
+    per_op = dict(item.split("=", 1) if "=" in item else (item, "") for item in rest)
+    for route in [default, *per_op.values()]:
+        if route not in ROUTES:
+            raise ValueError(f"FASTLORA_LAUNCH={setting!r}: a route is 'inductor' or 'python', "
+                             f"got {route!r}")
+    return default, per_op
+
+
+LAUNCH, PER_OP = parse(os.environ.get("FASTLORA_LAUNCH", "inductor"))
+
+
+def route(name: str) -> str:
+    """The launch route of op ``name`` ("fastlora::rope" or "fastlora::rope_backward")."""
+    op = name.split("::")[-1]
+    op = op[:-len("_backward")] if op.endswith("_backward") else op
+    return PER_OP.get(op, LAUNCH)
 
 _state = threading.local()  # .tracing: inside a decomposition, kernels go through wrap_triton
 
@@ -86,7 +107,7 @@ def fused_op(name: str):
     usual."""
     def wrap(fn):
         op = torch.library.custom_op(name, mutates_args=())(fn)
-        if LAUNCH == "inductor" and HAVE_TRITON:
+        if route(name) == "inductor" and HAVE_TRITON:
             from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
             from torch._subclasses.fake_tensor import FakeTensor
 

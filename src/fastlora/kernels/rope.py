@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
 
+from ._launch import fused_op, launch as launch_kernel
 if HAVE_TRITON:
     import triton
     import triton.language as tl
@@ -224,7 +225,7 @@ def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
     grid = (q_programs + k_programs,)
     if grid[0] == 0:
         return
-    _rope_kernel[grid](
+    launch_kernel(_rope_kernel)[grid](
         q4, k4, oq4, ok4, cq, sq, ck, sk, q_programs, *q_args, *k_args,
         HALF=rot_dim // 2, ROT=rot_dim, D=d, INTERLEAVED=interleaved, BACKWARD=backward,
         Q_BLOCK_T=q_bt, Q_BLOCK_HD=q_bhd,
@@ -295,7 +296,7 @@ def rope_backward_reference(dq_out, dk_out, cos, sin, rot_dim, interleaved, q_dt
 # ---------------------------------------------------------------- the custom ops
 
 
-@torch.library.custom_op("fastlora::rope", mutates_args=())
+@fused_op("fastlora::rope")
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, rot_dim: int,
          interleaved: bool) -> tuple[Tensor, Tensor]:
     """Returns (q rotated, k rotated); the first ``rot_dim`` features rotate, the rest pass.
@@ -313,7 +314,7 @@ def _(q, k, cos, sin, rot_dim, interleaved):
             torch.empty_like(k, dtype=_out_dtype(k, cos, sin)))
 
 
-@torch.library.custom_op("fastlora::rope_backward", mutates_args=())
+@fused_op("fastlora::rope_backward")
 def rope_backward(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor, rot_dim: int,
                   interleaved: bool, q_dtype: torch.dtype,
                   k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
