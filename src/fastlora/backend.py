@@ -127,7 +127,12 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    if (has_user_triton_kernels(gm) or has_fused_ops(gm)) and USER_TRITON_KERNEL_PATCHES:
+    fused = has_fused_ops(gm)
+    if fused:
+        from .kernels._launch import INDUCTOR_PATCHES
+
+        patches.update(INDUCTOR_PATCHES)
+    if (has_user_triton_kernels(gm) or fused) and USER_TRITON_KERNEL_PATCHES:
         log.info("fastlora: this graph launches user Triton kernels; inductor passes their float "
                  "arguments as float32, as Triton does (%s)", USER_TRITON_KERNEL_PATCHES)
         patches.update(USER_TRITON_KERNEL_PATCHES)

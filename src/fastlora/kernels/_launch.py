@@ -30,12 +30,13 @@ rope_backward) opaque and lets inductor launch the rest.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 
 import torch
 
-from ._common import HAVE_TRITON
+from ._common import HAVE_TRITON, size_hint
 
 ROUTES = ("inductor", "python")
 
@@ -61,7 +62,15 @@ def route(name: str) -> str:
     op = op[:-len("_backward")] if op.endswith("_backward") else op
     return PER_OP.get(op, LAUNCH)
 
+log = logging.getLogger("fastlora")
 _state = threading.local()  # .tracing: inside a decomposition, kernels go through wrap_triton
+
+
+# Inductor settings for graphs with fused ops: no padded strides. Inductor may pad the row
+# stride of a buffer it allocates (comprehensive padding: rows over 1024 elements that are not
+# a multiple of 128 bytes); a kernel traced with the dense stride would then read the wrong rows.
+INDUCTOR_PATCHES = {"comprehensive_padding": False} if any(
+    route_ == "inductor" for route_ in (LAUNCH, *PER_OP.values())) else {}
 
 
 def tracing() -> bool:
@@ -83,8 +92,53 @@ def launch(kernel):
     """``launch(kernel)[grid](...)``: the kernel itself, or while an op body is traced for
     inductor its ``wrap_triton`` wrapper (the launch becomes a node of the graph)."""
     if tracing():
-        return torch.library.wrap_triton(kernel)
+        return _Traced(kernel)
     return kernel
+
+
+class NotDense(Exception):
+    """A kernel argument whose layout inductor could change: the op stays opaque."""
+
+
+class _Traced:
+    """``wrap_triton(kernel)[grid](...)`` after checking that every tensor argument is dense.
+
+    The launchers pass strides as numbers taken at trace time. Inductor keeps a dense tensor's
+    layout exactly (its stride order is kept, and a dense layout of one order is unique), but a
+    view with gaps (a column slice, a broadcast) may reach the kernel as a compact copy
+    (torch 2.11 constrains only the stride order of a user kernel's arguments), and the kernel
+    would then read with the wrong strides. Such an argument makes the op opaque instead."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            for name, value in list(enumerate(args)) + list(kwargs.items()):
+                if isinstance(value, torch.Tensor) and not dense(value):
+                    raise NotDense(f"{getattr(self.kernel, '__name__', self.kernel)} argument "
+                                   f"{name}: sizes {tuple(value.shape)}, strides "
+                                   f"{tuple(value.stride())}")
+            return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
+        return run
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` provably covers its memory without gaps or overlaps (in some dimension
+    order), with no guard on symbolic sizes: unprovable counts as not dense."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if statically_known_true(t.numel() == 0):
+        return True
+    dims = sorted(((t.stride(i), t.shape[i]) for i in range(t.dim())
+                   if not statically_known_true(t.shape[i] == 1)),
+                  key=lambda d: size_hint(d[0]))
+    expected = 1
+    for stride, size in dims:
+        if not statically_known_true(stride == expected):
+            return False
+        expected = expected * size
+    return True
 
 
 def _tensors(args):
@@ -116,8 +170,13 @@ def fused_op(name: str):
                 if not _decomposes(list(args) + list(kwargs.values())) or any(
                         not issubclass(t, known) for t in types):
                     return mode.__torch_dispatch__(func, types, args, kwargs)
-                with mode, _traced():
-                    return fn(*args, **kwargs)
+                try:
+                    with mode, _traced():
+                        return fn(*args, **kwargs)
+                except NotDense as e:  # what was traced is unused: dead code, removed
+                    log.info("fastlora: %s stays opaque (launched by its Python code): %s",
+                             name, e)
+                    return mode.__torch_dispatch__(func, types, args, kwargs)
 
             op.register_torch_dispatch(FunctionalTensorMode, decompose)
         return op

@@ -310,8 +310,8 @@ def lora_mlp_backward(dh: Tensor, x: Tensor, gate_weight: Tensor, gate_A: Tensor
     fn = glu_backward_triton if triton_path else glu_backward_reference
     dg, du, da = fn(dh2, bg, bu, xa2, gate_B, up_B, gate_scale, up_scale, activation, dh.dtype)
     grad_b = lora_grad_b_triton if triton_path else lora_grad_b_reference
-    d_gate_B = grad_b(dg, xa2[:, :rg], gate_scale, gate_B.dtype)
-    d_up_B = grad_b(du, xa2[:, rg:], up_scale, up_B.dtype)
+    d_gate_B = grad_b(dg, xa2[:, :rg].contiguous(), gate_scale, gate_B.dtype)  # dense:
+    d_up_B = grad_b(du, xa2[:, rg:].contiguous(), up_scale, up_B.dtype)  # kernels/_launch.py
     wd = gate_weight.dtype
     dx, da_cat = grouped_dx([dg.to(wd), du.to(wd)], x2, [gate_weight, up_weight], da,
                             torch.cat([gate_A, up_A], 0), [rg, up_A.shape[0]], seed, dropout_p,

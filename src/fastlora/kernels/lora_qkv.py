@@ -51,7 +51,7 @@ def lora_qkv(x: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], q_A: Tensor,
         if use_triton(x2):
             out = y if y.dtype == out_dtype else torch.empty(y.shape, dtype=out_dtype,
                                                              device=y.device)
-            outs.append(lora_up_triton(y, xa[:, lo:lo + r], b, s, out))
+            outs.append(lora_up_triton(y, xa[:, lo:lo + r].contiguous(), b, s, out))
         else:
             outs.append(lora_up_reference(y, xa[:, lo:lo + r], b, s, out_dtype))
         lo += r
@@ -83,16 +83,20 @@ def lora_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, q_weight: T
     weights, a_list, b_list = (q_weight, k_weight, v_weight), (q_A, k_A, v_A), (q_B, k_B, v_B)
     ranks = [a.shape[0] for a in a_list]
     triton_path = use_triton(x2)
-    da = torch.empty((x2.shape[0], sum(ranks)), dtype=torch.float32, device=x2.device)
-    out_b, lo = [], 0
+    # Column slices of da and xa go to the kernels as compact copies ([M, r] float32, small):
+    # a kernel argument must be dense for inductor to launch it (kernels/_launch.py).
+    da_parts, out_b, lo = [], [], 0
     for g, b, s, r in zip(grads, b_list, (q_scale, k_scale, v_scale), ranks):
+        xa_j = xa2[:, lo:lo + r].contiguous()
         if triton_path:
-            lora_grad_down_triton(g, b, s, da[:, lo:lo + r])
-            out_b.append(lora_grad_b_triton(g, xa2[:, lo:lo + r], s, b.dtype))
+            da_parts.append(lora_grad_down_triton(g, b, s, torch.empty(
+                (x2.shape[0], r), dtype=torch.float32, device=x2.device)))
+            out_b.append(lora_grad_b_triton(g, xa_j, s, b.dtype))
         else:
-            da[:, lo:lo + r] = lora_grad_down_reference(g, b, s)
-            out_b.append(lora_grad_b_reference(g, xa2[:, lo:lo + r], s, b.dtype))
+            da_parts.append(lora_grad_down_reference(g, b, s))
+            out_b.append(lora_grad_b_reference(g, xa_j, s, b.dtype))
         lo += r
+    da = torch.cat(da_parts, 1)
     wd = q_weight.dtype
     dx, da_cat = grouped_dx([g.to(wd) for g in grads], x2, list(weights), da,
                             torch.cat(a_list, 0), ranks, seed, dropout_p, needs_dx)

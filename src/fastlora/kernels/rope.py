@@ -178,12 +178,12 @@ def _validate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, rot_dim: int) -> N
                     f"{name}'s rotated part {rotated}")
 
 
-def _trig_view(t: Tensor, x4: Tensor, rot_dim: int) -> Tensor:
-    """cos/sin as a 4-D view over x's rows (stride 0 where broadcast), last stride 1."""
+def _trig_4d(t: Tensor) -> Tensor:
+    """cos/sin as 4-D, last stride 1: the tensor the kernel gets (not its broadcast over x's
+    rows, whose stride-0 axes only give the strides: an argument inductor launches must be
+    dense, kernels/_launch.py)."""
     t = _as_4d(t)
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.expand(*x4.shape[:-1], rot_dim)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _rows_last_contiguous(t: Tensor) -> Tensor:
@@ -217,8 +217,8 @@ def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
             "fastlora.rope: output buffers must be contiguous in the last dimension")
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    cq, sq = _trig_view(cos, q4, rot_dim), _trig_view(sin, q4, rot_dim)
-    ck, sk = _trig_view(cos, k4, rot_dim), _trig_view(sin, k4, rot_dim)
+    cos4, sin4 = _trig_4d(cos), _trig_4d(sin)  # the kernel's pointers; strides of the views
+    cq, ck = cos4.expand(*q4.shape[:-1], rot_dim), cos4.expand(*k4.shape[:-1], rot_dim)
     d = q4.shape[-1]
     q_args, q_programs, q_bt, q_bhd, warps = _tile_plan(q4, oq4, cq, rot_dim)
     k_args, k_programs, k_bt, k_bhd, _ = _tile_plan(k4, ok4, ck, rot_dim)
@@ -226,7 +226,7 @@ def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
     if grid[0] == 0:
         return
     launch_kernel(_rope_kernel)[grid](
-        q4, k4, oq4, ok4, cq, sq, ck, sk, q_programs, *q_args, *k_args,
+        q4, k4, oq4, ok4, cos4, sin4, cos4, sin4, q_programs, *q_args, *k_args,
         HALF=rot_dim // 2, ROT=rot_dim, D=d, INTERLEAVED=interleaved, BACKWARD=backward,
         Q_BLOCK_T=q_bt, Q_BLOCK_HD=q_bhd,
         K_BLOCK_T=k_bt, K_BLOCK_HD=k_bhd, BLOCK_H=triton.next_power_of_2(max(1, rot_dim // 2)),
