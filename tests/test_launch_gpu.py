@@ -115,8 +115,8 @@ def _err(loss, grads, loss_ref, grads_ref):
 @needs_inductor_route
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fastlora_model_step_inductor_launch_matches_eager(dtype):
-    """The fastlora-compiled tiny Llama (dynamic lengths, inductor): every fused op's kernels in
-    inductor's code; loss and every LoRA gradient vs float64 no worse than eager's (float32:
+    """The fastlora-compiled tiny Llama (dynamic lengths, inductor): no op of INDUCTOR_LAUNCHED
+    left opaque in inductor's code (their kernels are launched by it); loss and every LoRA gradient vs float64 no worse than eager's (float32:
     within test_gpu_spine's 1e-5 / 1e-4); a second length without a recompile."""
     torch.manual_seed(0)
     model = with_lora(tiny_llama(layers=2)).cuda()
@@ -132,10 +132,10 @@ def test_fastlora_model_step_inductor_launch_matches_eager(dtype):
             if i == 0:
                 (loss_c, grads_c), code = run_and_get_code(_model_step, compiled, ids)
                 code = "\n".join(code)
-                assert "_lora_down_kernel" in code and "_rms_norm_fwd" in code
-                opaque = re.findall(r"torch\.ops\.fastlora\.(\w+)", code)
-                assert not [o for o in opaque if o.startswith(("lora_", "rms_norm", "rope"))], \
-                    opaque
+                opaque = {f"fastlora::{o}" for o in re.findall(r"torch\.ops\.fastlora\.(\w+)",
+                                                              code)}
+                assert not opaque & _launch.INDUCTOR_LAUNCHED, opaque
+                assert re.search(r"_(lora_down|rope)_kernel", code), "no fused kernel launched"
             else:
                 loss_c, grads_c = _model_step(compiled, ids)
         err_e, err_c = _err(loss_e, grads_e, loss64, grads64), _err(loss_c, grads_c, loss64,
@@ -144,4 +144,4 @@ def test_fastlora_model_step_inductor_launch_matches_eager(dtype):
             assert rel_err(loss_c, loss_e) < 1e-5
             assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-4
         assert err_c <= 1.25 * err_e + (1e-5 if dtype == torch.float32 else 1e-3), (err_e, err_c)
-    assert fastlora.last_report().counts().get("lora_qkv", 0) == 2
+    assert fastlora.last_report().counts().get("rope", 0) == 2

@@ -16,9 +16,13 @@ read them through ``_common.size_hint`` where a choice only tunes speed, so that
 length is added (the kernels take those lengths as ``do_not_specialize`` arguments).
 
 On CPU tensors (the PyTorch reference, or the Triton interpreter under ``TRITON_INTERPRET=1``)
-the op stays opaque, exactly as with ``FASTLORA_LAUNCH=python``: ``triton_op`` itself cannot
-run under torch.compile on a CPU-only machine (the interpreter's kernels are not traceable),
-which is why the decomposition here checks the device rather than using ``triton_op``.
+the op stays opaque, exactly as with ``FASTLORA_LAUNCH=python``. A ``torch.library.triton_op``
+whose body branches to plain PyTorch on CPU does run under torch.compile on a CPU-only machine
+(checked 2026-12-03, torch 2.13: the branch is traced like any PyTorch code), but a traced body
+cannot be our CPU path: the interpreter's kernels cannot be wrapped (``wrap_triton`` returns
+them as they are, and they would be called with fake tensors) and the reference reads the
+dropout seed with ``int()`` (a data-dependent value). So the decomposition below is
+``triton_op``'s, with a device check: traced on CUDA, opaque elsewhere.
 The autograd formula (backward = another fused op) and ``register_fake`` are unchanged: dynamo
 uses the fake, AOTAutograd the formula, and only then is each op decomposed.
 
@@ -71,6 +75,9 @@ _state = threading.local()  # .tracing: inside a decomposition, kernels go throu
 # a multiple of 128 bytes); a kernel traced with the dense stride would then read the wrong rows.
 INDUCTOR_PATCHES = {"comprehensive_padding": False} if any(
     route_ == "inductor" for route_ in (LAUNCH, *PER_OP.values())) else {}
+
+
+INDUCTOR_LAUNCHED: set[str] = set()  # ops whose kernels inductor launches on CUDA ("fastlora::rope")
 
 
 def tracing() -> bool:
@@ -162,6 +169,7 @@ def fused_op(name: str):
     def wrap(fn):
         op = torch.library.custom_op(name, mutates_args=())(fn)
         if route(name) == "inductor" and HAVE_TRITON:
+            INDUCTOR_LAUNCHED.add(name)
             from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
             from torch._subclasses.fake_tensor import FakeTensor
 

@@ -168,7 +168,9 @@ def _backward(ctx, dy):
 swiglu.register_autograd(_backward, setup_context=_setup)
 
 
-@fused_op("fastlora::swiglu_packed")
+# Opaque on every device: its gate and up are column halves of one tensor (rows with gaps),
+# which inductor could hand a kernel as compact copies (kernels/_launch.py).
+@torch.library.custom_op("fastlora::swiglu_packed", mutates_args=())
 def swiglu_packed(x: Tensor) -> Tensor:
     """silu(x[..., :n]) * x[..., n:] with n = x.shape[-1] // 2 (Phi-3's gate_up_proj)."""
     _validate_packed(x)
@@ -183,7 +185,7 @@ def _(x):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
-@fused_op("fastlora::swiglu_packed_backward")
+@torch.library.custom_op("fastlora::swiglu_packed_backward", mutates_args=())
 def swiglu_packed_backward(dy: Tensor, x: Tensor) -> Tensor:
     if use_triton(x):
         return swiglu_packed_backward_triton(dy, x)
