@@ -49,6 +49,12 @@ def test_bad_environment_variable_fails_at_import():
     assert p.returncode != 0 and "FASTLORA_LAUNCH" in p.stderr
 
 
+def test_unknown_op_in_an_exception_fails_at_import():
+    p = subprocess.run([sys.executable, "-c", "import fastlora.kernels"], capture_output=True,
+                       text=True, env={**os.environ, "FASTLORA_LAUNCH": "inductor,rop=python"})
+    assert p.returncode != 0 and "unknown op(s) ['rop']" in p.stderr
+
+
 def _symbolic(value, name="s0"):
     env = ShapeEnv()
     sym = env.create_symintnode(env.create_symbol(value, ConstantSource(name)), hint=value)

@@ -26,8 +26,13 @@ dropout seed with ``int()`` (a data-dependent value). So the decomposition below
 The autograd formula (backward = another fused op) and ``register_fake`` are unchanged: dynamo
 uses the fake, AOTAutograd the formula, and only then is each op decomposed.
 
+Traced launches lose what the Python launchers do at run time: a tile that needs more shared
+memory than the GPU has is halved by ``_common.halve_until_it_fits`` when Python launches it,
+but fails when inductor compiles it (large ranks with dropout; that op can be routed to Python,
+below).
+
 ``FASTLORA_LAUNCH=python`` keeps every op opaque (each call runs its Python launcher), the
-route of fastlora up to 0.x: set it to compare, or where inductor fails on a kernel. It is
+route before this setting existed: set it to compare, or where inductor fails on a kernel. It is
 read once, at import. Per op: ``FASTLORA_LAUNCH=inductor,rope=python`` keeps rope (and
 rope_backward) opaque and lets inductor launch the rest.
 """
@@ -66,6 +71,16 @@ def route(name: str) -> str:
     op = op[:-len("_backward")] if op.endswith("_backward") else op
     return PER_OP.get(op, LAUNCH)
 
+
+def check_op_names(ops) -> None:
+    """Refuse per-op exceptions that name no fused op (``ops``: names without namespace)."""
+    ops = {op for op in ops if not op.endswith("_backward")}
+    unknown = sorted(set(PER_OP) - ops)
+    if unknown:
+        raise ValueError(f"FASTLORA_LAUNCH names unknown op(s) {unknown}; the ops are "
+                         f"{', '.join(sorted(ops))}")
+
+
 log = logging.getLogger("fastlora")
 _state = threading.local()  # .tracing: inside a decomposition, kernels go through wrap_triton
 
@@ -77,6 +92,7 @@ INDUCTOR_PATCHES = {"comprehensive_padding": False} if any(
     route_ == "inductor" for route_ in (LAUNCH, *PER_OP.values())) else {}
 
 
+OPS: set[str] = set()  # every op made by fused_op
 INDUCTOR_LAUNCHED: set[str] = set()  # ops whose kernels inductor launches on CUDA ("fastlora::rope")
 
 
@@ -168,6 +184,7 @@ def fused_op(name: str):
     usual."""
     def wrap(fn):
         op = torch.library.custom_op(name, mutates_args=())(fn)
+        OPS.add(name)
         if route(name) == "inductor" and HAVE_TRITON:
             INDUCTOR_LAUNCHED.add(name)
             from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
