@@ -1,6 +1,7 @@
 """FASTLORA_LAUNCH (kernels/_launch.py): the setting, the layout check of traced kernel
 arguments, launch choices on symbolic lengths without guards, and CPU ops staying opaque under
 torch.compile. The inductor route itself runs on CUDA only: tests/test_launch_gpu.py."""
+import logging
 import os
 import subprocess
 import sys
@@ -119,3 +120,62 @@ def test_cpu_ops_stay_opaque_under_compile():
     assert "fastlora.lora_linear.default" in targets[0]
     assert "fastlora.lora_linear_backward.default" in targets[1]
     assert not any("triton_kernel_wrapper" in t for ts in targets for t in ts)
+
+
+if _launch.HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy_rows(X, Y, M, stride_x, N: tl.constexpr):
+        cols = tl.arange(0, N)
+        for i in range(M):
+            tl.store(Y + i * N + cols, tl.load(X + i * stride_x + cols))
+
+    @_launch.fused_op("fastlora_test::first_two_columns")
+    def first_two_columns(x: torch.Tensor) -> torch.Tensor:
+        """x[:, :2] copied by a kernel that reads the slice through its row stride."""
+        y = torch.empty((x.shape[0], 2), dtype=x.dtype, device=x.device)
+        cols = x[:, :2]  # rows with gaps: not dense
+        _launch.launch(_copy_rows)[(1,)](cols, y, x.shape[0], cols.stride(0), N=2)
+        return y
+
+    @first_two_columns.register_fake
+    def _(x):
+        return x.new_empty((x.shape[0], 2))
+
+
+@pytest.mark.skipif(not _launch.HAVE_TRITON or _launch.LAUNCH != "inductor",
+                    reason="needs Triton and the inductor route")
+def test_an_argument_with_gaps_keeps_the_op_opaque(monkeypatch):
+    """Traced for inductor (the CUDA decomposition, forced here on CPU tensors), an op whose
+    kernel would get a view with gaps is not decomposed: it stays one opaque node, launched by
+    its Python code, and says why on the fastlora logger."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from functorch.compile import make_boxed_func
+
+    monkeypatch.setattr(_launch, "_decomposes", lambda args: True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def keep(g, _inputs):
+            graphs.append(g)
+            return make_boxed_func(g.forward)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep)
+
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("fastlora")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(handler)
+    try:
+        x = torch.randn(4, 5)
+        y = torch.compile(lambda t: first_two_columns(t) * 2, backend=backend)(x)
+    finally:
+        logger.removeHandler(handler)
+    assert torch.equal(y, x[:, :2] * 2)
+    assert "fastlora_test.first_two_columns.default" in {str(n.target)
+                                                        for n in graphs[0].graph.nodes}
+    said = "\n".join(records)
+    assert "stays opaque" in said and "sizes (4, 2), strides (5, 1)" in said, said
