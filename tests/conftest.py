@@ -7,6 +7,7 @@ than one (2026-12-03), and the results must not depend on how many cores the hos
 import os
 
 THREADS = os.environ.get("FASTLORA_TEST_THREADS", "1")
+os.environ.setdefault("FASTLORA_CACHE", "off")  # no compile cache in ~/.cache from test runs
 os.environ.setdefault("OMP_NUM_THREADS", THREADS)
 
 import pytest  # noqa: E402

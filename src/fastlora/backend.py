@@ -124,10 +124,16 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
+    import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx
 
+    from .kernels._launch import INDUCTOR_PATCHES
+
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    if has_user_triton_kernels(gm) and USER_TRITON_KERNEL_PATCHES:
+    fused = has_fused_ops(gm)
+    if fused:
+        patches.update(INDUCTOR_PATCHES)
+    if (has_user_triton_kernels(gm) or fused) and USER_TRITON_KERNEL_PATCHES:
         log.info("fastlora: this graph launches user Triton kernels; inductor passes their float "
                  "arguments as float32, as Triton does (%s)", USER_TRITON_KERNEL_PATCHES)
         patches.update(USER_TRITON_KERNEL_PATCHES)
@@ -137,7 +143,12 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
 
         offload_patches, offload = offload_config(offload_mib, report)
         patches.update(offload_patches)
-    with offload:
+    # AOTAutograd's cache keys a graph before our ops are traced into their kernel launches: a
+    # change to a launcher (block sizes, grids) would not reach its key. Inductor's own cache,
+    # keyed on the traced graph (kernel sources and launch arguments), stays on.
+    aot_cache = functorch_config.patch(enable_autograd_cache=False) \
+        if fused and INDUCTOR_PATCHES else contextlib.nullcontext()
+    with offload, aot_cache:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
@@ -148,6 +159,14 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
 # Graphs that launch user kernels get Triton's own typing back.
 USER_TRITON_KERNEL_PATCHES = {"_use_fp64_for_unbacked_floats": False} \
     if hasattr(torch._inductor.config, "_use_fp64_for_unbacked_floats") else {}
+
+
+def has_fused_ops(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` calls a fastlora op: on CUDA, AOTAutograd traces those into launches of
+    their Triton kernels that inductor's code makes (FASTLORA_LAUNCH, kernels/_launch.py)."""
+    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+               and node.target.namespace == "fastlora"
+               for module in _graph_modules(gm) for node in module.graph.nodes)
 
 
 def has_user_triton_kernels(gm: fx.GraphModule) -> bool:

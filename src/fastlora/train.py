@@ -191,6 +191,7 @@ def _run(cfg, rows, fmt, folder, checkpoint, stop, stream, process) -> dict | No
     from .progress import ProgressCallback
     from .report import reports
     from .sft import build_trainer, keep_adapters_in, padding_free_collator, sft_config
+    from . import compile_cache
     from .trainer import compile_count, compile_for_trainer
 
     say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731
@@ -237,6 +238,7 @@ def _run(cfg, rows, fmt, folder, checkpoint, stop, stream, process) -> dict | No
     if checkpoint is not None:
         say(f"resume   from {checkpoint} (step {_step_of(checkpoint)})")
     if cfg.compile:
+        compile_cache.use()  # compiled code kept between runs (compile_cache.py)
         options = {"compiler": compiler}
         if cfg.disable:
             options["disable"] = list(cfg.disable)
@@ -255,6 +257,8 @@ def _run(cfg, rows, fmt, folder, checkpoint, stop, stream, process) -> dict | No
         return None  # stopped early, with a checkpoint; the signal on the last step is too late
     stop.signal_name = None
     trainer.save_model(str(partial))  # called by every process, writes on the main one
+    if cfg.compile and process.main:
+        compile_cache.save()
     summary = _summary(cfg, trainer, progress, result, seconds, base, folder.out, compiler,
                        compile_count() - graphs_before, reports(model) if cfg.compile else [],
                        process.world_size)

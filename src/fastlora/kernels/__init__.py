@@ -7,3 +7,7 @@ import pkgutil
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
+
+from . import _launch  # noqa: E402
+
+_launch.check_op_names({name.split("::")[1] for name in _launch.OPS})

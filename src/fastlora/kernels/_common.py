@@ -40,11 +40,24 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def size_hint(n) -> int:
+    """The value of a size, without a guard: a symbolic size (a token count under dynamic
+    shapes, while inductor traces an op's body: kernels/_launch.py) gives the value it has in
+    the example inputs. Only for choices that change speed, never results (block sizes, how
+    many programs or splits); the kernels then take the symbolic size itself."""
+    if isinstance(n, int):
+        return n
+    hint = n.node.hint
+    return int(hint) if hint is not None else 8192
+
+
 def persistent_programs(t: torch.Tensor, rows: int, per_sm: int = 1) -> int:
-    """Programs for a grid that loops over rows: a few per SM on a GPU, 4 under the interpreter."""
+    """Programs for a grid that loops over rows: a few per SM on a GPU, 4 under the interpreter.
+    With symbolic ``rows`` the count is chosen on their example value and kept for every length
+    (a program past the last row stores zero partial sums)."""
     if t.is_cuda:
-        return max(1, min(rows, _sm_count(t.device.index or 0) * per_sm))
-    return max(1, min(rows, 4))
+        return max(1, min(size_hint(rows), _sm_count(t.device.index or 0) * per_sm))
+    return max(1, min(size_hint(rows), 4))
 
 
 def require(cond: bool, message: str, exc=ValueError) -> None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, require
+from ._launch import launch
 
 if HAVE_TRITON:
     import triton
@@ -77,7 +78,8 @@ def dense_shape(tensors, flat: tuple[int, int]) -> tuple[int, int] | None:
     programs."""
     elems = flat[0]
     M, N = tensors[0].shape
-    if any(t.stride(0) != N for t in tensors) or (M * N) % elems:
+    whole = (M * N) % elems == 0 if isinstance(M, int) else N % elems == 0  # no guard on M
+    if any(t.stride(0) != N for t in tensors) or not whole:
         return None
     return M * N // elems, elems
 
@@ -111,8 +113,9 @@ def launch_forward(kernel, flat: tuple[int, int], gate: Tensor, up: Tensor,
     if (M, N) != tuple(g2.shape):  # the flat stream: the same memory as [M * N / w, w]
         g2, u2, y2 = (t.view(M, N) for t in (g2, u2, y2))
     if M * N:
-        kernel[grid(M, N, bm, bn)](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0), M, N,
-                                   BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **constexprs)
+        launch(kernel)[grid(M, N, bm, bn)](g2, u2, y2, g2.stride(0), u2.stride(0), y2.stride(0),
+                                           M, N, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                           **constexprs)
     return y.view(gate.shape)
 
 
@@ -132,7 +135,8 @@ def launch_backward(kernel, flat: tuple[int, int], dy: Tensor, gate: Tensor, up:
     if (M, N) != tuple(g2.shape):  # the flat stream
         dy2, g2, u2, dg2, du2 = (t.view(M, N) for t in (dy2, g2, u2, dg2, du2))
     if M * N:
-        kernel[grid(M, N, bm, bn)](dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0),
-                                   u2.stride(0), dg2.stride(0), du2.stride(0), M, N,
-                                   BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, **constexprs)
+        launch(kernel)[grid(M, N, bm, bn)](dy2, g2, u2, dg2, du2, dy2.stride(0), g2.stride(0),
+                                           u2.stride(0), dg2.stride(0), du2.stride(0), M, N,
+                                           BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                           **constexprs)
     return dgate.view(gate.shape), dup.view(up.shape)

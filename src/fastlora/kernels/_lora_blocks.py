@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import HAVE_TRITON, _sm_count, halve_until_it_fits, require
+from ._common import HAVE_TRITON, _sm_count, halve_until_it_fits, require, size_hint
+from ._launch import launch
 from ._dot_precision import dot_mode, fix_bf16  # noqa: F401  (used by the op files too)
 from ._lora_reference import (_inv_keep, keep_mask_reference, lora_down_reference,  # noqa: F401
                               lora_grad_b_reference, lora_grad_down_reference,
@@ -261,11 +262,13 @@ def rows2d(t: Tensor) -> Tensor:
 def split_extent(extent: int, block: int, other_programs: int, per_sm: int, t: Tensor):
     """(splits, extent per split): cut ``extent`` into block-aligned splits so that
     other_programs x splits is about per_sm programs per SM (per_sm 0: one split)."""
-    if per_sm <= 0 or extent <= 0:
-        return 1, max(extent, 1)
-    want = triton.cdiv(per_sm * _sms(t), max(other_programs, 1))
-    splits = max(1, min(triton.cdiv(extent, block), want))
+    if per_sm <= 0 or size_hint(extent) <= 0:
+        return 1, max(extent, 1) if isinstance(extent, int) else extent
+    want = triton.cdiv(per_sm * _sms(t), max(size_hint(other_programs), 1))
+    splits = max(1, min(triton.cdiv(size_hint(extent), block), want))
     per = triton.cdiv(triton.cdiv(extent, splits), block) * block
+    if not isinstance(per, int):  # a symbolic length: as many splits at every length (some
+        return splits, per        # may get no rows; they store zero partial sums)
     return triton.cdiv(extent, per), per
 
 
@@ -286,7 +289,7 @@ def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
     splits, per = split_extent(K, bk, triton.cdiv(M, bm), cfg["per_sm"], x2)
     out = xa if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32,
                                              device=x2.device)
-    _lora_down_kernel[(triton.cdiv(M, bm), splits)](
+    launch(_lora_down_kernel)[(triton.cdiv(M, bm), splits)](
         x2, a_cat, out, seed if seed is not None else xa, *_bounds(ranks, R), M, K, R,
         x2.stride(0), a_cat.stride(0), xa.stride(0) if splits == 1 else R, M * R, per,
         threshold_of(p), _inv_keep(p), G=len(ranks), DROPOUT=p > 0,
@@ -304,7 +307,7 @@ def lora_up_triton(base2, xa, b, scale, out):
     cfg = config("up", block_m=32, block_n=128, warps=4)
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
-        _lora_up_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        launch(_lora_up_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             base2, xa, b, out, M, N, R, base2.stride(0), xa.stride(0), b.stride(0), out.stride(0),
             scale, MODE=dot_mode(base2.device, out.dtype), FIX_BF16=fix_bf16(out),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_block_r(R), num_warps=cfg["warps"])
@@ -315,11 +318,11 @@ def lora_grad_down_triton(g2, b, scale, da):
     """da [M, r] (a float32 view, possibly a column slice) = scale * g @ B."""
     M, N = g2.shape
     R = b.shape[1]
-    cfg = config("grad_down", block_m=64 if M >= 64 * 2 * _sms(g2) else 32, block_n=128,
+    cfg = config("grad_down", block_m=64 if size_hint(M) >= 64 * 2 * _sms(g2) else 32, block_n=128,
                  warps=4)
     bm = cfg["block_m"]
     if M:
-        _lora_grad_down_kernel[(triton.cdiv(M, bm),)](
+        launch(_lora_grad_down_kernel)[(triton.cdiv(M, bm),)](
             g2, b, da, M, N, R, g2.stride(0), b.stride(0), da.stride(0), scale,
             MODE=dot_mode(g2.device, g2.dtype, b.dtype), BLOCK_M=bm, BLOCK_N=cfg["block_n"],
             BLOCK_R=_block_r(R), num_warps=cfg["warps"])
@@ -337,7 +340,7 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
     alloc = torch.empty if M else torch.zeros  # every element written when M > 0
     part = alloc((splits, N, R), dtype=torch.float32, device=g2.device)
     if M and N:
-        _lora_grad_b_kernel[(nb, splits)](
+        launch(_lora_grad_b_kernel)[(nb, splits)](
             g2, xa, part, M, N, R, g2.stride(0), xa.stride(0), per,
             MODE=dot_mode(g2.device, g2.dtype), BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_R=_block_r(R), num_warps=cfg["warps"])
@@ -356,13 +359,13 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
     cfg = config("grad_x", block_m=64, block_k=128, warps=4, per_sm=8)
     bm = cfg["block_m"]
 
-    def launch(bk):
+    def run(bk):
         nb = triton.cdiv(K, bk)
         splits, per = split_extent(M, bm, nb, cfg["per_sm"], x2)
         alloc = torch.empty if M else torch.zeros  # every element written when M > 0
         part = alloc((splits, R, K) if need_da else (1,), dtype=torch.float32, device=x2.device)
         if M and K and (dx is not None or need_da):
-            _lora_grad_x_kernel[(nb, splits)](
+            launch(_lora_grad_x_kernel)[(nb, splits)](
                 x2, da, a_cat, dx if dx is not None else x2, part,
                 seed if seed is not None else part, *_bounds(ranks, R), M, K, R,
                 x2.stride(0), da.stride(0), a_cat.stride(0),
@@ -375,7 +378,10 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
 
     key = ("grad_x", x2.device, x2.dtype, da.dtype, a_cat.dtype, br, bm, cfg["warps"], p > 0,
            len(ranks), dx is not None, need_da)
-    part = halve_until_it_fits(launch, cfg["block_k"], key)
+    # Traced for inductor (kernels/_launch.py) nothing is compiled yet, so nothing can fail
+    # here: the tuned (or already fitted) block is used, and a tile past the shared memory
+    # fails when inductor compiles the kernel (FASTLORA_LAUNCH=inductor,lora_...=python).
+    part = halve_until_it_fits(run, cfg["block_k"], key)
     return dx, (part.sum(0) if need_da else None)
 
 

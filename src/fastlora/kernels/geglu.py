@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
+from ._launch import fused_op
 from ._glu_tiles import launch_backward, launch_forward
 
 APPROXIMATIONS = ("tanh", "none")
@@ -141,7 +142,7 @@ def geglu_backward_reference(dy, gate, up, approximate):
 # ---------------------------------------------------------------- the custom ops
 
 
-@torch.library.custom_op("fastlora::geglu", mutates_args=())
+@fused_op("fastlora::geglu")
 def geglu(gate: Tensor, up: Tensor, approximate: str) -> Tensor:
     """gelu(gate, approximate) * up, computed in float32; saves only gate and up."""
     _validate(gate, up, approximate)
@@ -156,7 +157,7 @@ def _(gate, up, approximate):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("fastlora::geglu_backward", mutates_args=())
+@fused_op("fastlora::geglu_backward")
 def geglu_backward(dy: Tensor, gate: Tensor, up: Tensor,
                    approximate: str) -> tuple[Tensor, Tensor]:
     if use_triton(gate):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import HAVE_TRITON, check_float, require, use_triton
+from ._launch import fused_op, launch
 from ._lora_blocks import (config, dot_mode, fix_bf16, lora_down_reference, lora_down_triton,
                            split_extent, lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
                            lora_grad_x_reference, lora_grad_x_triton, lora_up_reference, rows2d)
@@ -162,7 +163,7 @@ def glu_forward_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, out_dty
     cfg = config("glu_fwd", block_m=32, block_n=128, warps=4)
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
-        _lora_glu_fwd_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        launch(_lora_glu_fwd_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             base_g, base_u, xa, b_g, b_u, h, M, N, rg, ru, base_g.stride(0), base_u.stride(0),
             xa.stride(0), b_g.stride(0), b_u.stride(0), h.stride(0), sg, su,
             ACT=ACTIVATIONS[activation], MODE=dot_mode(h.device, h.dtype),
@@ -188,7 +189,7 @@ def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dt
         return dg, du, da
     splits, per = split_extent(N, bn, triton.cdiv(M, bm), cfg["per_sm"], base_g)
     part = torch.empty((splits, M, rg + ru), dtype=torch.float32, device=dev)
-    _lora_glu_bwd_kernel[(triton.cdiv(M, bm), splits)](
+    launch(_lora_glu_bwd_kernel)[(triton.cdiv(M, bm), splits)](
         dh, base_g, base_u, xa, b_g, b_u, dg, du, part, M, N, rg, ru, dh.stride(0),
         base_g.stride(0), base_u.stride(0), xa.stride(0), b_g.stride(0), b_u.stride(0),
         dg.stride(0), per, sg, su, ACT=ACTIVATIONS[activation],
@@ -264,7 +265,7 @@ def _validate_mlp(x, weights, lora_As, lora_Bs, activation, dropout_p, seed):
             "fastlora.lora_mlp: dropout_p must be in [0, 1) and needs a seed when > 0")
 
 
-@torch.library.custom_op("fastlora::lora_mlp", mutates_args=())
+@fused_op("fastlora::lora_mlp")
 def lora_mlp(x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], gate_A: Tensor,
              gate_B: Tensor, up_weight: Tensor, up_bias: Optional[Tensor], up_A: Tensor,
              up_B: Tensor, seed: Optional[Tensor], gate_scale: float, up_scale: float,
@@ -295,7 +296,7 @@ def _(x, gate_weight, gate_bias, gate_A, gate_B, up_weight, up_bias, up_A, up_B,
             x.new_empty((*lead, gate_A.shape[0] + up_A.shape[0]), dtype=torch.float32))
 
 
-@torch.library.custom_op("fastlora::lora_mlp_backward", mutates_args=())
+@fused_op("fastlora::lora_mlp_backward")
 def lora_mlp_backward(dh: Tensor, x: Tensor, gate_weight: Tensor, gate_A: Tensor, gate_B: Tensor,
                       up_weight: Tensor, up_A: Tensor, up_B: Tensor, base_gate: Tensor,
                       base_up: Tensor, xa: Tensor, seed: Optional[Tensor], gate_scale: float,
@@ -309,8 +310,8 @@ def lora_mlp_backward(dh: Tensor, x: Tensor, gate_weight: Tensor, gate_A: Tensor
     fn = glu_backward_triton if triton_path else glu_backward_reference
     dg, du, da = fn(dh2, bg, bu, xa2, gate_B, up_B, gate_scale, up_scale, activation, dh.dtype)
     grad_b = lora_grad_b_triton if triton_path else lora_grad_b_reference
-    d_gate_B = grad_b(dg, xa2[:, :rg], gate_scale, gate_B.dtype)
-    d_up_B = grad_b(du, xa2[:, rg:], up_scale, up_B.dtype)
+    d_gate_B = grad_b(dg, xa2[:, :rg].contiguous(), gate_scale, gate_B.dtype)  # dense:
+    d_up_B = grad_b(du, xa2[:, rg:].contiguous(), up_scale, up_B.dtype)  # kernels/_launch.py
     wd = gate_weight.dtype
     dx, da_cat = grouped_dx([dg.to(wd), du.to(wd)], x2, [gate_weight, up_weight], da,
                             torch.cat([gate_A, up_A], 0), [rg, up_A.shape[0]], seed, dropout_p,

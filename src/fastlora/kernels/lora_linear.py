@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import check_float, check_same_device, require, use_triton
+from ._launch import fused_op
 from ._lora_blocks import (lora_down_reference, lora_down_triton, lora_grad_b_reference,
                            lora_grad_b_triton, lora_grad_down_reference, lora_grad_down_triton,
                            lora_grad_x_reference, lora_grad_x_triton, lora_up_reference,
@@ -133,7 +134,7 @@ def validate(x, weight, bias, base, a, b, seed, dropout_p, out_dtype):
             "fastlora.lora_linear: dropout needs a one-element int64 seed tensor")
 
 
-@torch.library.custom_op("fastlora::lora_linear", mutates_args=())
+@fused_op("fastlora::lora_linear")
 def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 base: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, seed: Optional[Tensor],
                 scale: float, dropout_p: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -154,7 +155,7 @@ def _(x, weight, bias, base, lora_A, lora_B, seed, scale, dropout_p, out_dtype):
             x.new_empty((*lead, lora_A.shape[0]), dtype=torch.float32))
 
 
-@torch.library.custom_op("fastlora::lora_linear_backward", mutates_args=())
+@fused_op("fastlora::lora_linear_backward")
 def lora_linear_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor,
                          lora_B: Tensor, xa: Tensor, seed: Optional[Tensor], scale: float,
                          dropout_p: float, needs_dx: bool, needs_dw: bool,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import require, use_triton
+from ._launch import fused_op
 from ._lora_blocks import rows2d
 from .lora_grouped import _validate_mlp, glu_forward_reference, glu_forward_triton, grouped_down
 from .lora_linear import lora_backward, lora_forward, validate as validate_linear
@@ -54,7 +55,7 @@ def _glu(x2):
     return glu_forward_triton if use_triton(x2) else glu_forward_reference
 
 
-@torch.library.custom_op("fastlora::lora_mlp_block", mutates_args=())
+@fused_op("fastlora::lora_mlp_block")
 def lora_mlp_block(x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], gate_A: Tensor,
                    gate_B: Tensor, up_weight: Tensor, up_bias: Optional[Tensor], up_A: Tensor,
                    up_B: Tensor, seed: Optional[Tensor], gate_scale: float, up_scale: float,
@@ -97,7 +98,7 @@ def _(x, gate_weight, gate_bias, gate_A, gate_B, up_weight, up_bias, up_A, up_B,
             x.new_empty((*lead, down_A.shape[0]), dtype=f32))
 
 
-@torch.library.custom_op("fastlora::lora_mlp_block_backward", mutates_args=())
+@fused_op("fastlora::lora_mlp_block_backward")
 def lora_mlp_block_backward(
         dy: Tensor, x: Tensor, gate_weight: Tensor, gate_A: Tensor, gate_B: Tensor,
         up_weight: Tensor, up_A: Tensor, up_B: Tensor, base_gate: Tensor, base_up: Tensor,

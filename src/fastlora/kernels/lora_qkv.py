@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import check_float, require, use_triton
+from ._launch import fused_op
 from ._lora_blocks import (lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
                            lora_grad_down_triton, lora_up_reference, lora_up_triton, rows2d)
 from .lora_grouped import _split, grouped_down, grouped_dx
@@ -32,7 +33,7 @@ def _validate_qkv(x, weights, lora_As, lora_Bs, dropout_p, seed):
             "fastlora.lora_qkv: dropout_p must be in [0, 1) and needs a seed when > 0")
 
 
-@torch.library.custom_op("fastlora::lora_qkv", mutates_args=())
+@fused_op("fastlora::lora_qkv")
 def lora_qkv(x: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], q_A: Tensor, q_B: Tensor,
              k_weight: Tensor, k_bias: Optional[Tensor], k_A: Tensor, k_B: Tensor,
              v_weight: Tensor, v_bias: Optional[Tensor], v_A: Tensor, v_B: Tensor,
@@ -50,7 +51,7 @@ def lora_qkv(x: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], q_A: Tensor,
         if use_triton(x2):
             out = y if y.dtype == out_dtype else torch.empty(y.shape, dtype=out_dtype,
                                                              device=y.device)
-            outs.append(lora_up_triton(y, xa[:, lo:lo + r], b, s, out))
+            outs.append(lora_up_triton(y, xa[:, lo:lo + r].contiguous(), b, s, out))
         else:
             outs.append(lora_up_reference(y, xa[:, lo:lo + r], b, s, out_dtype))
         lo += r
@@ -70,7 +71,7 @@ def _(x, q_weight, q_bias, q_A, q_B, k_weight, k_bias, k_A, k_B, v_weight, v_bia
         x.new_empty((*lead, r), dtype=torch.float32),)
 
 
-@torch.library.custom_op("fastlora::lora_qkv_backward", mutates_args=())
+@fused_op("fastlora::lora_qkv_backward")
 def lora_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, q_weight: Tensor, q_A: Tensor,
                       q_B: Tensor, k_weight: Tensor, k_A: Tensor, k_B: Tensor, v_weight: Tensor,
                       v_A: Tensor, v_B: Tensor, xa: Tensor, seed: Optional[Tensor],
@@ -82,16 +83,20 @@ def lora_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, q_weight: T
     weights, a_list, b_list = (q_weight, k_weight, v_weight), (q_A, k_A, v_A), (q_B, k_B, v_B)
     ranks = [a.shape[0] for a in a_list]
     triton_path = use_triton(x2)
-    da = torch.empty((x2.shape[0], sum(ranks)), dtype=torch.float32, device=x2.device)
-    out_b, lo = [], 0
+    # Column slices of da and xa go to the kernels as compact copies ([M, r] float32, small):
+    # a kernel argument must be dense for inductor to launch it (kernels/_launch.py).
+    da_parts, out_b, lo = [], [], 0
     for g, b, s, r in zip(grads, b_list, (q_scale, k_scale, v_scale), ranks):
+        xa_j = xa2[:, lo:lo + r].contiguous()
         if triton_path:
-            lora_grad_down_triton(g, b, s, da[:, lo:lo + r])
-            out_b.append(lora_grad_b_triton(g, xa2[:, lo:lo + r], s, b.dtype))
+            da_parts.append(lora_grad_down_triton(g, b, s, torch.empty(
+                (x2.shape[0], r), dtype=torch.float32, device=x2.device)))
+            out_b.append(lora_grad_b_triton(g, xa_j, s, b.dtype))
         else:
-            da[:, lo:lo + r] = lora_grad_down_reference(g, b, s)
-            out_b.append(lora_grad_b_reference(g, xa2[:, lo:lo + r], s, b.dtype))
+            da_parts.append(lora_grad_down_reference(g, b, s))
+            out_b.append(lora_grad_b_reference(g, xa_j, s, b.dtype))
         lo += r
+    da = torch.cat(da_parts, 1)
     wd = q_weight.dtype
     dx, da_cat = grouped_dx([g.to(wd) for g in grads], x2, list(weights), da,
                             torch.cat(a_list, 0), ranks, seed, dropout_p, needs_dx)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ._common import require
 
+from ._launch import fused_op
 _ops = torch.ops.fastlora
 
 
@@ -56,7 +57,7 @@ def _qkv_forward(x, norm_weight, eps, offset, cast_before_weight, q_weight, q_bi
     return q, k, v, xa  # y dies here
 
 
-@torch.library.custom_op("fastlora::rms_norm_lora_qkv", mutates_args=())
+@fused_op("fastlora::rms_norm_lora_qkv")
 def rms_norm_lora_qkv(x: Tensor, norm_weight: Tensor, eps: float, offset: float,
                       cast_before_weight: bool, q_weight: Tensor, q_bias: Optional[Tensor],
                       q_A: Tensor, q_B: Tensor, k_weight: Tensor, k_bias: Optional[Tensor],
@@ -90,7 +91,7 @@ def _qkv_backward_impl(dq, dk, dv, x, norm_weight, eps, offset, cast_before_weig
     return [dx, dw] + list(res[1:])
 
 
-@torch.library.custom_op("fastlora::rms_norm_lora_qkv_backward", mutates_args=())
+@fused_op("fastlora::rms_norm_lora_qkv_backward")
 def rms_norm_lora_qkv_backward(
         dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, norm_weight: Tensor, eps: float,
         offset: float, cast_before_weight: bool, q_weight: Tensor, q_A: Tensor, q_B: Tensor,
@@ -156,7 +157,7 @@ def _mlp_forward(x, norm_weight, eps, offset, cast_before_weight, gate_weight, g
     return out, bg, bu, xa, xa_d  # y dies here
 
 
-@torch.library.custom_op("fastlora::rms_norm_lora_mlp_block", mutates_args=())
+@fused_op("fastlora::rms_norm_lora_mlp_block")
 def rms_norm_lora_mlp_block(
         x: Tensor, norm_weight: Tensor, eps: float, offset: float, cast_before_weight: bool,
         gate_weight: Tensor, gate_bias: Optional[Tensor], gate_A: Tensor, gate_B: Tensor,
@@ -193,7 +194,7 @@ def _mlp_backward_impl(dout, x, norm_weight, eps, offset, cast_before_weight, ga
     return [dx, dw] + list(res[1:])
 
 
-@torch.library.custom_op("fastlora::rms_norm_lora_mlp_block_backward", mutates_args=())
+@fused_op("fastlora::rms_norm_lora_mlp_block_backward")
 def rms_norm_lora_mlp_block_backward(
         dout: Tensor, x: Tensor, norm_weight: Tensor, eps: float, offset: float,
         cast_before_weight: bool, gate_weight: Tensor, gate_A: Tensor, gate_B: Tensor,

@@ -24,6 +24,7 @@ from torch import Tensor
 from ._common import (HAVE_TRITON, check_float, check_same_device, persistent_programs, require,
                       row_tile, use_triton)
 
+from ._launch import fused_op, launch
 if HAVE_TRITON:
     import triton
     import triton.language as tl
@@ -129,7 +130,7 @@ def rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight, y=None, 
     if rstd is None:
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_m, block_n, warps = tile_config(N, x.element_size(), "fwd")
-    _rms_norm_fwd[(triton.cdiv(M, block_m),)](
+    launch(_rms_norm_fwd)[(triton.cdiv(M, block_m),)](
         x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), M, N, eps, offset,
         CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps)
@@ -150,11 +151,11 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, co
     programs = persistent_programs(x2, tiles, per_sm=4) if compute_dw else tiles
     partial = torch.empty((programs, N) if compute_dw else (1, 1), dtype=torch.float32,
                           device=x.device)
-    _rms_norm_bwd[(programs,)](dy2, x2, weight.contiguous(), rstd.contiguous(), dx, partial,
-                               dy2.stride(0), x2.stride(0), dx.stride(0), M, N, offset,
-                               triton.cdiv(tiles, programs),
-                               CAST_BEFORE_WEIGHT=cast_before_weight, COMPUTE_DW=compute_dw,
-                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    launch(_rms_norm_bwd)[(programs,)](
+        dy2, x2, weight.contiguous(), rstd.contiguous(), dx, partial, dy2.stride(0),
+        x2.stride(0), dx.stride(0), M, N, offset, triton.cdiv(tiles, programs),
+        CAST_BEFORE_WEIGHT=cast_before_weight, COMPUTE_DW=compute_dw, BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=warps)
     dw = partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty(0)
     return dx.view(x.shape), dw
 
@@ -189,7 +190,7 @@ def rms_norm_backward_reference(dy, x, weight, rstd, offset, cast_before_weight,
 # ---------------------------------------------------------------- the custom ops
 
 
-@torch.library.custom_op("fastlora::rms_norm", mutates_args=())
+@fused_op("fastlora::rms_norm")
 def rms_norm(x: Tensor, weight: Tensor, eps: float, offset: float,
              cast_before_weight: bool) -> tuple[Tensor, Tensor]:
     """Returns (y, rstd); rstd (float32, one per row) is what the backward needs besides x."""
@@ -206,7 +207,7 @@ def _(x, weight, eps, offset, cast_before_weight):
     return y, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastlora::rms_norm_backward", mutates_args=())
+@fused_op("fastlora::rms_norm_backward")
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, offset: float,
                       cast_before_weight: bool, compute_dw: bool) -> tuple[Tensor, Tensor]:
     if use_triton(x):

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
 
+from ._launch import fused_op, launch as launch_kernel
 if HAVE_TRITON:
     import triton
     import triton.language as tl
@@ -177,12 +178,12 @@ def _validate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, rot_dim: int) -> N
                     f"{name}'s rotated part {rotated}")
 
 
-def _trig_view(t: Tensor, x4: Tensor, rot_dim: int) -> Tensor:
-    """cos/sin as a 4-D view over x's rows (stride 0 where broadcast), last stride 1."""
+def _trig_4d(t: Tensor) -> Tensor:
+    """cos/sin as 4-D, last stride 1: the tensor the kernel gets (not its broadcast over x's
+    rows, whose stride-0 axes only give the strides: an argument inductor launches must be
+    dense, kernels/_launch.py)."""
     t = _as_4d(t)
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.expand(*x4.shape[:-1], rot_dim)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _rows_last_contiguous(t: Tensor) -> Tensor:
@@ -216,16 +217,16 @@ def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
             "fastlora.rope: output buffers must be contiguous in the last dimension")
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    cq, sq = _trig_view(cos, q4, rot_dim), _trig_view(sin, q4, rot_dim)
-    ck, sk = _trig_view(cos, k4, rot_dim), _trig_view(sin, k4, rot_dim)
+    cos4, sin4 = _trig_4d(cos), _trig_4d(sin)  # the kernel's pointers; strides of the views
+    cq, ck = cos4.expand(*q4.shape[:-1], rot_dim), cos4.expand(*k4.shape[:-1], rot_dim)
     d = q4.shape[-1]
     q_args, q_programs, q_bt, q_bhd, warps = _tile_plan(q4, oq4, cq, rot_dim)
     k_args, k_programs, k_bt, k_bhd, _ = _tile_plan(k4, ok4, ck, rot_dim)
     grid = (q_programs + k_programs,)
     if grid[0] == 0:
         return
-    _rope_kernel[grid](
-        q4, k4, oq4, ok4, cq, sq, ck, sk, q_programs, *q_args, *k_args,
+    launch_kernel(_rope_kernel)[grid](
+        q4, k4, oq4, ok4, cos4, sin4, cos4, sin4, q_programs, *q_args, *k_args,
         HALF=rot_dim // 2, ROT=rot_dim, D=d, INTERLEAVED=interleaved, BACKWARD=backward,
         Q_BLOCK_T=q_bt, Q_BLOCK_HD=q_bhd,
         K_BLOCK_T=k_bt, K_BLOCK_HD=k_bhd, BLOCK_H=triton.next_power_of_2(max(1, rot_dim // 2)),
@@ -295,7 +296,7 @@ def rope_backward_reference(dq_out, dk_out, cos, sin, rot_dim, interleaved, q_dt
 # ---------------------------------------------------------------- the custom ops
 
 
-@torch.library.custom_op("fastlora::rope", mutates_args=())
+@fused_op("fastlora::rope")
 def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, rot_dim: int,
          interleaved: bool) -> tuple[Tensor, Tensor]:
     """Returns (q rotated, k rotated); the first ``rot_dim`` features rotate, the rest pass.
@@ -313,7 +314,7 @@ def _(q, k, cos, sin, rot_dim, interleaved):
             torch.empty_like(k, dtype=_out_dtype(k, cos, sin)))
 
 
-@torch.library.custom_op("fastlora::rope_backward", mutates_args=())
+@fused_op("fastlora::rope_backward")
 def rope_backward(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor, rot_dim: int,
                   interleaved: bool, q_dtype: torch.dtype,
                   k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
+from ._launch import fused_op
 from ._glu_tiles import launch_backward, launch_forward
 
 if HAVE_TRITON:
@@ -128,7 +129,7 @@ def swiglu_packed_backward_reference(dy, x):
 # ---------------------------------------------------------------- the custom ops
 
 
-@torch.library.custom_op("fastlora::swiglu", mutates_args=())
+@fused_op("fastlora::swiglu")
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up, computed in float32; saves only gate and up for backward."""
     _validate(gate, up)
@@ -143,7 +144,7 @@ def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("fastlora::swiglu_backward", mutates_args=())
+@fused_op("fastlora::swiglu_backward")
 def swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     if use_triton(gate):
         return swiglu_backward_triton(dy, gate, up)
@@ -167,6 +168,8 @@ def _backward(ctx, dy):
 swiglu.register_autograd(_backward, setup_context=_setup)
 
 
+# Opaque on every device: its gate and up are column halves of one tensor (rows with gaps),
+# which inductor could hand a kernel as compact copies (kernels/_launch.py).
 @torch.library.custom_op("fastlora::swiglu_packed", mutates_args=())
 def swiglu_packed(x: Tensor) -> Tensor:
     """silu(x[..., :n]) * x[..., n:] with n = x.shape[-1] // 2 (Phi-3's gate_up_proj)."""

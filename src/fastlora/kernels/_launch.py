@@ -1,0 +1,209 @@
+"""Who launches the Triton kernels of a fused op: inductor's generated code or our Python.
+
+Every fused op is a ``torch.library.custom_op``. Called as an opaque op, its Python body runs at
+each call of the compiled step: shape checks, config choice, grid and the Triton launch itself,
+about 2 ms of CPU for ``lora_qkv_backward`` (0.3 ms of GPU on an H200): a LoRA step is then
+bound by the host, not the GPU.
+
+``FASTLORA_LAUNCH=inductor`` (opt-in; the default stays ``python`` until the route is measured
+faster and every GPU test passes on it: see docs/options.md) lets inductor see through the ops made with
+:func:`fused_op` on CUDA tensors: when AOTAutograd functionalizes the graph, the op's body is
+traced once, with fake tensors, into the aten ops and ``wrap_triton`` kernel calls it makes
+(what ``torch.library.triton_op`` does), and inductor's generated code launches the kernels
+itself with its own launcher (and can capture them in CUDA graphs). Every decision the body
+takes on shapes and dtypes (block sizes, splits, the number of programs) is therefore taken
+once, at trace time; sizes that follow the batch (token counts) stay symbolic: the launchers
+read them through ``_common.size_hint`` where a choice only tunes speed, so that no guard on a
+length is added (the kernels take those lengths as ``do_not_specialize`` arguments).
+
+On CPU tensors (the PyTorch reference, or the Triton interpreter under ``TRITON_INTERPRET=1``)
+the op stays opaque, exactly as with ``FASTLORA_LAUNCH=python``. A ``torch.library.triton_op``
+whose body branches to plain PyTorch on CPU does run under torch.compile on a CPU-only machine
+(checked 2026-12-03, torch 2.13: the branch is traced like any PyTorch code), but a traced body
+cannot be our CPU path: the interpreter's kernels cannot be wrapped (``wrap_triton`` returns
+them as they are, and they would be called with fake tensors) and the reference reads the
+dropout seed with ``int()`` (a data-dependent value). So the decomposition below is
+``triton_op``'s, with a device check: traced on CUDA, opaque elsewhere.
+The autograd formula (backward = another fused op) and ``register_fake`` are unchanged: dynamo
+uses the fake, AOTAutograd the formula, and only then is each op decomposed.
+
+Traced launches lose what the Python launchers do at run time: a tile that needs more shared
+memory than the GPU has is halved by ``_common.halve_until_it_fits`` when Python launches it,
+but fails when inductor compiles it (large ranks with dropout; that op can be routed to Python,
+below).
+
+``FASTLORA_LAUNCH=python`` (the default) keeps every op opaque (each call runs its Python
+launcher), the route before this setting existed: set it to compare, or where inductor fails on a kernel. It is
+read once, at import. Per op: ``FASTLORA_LAUNCH=inductor,rope=python`` keeps rope (and
+rope_backward) opaque and lets inductor launch the rest.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+
+import torch
+
+from ._common import HAVE_TRITON, size_hint
+
+ROUTES = ("inductor", "python")
+
+
+def parse(setting: str) -> tuple[str, dict[str, str]]:
+    """``"inductor"``, ``"python"``, or the default route then per-op exceptions:
+    ``"inductor,rope=python,rms_norm=python"`` (an op's backward follows its forward)."""
+    default, *rest = [part.strip() for part in setting.split(",") if part.strip()] or ["inductor"]
+    per_op = dict(item.split("=", 1) if "=" in item else (item, "") for item in rest)
+    for route in [default, *per_op.values()]:
+        if route not in ROUTES:
+            raise ValueError(f"FASTLORA_LAUNCH={setting!r}: a route is 'inductor' or 'python', "
+                             f"got {route!r}")
+    return default, per_op
+
+
+LAUNCH, PER_OP = parse(os.environ.get("FASTLORA_LAUNCH", "python"))
+
+
+def route(name: str) -> str:
+    """The launch route of op ``name`` ("fastlora::rope" or "fastlora::rope_backward")."""
+    op = name.split("::")[-1]
+    op = op[:-len("_backward")] if op.endswith("_backward") else op
+    return PER_OP.get(op, LAUNCH)
+
+
+def check_op_names(ops) -> None:
+    """Refuse per-op exceptions that name no fused op (``ops``: names without namespace)."""
+    ops = {op for op in ops if not op.endswith("_backward")}
+    unknown = sorted(set(PER_OP) - ops)
+    if unknown:
+        raise ValueError(f"FASTLORA_LAUNCH names unknown op(s) {unknown}; the ops are "
+                         f"{', '.join(sorted(ops))}")
+
+
+log = logging.getLogger("fastlora")
+_state = threading.local()  # .tracing: inside a decomposition, kernels go through wrap_triton
+
+
+# Inductor settings for graphs with fused ops: no padded strides. Inductor may pad the row
+# stride of a buffer it allocates (comprehensive padding: rows over 1024 elements that are not
+# a multiple of 128 bytes); a kernel traced with the dense stride would then read the wrong rows.
+INDUCTOR_PATCHES = {"comprehensive_padding": False} if any(
+    route_ == "inductor" for route_ in (LAUNCH, *PER_OP.values())) else {}
+
+
+OPS: set[str] = set()  # every op made by fused_op
+INDUCTOR_LAUNCHED: set[str] = set()  # ops whose kernels inductor launches on CUDA ("fastlora::rope")
+
+
+def tracing() -> bool:
+    """True while an op body is being traced for inductor (launches are recorded, not run)."""
+    return getattr(_state, "tracing", False)
+
+
+@contextlib.contextmanager
+def _traced():
+    before = tracing()
+    _state.tracing = True
+    try:
+        yield
+    finally:
+        _state.tracing = before
+
+
+def launch(kernel):
+    """``launch(kernel)[grid](...)``: the kernel itself, or while an op body is traced for
+    inductor its ``wrap_triton`` wrapper (the launch becomes a node of the graph)."""
+    if tracing():
+        return _Traced(kernel)
+    return kernel
+
+
+class NotDense(Exception):
+    """A kernel argument whose layout inductor could change: the op stays opaque."""
+
+
+class _Traced:
+    """``wrap_triton(kernel)[grid](...)`` after checking that every tensor argument is dense.
+
+    The launchers pass strides as numbers taken at trace time. Inductor keeps a dense tensor's
+    layout exactly (its stride order is kept, and a dense layout of one order is unique), but a
+    view with gaps (a column slice, a broadcast) may reach the kernel as a compact copy
+    (torch 2.11 constrains only the stride order of a user kernel's arguments), and the kernel
+    would then read with the wrong strides. Such an argument makes the op opaque instead."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            for name, value in list(enumerate(args)) + list(kwargs.items()):
+                if isinstance(value, torch.Tensor) and not dense(value):
+                    raise NotDense(f"{getattr(self.kernel, '__name__', self.kernel)} argument "
+                                   f"{name}: sizes {tuple(value.shape)}, strides "
+                                   f"{tuple(value.stride())}")
+            return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
+        return run
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` provably covers its memory without gaps or overlaps (in some dimension
+    order), with no guard on symbolic sizes: unprovable counts as not dense."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if statically_known_true(t.numel() == 0):
+        return True
+    dims = sorted(((t.stride(i), t.shape[i]) for i in range(t.dim())
+                   if not statically_known_true(t.shape[i] == 1)),
+                  key=lambda d: size_hint(d[0]))
+    expected = 1
+    for stride, size in dims:
+        if not statically_known_true(stride == expected):
+            return False
+        expected = expected * size
+    return True
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _tensors(a)
+
+
+def _decomposes(args) -> bool:
+    tensors = list(_tensors(args))
+    return HAVE_TRITON and bool(tensors) and all(t.is_cuda for t in tensors)
+
+
+def fused_op(name: str):
+    """``torch.library.custom_op(name, mutates_args=())`` whose body inductor traces into its
+    kernels on CUDA (see the module's docstring); use :func:`launch` for every kernel call in
+    the body. Returns the ``CustomOpDef``: register the fake and the autograd formula on it as
+    usual."""
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        OPS.add(name)
+        if route(name) == "inductor" and HAVE_TRITON:
+            INDUCTOR_LAUNCHED.add(name)
+            from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+            from torch._subclasses.fake_tensor import FakeTensor
+
+            def decompose(mode, func, types, args, kwargs):
+                known = (torch.Tensor, FunctionalTensor, FakeTensor)
+                if not _decomposes(list(args) + list(kwargs.values())) or any(
+                        not issubclass(t, known) for t in types):
+                    return mode.__torch_dispatch__(func, types, args, kwargs)
+                try:
+                    with mode, _traced():
+                        return fn(*args, **kwargs)
+                except NotDense as e:  # what was traced is unused: dead code, removed
+                    log.info("fastlora: %s stays opaque (launched by its Python code): %s",
+                             name, e)
+                    return mode.__torch_dispatch__(func, types, args, kwargs)
+
+            op.register_torch_dispatch(FunctionalTensorMode, decompose)
+        return op
+    return wrap

@@ -1,0 +1,147 @@
+"""FASTLORA_LAUNCH=inductor on CUDA: inductor's generated code launches the fused ops' Triton
+kernels itself (kernels/_launch.py). Each op compiled by inductor must give what the same op
+gives called eagerly (its Python launcher), for the forward and every gradient, at odd shapes,
+in float32 and bfloat16, and a new length must not recompile (lengths stay symbolic).
+GPU only: on CPU tensors the ops stay opaque (their route is tested by every CPU test)."""
+import copy
+import re
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import fastlora
+from fastlora.kernels import _launch
+from helpers import rel_err, tiny_llama, with_lora
+
+pytestmark = pytest.mark.gpu
+needs_inductor_route = pytest.mark.skipif(_launch.LAUNCH != "inductor",
+                                          reason="FASTLORA_LAUNCH=python: every op is opaque")
+
+
+def _adapter(n, k, r, dtype, adapter_dtype=torch.float32):
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5
+    a = (torch.randn(r, k, device="cuda") / k ** 0.5).to(adapter_dtype).requires_grad_()
+    b = torch.randn(n, r, device="cuda").to(adapter_dtype).requires_grad_()
+    return w, a, b
+
+
+def _linear(x, w, a, b, seed, p):
+    return torch.ops.fastlora.lora_linear(x, w, None, None, a, b, seed, 2.0, p, x.dtype)[0]
+
+
+def _qkv(x, params, seed, p):
+    """(q, k, v): three outputs, as attention uses them (a cat would hand the backward column
+    slices of one gradient, which are not dense: the op would rightly stay opaque)."""
+    (qw, qa, qb), (kw, ka, kb), (vw, va, vb) = params
+    return torch.ops.fastlora.lora_qkv(x, qw, None, qa, qb, kw, None, ka, kb, vw, None, va, vb,
+                                       seed, 2.0, 1.0, 0.5, p, x.dtype)[:3]
+
+
+def _mlp(x, params, seed, p):
+    (gw, ga, gb), (uw, ua, ub), (dw, da, db) = params
+    return torch.ops.fastlora.lora_mlp_block(x, gw, None, ga, gb, uw, None, ua, ub, seed, 2.0,
+                                             1.0, p, "silu", x.dtype, dw, None, da, db, seed, 0.5,
+                                             p, x.dtype)[0]
+
+
+def _case(op, k, n, r, dtype):
+    if op == "lora_linear":
+        w, a, b = _adapter(n, k, r, dtype)
+        return (lambda x, seed, p: _linear(x, w, a, b, seed, p)), [a, b]
+    if op == "lora_qkv":
+        params = [_adapter(n, k, r, dtype), _adapter(n // 2, k, r + 1, dtype),
+                  _adapter(n // 2, k, r, dtype)]
+        return (lambda x, seed, p: _qkv(x, params, seed, p)), [t for _, a, b in params
+                                                             for t in (a, b)]
+    params = [_adapter(n, k, r, dtype), _adapter(n, k, r, dtype), _adapter(k, n, r, dtype)]
+    return (lambda x, seed, p: _mlp(x, params, seed, p)), [t for _, a, b in params
+                                                          for t in (a, b)]
+
+
+def _step(fn, x, seed, p, g, params):
+    x = x.detach().requires_grad_()
+    y = fn(x, seed, p)
+    y = list(y) if isinstance(y, tuple) else [y]
+    grads = torch.autograd.grad(y, [x, *params], g)
+    return [t.detach() for t in y] + list(grads)
+
+
+@needs_inductor_route
+@pytest.mark.parametrize("op", ["lora_linear", "lora_qkv", "lora_mlp_block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_inductor_launch_matches_python_launch(op, dtype, p):
+    """Compiled (dynamic lengths): the kernels in inductor's code, no fastlora op left in it;
+    three lengths, one compile; every output and gradient equal to the eager op's."""
+    torch.manual_seed(0)
+    k, n, r = 72, 136, 5
+    fn, params = _case(op, k, n, r, dtype)
+    seed = torch.tensor([4321], device="cuda")
+    compiled = torch.compile(fn, backend="inductor", dynamic=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    widths = {"lora_linear": [n], "lora_qkv": [n, n // 2, n // 2], "lora_mlp_block": [k]}[op]
+    for i, m in enumerate((37, 300, 1029)):
+        x = torch.randn(2, m, k, device="cuda", dtype=dtype)
+        g = [torch.randn(2, m, w, device="cuda", dtype=dtype) for w in widths]
+        want = _step(fn, x, seed, p, g, params)
+        if i == 0:
+            got, code = run_and_get_code(_step, compiled, x, seed, p, g, params)
+            code = "\n".join(code)
+            assert "_lora_down_kernel" in code and "torch.ops.fastlora" not in code
+        else:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                got = _step(compiled, x, seed, p, g, params)
+        names = [f"y{j}" for j in range(len(widths))] + ["dx"] + [
+            f"d{j}" for j in range(len(params))]
+        for name, a, b in zip(names, got, want):
+            assert rel_err(a.float(), b.float()) < tol, (m, name, rel_err(a.float(), b.float()))
+
+
+def _model_step(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach().float(), {n.removeprefix("_orig_mod."): t.grad.float()
+                                   for n, t in model.named_parameters() if t.grad is not None}
+
+
+def _err(loss, grads, loss_ref, grads_ref):
+    flat = torch.cat([grads[n].double().flatten() for n in sorted(grads_ref)])
+    ref = torch.cat([grads_ref[n].double().flatten() for n in sorted(grads_ref)])
+    return max(rel_err(loss, loss_ref), rel_err(flat, ref))
+
+
+@needs_inductor_route
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fastlora_model_step_inductor_launch_matches_eager(dtype):
+    """The fastlora-compiled tiny Llama (dynamic lengths, inductor): no op of INDUCTOR_LAUNCHED
+    left opaque in inductor's code (their kernels are launched by it); loss and every LoRA gradient vs float64 no worse than eager's (float32:
+    within test_gpu_spine's 1e-5 / 1e-4); a second length without a recompile."""
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=2)).cuda()
+    ref = copy.deepcopy(model).double()
+    low = copy.deepcopy(model).to(dtype)
+    compiled = torch.compile(copy.deepcopy(low), backend="fastlora", dynamic=True,
+                             options={"compiler": "inductor"})
+    for i, seq in enumerate((33, 70)):
+        ids = torch.randint(0, 97, (2, seq), device="cuda")
+        loss64, grads64 = _model_step(ref, ids)
+        loss_e, grads_e = _model_step(low, ids)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            if i == 0:
+                (loss_c, grads_c), code = run_and_get_code(_model_step, compiled, ids)
+                code = "\n".join(code)
+                opaque = {f"fastlora::{o}" for o in re.findall(r"torch\.ops\.fastlora\.(\w+)",
+                                                              code)}
+                assert not opaque & _launch.INDUCTOR_LAUNCHED, opaque
+                assert re.search(r"_(lora_down|rope)_kernel", code), "no fused kernel launched"
+            else:
+                loss_c, grads_c = _model_step(compiled, ids)
+        err_e, err_c = _err(loss_e, grads_e, loss64, grads64), _err(loss_c, grads_c, loss64,
+                                                                    grads64)
+        if dtype == torch.float32:
+            assert rel_err(loss_c, loss_e) < 1e-5
+            assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-4
+        assert err_c <= 1.25 * err_e + (1e-5 if dtype == torch.float32 else 1e-3), (err_e, err_c)
+    assert fastlora.last_report().counts().get("rope", 0) == 2
