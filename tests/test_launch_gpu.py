@@ -122,8 +122,9 @@ def test_fastlora_model_step_inductor_launch_matches_eager(dtype):
     model = with_lora(tiny_llama(layers=2)).cuda()
     ref = copy.deepcopy(model).double()
     low = copy.deepcopy(model).to(dtype)
-    compiled = torch.compile(copy.deepcopy(low), backend="fastlora", dynamic=True,
-                             options={"compiler": "inductor"})
+    # compile_for_trainer: dynamic lengths with floats specialized (plain dynamic=True turns
+    # norm eps and LoRA scaling into run-time values and loses those fusions)
+    compiled = fastlora.compile_for_trainer(copy.deepcopy(low), dynamic=True, compiler="inductor")
     for i, seq in enumerate((33, 70)):
         ids = torch.randint(0, 97, (2, seq), device="cuda")
         loss64, grads64 = _model_step(ref, ids)
@@ -144,4 +145,5 @@ def test_fastlora_model_step_inductor_launch_matches_eager(dtype):
             assert rel_err(loss_c, loss_e) < 1e-5
             assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-4
         assert err_c <= 1.25 * err_e + (1e-5 if dtype == torch.float32 else 1e-3), (err_e, err_c)
-    assert fastlora.last_report().counts().get("rope", 0) == 2
+    counts = fastlora.last_report().counts()
+    assert counts.get("rope", 0) == 2 and counts.get("rms_norm", 0) >= 1, counts
