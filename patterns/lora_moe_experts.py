@@ -1,0 +1,120 @@
+"""LoRA on MoE expert weights (peft ``LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
+"mlp.experts.down_proj"])``): the grouped expert product with the merged weight.
+
+What the graph holds (transformers 5 ``grouped_mm`` experts forward, peft 0.21 ``ParamWrapper``
+with one adapter; docs/lora.md, "LoRA on MoE experts"): peft's parametrization merges the
+adapter into the 3-D weight, and the experts forward multiplies the expert-sorted rows with it:
+
+    merged = torch.baddbmm(W, lhs, rhs, alpha=s)       # W + s * lhs @ rhs, [E, P, Q]
+    y = grouped_mm(x, merged.transpose(-2, -1), offs)  # W stored [E, out, in] (Qwen3-MoE, Mixtral)
+    y = grouped_mm(x, merged, offs)                    # W stored [E, in, out] (gpt-oss)
+
+where grouped_mm is ``torch._grouped_mm`` (bfloat16 under torch.compile) or transformers' own
+``torch.ops.transformers.grouped_mm_fallback`` (other dtypes). Both become
+``torch.ops.fastlora.lora_moe_experts`` (src/fastlora/kernels/lora_moe_experts.py), which never
+forms the merged weight for the product, nor its E x out x in gradient.
+
+peft computes ``merged`` inside ``nn.utils.parametrize.cached()``, so Dynamo returns it from the
+graph to fill that cache: the spellings ending in ``_cached`` have it as a second output, and the
+replacement still computes it for that reader (the product and the backward do not use it).
+"""
+import torch
+
+import fastlora.kernels  # noqa: F401  (registers the ops named below)
+from fastlora.matcher import describe
+from fastlora.pattern import Pattern, Reject, register_pattern
+
+try:  # registers torch.ops.transformers.grouped_mm_fallback
+    import transformers.integrations.moe  # noqa: F401
+    HAVE_FALLBACK = hasattr(torch.ops.transformers, "grouped_mm_fallback")
+except ImportError:  # an older transformers: only torch._grouped_mm
+    HAVE_FALLBACK = False
+
+T = torch.Tensor
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fallback_mm(x, weight, offs):
+    return torch.ops.transformers.grouped_mm_fallback(x, weight, offs=offs)
+
+
+def _grouped_mm(x, weight, offs):  # torch.nn.functional.grouped_mm's call
+    return torch._grouped_mm(x, weight, offs=offs, bias=None, out_dtype=None)
+
+
+def _grouped_mm_plain(x, weight, offs):  # transformers' call where F.grouped_mm is missing
+    return torch._grouped_mm(x, weight, offs=offs)
+
+
+def _spelling(mm, transposed: bool, cached: bool):
+    """One spelling per product op x weight orientation x whether ``merged`` is also read
+    elsewhere (the parametrization cache)."""
+    def spelling(x: T, weight: T, lhs: T, rhs: T, offs: T, scale: float):
+        merged = torch.baddbmm(weight, lhs, rhs, alpha=scale)
+        y = mm(x, merged.transpose(-2, -1) if transposed else merged, offs)
+        return (y, merged) if cached else y
+    orientation = "out_in" if transposed else "in_out"
+    spelling.__name__ = f"{mm.__name__.strip('_')}_{orientation}{'_cached' if cached else ''}"
+    return spelling
+
+
+_MMS = [_grouped_mm, _grouped_mm_plain] + ([_fallback_mm] if HAVE_FALLBACK else [])
+# Uncached spellings first: where merged has no other reader, nothing recomputes it.
+SPELLINGS = [_spelling(mm, transposed, cached) for cached in (False, True)
+             for mm in _MMS for transposed in (True, False)]
+
+
+def check(m):
+    x, weight, lhs, rhs, offs = (m.value(n) for n in ("x", "weight", "lhs", "rhs", "offs"))
+    if weight.requires_grad:
+        raise Reject("the expert weight itself is trainable (not only its LoRA adapter); the "
+                     "fused op keeps it frozen")
+    dtypes = {x.dtype, weight.dtype, lhs.dtype, rhs.dtype}
+    if len(dtypes) != 1 or x.dtype not in FLOATS:
+        raise Reject(f"x ({x.dtype}), the expert weight ({weight.dtype}) and the LoRA factors "
+                     f"({lhs.dtype}, {rhs.dtype}) do not share one float dtype")
+    if x.dim() != 2 or weight.dim() != 3 or offs.dim() != 1 or offs.shape[0] != weight.shape[0] \
+            or offs.dtype not in (torch.int32, torch.int64):
+        raise Reject(f"not a grouped expert product: x {tuple(x.shape)}, weight "
+                     f"{tuple(weight.shape)}, offs {offs.dtype} {tuple(offs.shape)}")
+    return {"transposed": "_out_in" in m.spelling, "cached": m.spelling.endswith("_cached")}
+
+
+def replacement(x, weight, lhs, rhs, offs, scale, transposed, cached):
+    y = torch.ops.fastlora.lora_moe_experts(x, weight, lhs, rhs, offs, float(scale),
+                                            transposed)[0]
+    if not cached:
+        return y
+    return y, torch.baddbmm(weight, lhs, rhs, alpha=scale)  # for the parametrization cache
+
+
+_PRODUCTS = (torch._grouped_mm,) + ((torch.ops.transformers.grouped_mm_fallback,)
+                                    if HAVE_FALLBACK else ())
+
+
+def _reads_into_grouped_mm(node) -> bool:
+    readers = list(node.users)
+    readers += [u for r in readers if r.target is torch.transpose for u in r.users]
+    return any(r.target in _PRODUCTS for r in readers)
+
+
+def explain_near_miss(node, reason):
+    """A baddbmm that feeds no grouped expert product is no near miss (peft evaluates the
+    parametrization once more when it registers it, in a graph of its own)."""
+    if not _reads_into_grouped_mm(node):
+        return None
+    return f"peft's merged expert weight {describe(node)} stays: {reason}"
+
+
+register_pattern(Pattern(
+    name="lora_moe_experts",
+    spellings=SPELLINGS,
+    check=check,
+    replacement=replacement,
+    anchor=torch.baddbmm,
+    explain_near_miss=explain_near_miss,
+    priority=10,
+    description="LoRA on 3-D MoE expert weights (peft target_parameters) in the grouped expert "
+                "product, without the merged weight",
+    builtin=True,
+))

@@ -1,0 +1,162 @@
+"""lora_moe_experts: LoRA on 3-D MoE expert weights (peft ``target_parameters``).
+
+The op against a float64 reference that merges the weight as peft does (both weight
+orientations, float32 / float16 per-expert path, bfloat16 grouped path and its unaligned
+per-expert fallback, odd sizes, an expert with no rows); then tiny Qwen3-MoE and Mixtral models
+with LoRA on attention and on both expert weights, compiled vs eager: loss and every LoRA
+gradient, the counts of fused ops pinned, and the near miss of a trainable expert weight.
+"""
+import pytest
+import torch
+import transformers as T
+from peft import LoraConfig, get_peft_model
+
+import fastlora
+from fastlora.kernels.lora_moe_experts import grouped_path
+from helpers import compare_compiled, compare_low_precision, rel_err, token_batch
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def merged_reference(x, weight, lhs, rhs, offs, scale, transposed):
+    """What peft + transformers compute, in float64: W' = W + s lhs @ rhs, rows of expert e
+    times W'_e (transposed when W is stored [E, out, in])."""
+    merged = weight.double() + scale * lhs.double() @ rhs.double()
+    if transposed:
+        merged = merged.transpose(-2, -1)
+    out = torch.zeros(x.shape[0], merged.shape[-1], dtype=torch.float64)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = x[start:end].double() @ merged[e]
+        start = end
+    return out
+
+
+def _operands(dtype, experts, d_in, d_out, r, counts, transposed):
+    counts = torch.tensor(counts)
+    offs = counts.cumsum(0).to(torch.int32)
+    P, Q = (d_out, d_in) if transposed else (d_in, d_out)
+    x = torch.randn(int(counts.sum()), d_in).to(dtype).requires_grad_()
+    weight = (torch.randn(experts, P, Q) / d_in ** 0.5).to(dtype)
+    lhs = (torch.randn(experts, P, r) * 0.3).to(dtype).requires_grad_()
+    rhs = (torch.randn(experts, r, Q) * 0.3).to(dtype).requires_grad_()
+    return x, weight, lhs, rhs, offs
+
+
+CASES = [  # dtype, experts, in, out, r, rows per expert (expert 1 gets none)
+    (torch.float32, 4, 44, 23, 3, [5, 0, 7, 3]),
+    (torch.float16, 3, 40, 24, 4, [6, 0, 9]),
+    (torch.bfloat16, 4, 48, 24, 8, [5, 0, 7, 3]),   # torch._grouped_mm
+    (torch.bfloat16, 3, 40, 20, 4, [6, 0, 9]),      # unaligned: per-expert mm
+]
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["out_in", "in_out"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[2]}x{c[3]}-r{c[4]}")
+def test_op_matches_float64(case, transposed):
+    dtype, experts, d_in, d_out, r, counts = case
+    x, weight, lhs, rhs, offs = _operands(dtype, experts, d_in, d_out, r, counts, transposed)
+    y, _ = torch.ops.fastlora.lora_moe_experts(x, weight, lhs, rhs, offs, 1.5, transposed)
+    g = torch.randn(y.shape).to(dtype)
+    dx, dlhs, drhs = torch.autograd.grad(y, (x, lhs, rhs), g)
+    ref_in = [t.detach().double().requires_grad_() for t in (x, lhs, rhs)]
+    y64 = merged_reference(ref_in[0], weight, ref_in[1], ref_in[2], offs, 1.5, transposed)
+    refs = torch.autograd.grad(y64, ref_in, g.double())
+    assert y.dtype == dtype and dlhs.dtype == dtype and drhs.dtype == dtype
+    for name, got, want in (("y", y, y64), ("dx", dx, refs[0]), ("dlhs", dlhs, refs[1]),
+                            ("drhs", drhs, refs[2])):
+        assert rel_err(got, want) < TOL[dtype], name
+    # the expert with no rows gets exactly zero adapter gradient
+    assert not dlhs[1].any() and not drhs[1].any()
+
+
+def test_grouped_path_is_taken_where_aligned():
+    x = torch.empty(3, 48, dtype=torch.bfloat16)
+    assert grouped_path(x, 48, 24, 8)
+    assert not grouped_path(x, 48, 24, 4)
+    assert not grouped_path(x.float(), 48, 24, 8)
+
+
+def test_op_under_compile_matches_eager_op():
+    """The op through AOTAutograd (fake kernel, autograd formula) equals the eager op."""
+    x, weight, lhs, rhs, offs = _operands(torch.float32, 4, 44, 23, 3, [5, 0, 7, 3], True)
+
+    def f(x, lhs, rhs):
+        return torch.ops.fastlora.lora_moe_experts(x, weight, lhs, rhs, offs, 1.5, True)[0]
+    g = torch.randn(x.shape[0], 23)
+    eager = torch.autograd.grad(f(x, lhs, rhs), (x, lhs, rhs), g)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x, lhs, rhs), (x, lhs, rhs), g)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- tiny MoE models
+
+LAYERS = 2
+
+
+def tiny_moe(family, hidden=44):
+    common = dict(vocab_size=97, hidden_size=hidden, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=10 if hidden == 44 else 12,
+                  max_position_embeddings=128)
+    if family == "qwen3_moe":
+        cfg = T.Qwen3MoeConfig(**common, intermediate_size=60, moe_intermediate_size=24,
+                               num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+        return T.Qwen3MoeForCausalLM(cfg)
+    cfg = T.MixtralConfig(**common, intermediate_size=24, num_local_experts=4,
+                          num_experts_per_tok=2)
+    return T.MixtralForCausalLM(cfg)
+
+
+def with_expert_lora(model, r=4):
+    """LoRA on q/v and on both expert weights, B drawn at random (peft's zero init would make
+    every A gradient zero)."""
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
+                     target_parameters=EXPERT_TARGETS, init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+def _expert_grads(errs):
+    return {n: e for n, e in errs.items() if ".experts." in n}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_fp32_exact_and_counted(family):
+    model = with_expert_lora(tiny_moe(family))
+    inputs = token_batch(seq=9, vocab=97, use_cache=False)
+    fastlora.clear_reports()
+    loss_err, errs, _ = compare_compiled(model, inputs)
+    assert loss_err < 1e-5
+    assert len(_expert_grads(errs)) == 4 * LAYERS  # lora_A and lora_B of two weights a layer
+    assert max(errs.values()) < 1e-5, errs
+    reports = fastlora.reports()
+    assert reports.counts()["lora_moe_experts"] == 2 * LAYERS
+    assert not [n for n in reports.near_misses() if n["pattern"] == "lora_moe_experts"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_bf16_close_to_eager_bf16(family):
+    """bfloat16 (torch._grouped_mm on the aligned sizes): the compiled model is no further
+    from the float32 model than eager bfloat16 is (eager rounds the merged weight to bf16)."""
+    model = with_expert_lora(tiny_moe(family, hidden=48), r=8)
+    inputs = token_batch(seq=9, vocab=97, use_cache=False)
+    fastlora.clear_reports()
+    eager_err, compiled_err = compare_low_precision(model, inputs)
+    assert compiled_err <= max(1.5 * eager_err, 1e-2), (eager_err, compiled_err)
+    assert fastlora.reports().counts()["lora_moe_experts"] == 2 * LAYERS
+
+
+def test_trainable_expert_weight_is_a_near_miss():
+    model = with_expert_lora(tiny_moe("qwen3_moe"))
+    experts = model.base_model.model.model.layers[0].mlp.experts.get_base_layer()
+    experts.gate_up_proj.requires_grad_(True)
+    inputs = token_batch(seq=9, vocab=97, use_cache=False)
+    fastlora.clear_reports()
+    loss_err, errs, _ = compare_compiled(model, inputs)
+    assert loss_err < 1e-5 and max(errs.values()) < 1e-5, errs
+    reports = fastlora.reports()
+    assert reports.counts()["lora_moe_experts"] == 2 * LAYERS - 1
+    misses = [n for n in reports.near_misses() if n["pattern"] == "lora_moe_experts"]
+    assert len(misses) == 1 and "expert weight itself is trainable" in misses[0]["reason"]
