@@ -160,3 +160,39 @@ def test_trainable_expert_weight_is_a_near_miss():
     assert reports.counts()["lora_moe_experts"] == 2 * LAYERS - 1
     misses = [n for n in reports.near_misses() if n["pattern"] == "lora_moe_experts"]
     assert len(misses) == 1 and "expert weight itself is trainable" in misses[0]["reason"]
+
+
+def _unfused(x, weight, lhs, rhs, offs):
+    """peft's merge + transformers' fallback product, as the graph holds them."""
+    merged = torch.baddbmm(weight, lhs, rhs, alpha=1.5)
+    return torch.ops.transformers.grouped_mm_fallback(x, merged.transpose(-2, -1), offs=offs)
+
+
+def test_uncached_product_fuses_and_matches():
+    """A merged weight read by the product alone (no parametrization cache) fuses through the
+    uncached spelling, which does not compute the merged weight at all."""
+    x, weight, lhs, rhs, offs = _operands(torch.float32, 4, 44, 23, 3, [5, 0, 7, 3], True)
+    g = torch.randn(x.shape[0], 23)
+    eager = torch.autograd.grad(_unfused(x, weight, lhs, rhs, offs), (x, lhs, rhs), g)
+    fastlora.clear_reports()
+    compiled = torch.compile(_unfused, backend="fastlora",
+                             options={"compiler": "aot_eager", "strict": True})
+    got = torch.autograd.grad(compiled(x, weight, lhs, rhs, offs), (x, lhs, rhs), g)
+    for a, b in zip(got, eager):
+        assert rel_err(a, b) < 1e-5
+    (match,) = fastlora.last_report().matches
+    assert match["pattern"] == "lora_moe_experts" and match["spelling"] == "fallback_mm_out_in"
+
+
+def test_saves_no_merged_weight():
+    """Saved for backward beyond the inputs: the unfused pair keeps the merged E x out x in
+    weight; the op keeps only the [S, r] xa."""
+    from helpers import saved_activations
+    x, weight, lhs, rhs, offs = _operands(torch.float32, 4, 44, 23, 3, [5, 0, 7, 3], True)
+    inputs = (x, weight, lhs, rhs, offs)
+    unfused, shapes = saved_activations(lambda: _unfused(*inputs), inputs)
+    fused, fused_shapes = saved_activations(
+        lambda: torch.ops.fastlora.lora_moe_experts(*inputs, 1.5, True), inputs)
+    assert (4, 23, 44) in shapes or (4, 44, 23) in shapes
+    assert fused_shapes == [(15, 3)] and fused == 15 * 3 * 4
+    assert unfused >= 4 * 23 * 44 * 4
