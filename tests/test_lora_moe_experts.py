@@ -105,6 +105,16 @@ def tiny_moe(family, hidden=44):
         cfg = T.Qwen3MoeConfig(**common, intermediate_size=60, moe_intermediate_size=24,
                                num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
         return T.Qwen3MoeForCausalLM(cfg)
+    if family == "gpt_oss":  # experts stored [E, in, out], with biases; interleaved gate/up
+        cfg = T.GptOssConfig(**common, intermediate_size=24, num_local_experts=4,
+                             num_experts_per_tok=2, sliding_window=8,
+                             layer_types=["sliding_attention", "full_attention"])
+        model = T.GptOssForCausalLM(cfg)
+        with torch.no_grad():  # biases start at zero, which would hide a wrong bias path
+            for name, p in model.named_parameters():
+                if "experts" in name and "bias" in name:
+                    p.normal_(0, 0.1)
+        return model
     cfg = T.MixtralConfig(**common, intermediate_size=24, num_local_experts=4,
                           num_experts_per_tok=2)
     return T.MixtralForCausalLM(cfg)
@@ -122,9 +132,12 @@ def _expert_grads(errs):
     return {n: e for n, e in errs.items() if ".experts." in n}
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_moe_fp32_exact_and_counted(family):
-    model = with_expert_lora(tiny_moe(family))
+    model = with_expert_lora(tiny_moe(family, hidden=48 if family == "gpt_oss" else 44))
     inputs = token_batch(seq=9, vocab=97, use_cache=False)
     fastlora.clear_reports()
     loss_err, errs, _ = compare_compiled(model, inputs)
@@ -134,9 +147,12 @@ def test_moe_fp32_exact_and_counted(family):
     reports = fastlora.reports()
     assert reports.counts()["lora_moe_experts"] == 2 * LAYERS
     assert not [n for n in reports.near_misses() if n["pattern"] == "lora_moe_experts"]
+    orientation = "in_out" if family == "gpt_oss" else "out_in"
+    assert {m["spelling"] for r in reports for m in r.matches
+            if m["pattern"] == "lora_moe_experts"} == {f"fallback_mm_{orientation}_cached"}
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_moe_bf16_close_to_eager_bf16(family):
     """bfloat16 (torch._grouped_mm on the aligned sizes): the compiled model is no further
     from the float32 model than eager bfloat16 is (eager rounds the merged weight to bf16)."""
