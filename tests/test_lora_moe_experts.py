@@ -256,3 +256,16 @@ def test_cuda_moe_bf16_close_to_eager_bf16(family):
                                                                             "inductor"})
     assert compiled_err <= max(1.5 * eager_err, 1e-2), (eager_err, compiled_err)
     assert fastlora.reports().counts()["lora_moe_experts"] == 2 * LAYERS
+
+
+def test_peft_parametrization_recompiles_every_step():
+    """peft 0.21 registers the experts' parametrization anew in every forward (a new class), so
+    Dynamo compiles the experts' graph again at every layer and step (docs/lora.md says so; when
+    this fails, peft changed and the docs' limitation is to be re-checked)."""
+    model = with_expert_lora(tiny_moe("qwen3_moe"))
+    compiled = torch.compile(model, backend="fastlora", options={"compiler": "aot_eager"})
+    inputs = token_batch(seq=9, vocab=97, use_cache=False)
+    fastlora.clear_reports()
+    for step in (1, 2):
+        compiled(**inputs).loss.backward()
+        assert fastlora.reports().counts()["lora_moe_experts"] == 2 * LAYERS * step

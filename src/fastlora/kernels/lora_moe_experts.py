@@ -69,7 +69,7 @@ def rows_times_experts(a: Tensor, b: Tensor, offs: Tensor, grouped: bool,
     """out[rows of e] = a[rows of e] @ b[e]: a [S, K], b [E, K, N] -> [S, N] in ``dtype``
     (grouped: the dtype of a, rows past offs[-1] left unwritten as by ``torch._grouped_mm``)."""
     if grouped:
-        return torch._grouped_mm(_aligned(a), _aligned(b), offs=offs)
+        return torch._grouped_mm(_aligned(a), _aligned(b), offs=offs.to(torch.int32))
     out = torch.zeros((a.shape[0], b.shape[-1]), dtype=dtype, device=a.device)
     for e, start, end in _bounds(offs):
         if end > start:
@@ -82,7 +82,7 @@ def experts_outer(a: Tensor, b: Tensor, offs: Tensor, grouped: bool,
     """out[e] = a[rows of e]^T @ b[rows of e]: a [S, K], b [S, N] -> [E, K, N], zero for an
     expert with no rows."""
     if grouped:
-        out = torch._grouped_mm(_aligned(a.t()), _aligned(b), offs=offs)
+        out = torch._grouped_mm(_aligned(a.t()), _aligned(b), offs=offs.to(torch.int32))
         counts = torch.diff(offs, prepend=offs.new_zeros(1))
         return torch.where((counts == 0)[:, None, None], 0, out)
     out = torch.zeros((offs.shape[0], a.shape[1], b.shape[1]), dtype=dtype, device=a.device)
