@@ -96,17 +96,24 @@ _PRODUCTS = (torch._grouped_mm,) + ((torch.ops.transformers.grouped_mm_fallback,
                                     if HAVE_FALLBACK else ())
 
 
-def _reads_into_grouped_mm(node) -> bool:
-    readers = list(node.users)
-    readers += [u for r in readers if r.target is torch.transpose for u in r.users]
-    return any(r.target in _PRODUCTS for r in readers)
+def _readers(node):
+    """What reads the merged weight, through a transpose; the graph output (the parametrization
+    cache) left out."""
+    readers = [u for u in node.users if u.op != "output"]
+    return [v for u in readers for v in (u.users if u.target is torch.transpose else [u])
+            if v.op != "output"]
 
 
 def explain_near_miss(node, reason):
-    """A baddbmm that feeds no grouped expert product is no near miss (peft evaluates the
+    """A baddbmm read by nothing but the graph output is no near miss (peft evaluates the
     parametrization once more when it registers it, in a graph of its own)."""
-    if not _reads_into_grouped_mm(node):
+    readers = _readers(node)
+    if not readers:
         return None
+    if not any(r.target in _PRODUCTS for r in readers):
+        return (f"peft's merged expert weight {describe(node)} is read by "
+                f"{describe(readers[0])}, not by a grouped expert product: only transformers' "
+                f"experts_implementation='grouped_mm' (the default) is fused")
     return f"peft's merged expert weight {describe(node)} stays: {reason}"
 
 

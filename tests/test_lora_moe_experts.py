@@ -269,3 +269,19 @@ def test_peft_parametrization_recompiles_every_step():
     for step in (1, 2):
         compiled(**inputs).loss.backward()
         assert fastlora.reports().counts()["lora_moe_experts"] == 2 * LAYERS * step
+
+
+def test_batched_mm_experts_are_a_near_miss():
+    """experts_implementation="batched_mm" gathers a merged weight per row: not fused, said so,
+    and still exact."""
+    base = tiny_moe("qwen3_moe")
+    base.set_experts_implementation("batched_mm")
+    model = with_expert_lora(base)
+    fastlora.clear_reports()
+    loss_err, errs, _ = compare_compiled(model, token_batch(seq=9, vocab=97, use_cache=False))
+    assert loss_err < 1e-5 and max(errs.values()) < 1e-5, errs
+    reports = fastlora.reports()
+    assert "lora_moe_experts" not in reports.counts()
+    reasons = [n["reason"] for n in reports.near_misses() if n["pattern"] == "lora_moe_experts"]
+    assert len(reasons) == 2 * LAYERS
+    assert all("experts_implementation='grouped_mm'" in r and "getitem" in r for r in reasons)
