@@ -104,11 +104,19 @@ def _readers(node):
             if v.op != "output"]
 
 
+def _is_peft_merge(node) -> bool:
+    """The baddbmm of peft's parametrization (``_LoraFactorsProxy``), not one of model code."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return any("LoraFactorsProxy" in str(entry) for entry in stack.values()) \
+        or "peft/tuners/lora" in (node.meta.get("stack_trace") or "")
+
+
 def explain_near_miss(node, reason):
-    """A baddbmm read by nothing but the graph output is no near miss (peft evaluates the
-    parametrization once more when it registers it, in a graph of its own)."""
+    """Only peft's merge is a near miss, and only where something reads it: a baddbmm read by
+    nothing but the graph output is peft evaluating the parametrization once more when it
+    registers it, in a graph of its own."""
     readers = _readers(node)
-    if not readers:
+    if not readers or not _is_peft_merge(node):
         return None
     if not any(r.target in _PRODUCTS for r in readers):
         return (f"peft's merged expert weight {describe(node)} is read by "

@@ -285,3 +285,12 @@ def test_batched_mm_experts_are_a_near_miss():
     reasons = [n["reason"] for n in reports.near_misses() if n["pattern"] == "lora_moe_experts"]
     assert len(reasons) == 2 * LAYERS
     assert all("experts_implementation='grouped_mm'" in r and "getitem" in r for r in reasons)
+
+
+def test_model_code_baddbmm_is_no_near_miss():
+    """Only peft's merge is reported: a baddbmm of model code (alibi attention, say) is not."""
+    def attention_like(a, b, c):
+        return torch.baddbmm(a, b, c, alpha=0.5).relu()
+    a, b, c = torch.randn(2, 3, 4), torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 5, 4)
+    torch.compile(attention_like, backend="fastlora")(a, b, c).sum().backward()
+    assert fastlora.last_report().near_misses == []
