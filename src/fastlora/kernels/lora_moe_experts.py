@@ -51,11 +51,14 @@ def grouped_path(x: Tensor, in_features: int, out_features: int, rank: int) -> b
 
 def _aligned(t: Tensor) -> Tensor:
     """``t`` as ``torch._grouped_mm`` reads it: one of the last two strides 1, the other a
-    multiple of 16 bytes, 16-byte aligned data."""
+    multiple of 16 bytes, 16-byte aligned data (a copy only where ``t`` is not already so)."""
     last, second = t.stride(-1), t.stride(-2)
-    ok = ((last == 1 and second * t.element_size() % 16 == 0)
-          or (second == 1 and last * t.element_size() % 16 == 0))
-    return t if ok and t.data_ptr() % 16 == 0 else t.contiguous().clone()
+    if not ((last == 1 and second * t.element_size() % 16 == 0)
+            or (second == 1 and last * t.element_size() % 16 == 0)):
+        t = t.contiguous()
+    if t.data_ptr() % 16:
+        t = torch.empty_like(t).copy_(t)  # the same strides in fresh (aligned) storage
+    return t
 
 
 def _bounds(offs: Tensor):
