@@ -89,7 +89,11 @@ def replacement(x, weight, lhs, rhs, offs, scale, transposed, cached):
                                             transposed)[0]
     if not cached:
         return y
-    return y, torch.baddbmm(weight, lhs, rhs, alpha=scale)  # for the parametrization cache
+    # For the parametrization cache. peft merges with autocast off, and the graph says so
+    # around its baddbmm, where this one is inserted (before the first output, after every
+    # input); the context here only makes the replacement check see the dtype the run gets.
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        return y, torch.baddbmm(weight, lhs, rhs, alpha=scale)
 
 
 _PRODUCTS = (torch._grouped_mm,) + ((torch.ops.transformers.grouped_mm_fallback,)

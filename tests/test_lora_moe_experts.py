@@ -294,3 +294,27 @@ def test_model_code_baddbmm_is_no_near_miss():
     a, b, c = torch.randn(2, 3, 4), torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 5, 4)
     torch.compile(attention_like, backend="fastlora")(a, b, c).sum().backward()
     assert fastlora.last_report().near_misses == []
+
+
+def test_moe_under_autocast():
+    """A float32 model under bfloat16 autocast: peft merges with autocast off (the graph holds
+    that region, and the merged weight the replacement recomputes for the cache stays float32),
+    transformers' fallback product is float32; fused, and no further from the float32 run than
+    eager autocast is."""
+    import copy
+    from helpers import _global_err, run_step
+    model = with_expert_lora(tiny_moe("qwen3_moe", hidden=48), r=8)
+    inputs = token_batch(seq=9, vocab=97, use_cache=False)
+    loss32, grads32 = run_step(copy.deepcopy(model), inputs)
+    eager, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_e, grads_e = run_step(eager, inputs)
+    fastlora.clear_reports()
+    compiled = torch.compile(compiled_model, backend="fastlora",
+                             options={"compiler": "aot_eager", "strict": True})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_c, grads_c = run_step(compiled, inputs, compiled_model)
+    eager_err = _global_err(loss_e, grads_e, loss32, grads32)
+    compiled_err = _global_err(loss_c, grads_c, loss32, grads32)
+    assert compiled_err <= max(1.5 * eager_err, 1e-2), (eager_err, compiled_err)
+    assert fastlora.reports().counts()["lora_moe_experts"] == 2 * LAYERS
