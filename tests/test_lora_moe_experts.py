@@ -318,3 +318,23 @@ def test_moe_under_autocast():
     compiled_err = _global_err(loss_c, grads_c, loss32, grads32)
     assert compiled_err <= max(1.5 * eager_err, 1e-2), (eager_err, compiled_err)
     assert fastlora.reports().counts()["lora_moe_experts"] == 2 * LAYERS
+
+
+def test_moe_dynamic_shapes():
+    """dynamic=True (fastlora train's default): the experts' graph does arithmetic on sizes
+    (``torch.arange(perm.size(0))`` with perm.size(0) = tokens * top-k), which canonicalization
+    must leave Python's; fused and exact at two sequence lengths."""
+    import copy
+    from helpers import run_step
+    model = with_expert_lora(tiny_moe("mixtral"))
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="fastlora", dynamic=True,
+                             options={"compiler": "aot_eager", "strict": True})
+    fastlora.clear_reports()
+    for seq in (9, 13):
+        inputs = token_batch(seq=seq, vocab=97, use_cache=False)
+        loss_e, grads_e = run_step(model, inputs)
+        loss_c, grads_c = run_step(compiled, inputs, compiled_model)
+        assert rel_err(loss_c, loss_e) < 1e-5
+        assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-5
+    assert fastlora.reports().counts()["lora_moe_experts"] == 2 * 2 * LAYERS  # a compile a step
