@@ -110,7 +110,7 @@ def experts_forward(x, weight, lhs, rhs, offs, scale, transposed):
     base = rows_times_experts(x, w, offs, grouped, x.dtype)
     xa = rows_times_experts(x, a.contiguous(), offs, grouped, adapter_dtype)
     up = rows_times_experts(xa, b.contiguous(), offs, grouped, adapter_dtype)
-    y = (base.float() + scale * up.float()).to(x.dtype)
+    y = base.float().add_(up.float(), alpha=scale).to(x.dtype)  # one rounding
     return y, xa.float()
 
 
@@ -126,7 +126,7 @@ def experts_backward(grad, x, weight, lhs, rhs, xa, offs, scale, transposed, nee
         base = rows_times_experts(grad, w.transpose(-2, -1), offs, grouped, x.dtype)
         adapter = rows_times_experts(gb, a.contiguous().transpose(-2, -1), offs, grouped,
                                      adapter_dtype)
-        dx = (base.float() + scale * adapter.float()).to(x.dtype)
+        dx = base.float().add_(adapter.float(), alpha=scale).to(x.dtype)
     xa = xa.to(adapter_dtype)
     da = experts_outer(x, gb, offs, grouped, adapter_dtype).float() * scale  # [E, in, r]
     db = experts_outer(xa, grad, offs, grouped, adapter_dtype).float() * scale  # [E, r, out]
