@@ -10,11 +10,12 @@ above the inputs, and the gradients' relative error against eager float32.
 q/k/v/o and on both expert weights, bfloat16, random weights. peft 0.21 registers the
 parametrization anew in every forward (a new class each time), so Dynamo recompiles the experts'
 frame every step and per layer until its recompile limit (8), then runs it eagerly: the row
-records the compiles (``frames_compiled``). Variants: ``eager`` (HF + peft), ``inductor`` (torch.compile), ``fastlora``
-(torch.compile backend="fastlora"), ``fastlora-noexperts`` (the ``lora_moe_experts`` pattern
-off), each in its own process so peak memory is clean. Per variant: step ms (median of the timed
-steps), tok/s, peak GiB (max_memory_allocated over the timed steps), warm-up s, the loss of the
-first step (the same seed everywhere: compare it across variants), the fused-op counts.
+records the compiles (``frames_compiled``). Variants: ``eager`` (HF + peft), ``inductor``
+(torch.compile), ``fastlora`` (torch.compile backend="fastlora"), ``fastlora-noexperts`` (the
+``lora_moe_experts`` pattern off), each in its own process so peak memory is clean. Per
+variant: step ms (median of the timed steps), tok/s, peak GiB (max_memory_allocated over the
+timed steps), warm-up s, the loss of the first step (the same seed everywhere: compare it
+across variants), the fused-op counts.
 
     python benchmarks/moe_experts.py                         # on the GPU: layer, 4 x 2048 tokens
     python benchmarks/moe_experts.py --mode model            # 4 layers, 4 x 2048
@@ -33,7 +34,8 @@ import sys
 import time
 
 # benchmarks/kernels.py would shadow the `kernels` package transformers imports
-sys.path = [p for p in sys.path if pathlib.Path(p or ".").resolve() != pathlib.Path(__file__).parent]
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path = [p for p in sys.path if pathlib.Path(p or ".").resolve() != HERE]
 
 SHAPES = {  # Qwen3-30B-A3B's layer (hidden 2048, 128 experts of width 768, top 8)
     "qwen3-30b-a3b": dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
@@ -262,8 +264,9 @@ def main(argv=None):
             print(f"{r['variant']:<20} error: {r['error'].strip().splitlines()[-1:]}")
         elif args.mode == "layer":
             worst = max(r["rel_err_vs_fp32"].values())
-            print(f"{r['variant']:<10} {r['ms']:8.2f} ms  peak {r.get('peak_gib_above_inputs', 0):6.2f}"
-                  f" GiB  worst grad err {worst:.1e}  {r.get('matches', '')}")
+            peak = r.get("peak_gib_above_inputs", 0.0)
+            print(f"{r['variant']:<10} {r['ms']:8.2f} ms  peak {peak:6.2f} GiB  "
+                  f"worst grad err {worst:.1e}  {r.get('matches', '')}")
         else:
             print(f"{r['variant']:<20} {r['step_ms']:9.1f} ms {r['tok_s']:9.0f} tok/s "
                   f"{r.get('peak_gib', float('nan')):6.2f} GiB warm-up {r['warmup_s']:6.1f} s "
