@@ -8,7 +8,8 @@ same function, so the matcher compares canonical targets and positional argument
 
 Rules (each keeps the graph's meaning exactly):
 - call_method ``m`` becomes call_function ``torch.m`` where that takes the same arguments
-  (``_SAME_AS_FUNCTION``), else ``torch.Tensor.m``; ``operator.*`` arithmetic becomes ``torch.*``.
+  (``_SAME_AS_FUNCTION``), else ``torch.Tensor.m``; ``operator.*`` arithmetic on tensors becomes
+  ``torch.*`` (on sizes, SymInts under dynamic shapes, it stays Python's).
 - every dtype cast (``to``, ``float``, ``half``, ``bfloat16``, ``double``, ``type``, ``type_as``)
   becomes ``torch.Tensor.to(x, dtype)``; a cast that changes nothing (same dtype and device,
   read from ``meta["example_value"]``) is removed, its users reading its input.
@@ -225,6 +226,9 @@ def canonicalize(graph: fx.Graph) -> fx.Graph:
             continue
         if node.op == "call_method":
             node.op, node.target = "call_function", _method_target(node.target)
+        elif node.target in _OPERATOR_TO_TORCH and isinstance(
+                example_value(node), (torch.SymInt, torch.SymFloat, int, float)):
+            continue  # arithmetic on sizes (dynamic shapes): torch.* would make it a tensor
         else:
             node.target = canonical_target(node.target)
         if node.target is operator.getitem and len(node.args) == 2:

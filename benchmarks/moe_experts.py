@@ -1,0 +1,277 @@
+"""LoRA on MoE experts (peft ``target_parameters``), two measurements (``--mode``):
+
+``layer`` (default): one MoE layer's experts, forward + backward, at Qwen3-30B-A3B's shapes
+(tokens routed top-8 of 128 experts at random), written as peft + transformers compute them
+(``baddbmm`` merge, ``torch._grouped_mm``, SwiGLU, ``baddbmm``, ``torch._grouped_mm``), as a
+plain function: eager, inductor, fastlora (``lora_moe_experts`` x 2). Per variant: ms, peak GiB
+above the inputs, and the gradients' relative error against eager float32.
+
+``model``: a training step of a Qwen3-30B-A3B-shaped stack of a few layers, LoRA r=16 on
+q/k/v/o and on both expert weights, bfloat16, random weights. peft 0.21 registers the
+parametrization anew in every forward (a new class each time), so Dynamo recompiles the experts'
+frame every step and per layer until its recompile limit (8), then runs it eagerly: the row
+records the compiles (``frames_compiled``). Variants: ``eager`` (HF + peft), ``inductor``
+(torch.compile), ``fastlora`` (torch.compile backend="fastlora"), ``fastlora-noexperts`` (the
+``lora_moe_experts`` pattern off), each in its own process so peak memory is clean. Per
+variant: step ms (median of the timed steps), tok/s, peak GiB (max_memory_allocated over the
+timed steps), warm-up s, the loss of the first step (the same seed everywhere: compare it
+across variants), the fused-op counts.
+
+    python benchmarks/moe_experts.py                         # on the GPU: layer, 4 x 2048 tokens
+    python benchmarks/moe_experts.py --mode model            # 4 layers, 4 x 2048
+    python benchmarks/moe_experts.py --shape tiny --steps 2  # anywhere: a smoke test
+
+Writes JSON lines to ``$OUT/moe_experts.jsonl`` (or ``--out``) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+# benchmarks/kernels.py would shadow the `kernels` package transformers imports
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path = [p for p in sys.path if pathlib.Path(p or ".").resolve() != HERE]
+
+SHAPES = {  # Qwen3-30B-A3B's layer (hidden 2048, 128 experts of width 768, top 8)
+    "qwen3-30b-a3b": dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
+                          num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936),
+    "tiny": dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=96, num_experts=8,
+                 num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, vocab_size=256),
+}
+VARIANTS = ["eager", "inductor", "fastlora", "fastlora-noexperts"]
+
+
+def build(args):
+    import torch
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = T.Qwen3MoeConfig(**SHAPES[args.shape], num_hidden_layers=args.layers,
+                           decoder_sparse_step=1, max_position_embeddings=max(4096, args.seq))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = T.Qwen3MoeForCausalLM(cfg).to(dtype)
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = get_peft_model(model, lora)
+    model.train()
+    return model, cfg, device
+
+
+def layer_inputs(args, device):
+    """Expert-sorted rows x [S, H] (S = tokens * top-k), offs, frozen expert weights, the
+    rank factors as peft hands them to the merge (its views: lhs [E, P, r], rhs [E, r, Q])."""
+    import torch
+
+    shape = SHAPES[args.shape]
+    E, H, F, k = (shape[n] for n in ("num_experts", "hidden_size", "moe_intermediate_size",
+                                     "num_experts_per_tok"))
+    r, tokens = args.rank, args.batch * args.seq
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    expert_ids = torch.rand(tokens, E, generator=gen).topk(k, dim=-1).indices.flatten()
+    counts = torch.bincount(expert_ids, minlength=E)
+    offs = counts.cumsum(0).to(torch.int32).to(device)
+
+    def t(*size, scale=1.0, grad=False):
+        return (torch.randn(*size, generator=gen) * scale).to(device, dtype).requires_grad_(grad)
+    return dict(x=t(tokens * k, H, grad=True), offs=offs,
+                w_gu=t(E, 2 * F, H, scale=H ** -0.5), lhs_gu=t(E, 2 * F, r, scale=0.05, grad=True),
+                rhs_gu=t(E, r, H, scale=0.05, grad=True),
+                w_d=t(E, H, F, scale=F ** -0.5), lhs_d=t(E, H, r, scale=0.05, grad=True),
+                rhs_d=t(E, r, F, scale=0.05, grad=True))
+
+
+def experts(x, offs, w_gu, lhs_gu, rhs_gu, w_d, lhs_d, rhs_d):
+    """transformers' grouped experts forward with peft's merged weights (scaling 2)."""
+    import torch
+    import torch.nn.functional as F
+
+    mm = torch._grouped_mm if x.dtype == torch.bfloat16 else \
+        torch.ops.transformers.grouped_mm_fallback
+    gate_up = mm(x, torch.baddbmm(w_gu, lhs_gu, rhs_gu, alpha=2.0).transpose(-2, -1), offs=offs)
+    gate, up = gate_up.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    return mm(h, torch.baddbmm(w_d, lhs_d, rhs_d, alpha=2.0).transpose(-2, -1), offs=offs)
+
+
+def layer_worker(args) -> dict:
+    import torch
+    import transformers.integrations.moe  # noqa: F401  (grouped_mm_fallback)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = layer_inputs(args, device)
+    trainable = ["x", "lhs_gu", "rhs_gu", "lhs_d", "rhs_d"]
+    fn = {"eager": experts, "inductor": torch.compile(experts),
+          "fastlora": torch.compile(experts, backend="fastlora")}[args.variant]
+    g = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(1)).to(
+        device, inputs["x"].dtype)
+
+    def step():
+        return torch.autograd.grad(fn(**inputs), [inputs[n] for n in trainable], g)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        grads = step()
+    sync()
+    warmup_s = time.perf_counter() - start
+    base = torch.cuda.memory_allocated() if device == "cuda" else 0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    # accuracy: against the same function in float32, eagerly
+    ref_inputs = {k: (v.detach().float().requires_grad_(k in trainable) if v.is_floating_point()
+                      else v) for k, v in inputs.items()}
+    ref = torch.autograd.grad(experts(**ref_inputs), [ref_inputs[n] for n in trainable],
+                              g.float())
+    errs = {n: ((a.float() - b).norm() / b.norm()).item() for n, a, b in zip(trainable, grads, ref)}
+    row = {"mode": "layer", "variant": args.variant, "shape": args.shape, "rank": args.rank,
+           "tokens": args.batch * args.seq, "ms": sorted(times)[len(times) // 2] * 1e3,
+           "warmup_s": warmup_s, "rel_err_vs_fp32": errs, "device": device}
+    if device == "cuda":
+        row["peak_gib_above_inputs"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        row["gpu"] = torch.cuda.get_device_name()
+    if args.variant == "fastlora":
+        import fastlora
+        row["matches"] = fastlora.reports().counts()
+    return row
+
+
+def worker(args) -> dict:
+    import torch
+
+    if args.mode == "layer":
+        return layer_worker(args)
+    model, cfg, device = build(args)
+    if args.variant == "inductor":
+        step_model = torch.compile(model)
+    elif args.variant.startswith("fastlora"):
+        import fastlora  # noqa: F401
+        options = {"disable": ["lora_moe_experts"]} if args.variant == "fastlora-noexperts" \
+            else {}
+        step_model = torch.compile(model, backend="fastlora", options=options or None)
+    else:
+        step_model = model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(device)
+
+    def step():
+        loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    first_loss = float(step())
+    for _ in range(args.warmup - 1):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - start
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    ms = sorted(times)[len(times) // 2] * 1e3
+    row = {"variant": args.variant, "shape": args.shape, "layers": args.layers,
+           "batch": args.batch, "seq": args.seq, "rank": args.rank, "step_ms": ms,
+           "tok_s": args.batch * args.seq / ms * 1e3, "warmup_s": warmup_s,
+           "first_loss": first_loss, "device": device}
+    if device == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["gpu"] = torch.cuda.get_device_name()
+    row["frames_compiled"] = dict(torch._dynamo.utils.counters["stats"])
+    if args.variant.startswith("fastlora"):
+        import fastlora
+        row["matches"] = fastlora.reports(model).counts()
+        row["near_misses"] = sorted({f"{n['pattern']}: {n['reason']}"
+                                     for n in fastlora.reports(model).near_misses()
+                                     if n["pattern"] == "lora_moe_experts"})
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--mode", default="layer", choices=["layer", "model"])
+    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--variants", default=None, help=f"default: {','.join(VARIANTS)} "
+                    f"(model), eager,inductor,fastlora (layer)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    if args.variants is None:
+        args.variants = ",".join(VARIANTS if args.mode == "model" else VARIANTS[:3])
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--worker", "--variant", variant]
+        cmd += [f"--{k}={getattr(args, k)}" for k in ("mode", "shape", "layers", "batch", "seq",
+                                                       "rank", "warmup", "steps")]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
+                {"variant": variant, "error": proc.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+            row = {"variant": variant, "error": f"timed out after {args.timeout} s"}
+        (out / f"moe_experts_{variant}.log").write_text(
+            "" if "error" not in row else row["error"])
+        rows.append(row)
+        with open(out / "moe_experts.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<20} error: {r['error'].strip().splitlines()[-1:]}")
+        elif args.mode == "layer":
+            worst = max(r["rel_err_vs_fp32"].values())
+            peak = r.get("peak_gib_above_inputs", 0.0)
+            print(f"{r['variant']:<10} {r['ms']:8.2f} ms  peak {peak:6.2f} GiB  "
+                  f"worst grad err {worst:.1e}  {r.get('matches', '')}")
+        else:
+            print(f"{r['variant']:<20} {r['step_ms']:9.1f} ms {r['tok_s']:9.0f} tok/s "
+                  f"{r.get('peak_gib', float('nan')):6.2f} GiB warm-up {r['warmup_s']:6.1f} s "
+                  f"loss {r['first_loss']:.4f} {r.get('matches', '')} {r['frames_compiled']}")
+
+
+if __name__ == "__main__":
+    main()
