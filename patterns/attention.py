@@ -28,7 +28,7 @@ from torch import fx
 from torch.nn.functional import softmax
 
 from fastlora.canonicalize import example_value
-from fastlora.pattern import Pattern, Reject, register_pattern
+from fastlora.pattern import Pattern, RefusalKind, Reject, register_pattern
 from fastlora.patterns._attention_masks import prove_mask
 from fastlora.patterns._checkpoint_bodies import bring_into
 
@@ -88,8 +88,8 @@ def choose_kernel(causal: bool, window: int, softcap: float, documents: bool,
                   padding: bool = False) -> tuple[str, str]:
     """Which kernel runs a proven attention: ("sdpa" | "triton" | "none", why).
 
-    The rule, from ../shared/targets.md (H200, GQA 32/8, head dim 128) and to be confirmed by
-    ``python benchmarks/kernels.py --ops attention``:
+    The rule, from the H200 measurements in docs/attention.md (GQA 32/8, head dim 128; rerun
+    with ``python benchmarks/kernels.py --ops attention``):
     - no window inside the sequence, no softcap, no documents, no padding: PyTorch SDPA with
       ``is_causal`` (cuDNN / flash: 531 / 383 TFLOP/s fwd / bwd at seq 2k), above what a Triton
       FA2 kernel reaches on Hopper;
@@ -275,12 +275,12 @@ def unrepeated_kv(node):
     return node, 1
 
 
-def _explain(node, reason):
+def _explain(node, refusal):
     """Every SDPA left unfused is a near miss; a softmax only where an eager spelling got far
     enough to reach it (a router's or a user's softmax is no attention)."""
-    if node.target is softmax and reason.startswith("no spelling of"):
+    if node.target is softmax and refusal.kind is RefusalKind.NO_SPELLING:
         return None
-    return reason
+    return refusal.reason
 
 
 register_pattern(Pattern(

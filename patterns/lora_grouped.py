@@ -11,7 +11,7 @@ spelled as peft writes it (patterns/lora_linear.py). Becomes ``torch.ops.fastlor
 (src/fastlora/kernels/lora_grouped.py): one pass over x for both adapters, the adapter
 up-products fused into the activation, one dx buffer. down_proj stays a ``lora_linear``.
 
-It runs before ``lora_linear`` (priority) and before the plain ``swiglu`` / ``geglu`` patterns,
+It runs before ``lora_linear`` (src/fastlora/stages.py) and before the plain ``swiglu`` / ``geglu`` patterns,
 which take over (with two ``lora_linear`` matches) wherever it does not fit: different dropout
 probabilities on gate and up, trainable base weights, rounding it would not reproduce.
 """
@@ -173,7 +173,7 @@ register_pattern(Pattern(
     spellings=MLP_SPELLINGS,
     check=check_mlp,
     replacement=replacement_mlp,
-    priority=30,
+    stage="adapters",
     description="gated MLP (SwiGLU / GeGLU) with LoRA on gate_proj and up_proj, one fused op",
     builtin=True,
 ))
@@ -262,7 +262,7 @@ register_pattern(Pattern(
     spellings=[qkv_lora, qkv_lora_dropout, qkv_lora_autocast, qkv_lora_dropout_autocast],
     check=check_qkv,
     replacement=replacement_qkv,
-    priority=20,
+    stage="adapters",
     description="q, k, v projections all LoRA'd on one input, one fused op",
     builtin=True,
 ))

@@ -193,15 +193,12 @@ def module_path(node) -> tuple[str, list]:
     return re.sub(r"^L(\.self)?(\.|$)", "", path), classes
 
 
-def explain_lora_near_miss(node, reason, only_bitsandbytes=False):
+def explain_lora_near_miss(node, refusal):
     """Near misses are reported at the lora_A product of an adapter that stayed unfused."""
     path, classes = module_path(node)
     if ".lora_A." not in "." + path + ".":
         return None  # a linear that is not a LoRA adapter's A product
     layer = path.split(".lora_A")[0]
-    stack = " ".join(str(c) for c in (node.meta.get("nn_module_stack") or {}).values())
-    if only_bitsandbytes and "bnb" not in stack and "bitsandbytes" not in stack:
-        return None
     if any("Dora" in c for c in classes) or any(
             getattr(n.target, "__name__", "") in ("linalg_norm", "eye") for n in node.graph.nodes
             if n.op == "call_function"):
@@ -211,8 +208,8 @@ def explain_lora_near_miss(node, reason, only_bitsandbytes=False):
                 and n.target is F.linear and module_path(n)[0].startswith(layer + ".lora_A.")}
     if len(siblings) > 1:
         return (f"{len(siblings)} adapters are active on `{layer}` at once; adapters after the "
-                f"first are fused on their own only when they share no cast of x ({reason})")
-    return reason
+                f"first are fused on their own only when they share no cast of x ({refusal.reason})")
+    return refusal.reason
 
 
 # ---------------------------------------------------------------- the pattern
@@ -269,7 +266,7 @@ register_pattern(Pattern(
     replacement=replacement,
     anchor=F.linear,
     explain_near_miss=explain_lora_near_miss,
-    priority=10,
+    stage="adapters",
     description="peft LoRA linear (dropout, bias, rsLoRA, autocast; adapter on any base output)",
     builtin=True,
 ))

@@ -223,14 +223,14 @@ def replacement(x, lora_A, lora_B, scale, qweight, absmax, out_features, in_feat
         in_features, blocksize, quant_type, scale, dropout, out_dtype, compute_dtype)[0]
 
 
-def explain(node, reason):
+def explain(node, refusal):
     """Report only adapters whose base layer is a bitsandbytes 4-bit one."""
     path, _ = module_path(node)
     layer = path.split(".lora_A")[0]
     for n in node.graph.nodes:
         p, classes = module_path(n)
         if p == layer + ".base_layer" and classes and classes[-1].endswith("Linear4bit"):
-            return explain_lora_near_miss(node, reason)
+            return explain_lora_near_miss(node, refusal)
     return None
 
 
@@ -241,7 +241,7 @@ register_pattern(Pattern(
     replacement=replacement,
     anchor=F.linear,
     explain_near_miss=explain,
-    priority=15,
+    stage="adapters",
     description="QLoRA: LoRA on a bitsandbytes 4-bit (NF4/FP4, double quant) base, dequantized "
                 "in Triton",
     builtin=True,

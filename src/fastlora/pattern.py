@@ -12,16 +12,19 @@ A pattern is declared once, with plain PyTorch functions:
   The reason is shown in the rewrite report.
 - ``replacement``: a plain function of the same inputs (plus what ``check`` returned) that calls
   the fused op; it is traced into the graph in place of the matched region.
+- ``stage``: when it runs (``"adapters"``, ``"ops"`` or ``"fused"``); the stages and the order of
+  the built-in patterns are listed in one place, stages.py.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Sequence
 
-import torch
 from torch import fx
 
 from .canonicalize import example_value
+from .refusal import Refusal, RefusalKind  # noqa: F401  (explain_near_miss reads them)
+from .stages import DEFAULT_STAGE, STAGE_NAMES, run_order, stage_listing
 
 
 class Reject(Exception):
@@ -38,12 +41,14 @@ class Pattern:
     check: Callable[["Match"], dict] | None = None
     # op (or tuple of ops) whose unmatched occurrences are reported as near misses
     anchor: Callable | tuple[Callable, ...] | None = None
-    priority: int = 0  # higher runs first (a grouped LoRA pattern before the single one)
+    # which stage of src/fastlora/stages.py runs it: "adapters", "ops" or "fused"; None: the
+    # stage that lists the name (a built-in one), else "ops"
+    stage: str | None = None
     description: str = ""
     builtin: bool = False
-    # Optional ``(anchor_node, reason) -> reason | None``: rewrites the near-miss reason at an
-    # anchor left unmatched, or returns None where that node is no near miss at all (an
-    # ``F.linear`` that is not a LoRA adapter).
+    # Optional ``(anchor_node, refusal) -> reason | None``: rewrites the near-miss reason at an
+    # anchor left unmatched (``refusal.kind`` says what refused it, refusal.py), or returns None
+    # where that node is no near miss at all (an ``F.linear`` that is not a LoRA adapter).
     explain_near_miss: Callable | None = None
 
     def is_anchor(self, node) -> bool:
@@ -60,6 +65,15 @@ class Pattern:
             raise TypeError(f"pattern {self.name!r}: spellings must be one or more functions")
         if not callable(self.replacement):
             raise TypeError(f"pattern {self.name!r}: replacement must be a function")
+        listed = stage_listing(self.name)
+        if self.stage is None:
+            self.stage = listed or DEFAULT_STAGE
+        if self.stage not in STAGE_NAMES:
+            raise ValueError(f"pattern {self.name!r}: stage must be one of {list(STAGE_NAMES)}, "
+                             f"got {self.stage!r}")
+        if self.builtin and listed is not None and self.stage != listed:
+            raise ValueError(f"pattern {self.name!r}: src/fastlora/stages.py lists it in stage "
+                             f"{listed!r}, not {self.stage!r}")
 
 
 class Match:
@@ -109,6 +123,9 @@ def register_pattern(pattern: Pattern | None = None, *, replace: bool = False, *
 
     A name already registered raises unless ``replace=True``.
     """
+    if "priority" in fields:
+        raise TypeError("`priority` was replaced by `stage` (\"adapters\", \"ops\" or "
+                        "\"fused\"; see docs/patterns.md)")
     if pattern is None:
         pattern = Pattern(**fields)
     elif fields:
@@ -132,8 +149,5 @@ def registered_patterns() -> list[Pattern]:
     from . import builtin_patterns
 
     builtin_patterns.load()
-    return sorted(_REGISTRY.values(), key=lambda p: -p.priority)
+    return run_order(_REGISTRY.values())
 
-
-def is_tensor(value) -> bool:
-    return isinstance(value, torch.Tensor)

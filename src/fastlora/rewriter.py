@@ -1,6 +1,6 @@
 """Step 4 of the pipeline: replace each proven match with one call of a fused op.
 
-For every pattern (highest priority first) and every spelling, each graph node calling the
+For every pattern (in the order of stages.py) and every spelling, each graph node calling the
 spelling's output op is tried. A full match is rewritten only when all of these hold, and is
 otherwise reported as a near miss with the first that failed:
 
@@ -24,21 +24,25 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .canonicalize import example_value
 from .matcher import Attempt, attempts_at, describe, output_targets, size, trace_spelling
 from .pattern import Match, Pattern, Reject
+from .refusal import Refusal, RefusalKind
 from .report import Report
 from .report_graph import record_flow
 
 
-def _escaping(match: Match) -> str | None:
+def _escaping(match: Match) -> Refusal | None:
     region, outputs = match.region, set(match.outputs)
     for node in match.outputs[0].graph.nodes:
         if node in region and node not in outputs:
             outside = [u for u in node.users if u not in region]
             if outside:
-                return (f"the intermediate {describe(node)} is also used outside the pattern by "
-                        f"{describe(outside[0])}, so the region cannot be replaced by one op")
+                return Refusal(RefusalKind.ESCAPE,
+                               f"the intermediate {describe(node)} is also used outside the "
+                               f"pattern by {describe(outside[0])}, so the region cannot be "
+                               f"replaced by one op")
     for name, bound in match.bindings.items():
         if isinstance(bound, fx.Node) and bound in region:
-            return f"input `{name}` is computed inside the region itself"
+            return Refusal(RefusalKind.INPUT_INSIDE,
+                           f"input `{name}` is computed inside the region itself")
     return None
 
 
@@ -155,13 +159,13 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
     """
     first_near_miss = len(report.near_misses)
     for pattern in patterns:
-        best: dict[fx.Node, tuple[int, str]] = {}  # anchor node -> (progress, reason)
+        best: dict[fx.Node, tuple[int, Refusal]] = {}  # anchor node -> (progress, refusal)
 
-        def remember(attempt_nodes, progress: int, reason: str):
+        def remember(attempt_nodes, progress: int, refusal: Refusal):
             for n in attempt_nodes:
                 if pattern.is_anchor(n):
                     if n not in best or progress > best[n][0]:
-                        best[n] = (progress, reason)
+                        best[n] = (progress, refusal)
 
         # Larger spellings first: Gemma's norm contains Llama's, and must win where both fit.
         spellings = sorted((trace_spelling(fn) for fn in pattern.spellings), key=lambda s: -size(s))
@@ -177,13 +181,15 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                         break
         for node in graph.nodes:  # anchors left in the graph are the near misses
             if pattern.is_anchor(node):
-                reason = best.get(node, (0, f"no spelling of `{pattern.name}` leads to this "
-                                            f"{describe(node)}"))[1]
+                refusal = best.get(node, (0, Refusal(
+                    RefusalKind.NO_SPELLING,
+                    f"no spelling of `{pattern.name}` leads to this {describe(node)}")))[1]
+                reason = refusal.reason
                 if pattern.explain_near_miss is not None:
-                    reason = pattern.explain_near_miss(node, reason)
+                    reason = pattern.explain_near_miss(node, refusal)
                     if reason is None:
                         continue
-                report.add_near_miss(pattern.name, node, reason)
+                report.add_near_miss(pattern.name, node, reason, refusal.kind.value)
     record_flow(report, graph, first_near_miss)  # which fused op feeds which (report_graph.py)
 
 
@@ -191,25 +197,29 @@ def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, 
                  options=None, top_level=True) -> bool:
     nodes = set(attempt.state.node_map.values())
     if attempt.reason is not None:
-        remember(nodes, len(nodes), f"spelling `{spelling.name}`: {attempt.reason}")
+        remember(nodes, len(nodes),
+                 Refusal(RefusalKind.SPELLING, f"spelling `{spelling.name}`: {attempt.reason}"))
         return False
     outputs = attempt.state.outputs
     match = Match(pattern, spelling.name, attempt.state.bindings, attempt.state.node_map, outputs)
     match.options, match.top_level = options, top_level
-    reason = _escaping(match)
-    if reason is None:
+    refusal = _escaping(match)
+    if refusal is None:
         try:
             match.params = dict(pattern.check(match) or {}) if pattern.check else {}
-            reason = _check_replacement(match)
+            problem = _check_replacement(match)
+            if problem is not None:
+                refusal = Refusal(RefusalKind.REPLACEMENT, problem)
         except Reject as e:
-            reason = str(e)
+            refusal = Refusal(RefusalKind.CHECK, str(e))
         except Exception as e:  # a broken pattern must not break the user's compile
             if strict:
                 raise
-            reason = f"internal error in pattern `{pattern.name}`: {type(e).__name__}: {e}"
+            refusal = Refusal(RefusalKind.INTERNAL_ERROR, f"internal error in pattern "
+                              f"`{pattern.name}`: {type(e).__name__}: {e}")
             report.errors.append(traceback.format_exc())
-    if reason is not None:
-        remember(nodes, len(nodes) + 1000, reason)  # a full match that was refused: best reason
+    if refusal is not None:
+        remember(nodes, len(nodes) + 1000, refusal)  # a full match that was refused: best reason
         return False
     index = report.add_match(match)
     for node in match.region:  # ops an earlier match inserted, now fused further by this one
