@@ -30,8 +30,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("adapters", "LoRA adapters, grouped before single",
           ("lora_mlp", "lora_qkv", "lora_linear_4bit", "lora_linear")),
     Stage("ops", "norms, RoPE, attention, activations, lm_head + cross-entropy",
-          ("attention", "geglu", "layer_norm", "linear_cross_entropy", "rms_norm", "rope",
-           "swiglu")),
+          ("attention", "swiglu", "geglu", "layer_norm", "linear_cross_entropy", "rms_norm",
+           "rope")),
     Stage("fused", "fusions of the fused ops the earlier stages inserted",
           ("lora_mlp_block", "rms_norm_lora_qkv", "rms_norm_lora_mlp_block")),
 )
