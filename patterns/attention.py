@@ -30,7 +30,6 @@ from torch.nn.functional import softmax
 from fastlora.canonicalize import example_value
 from fastlora.pattern import Pattern, RefusalKind, Reject, register_pattern
 from fastlora.patterns._attention_masks import prove_mask
-from fastlora.patterns._checkpoint_bodies import bring_into
 
 # Dynamo records ``F.softmax(x, dim=-1, dtype=...)`` as called; tracing F.softmax itself would add
 # its private ``_stacklevel`` argument. Wrapping records the call exactly as the model makes it.
@@ -206,15 +205,16 @@ def check(m):
         kernel, why = "sdpa_flash", why + FLASH_WHY
     if kernel == "triton" and head_dim > 256:
         raise Reject(f"head dim {head_dim} > 256 is not supported by the Triton kernel")
-    # Graph values the replacement reads besides the matched inputs: the rewriter passes every
-    # binding to the replacement (by name) and inserts it after all of them.
-    m.bindings["k_src"], m.bindings["v_src"] = k_src, v_src
-    # Under checkpointing the document ids and the padding mask are computed outside the
-    # layer: each is passed in as one more operand of the checkpointed call.
+    # Graph values the replacement reads besides the matched inputs (the rewriter passes every
+    # input to the replacement by name and inserts it after all of them). Under checkpointing
+    # the document ids and the padding mask are computed outside the layer: the rewriter passes
+    # each in as one more operand of the checkpointed call, once the match is proven.
+    m.add_input("k_src", k_src)
+    m.add_input("v_src", v_src)
     if docs is not None:
-        m.bindings["doc_ids"] = bring_into(docs, m.outputs[0].graph)
+        m.add_input("doc_ids", docs)
     if key_mask is not None:
-        m.bindings["key_mask"] = bring_into(key_mask, m.outputs[0].graph)
+        m.add_input("key_mask", key_mask)
     kinds = [("causal" if causal else "full"), "window" * bool(window),
              "documents" * (docs is not None), "padding" * (key_mask is not None)]
     params = {"kernel": kernel, "why": why, "mask": "+".join(k for k in kinds if k),

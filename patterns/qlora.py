@@ -58,16 +58,6 @@ def peft_bnb_4bit_dropout(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Ten
     return base.clone() + (F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
 
 
-class _Absorbed:
-    """Stands for a graph node the check adds to the matched region (no pattern node of its
-    own): the 4-bit matmul and its autograd wrapper."""
-
-    target = None
-
-    def __init__(self, name):
-        self.name = name
-
-
 def _gemm_4bit():
     global GEMM_4BIT
     if GEMM_4BIT is None:
@@ -198,11 +188,13 @@ def check(m):
     # built on the first call instead, it could land in a CUDA-graph warm-up's memory pool
     # (mode="reduce-overhead") and outlive it untracked.
     code_table(quant_type, example_value(tensors["qweight"]).device)
-    # The match now covers the matmul too: its inputs replace `base`.
-    for i, node in enumerate(extra):
-        m.node_map[_Absorbed(f"qlora_{i}")] = node
-    del m.bindings["base"]
-    m.bindings.update({k: v for k, v in tensors.items() if v is not None})
+    # The match covers the matmul too: its inputs replace `base` (the rewriter proves that no
+    # value of the grown region is read outside it before rewriting).
+    m.absorb(*extra)
+    m.drop_input("base")
+    for name, value in tensors.items():
+        if value is not None:
+            m.add_input(name, value)
     return {"out_features": shape[0], "in_features": shape[1], "blocksize": blocksize,
             "quant_type": quant_type, "double_quant": absmax8 is not None,
             "out_dtype": m.output_value().dtype, "compute_dtype": compute_dtype,

@@ -8,7 +8,7 @@ from fastlora.canonicalize import canonicalize
 from fastlora.pattern import Pattern, Reject
 from fastlora.report import Report
 from fastlora.rewriter import apply_patterns
-from fx_graphs import calls, graph_of, run
+from fx_graphs import calls, graph_of, node_calling, run
 
 
 @torch.library.custom_op("fastlora_core::scaled_sin", mutates_args=())
@@ -166,3 +166,97 @@ def test_a_fusion_of_fused_ops_absorbs_the_earlier_match():
     graph, report = _rewrite(lambda x: torch.sin(x) * 3.0 + 0.5, [PLUS, _scaled_sin_pattern()])
     assert calls(graph) == [torch.ops.fastlora_core.scaled_sin, torch.add]
     assert [m["pattern"] for m in report.matches] == ["scaled_sin"]
+
+
+# ---- what a check declares: absorbed nodes and inputs, applied after the final region's proof
+
+
+def sin_of(base: torch.Tensor, scale: float):
+    return torch.sin(base) * scale
+
+
+def _absorbing(**fields):
+    """A pattern whose spelling names `sin(base) * scale` and whose check takes in the exp that
+    computes base: the fused op reads exp's input instead."""
+    def check(m):
+        producer = m["base"]
+        if producer.op != "call_function" or producer.target is not torch.exp:
+            raise Reject("base is not an exp")
+        m.absorb(producer)
+        m.drop_input("base")
+        m.add_input("x", producer.args[0])
+        return {}
+
+    return Pattern(**{"name": "exp_scaled_sin", "spellings": [sin_of], "check": check,
+                      "replacement": lambda x, scale:
+                      torch.ops.fastlora_core.scaled_sin(torch.exp(x), scale), **fields})
+
+
+def test_declared_additions_are_applied_after_the_proof():
+    graph, report = _rewrite(lambda x: torch.sin(x.exp()) * 2.0, [_absorbing()])
+    assert calls(graph) == [torch.exp, torch.ops.fastlora_core.scaled_sin]
+    assert len(report.matches) == 1
+    # the exp in the graph now is the replacement's: it reads the placeholder x
+    assert node_calling(graph, torch.exp).args[0].op == "placeholder"
+
+
+def test_an_absorbed_node_read_outside_the_region_refuses_the_match():
+    def fn(x):
+        e = x.exp()
+        return torch.sin(e) * 2.0 + e
+
+    gm = graph_of(fn, torch.randn(3))
+    canonicalize(gm.graph)
+    before = [n.format_node() for n in gm.graph.nodes]
+    report = Report(0, {})
+    apply_patterns(gm.graph, [_absorbing(anchor=torch.sin)], report)
+    assert [n.format_node() for n in gm.graph.nodes] == before  # nothing changed
+    miss = _only_near_miss(report)
+    assert miss["kind"] == "escape" and "torch.exp" in miss["reason"], miss
+
+
+def test_a_dropped_input_still_computed_inside_is_refused():
+    def check(m):
+        m.absorb(m["base"])  # forgot drop_input("base")
+        return {}
+
+    _, report = _rewrite(lambda x: torch.sin(x.exp()) * 2.0, [_absorbing(
+        anchor=torch.sin, check=check,
+        replacement=lambda base, scale: torch.ops.fastlora_core.scaled_sin(base, scale))])
+    assert _only_near_miss(report)["kind"] == "input_inside"
+
+
+def test_declarations_of_a_refused_match_change_nothing():
+    def check(m):
+        m.absorb(m["base"])
+        m.drop_input("base")
+        m.add_input("x", m["base"].args[0])
+        return {}
+
+    def wrong_dtype(x, scale):
+        return torch.ops.fastlora_core.scaled_sin(torch.exp(x), scale).double()
+
+    gm = graph_of(lambda x: torch.sin(x.exp()) * 2.0, torch.randn(3))
+    canonicalize(gm.graph)
+    before = [n.format_node() for n in gm.graph.nodes]
+    report = Report(0, {})
+    apply_patterns(gm.graph, [_absorbing(anchor=torch.sin, check=check,
+                                         replacement=wrong_dtype)], report)
+    assert [n.format_node() for n in gm.graph.nodes] == before
+    assert _only_near_miss(report)["kind"] == "replacement"
+
+
+def test_an_input_from_outside_a_body_nobody_calls_is_refused():
+    outer = graph_of(lambda y: torch.exp(y), torch.randn(3)).graph
+    y_exp = node_calling(outer, torch.exp)
+
+    def check(m):
+        m.add_input("extra", y_exp)  # a value of another graph, not around this one
+        return {}
+
+    _, report = _rewrite(lambda x: torch.sin(x) * 2.0, [_scaled_sin_pattern(
+        check=check,
+        replacement=lambda x, scale, extra: torch.ops.fastlora_core.scaled_sin(x, scale))])
+    miss = _only_near_miss(report)
+    assert miss["kind"] == "input_outside"
+    assert "(an input of the compiled graph)" in miss["reason"], miss

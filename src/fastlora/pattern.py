@@ -9,7 +9,10 @@ A pattern is declared once, with plain PyTorch functions:
   optional: a graph where the cast was a no-op (fp32 model) matches too.
 - ``check(match)``: proves the constraints the fused op needs (dtypes, shapes, devices) and
   returns the extra keyword arguments of the replacement; it raises ``Reject(reason)`` otherwise.
-  The reason is shown in the rewrite report.
+  The reason is shown in the rewrite report. A check only decides: what it adds to the match
+  (graph nodes that join the region, inputs the replacement also reads) it declares on the
+  ``Match`` (``absorb``, ``add_input``, ``drop_input``), and the rewriter applies that only after
+  proving the final region.
 - ``replacement``: a plain function of the same inputs (plus what ``check`` returned) that calls
   the fused op; it is traced into the graph in place of the matched region.
 - ``stage``: when it runs (``"adapters"``, ``"ops"`` or ``"fused"``); the stages and the order of
@@ -89,6 +92,10 @@ class Match:
         self.params: dict = {}
         self.options = None  # the backend's Options for this compile (set by the rewriter)
         self.top_level = True  # False inside the body of a higher-order op (e.g. checkpoint)
+        # What ``check`` declared, applied by the rewriter once the final region is proven
+        self.absorbed: list[fx.Node] = []
+        self.added_inputs: dict = {}
+        self.dropped_inputs: set[str] = set()
 
     def __getitem__(self, name):
         """The graph node (or literal) bound to input ``name``."""
@@ -100,7 +107,32 @@ class Match:
 
     @property
     def region(self) -> set[fx.Node]:
-        return set(self.node_map.values())
+        """The graph nodes the fused op replaces: the matched ones and those ``absorb``ed."""
+        return set(self.node_map.values()) | set(self.absorbed)
+
+    def absorb(self, *nodes: fx.Node) -> None:
+        """Declare graph nodes the spelling does not name that join the region and are replaced
+        with it (the 4-bit matmul behind a QLoRA adapter's ``base``). Before anything is
+        rewritten, the rewriter proves that no value of the final region is used outside it."""
+        self.absorbed += [n for n in nodes if n not in self.absorbed]
+
+    def add_input(self, name: str, value) -> None:
+        """Declare one more input the replacement reads, passed as keyword ``name``: a node of
+        this graph, a literal, or a node of a graph around this one (this graph being the body
+        of a checkpointed layer), which the rewriter passes into the body as a new operand of
+        its calls where that binding is certain (else the match is refused)."""
+        self.added_inputs[name] = value
+
+    def drop_input(self, name: str) -> None:
+        """Declare that the replacement no longer reads spelling input ``name`` (an absorbed
+        node computes it)."""
+        self.dropped_inputs.add(name)
+
+    def inputs(self) -> dict:
+        """Input name -> graph node or literal, as the replacement is called (plus ``params``):
+        the spelling's bindings, less those dropped, plus those added."""
+        kept = {k: v for k, v in self.bindings.items() if k not in self.dropped_inputs}
+        return {**kept, **self.added_inputs}
 
     def nodes_calling(self, target) -> list[fx.Node]:
         """Matched graph nodes that call ``target`` (e.g. ``torch.rsqrt``), in graph order."""

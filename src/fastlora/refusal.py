@@ -16,6 +16,7 @@ class RefusalKind(enum.Enum):
     SPELLING = "spelling"  # a spelling matched part way, then the graph computes something else
     ESCAPE = "escape"  # a value computed inside the region is also used outside it
     INPUT_INSIDE = "input_inside"  # an input of the pattern is computed inside the region
+    INPUT_OUTSIDE = "input_outside"  # an added input cannot be passed into this subgraph
     CHECK = "check"  # the pattern's check refused (``Reject``)
     REPLACEMENT = "replacement"  # the replacement would return other shapes, dtypes or devices
     INTERNAL_ERROR = "internal_error"  # the pattern's code raised something other than Reject

@@ -7,11 +7,15 @@ otherwise reported as a near miss with the first that failed:
 1. no value computed inside the region is used outside it (an escaping intermediate would have to
    be recomputed or kept alive, and the fused op does not produce it);
 2. the pattern's ``check`` accepts it (dtypes, shapes, devices, literals);
-3. the replacement, run on the recorded fake tensors, gives outputs of exactly the shapes and
+3. what the check declared on the match (``Match.absorb``, ``add_input``, ``drop_input``) keeps
+   1. true of the final region, and every added input from a graph around this one can be
+   passed in (bodies.py);
+4. the replacement, run on the recorded fake tensors, gives outputs of exactly the shapes and
    dtypes the graph had there.
 
-The replacement function is then called with ``torch.fx.Proxy`` arguments, which records its ops
-into the graph; the region's outputs are redirected to the new values and the region is erased.
+Only then is the graph changed: added outer inputs are passed into the body, the replacement
+function is called with ``torch.fx.Proxy`` arguments, which records its ops into the graph, the
+region's outputs are redirected to the new values and the region is erased.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .bodies import bring_into, cannot_bring_into
 from .canonicalize import example_value
 from .matcher import Attempt, attempts_at, describe, output_targets, size, trace_spelling
 from .pattern import Match, Pattern, Reject
@@ -39,10 +44,26 @@ def _escaping(match: Match) -> Refusal | None:
                                f"the intermediate {describe(node)} is also used outside the "
                                f"pattern by {describe(outside[0])}, so the region cannot be "
                                f"replaced by one op")
-    for name, bound in match.bindings.items():
+    for name, bound in match.inputs().items():
         if isinstance(bound, fx.Node) and bound in region:
             return Refusal(RefusalKind.INPUT_INSIDE,
                            f"input `{name}` is computed inside the region itself")
+    return None
+
+
+def _declared(match: Match) -> Refusal | None:
+    """Step 3: what the check declared, proven on the final region before anything changes."""
+    if not (match.absorbed or match.added_inputs or match.dropped_inputs):
+        return None
+    refusal = _escaping(match)
+    if refusal is not None:
+        return refusal
+    graph = match.outputs[0].graph
+    for value in match.added_inputs.values():
+        if isinstance(value, fx.Node) and value.graph is not graph:
+            reason = cannot_bring_into(value, graph)
+            if reason is not None:
+                return Refusal(RefusalKind.INPUT_OUTSIDE, reason)
     return None
 
 
@@ -75,7 +96,7 @@ def _as_list(out):
 def _check_replacement(match: Match) -> str | None:
     """Run the replacement on the recorded fake tensors; compare with the graph's outputs."""
     values = {k: example_value(v) if isinstance(v, fx.Node) else v
-              for k, v in match.bindings.items()}
+              for k, v in match.inputs().items()}
     mode = _fake_mode(values.values())
     if mode is None:
         return "the graph carries no fake tensors for the inputs (not a Dynamo graph?)"
@@ -92,8 +113,11 @@ def _check_replacement(match: Match) -> str | None:
 
 def _insert(match: Match, index: int) -> None:
     graph = match.outputs[0].graph
+    # inputs from a graph around this body, passed in as new operands of its calls
+    bound = {k: bring_into(v, graph) if isinstance(v, fx.Node) else v
+             for k, v in match.inputs().items()}
     order = {n: i for i, n in enumerate(graph.nodes)}
-    inputs = [v for v in match.bindings.values() if isinstance(v, fx.Node)]
+    inputs = [v for v in bound.values() if isinstance(v, fx.Node)]
     anchor = max(inputs, key=order.__getitem__) if inputs else None
     first_out = min(match.outputs, key=order.__getitem__)
     # Right after the last input if that lies after the first output, else before the first output.
@@ -106,7 +130,7 @@ def _insert(match: Match, index: int) -> None:
     before = set(graph.nodes)
     with ctx:
         args = {k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v
-                for k, v in match.bindings.items()}
+                for k, v in bound.items()}
         outs = _as_list(match.pattern.replacement(**{**args, **match.params}))
     new_nodes = [n for n in graph.nodes if n not in before]
     mode = _fake_mode(example_value(n) for n in inputs)
@@ -207,7 +231,8 @@ def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, 
     if refusal is None:
         try:
             match.params = dict(pattern.check(match) or {}) if pattern.check else {}
-            problem = _check_replacement(match)
+            refusal = _declared(match)
+            problem = _check_replacement(match) if refusal is None else None
             if problem is not None:
                 refusal = Refusal(RefusalKind.REPLACEMENT, problem)
         except Reject as e:
