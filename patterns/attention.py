@@ -28,7 +28,7 @@ from torch import fx
 from torch.nn.functional import softmax
 
 from fastlora.canonicalize import example_value
-from fastlora.pattern import Pattern, RefusalKind, Reject, register_pattern
+from fastlora.pattern import Pattern, RefusalKind, Reject, register_pattern, spelling_variants
 from fastlora.patterns._attention_masks import prove_mask
 
 # Dynamo records ``F.softmax(x, dim=-1, dtype=...)`` as called; tracing F.softmax itself would add
@@ -53,31 +53,20 @@ def _probs_times_value(w, query, value, p, training):
     return torch.matmul(w, value)
 
 
-def eager_softcap_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         mask: torch.Tensor, scaling: float, softcap: float, d1: int, d2: int,
-                         p: float, training: bool):
-    w = torch.matmul(query, key.transpose(d1, d2)) * scaling
-    w = torch.tanh(w / softcap) * softcap
-    return _probs_times_value(w + mask, query, value, p, training)
+def make_eager(capped: bool, masked: bool):
+    """HF's ``eager_attention_forward``: scores, optionally softcapped (Gemma 2) and masked
+    (an additive mask), softmax in float32, dropout, times v."""
+    def spelling(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                 scaling: float, softcap: float, d1: int, d2: int, p: float, training: bool):
+        w = torch.matmul(query, key.transpose(d1, d2)) * scaling
+        if capped:
+            w = torch.tanh(w / softcap) * softcap
+        return _probs_times_value(w + mask if masked else w, query, value, p, training)
+    return spelling
 
 
-def eager_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                 scaling: float, d1: int, d2: int, p: float, training: bool):
-    w = torch.matmul(query, key.transpose(d1, d2)) * scaling
-    return _probs_times_value(w + mask, query, value, p, training)
-
-
-def eager_softcap(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                  softcap: float, d1: int, d2: int, p: float, training: bool):
-    w = torch.matmul(query, key.transpose(d1, d2)) * scaling
-    w = torch.tanh(w / softcap) * softcap
-    return _probs_times_value(w, query, value, p, training)
-
-
-def eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, d1: int,
-          d2: int, p: float, training: bool):
-    w = torch.matmul(query, key.transpose(d1, d2)) * scaling
-    return _probs_times_value(w, query, value, p, training)
+EAGER = spelling_variants(make_eager, lambda capped, masked: "eager" + "_softcap" * capped
+                          + "_masked" * masked, capped=(True, False), masked=(True, False))
 
 
 # ---------------------------------------------------------------- dispatch
@@ -285,7 +274,7 @@ def _explain(node, refusal):
 
 register_pattern(Pattern(
     name="attention",
-    spellings=[sdpa, eager_softcap_masked, eager_masked, eager_softcap, eager],
+    spellings=[sdpa] + EAGER,
     check=check,
     replacement=replacement,
     anchor=(F.scaled_dot_product_attention, softmax),

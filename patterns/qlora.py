@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from fastlora.canonicalize import CAST, example_value
 from fastlora.kernels.nf4_dequant import code_table
 from fastlora.matcher import describe
-from fastlora.pattern import Pattern, Reject, register_pattern
-from fastlora.patterns.lora_linear import (FLOATS, adapter_dtypes, adapter_on_base,
-                                           adapter_on_base_dropout, cast, dropout_of,
+from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
+from fastlora.patterns.lora_linear import (FLOATS, ON_BASE, adapter_dtypes, cast, dropout_of,
                                            explain_lora_near_miss, linear_of, make_seed,
                                            module_path)
 
@@ -46,16 +45,22 @@ except (AttributeError, RuntimeError):  # bitsandbytes not imported: the op is n
 HOP = getattr(torch.ops.higher_order, "autograd_function_apply", None)
 
 
-def peft_bnb_4bit(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                  lora_B: torch.Tensor, scale: float):
-    out = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
-    return base.clone() + out.to(base.dtype)
+def make_peft_bnb_4bit(dropout: bool):
+    """peft's ``lora.bnb.Linear4bit``: the adapter output rounded to the base dtype and added to
+    a clone of the 4-bit matmul's output."""
+    def spelling(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scale: float, p: float, training: bool):
+        h = x.to(lora_A.dtype)
+        if dropout:
+            h = F.dropout(h, p, training, False)
+        return base.clone() + (F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
+    return spelling
 
 
-def peft_bnb_4bit_dropout(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                          lora_B: torch.Tensor, scale: float, p: float, training: bool):
-    h = F.dropout(x.to(lora_A.dtype), p, training, False)
-    return base.clone() + (F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
+# peft's lora.Linear spelling on the same base: adapter_on_base and adapter_on_base_dropout
+SPELLINGS = spelling_variants(make_peft_bnb_4bit,
+                              lambda dropout: "peft_bnb_4bit" + "_dropout" * dropout,
+                              dropout=(False, True)) + ON_BASE[:2]
 
 
 def _gemm_4bit():
@@ -228,7 +233,7 @@ def explain(node, refusal):
 
 register_pattern(Pattern(
     name="lora_linear_4bit",
-    spellings=[peft_bnb_4bit, peft_bnb_4bit_dropout, adapter_on_base, adapter_on_base_dropout],
+    spellings=SPELLINGS,
     check=check,
     replacement=replacement,
     anchor=F.linear,

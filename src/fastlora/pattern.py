@@ -21,6 +21,7 @@ A pattern is declared once, with plain PyTorch functions:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Sequence
 
 from torch import fx
@@ -183,3 +184,24 @@ def registered_patterns() -> list[Pattern]:
     builtin_patterns.load()
     return run_order(_REGISTRY.values())
 
+
+
+def spelling_variants(make: Callable[..., Callable], name: Callable[..., str],
+                      **axes: Sequence) -> list[Callable]:
+    """Spellings for every combination of the ``axes`` (axis name -> the values it takes):
+    ``make(**combination)`` returns the spelling, named ``name(**combination)`` (the name the
+    report shows). The first axis varies fastest::
+
+        spelling_variants(make_peft_lora, name, dropout=(False, True), final_cast=(True, False))
+
+    gives (no dropout, cast), (dropout, cast), (no dropout, no cast), (dropout, no cast). Each
+    spelling takes the parameters of every variant; one a variant does not read (the dropout
+    ``p`` without dropout) is never bound, so the replacement gets its default."""
+    keys = list(axes)[::-1]
+    spellings = []
+    for values in itertools.product(*(axes[k] for k in keys)):
+        combination = dict(zip(keys, values))
+        spelling = make(**combination)
+        spelling.__name__ = spelling.__qualname__ = name(**combination)
+        spellings.append(spelling)
+    return spellings
