@@ -8,7 +8,7 @@ linears, fused AdamW). What changes is the batch: every step draws ``--batch`` e
 token lengths follow a real length distribution, so the sequence length changes every step.
 
 Length distribution: the character lengths of the embedded SFT dataset's messages
-(src/fastlora/data/default_dataset.jsonl, 480 chat examples; prompt + completion 25 to 104
+(src/fastlora/app/data/default_dataset.jsonl, 480 chat examples; prompt + completion 25 to 104
 characters, quartiles 49 / 59 / 73), mapped affinely onto [--min-len, --max-len] (default
 256..2048): the shortest example becomes 256 tokens, the longest 2048, quartiles 806 / 1027 /
 1345 tokens. A batch of 4 is padded to its longest example: over the default 30 steps that is
@@ -42,7 +42,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import train_step as ts  # noqa: E402  (build_config, build_model, progress, variants, peers)
 
-DATASET = pathlib.Path(__file__).resolve().parents[1] / "src/fastlora/data/default_dataset.jsonl"
+DATASET = pathlib.Path(__file__).resolve().parents[1] / "src/fastlora/app/data/default_dataset.jsonl"
 
 
 def example_lengths(lo: int, hi: int) -> list[int]:

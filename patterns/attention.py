@@ -28,9 +28,8 @@ from torch import fx
 from torch.nn.functional import softmax
 
 from fastlora.canonicalize import example_value
-from fastlora.pattern import Pattern, Reject, register_pattern
+from fastlora.pattern import Pattern, RefusalKind, Reject, register_pattern, spelling_variants
 from fastlora.patterns._attention_masks import prove_mask
-from fastlora.patterns._checkpoint_bodies import bring_into
 
 # Dynamo records ``F.softmax(x, dim=-1, dtype=...)`` as called; tracing F.softmax itself would add
 # its private ``_stacklevel`` argument. Wrapping records the call exactly as the model makes it.
@@ -54,31 +53,20 @@ def _probs_times_value(w, query, value, p, training):
     return torch.matmul(w, value)
 
 
-def eager_softcap_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         mask: torch.Tensor, scaling: float, softcap: float, d1: int, d2: int,
-                         p: float, training: bool):
-    w = torch.matmul(query, key.transpose(d1, d2)) * scaling
-    w = torch.tanh(w / softcap) * softcap
-    return _probs_times_value(w + mask, query, value, p, training)
+def make_eager(capped: bool, masked: bool):
+    """HF's ``eager_attention_forward``: scores, optionally softcapped (Gemma 2) and masked
+    (an additive mask), softmax in float32, dropout, times v."""
+    def spelling(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                 scaling: float, softcap: float, d1: int, d2: int, p: float, training: bool):
+        w = torch.matmul(query, key.transpose(d1, d2)) * scaling
+        if capped:
+            w = torch.tanh(w / softcap) * softcap
+        return _probs_times_value(w + mask if masked else w, query, value, p, training)
+    return spelling
 
 
-def eager_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                 scaling: float, d1: int, d2: int, p: float, training: bool):
-    w = torch.matmul(query, key.transpose(d1, d2)) * scaling
-    return _probs_times_value(w + mask, query, value, p, training)
-
-
-def eager_softcap(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                  softcap: float, d1: int, d2: int, p: float, training: bool):
-    w = torch.matmul(query, key.transpose(d1, d2)) * scaling
-    w = torch.tanh(w / softcap) * softcap
-    return _probs_times_value(w, query, value, p, training)
-
-
-def eager(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, d1: int,
-          d2: int, p: float, training: bool):
-    w = torch.matmul(query, key.transpose(d1, d2)) * scaling
-    return _probs_times_value(w, query, value, p, training)
+EAGER = spelling_variants(make_eager, lambda capped, masked: "eager" + "_softcap" * capped
+                          + "_masked" * masked, capped=(True, False), masked=(True, False))
 
 
 # ---------------------------------------------------------------- dispatch
@@ -88,8 +76,8 @@ def choose_kernel(causal: bool, window: int, softcap: float, documents: bool,
                   padding: bool = False) -> tuple[str, str]:
     """Which kernel runs a proven attention: ("sdpa" | "triton" | "none", why).
 
-    The rule, from ../shared/targets.md (H200, GQA 32/8, head dim 128) and to be confirmed by
-    ``python benchmarks/kernels.py --ops attention``:
+    The rule, from the H200 measurements in docs/attention.md (GQA 32/8, head dim 128; rerun
+    with ``python benchmarks/kernels.py --ops attention``):
     - no window inside the sequence, no softcap, no documents, no padding: PyTorch SDPA with
       ``is_causal`` (cuDNN / flash: 531 / 383 TFLOP/s fwd / bwd at seq 2k), above what a Triton
       FA2 kernel reaches on Hopper;
@@ -206,15 +194,16 @@ def check(m):
         kernel, why = "sdpa_flash", why + FLASH_WHY
     if kernel == "triton" and head_dim > 256:
         raise Reject(f"head dim {head_dim} > 256 is not supported by the Triton kernel")
-    # Graph values the replacement reads besides the matched inputs: the rewriter passes every
-    # binding to the replacement (by name) and inserts it after all of them.
-    m.bindings["k_src"], m.bindings["v_src"] = k_src, v_src
-    # Under checkpointing the document ids and the padding mask are computed outside the
-    # layer: each is passed in as one more operand of the checkpointed call.
+    # Graph values the replacement reads besides the matched inputs (the rewriter passes every
+    # input to the replacement by name and inserts it after all of them). Under checkpointing
+    # the document ids and the padding mask are computed outside the layer: the rewriter passes
+    # each in as one more operand of the checkpointed call, once the match is proven.
+    m.add_input("k_src", k_src)
+    m.add_input("v_src", v_src)
     if docs is not None:
-        m.bindings["doc_ids"] = bring_into(docs, m.outputs[0].graph)
+        m.add_input("doc_ids", docs)
     if key_mask is not None:
-        m.bindings["key_mask"] = bring_into(key_mask, m.outputs[0].graph)
+        m.add_input("key_mask", key_mask)
     kinds = [("causal" if causal else "full"), "window" * bool(window),
              "documents" * (docs is not None), "padding" * (key_mask is not None)]
     params = {"kernel": kernel, "why": why, "mask": "+".join(k for k in kinds if k),
@@ -275,17 +264,17 @@ def unrepeated_kv(node):
     return node, 1
 
 
-def _explain(node, reason):
+def _explain(node, refusal):
     """Every SDPA left unfused is a near miss; a softmax only where an eager spelling got far
     enough to reach it (a router's or a user's softmax is no attention)."""
-    if node.target is softmax and reason.startswith("no spelling of"):
+    if node.target is softmax and refusal.kind is RefusalKind.NO_SPELLING:
         return None
-    return reason
+    return refusal.reason
 
 
 register_pattern(Pattern(
     name="attention",
-    spellings=[sdpa, eager_softcap_masked, eager_masked, eager_softcap, eager],
+    spellings=[sdpa] + EAGER,
     check=check,
     replacement=replacement,
     anchor=(F.scaled_dot_product_attention, softmax),

@@ -11,14 +11,15 @@ spelled as peft writes it (patterns/lora_linear.py). Becomes ``torch.ops.fastlor
 (src/fastlora/kernels/lora_grouped.py): one pass over x for both adapters, the adapter
 up-products fused into the activation, one dx buffer. down_proj stays a ``lora_linear``.
 
-It runs before ``lora_linear`` (priority) and before the plain ``swiglu`` / ``geglu`` patterns,
-which take over (with two ``lora_linear`` matches) wherever it does not fit: different dropout
-probabilities on gate and up, trainable base weights, rounding it would not reproduce.
+It runs before ``lora_linear`` (src/fastlora/stages.py) and before the plain ``swiglu`` /
+``geglu`` patterns, which take over (with two ``lora_linear`` matches) wherever it does not
+fit: different dropout probabilities on gate and up, trainable base weights, rounding it would
+not reproduce. The spellings are generated from their axes (dropout, final cast, activation).
 """
 import torch
 import torch.nn.functional as F
 
-from fastlora.pattern import Pattern, Reject, register_pattern
+from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
 from fastlora.patterns.lora_linear import (adapter_dtypes, autocast_inputs, cast, dropout_of,
                                            linear_of, make_seed, tidy)
 
@@ -36,72 +37,30 @@ def _branch(x, weight, bias, lora_A, lora_B, scale, p=None, training=None, cast=
 T = torch.Tensor
 
 
-def swiglu_lora(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
-                u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float):
-    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale)
-    return F.silu(gate) * _branch(x, u_weight, u_bias, u_lora_A, u_lora_B, u_scale)
+def make_gated_mlp(dropout: bool, final_cast: bool, activation: str):
+    """``act(gate_proj(x)) * up_proj(x)``, both projections peft LoRA linears; ``activation`` is
+    ``"silu"`` (SwiGLU) or ``"gelu"`` (GeGLU, its ``approximate`` captured)."""
+    def spelling(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
+                 u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float,
+                 approximate: str, g_p: float, g_training: bool, u_p: float, u_training: bool):
+        g_drop, u_drop = ((g_p, g_training), (u_p, u_training)) if dropout else ((None, None),) * 2
+        gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, *g_drop, final_cast)
+        act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate=approximate)
+        return act * _branch(x, u_weight, u_bias, u_lora_A, u_lora_B, u_scale, *u_drop, final_cast)
+    return spelling
 
 
-def swiglu_lora_dropout(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
-                        u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float,
-                        g_p: float, g_training: bool, u_p: float, u_training: bool):
-    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, g_p, g_training)
-    return F.silu(gate) * _branch(x, u_weight, u_bias, u_lora_A, u_lora_B, u_scale, u_p,
-                                  u_training)
+def _variant_name(prefix):
+    return lambda dropout, final_cast: prefix + "_lora" + "_dropout" * dropout \
+        + "_autocast" * (not final_cast)
 
 
-def swiglu_lora_autocast(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
-                         u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float):
-    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, cast=False)
-    return F.silu(gate) * _branch(x, u_weight, u_bias, u_lora_A, u_lora_B, u_scale, cast=False)
+MLP_SPELLINGS = spelling_variants(
+    make_gated_mlp, lambda activation, **axes: _variant_name(
+        {"silu": "swiglu", "gelu": "geglu"}[activation])(**axes),
+    dropout=(False, True), final_cast=(True, False), activation=("silu", "gelu"))
 
 
-def swiglu_lora_dropout_autocast(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T,
-                                 g_scale: float, u_weight: T, u_bias, u_lora_A: T, u_lora_B: T,
-                                 u_scale: float, g_p: float, g_training: bool, u_p: float,
-                                 u_training: bool):
-    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, g_p, g_training, False)
-    return F.silu(gate) * _branch(x, u_weight, u_bias, u_lora_A, u_lora_B, u_scale, u_p,
-                                  u_training, False)
-
-
-def geglu_lora(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
-               u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float, approximate: str):
-    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale)
-    return F.gelu(gate, approximate=approximate) * _branch(x, u_weight, u_bias, u_lora_A,
-                                                           u_lora_B, u_scale)
-
-
-def geglu_lora_dropout(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
-                       u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float,
-                       approximate: str, g_p: float, g_training: bool, u_p: float,
-                       u_training: bool):
-    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, g_p, g_training)
-    return F.gelu(gate, approximate=approximate) * _branch(x, u_weight, u_bias, u_lora_A,
-                                                           u_lora_B, u_scale, u_p, u_training)
-
-
-def geglu_lora_autocast(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T, g_scale: float,
-                        u_weight: T, u_bias, u_lora_A: T, u_lora_B: T, u_scale: float,
-                        approximate: str):
-    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, cast=False)
-    return F.gelu(gate, approximate=approximate) * _branch(x, u_weight, u_bias, u_lora_A,
-                                                           u_lora_B, u_scale, cast=False)
-
-
-def geglu_lora_dropout_autocast(x: T, g_weight: T, g_bias, g_lora_A: T, g_lora_B: T,
-                                g_scale: float, u_weight: T, u_bias, u_lora_A: T, u_lora_B: T,
-                                u_scale: float, approximate: str, g_p: float, g_training: bool,
-                                u_p: float, u_training: bool):
-    gate = _branch(x, g_weight, g_bias, g_lora_A, g_lora_B, g_scale, g_p, g_training, False)
-    return F.gelu(gate, approximate=approximate) * _branch(x, u_weight, u_bias, u_lora_A,
-                                                           u_lora_B, u_scale, u_p, u_training,
-                                                           False)
-
-
-MLP_SPELLINGS = [swiglu_lora, swiglu_lora_dropout, swiglu_lora_autocast,
-                 swiglu_lora_dropout_autocast, geglu_lora, geglu_lora_dropout,
-                 geglu_lora_autocast, geglu_lora_dropout_autocast]
 NAMES = ("x", "g_weight", "g_bias", "g_lora_A", "g_lora_B", "u_weight", "u_bias", "u_lora_A",
          "u_lora_B")
 
@@ -173,7 +132,7 @@ register_pattern(Pattern(
     spellings=MLP_SPELLINGS,
     check=check_mlp,
     replacement=replacement_mlp,
-    priority=30,
+    stage="adapters",
     description="gated MLP (SwiGLU / GeGLU) with LoRA on gate_proj and up_proj, one fused op",
     builtin=True,
 ))
@@ -182,42 +141,22 @@ register_pattern(Pattern(
 # ---------------------------------------------------------------- lora_qkv
 
 
-def qkv_lora(x: T, q_weight: T, q_bias, q_lora_A: T, q_lora_B: T, q_scale: float, k_weight: T,
-             k_bias, k_lora_A: T, k_lora_B: T, k_scale: float, v_weight: T, v_bias, v_lora_A: T,
-             v_lora_B: T, v_scale: float):
-    return (_branch(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale),
-            _branch(x, k_weight, k_bias, k_lora_A, k_lora_B, k_scale),
-            _branch(x, v_weight, v_bias, v_lora_A, v_lora_B, v_scale))
+def make_qkv(dropout: bool, final_cast: bool):
+    """q_proj, k_proj and v_proj of one x, each a peft LoRA linear."""
+    def spelling(x: T, q_weight: T, q_bias, q_lora_A: T, q_lora_B: T, q_scale: float,
+                 k_weight: T, k_bias, k_lora_A: T, k_lora_B: T, k_scale: float, v_weight: T,
+                 v_bias, v_lora_A: T, v_lora_B: T, v_scale: float, q_p: float,
+                 q_training: bool, k_p: float, k_training: bool, v_p: float, v_training: bool):
+        drops = ((q_p, q_training), (k_p, k_training), (v_p, v_training)) if dropout \
+            else ((None, None),) * 3
+        return (_branch(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, *drops[0], final_cast),
+                _branch(x, k_weight, k_bias, k_lora_A, k_lora_B, k_scale, *drops[1], final_cast),
+                _branch(x, v_weight, v_bias, v_lora_A, v_lora_B, v_scale, *drops[2], final_cast))
+    return spelling
 
 
-def qkv_lora_dropout(x: T, q_weight: T, q_bias, q_lora_A: T, q_lora_B: T, q_scale: float,
-                     k_weight: T, k_bias, k_lora_A: T, k_lora_B: T, k_scale: float, v_weight: T,
-                     v_bias, v_lora_A: T, v_lora_B: T, v_scale: float, q_p: float,
-                     q_training: bool, k_p: float, k_training: bool, v_p: float,
-                     v_training: bool):
-    return (_branch(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, q_p, q_training),
-            _branch(x, k_weight, k_bias, k_lora_A, k_lora_B, k_scale, k_p, k_training),
-            _branch(x, v_weight, v_bias, v_lora_A, v_lora_B, v_scale, v_p, v_training))
-
-
-def qkv_lora_autocast(x: T, q_weight: T, q_bias, q_lora_A: T, q_lora_B: T, q_scale: float,
-                      k_weight: T, k_bias, k_lora_A: T, k_lora_B: T, k_scale: float, v_weight: T,
-                      v_bias, v_lora_A: T, v_lora_B: T, v_scale: float):
-    return (_branch(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, cast=False),
-            _branch(x, k_weight, k_bias, k_lora_A, k_lora_B, k_scale, cast=False),
-            _branch(x, v_weight, v_bias, v_lora_A, v_lora_B, v_scale, cast=False))
-
-
-def qkv_lora_dropout_autocast(x: T, q_weight: T, q_bias, q_lora_A: T, q_lora_B: T,
-                              q_scale: float, k_weight: T, k_bias, k_lora_A: T, k_lora_B: T,
-                              k_scale: float, v_weight: T, v_bias, v_lora_A: T, v_lora_B: T,
-                              v_scale: float, q_p: float, q_training: bool, k_p: float,
-                              k_training: bool, v_p: float, v_training: bool):
-    return (_branch(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, q_p, q_training, False),
-            _branch(x, k_weight, k_bias, k_lora_A, k_lora_B, k_scale, k_p, k_training, False),
-            _branch(x, v_weight, v_bias, v_lora_A, v_lora_B, v_scale, v_p, v_training, False))
-
-
+QKV_SPELLINGS = spelling_variants(make_qkv, _variant_name("qkv"), dropout=(False, True),
+                                  final_cast=(True, False))
 QKV_NAMES = ("x",) + tuple(f"{b}_{n}" for b in "qkv"
                            for n in ("weight", "bias", "lora_A", "lora_B"))
 
@@ -259,10 +198,10 @@ def replacement_qkv(x, q_weight, q_bias, q_lora_A, q_lora_B, q_scale, k_weight, 
 
 register_pattern(Pattern(
     name="lora_qkv",
-    spellings=[qkv_lora, qkv_lora_dropout, qkv_lora_autocast, qkv_lora_dropout_autocast],
+    spellings=QKV_SPELLINGS,
     check=check_qkv,
     replacement=replacement_qkv,
-    priority=20,
+    stage="adapters",
     description="q, k, v projections all LoRA'd on one input, one fused op",
     builtin=True,
 ))

@@ -24,79 +24,50 @@ import torch
 import torch.nn.functional as F
 
 from fastlora.canonicalize import example_value
-from fastlora.pattern import Pattern, Reject, register_pattern
+from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def peft_lora(x: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor,
-              lora_B: torch.Tensor, scale: float):
-    result = F.linear(x, weight, bias)
-    lora = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
-    return (result + lora * scale).to(weight.dtype)
+def make_peft_lora(dropout: bool, final_cast: bool):
+    """peft's ``lora.Linear``: the adapter on this layer's own base linear."""
+    def spelling(x: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scale: float, p: float, training: bool):
+        result = F.linear(x, weight, bias)
+        h = x.to(lora_A.dtype)
+        if dropout:
+            h = F.dropout(h, p, training, False)
+        out = result + F.linear(F.linear(h, lora_A), lora_B) * scale
+        return out.to(weight.dtype) if final_cast else out
+    return spelling
 
 
-def peft_lora_dropout(x: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor,
-                      lora_B: torch.Tensor, scale: float, p: float, training: bool):
-    result = F.linear(x, weight, bias)
-    h = F.dropout(x.to(lora_A.dtype), p, training, False)
-    return (result + F.linear(F.linear(h, lora_A), lora_B) * scale).to(weight.dtype)
+def make_adapter_on_base(dropout: bool, rounding: str):
+    """The adapter on a base output computed elsewhere (a bitsandbytes 8-bit matmul, a second
+    adapter on the same layer). ``rounding``: where the sum is cast back to the base dtype,
+    ``"after"`` the add (peft's ``lora.Linear``), ``"before"`` it (peft's bitsandbytes layers
+    round the adapter output first) or ``"none"`` (under autocast)."""
+    def spelling(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scale: float, p: float, training: bool):
+        h = x.to(lora_A.dtype)
+        if dropout:
+            h = F.dropout(h, p, training, False)
+        lora = F.linear(F.linear(h, lora_A), lora_B) * scale
+        if rounding == "before":
+            return base + lora.to(base.dtype)
+        return (base + lora).to(base.dtype) if rounding == "after" else base + lora
+    return spelling
 
 
-def peft_lora_autocast(x: torch.Tensor, weight: torch.Tensor, bias, lora_A: torch.Tensor,
-                       lora_B: torch.Tensor, scale: float):
-    result = F.linear(x, weight, bias)
-    return result + F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
-
-
-def peft_lora_dropout_autocast(x: torch.Tensor, weight: torch.Tensor, bias,
-                               lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                               p: float, training: bool):
-    result = F.linear(x, weight, bias)
-    h = F.dropout(x.to(lora_A.dtype), p, training, False)
-    return result + F.linear(F.linear(h, lora_A), lora_B) * scale
-
-
-def adapter_on_base(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, scale: float):
-    lora = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
-    return (base + lora * scale).to(base.dtype)
-
-
-def adapter_on_base_dropout(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                            lora_B: torch.Tensor, scale: float, p: float, training: bool):
-    h = F.dropout(x.to(lora_A.dtype), p, training, False)
-    return (base + F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
-
-
-def adapter_on_base_uncast(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                           lora_B: torch.Tensor, scale: float):
-    return base + F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
-
-
-def adapter_on_base_dropout_uncast(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                                   lora_B: torch.Tensor, scale: float, p: float,
-                                   training: bool):
-    h = F.dropout(x.to(lora_A.dtype), p, training, False)
-    return base + F.linear(F.linear(h, lora_A), lora_B) * scale
-
-
-def adapter_cast_then_add(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                          lora_B: torch.Tensor, scale: float):
-    """peft's bitsandbytes layers round the adapter output to the base dtype before adding."""
-    lora = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
-    return base + lora.to(base.dtype)
-
-
-def adapter_cast_then_add_dropout(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                                  lora_B: torch.Tensor, scale: float, p: float, training: bool):
-    h = F.dropout(x.to(lora_A.dtype), p, training, False)
-    return base + (F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
-
-
-SPELLINGS = [peft_lora, peft_lora_dropout, peft_lora_autocast, peft_lora_dropout_autocast,
-             adapter_on_base, adapter_on_base_dropout, adapter_on_base_uncast,
-             adapter_on_base_dropout_uncast, adapter_cast_then_add, adapter_cast_then_add_dropout]
+PEFT_LORA = spelling_variants(
+    make_peft_lora, lambda dropout, final_cast: "peft_lora" + "_dropout" * dropout
+    + "_autocast" * (not final_cast), dropout=(False, True), final_cast=(True, False))
+ON_BASE = spelling_variants(
+    make_adapter_on_base, lambda dropout, rounding: {
+        "after": "adapter_on_base", "none": "adapter_on_base", "before": "adapter_cast_then_add"
+    }[rounding] + "_dropout" * dropout + "_uncast" * (rounding == "none"),
+    dropout=(False, True), rounding=("after", "none", "before"))
+SPELLINGS = PEFT_LORA + ON_BASE
 
 
 # ---------------------------------------------------------------- helpers shared by the LoRA files
@@ -193,15 +164,12 @@ def module_path(node) -> tuple[str, list]:
     return re.sub(r"^L(\.self)?(\.|$)", "", path), classes
 
 
-def explain_lora_near_miss(node, reason, only_bitsandbytes=False):
+def explain_lora_near_miss(node, refusal):
     """Near misses are reported at the lora_A product of an adapter that stayed unfused."""
     path, classes = module_path(node)
     if ".lora_A." not in "." + path + ".":
         return None  # a linear that is not a LoRA adapter's A product
     layer = path.split(".lora_A")[0]
-    stack = " ".join(str(c) for c in (node.meta.get("nn_module_stack") or {}).values())
-    if only_bitsandbytes and "bnb" not in stack and "bitsandbytes" not in stack:
-        return None
     if any("Dora" in c for c in classes) or any(
             getattr(n.target, "__name__", "") in ("linalg_norm", "eye") for n in node.graph.nodes
             if n.op == "call_function"):
@@ -211,8 +179,9 @@ def explain_lora_near_miss(node, reason, only_bitsandbytes=False):
                 and n.target is F.linear and module_path(n)[0].startswith(layer + ".lora_A.")}
     if len(siblings) > 1:
         return (f"{len(siblings)} adapters are active on `{layer}` at once; adapters after the "
-                f"first are fused on their own only when they share no cast of x ({reason})")
-    return reason
+                f"first are fused on their own only when they share no cast of x "
+                f"({refusal.reason})")
+    return refusal.reason
 
 
 # ---------------------------------------------------------------- the pattern
@@ -269,7 +238,7 @@ register_pattern(Pattern(
     replacement=replacement,
     anchor=F.linear,
     explain_near_miss=explain_lora_near_miss,
-    priority=10,
+    stage="adapters",
     description="peft LoRA linear (dropout, bias, rsLoRA, autocast; adapter on any base output)",
     builtin=True,
 ))

@@ -9,14 +9,14 @@ layer (M tokens, F the ffn width, e the bytes of the dtype).
 
 The spelling calls the two ops exactly as the other patterns' replacements insert them, so it
 traces to the same node targets (the ``OpOverloadPacket``s and ``operator.getitem``). It runs
-after both (priority 5 < lora_linear's 10 < lora_mlp's 30). Where h has another user, the
+in the ``fused`` stage, after both (src/fastlora/stages.py). Where h has another user, the
 rewriter's escape check leaves the two ops alone and the report says which node reads h.
 """
 import torch
 
 import fastlora.kernels  # noqa: F401  (registers the ops named below)
 from fastlora.matcher import describe
-from fastlora.pattern import Pattern, Reject, register_pattern
+from fastlora.pattern import Pattern, RefusalKind, Reject, register_pattern
 
 T = torch.Tensor
 
@@ -50,14 +50,14 @@ def replacement(**args):
     return torch.ops.fastlora.lora_mlp_block(*(args[n] for n in ARGS))[0]
 
 
-def explain_near_miss(node, reason):
+def explain_near_miss(node, refusal):
     """Name the node that reads h where it is not (only) down_proj's fused lora_linear."""
     readers = [u for g in node.users if g.args[1:] == (0,) for u in g.users]
     others = [u for u in readers if u.target is not torch.ops.fastlora.lora_linear]
     if not others:
-        return reason
+        return refusal.reason
     names = ", ".join(describe(u) for u in others)
-    if "also used outside the pattern" in reason:
+    if refusal.kind is RefusalKind.ESCAPE:
         return (f"h (lora_mlp's output) is also read by {names}; the fused op does not return h, "
                 f"so lora_mlp and lora_linear stay two ops (h kept for backward)")
     return (f"h (lora_mlp's output) goes to {names}, not to a fused lora_linear (down_proj has "
@@ -71,7 +71,7 @@ register_pattern(Pattern(
     replacement=replacement,
     anchor=torch.ops.fastlora.lora_mlp,
     explain_near_miss=explain_near_miss,
-    priority=5,
+    stage="fused",
     description="lora_mlp + down_proj's lora_linear as one op that recomputes h in backward",
     builtin=True,
 ))

@@ -115,7 +115,7 @@ def _is_peft_merge(node) -> bool:
         or "peft/tuners/lora" in (node.meta.get("stack_trace") or "")
 
 
-def explain_near_miss(node, reason):
+def explain_near_miss(node, refusal):
     """Only peft's merge is a near miss, and only where something reads it: a baddbmm read by
     nothing but the graph output is peft evaluating the parametrization once more when it
     registers it, in a graph of its own."""
@@ -126,7 +126,7 @@ def explain_near_miss(node, reason):
         return (f"peft's merged expert weight {describe(node)} is read by "
                 f"{describe(readers[0])}, not by a grouped expert product: only transformers' "
                 f"experts_implementation='grouped_mm' (the default) is fused")
-    return f"peft's merged expert weight {describe(node)} stays: {reason}"
+    return f"peft's merged expert weight {describe(node)} stays: {refusal.reason}"
 
 
 register_pattern(Pattern(
@@ -136,7 +136,7 @@ register_pattern(Pattern(
     replacement=replacement,
     anchor=torch.baddbmm,
     explain_near_miss=explain_near_miss,
-    priority=10,
+    stage="adapters",
     description="LoRA on 3-D MoE expert weights (peft target_parameters) in the grouped expert "
                 "product, without the merged weight",
     builtin=True,

@@ -12,7 +12,7 @@ values but keeps x (the residual, which the norm keeps anyway) instead of y: M x
 saved per pattern (M tokens, N the hidden size, e the bytes of the dtype).
 
 The spellings call the ops exactly as the other patterns' replacements insert them. Both run
-after every other pattern (priority -5 < rms_norm's 0 < lora_mlp_block's 5). Where y has another
+last, after ``lora_mlp_block`` (the ``fused`` stage of src/fastlora/stages.py). Where y has another
 reader, the rewriter's escape check leaves the pair alone and the report names the reader; a norm
 whose y reaches no such LoRA op at all (the final norm, a LoRA op under autocast that reads a cast
 of y) is no near miss.
@@ -72,7 +72,7 @@ def replacement_mlp_block(**args):
 
 
 def _near_miss(lora_op, op_name):
-    def explain(node, reason):
+    def explain(node, refusal):
         """Name the nodes besides the LoRA op that read y; None where no such LoRA op reads y."""
         readers = [u for g in node.users if g.args[1:] == (0,) for u in g.users]
         ours = [u for u in readers if u.target is lora_op and u.args[0] in node.users]
@@ -83,7 +83,7 @@ def _near_miss(lora_op, op_name):
             names = ", ".join(describe(u) for u in others)
             return (f"y (rms_norm's output) is also read by {names}; the fused op does not "
                     f"return y, so rms_norm and {op_name} stay two ops (y kept for backward)")
-        return reason
+        return refusal.reason
     return explain
 
 
@@ -93,7 +93,7 @@ register_pattern(Pattern(
     replacement=replacement_qkv,
     anchor=_ops.rms_norm,
     explain_near_miss=_near_miss(_ops.lora_qkv, "lora_qkv"),
-    priority=-5,
+    stage="fused",
     description="rms_norm + lora_qkv as one op that recomputes the norm's output in backward",
     builtin=True,
 ))
@@ -104,7 +104,7 @@ register_pattern(Pattern(
     replacement=replacement_mlp_block,
     anchor=_ops.rms_norm,
     explain_near_miss=_near_miss(_ops.lora_mlp_block, "lora_mlp_block"),
-    priority=-5,
+    stage="fused",
     description="rms_norm + lora_mlp_block as one op that recomputes the norm's output in "
                 "backward",
     builtin=True,

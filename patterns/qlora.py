@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from fastlora.canonicalize import CAST, example_value
 from fastlora.kernels.nf4_dequant import code_table
 from fastlora.matcher import describe
-from fastlora.pattern import Pattern, Reject, register_pattern
-from fastlora.patterns.lora_linear import (FLOATS, adapter_dtypes, adapter_on_base,
-                                           adapter_on_base_dropout, cast, dropout_of,
+from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
+from fastlora.patterns.lora_linear import (FLOATS, ON_BASE, adapter_dtypes, cast, dropout_of,
                                            explain_lora_near_miss, linear_of, make_seed,
                                            module_path)
 
@@ -46,26 +45,22 @@ except (AttributeError, RuntimeError):  # bitsandbytes not imported: the op is n
 HOP = getattr(torch.ops.higher_order, "autograd_function_apply", None)
 
 
-def peft_bnb_4bit(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                  lora_B: torch.Tensor, scale: float):
-    out = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
-    return base.clone() + out.to(base.dtype)
+def make_peft_bnb_4bit(dropout: bool):
+    """peft's ``lora.bnb.Linear4bit``: the adapter output rounded to the base dtype and added to
+    a clone of the 4-bit matmul's output."""
+    def spelling(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, scale: float, p: float, training: bool):
+        h = x.to(lora_A.dtype)
+        if dropout:
+            h = F.dropout(h, p, training, False)
+        return base.clone() + (F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
+    return spelling
 
 
-def peft_bnb_4bit_dropout(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                          lora_B: torch.Tensor, scale: float, p: float, training: bool):
-    h = F.dropout(x.to(lora_A.dtype), p, training, False)
-    return base.clone() + (F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
-
-
-class _Absorbed:
-    """Stands for a graph node the check adds to the matched region (no pattern node of its
-    own): the 4-bit matmul and its autograd wrapper."""
-
-    target = None
-
-    def __init__(self, name):
-        self.name = name
+# peft's lora.Linear spelling on the same base: adapter_on_base and adapter_on_base_dropout
+SPELLINGS = spelling_variants(make_peft_bnb_4bit,
+                              lambda dropout: "peft_bnb_4bit" + "_dropout" * dropout,
+                              dropout=(False, True)) + ON_BASE[:2]
 
 
 def _gemm_4bit():
@@ -200,11 +195,13 @@ def check(m):
     # built on the first call instead, it could land in a CUDA-graph warm-up's memory pool
     # (mode="reduce-overhead") and outlive it untracked.
     code_table(quant_type, example_value(tensors["qweight"]).device)
-    # The match now covers the matmul too: its inputs replace `base`.
-    for i, node in enumerate(extra):
-        m.node_map[_Absorbed(f"qlora_{i}")] = node
-    del m.bindings["base"]
-    m.bindings.update({k: v for k, v in tensors.items() if v is not None})
+    # The match covers the matmul too: its inputs replace `base` (the rewriter proves that no
+    # value of the grown region is read outside it before rewriting).
+    m.absorb(*extra)
+    m.drop_input("base")
+    for name, value in tensors.items():
+        if value is not None:
+            m.add_input(name, value)
     return {"out_features": shape[0], "in_features": shape[1], "blocksize": blocksize,
             "quant_type": quant_type, "double_quant": absmax8 is not None,
             "out_dtype": m.output_value().dtype, "compute_dtype": compute_dtype,
@@ -225,25 +222,25 @@ def replacement(x, lora_A, lora_B, scale, qweight, absmax, out_features, in_feat
         in_features, blocksize, quant_type, scale, dropout, out_dtype, compute_dtype)[0]
 
 
-def explain(node, reason):
+def explain(node, refusal):
     """Report only adapters whose base layer is a bitsandbytes 4-bit one."""
     path, _ = module_path(node)
     layer = path.split(".lora_A")[0]
     for n in node.graph.nodes:
         p, classes = module_path(n)
         if p == layer + ".base_layer" and classes and classes[-1].endswith("Linear4bit"):
-            return explain_lora_near_miss(node, reason)
+            return explain_lora_near_miss(node, refusal)
     return None
 
 
 register_pattern(Pattern(
     name="lora_linear_4bit",
-    spellings=[peft_bnb_4bit, peft_bnb_4bit_dropout, adapter_on_base, adapter_on_base_dropout],
+    spellings=SPELLINGS,
     check=check,
     replacement=replacement,
     anchor=F.linear,
     explain_near_miss=explain,
-    priority=15,
+    stage="adapters",
     description="QLoRA: LoRA on a bitsandbytes 4-bit (NF4/FP4, double quant) base, dequantized "
                 "in Triton",
     builtin=True,

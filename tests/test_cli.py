@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from fastlora import cli
-from fastlora.dataset import load_jsonl
-from fastlora.errors import FastloraError
+from fastlora.app import cli
+from fastlora.app.dataset import load_jsonl
+from fastlora.app.errors import FastloraError
 
 
 def _write(path, lines):
@@ -160,8 +160,8 @@ class _Boom:
 
 
 def _fail_training(monkeypatch, exc):
-    import fastlora.sft
-    monkeypatch.setattr(fastlora.sft, "build_trainer", lambda *a, **k: _Boom(exc))
+    import fastlora.app.sft
+    monkeypatch.setattr(fastlora.app.sft, "build_trainer", lambda *a, **k: _Boom(exc))
 
 
 def test_gpu_out_of_memory_is_one_paragraph(tmp_path, capsys, monkeypatch):

@@ -8,9 +8,10 @@ import sys
 import pytest
 
 import fastlora
-from fastlora import builtin_patterns, cli
-from fastlora.errors import FastloraError
-from fastlora.train import TrainConfig, next_steps, train
+from fastlora import builtin_patterns
+from fastlora.app import cli
+from fastlora.app.errors import FastloraError
+from fastlora.app.train import TrainConfig, next_steps, train
 
 # argv -> phrases its error must contain; each checked in a fresh interpreter without torch
 BAD_INPUTS = {
@@ -35,7 +36,7 @@ if sys.platform == "linux":
 
 _CHECK = """
 import json, sys
-from fastlora import cli
+from fastlora.app import cli
 code = cli.main(json.loads(sys.argv[1]))
 assert "torch" not in sys.modules, "torch was imported"
 sys.exit(code)
@@ -61,7 +62,7 @@ def test_input_errors_are_one_paragraph_and_need_no_torch(tmp_path):
 
 
 def test_help_needs_no_torch():
-    proc = subprocess.run([sys.executable, "-c", "import sys; from fastlora import cli\n"
+    proc = subprocess.run([sys.executable, "-c", "import sys; from fastlora.app import cli\n"
                            "try: cli.main(['train', '--help'])\n"
                            "except SystemExit: pass\n"
                            "assert 'torch' not in sys.modules"],
@@ -83,12 +84,12 @@ def test_train_config_numbers_are_checked_too():
 def test_failed_run_leaves_no_empty_output_folder(tmp_path, monkeypatch, capsys):
     """The default output folder is fastlora-output/<date-time>; a run that fails before its
     first checkpoint removes what it created, fastlora-output/ included."""
-    import fastlora.sft
+    import fastlora.app.sft
 
     class Boom:
         def train(self, resume_from_checkpoint=None):
             raise RuntimeError("broke")
-    monkeypatch.setattr(fastlora.sft, "build_trainer", lambda *a, **k: Boom())
+    monkeypatch.setattr(fastlora.app.sft, "build_trainer", lambda *a, **k: Boom())
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", "--no-compile"]) == 1
     assert "please report it" in capsys.readouterr().err  # a real internal error

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastlora import embedded
-from fastlora.errors import FastloraError
-from fastlora.export import export, gguf_rows, hf_rows, llama3_rope_factors
+from fastlora.app import embedded
+from fastlora.app.errors import FastloraError
+from fastlora.app.export import export, gguf_rows, hf_rows, llama3_rope_factors
 from helpers import tiny_llama, with_lora
 
 gguf = pytest.importorskip("gguf")
@@ -204,7 +204,7 @@ def test_pre_tokenizer_names_llama_cpp_reads():
     falls back to its default, with a note) for a split it would tokenize differently."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    from fastlora.export import _pre_tokenizer_name
+    from fastlora.app.export import _pre_tokenizer_name
 
     def spec(pre):
         tok = Tokenizer(models.BPE())

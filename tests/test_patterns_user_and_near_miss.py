@@ -104,6 +104,7 @@ def test_near_miss_other_spelling_has_reason():
     misses = _near_misses(SumNorm(16), torch.randn(4, 16))
     assert len(misses) == 1 and misses[0]["pattern"] == "rms_norm"
     assert "expected torch.mean" in misses[0]["reason"], misses[0]["reason"]
+    assert misses[0]["kind"] == "spelling"
 
 
 def test_near_miss_escaping_intermediate_has_reason():
@@ -111,6 +112,7 @@ def test_near_miss_escaping_intermediate_has_reason():
     assert len(misses) == 1
     assert "used outside the pattern" in misses[0]["reason"], misses[0]["reason"]
     assert "rsqrt" in misses[0]["reason"]
+    assert misses[0]["kind"] == "escape"
     assert "near misses" in str(fastlora.last_report())
 
 

@@ -255,7 +255,7 @@ def test_qlora_float32_compute_the_trl_way_is_a_near_miss_that_says_why():
         assert "adapter weights are torch.bfloat16 but the 4-bit matmul computes in " \
                "torch.float32" in miss["reason"] and "--dtype fp32" in miss["reason"], miss
 
-    from fastlora.sft import keep_adapters_in
+    from fastlora.app.sft import keep_adapters_in
     assert keep_adapters_in(model, torch.float32) == 14  # lora_A and lora_B of 7 layers
     err_e, err_c = _errors(model, _inputs())
     report = fastlora.last_report()

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import fastlora.sft
-from fastlora.errors import FastloraError, Interrupted
-from fastlora.train import TrainConfig, train
+import fastlora.app.sft
+from fastlora.app.errors import FastloraError, Interrupted
+from fastlora.app.train import TrainConfig, train
 
 SMALL = dict(steps=6, batch_size=4, max_length=128, log_every=1, report=False, compile=False)
 
@@ -44,12 +44,12 @@ class _SignalAt(TrainerCallback):
 
 
 def _signal_at(monkeypatch, step, signum):
-    real = fastlora.sft.build_trainer
+    real = fastlora.app.sft.build_trainer
 
     def build(model, tokenizer, rows, sft_args, callbacks, collator=None):
         return real(model, tokenizer, rows, sft_args, [_SignalAt(step, signum)] + callbacks,
                     collator)
-    monkeypatch.setattr(fastlora.sft, "build_trainer", build)
+    monkeypatch.setattr(fastlora.app.sft, "build_trainer", build)
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

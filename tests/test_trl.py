@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastlora
-from fastlora import embedded
+from fastlora.app import embedded
 from helpers import ALL_LINEAR, rel_err, tiny_llama, with_lora
 
 trl = pytest.importorskip("trl")

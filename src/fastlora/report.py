@@ -93,10 +93,12 @@ class Report:
         no longer runs on its own; it is still counted)."""
         self.matches[index].setdefault("absorbed_into", by)
 
-    def add_near_miss(self, pattern: str, node: fx.Node, reason: str) -> None:
+    def add_near_miss(self, pattern: str, node: fx.Node, reason: str, kind: str) -> None:
+        """Record a near miss; ``kind`` is a ``RefusalKind`` value (refusal.py)."""
         path, cls = _module_of(node)
         self.near_misses.append({"pattern": pattern, "node": node.name, "module": path,
-                                 "class": cls, "source": _source_of(node), "reason": reason})
+                                 "class": cls, "source": _source_of(node), "reason": reason,
+                                 "kind": kind})
 
     def counts(self) -> dict[str, int]:
         """Matches per pattern name, e.g. ``{"rms_norm": 5}``."""

@@ -1,17 +1,21 @@
 """Step 4 of the pipeline: replace each proven match with one call of a fused op.
 
-For every pattern (highest priority first) and every spelling, each graph node calling the
+For every pattern (in the order of stages.py) and every spelling, each graph node calling the
 spelling's output op is tried. A full match is rewritten only when all of these hold, and is
 otherwise reported as a near miss with the first that failed:
 
 1. no value computed inside the region is used outside it (an escaping intermediate would have to
    be recomputed or kept alive, and the fused op does not produce it);
 2. the pattern's ``check`` accepts it (dtypes, shapes, devices, literals);
-3. the replacement, run on the recorded fake tensors, gives outputs of exactly the shapes and
+3. what the check declared on the match (``Match.absorb``, ``add_input``, ``drop_input``) keeps
+   1. true of the final region, and every added input from a graph around this one can be
+   passed in (bodies.py);
+4. the replacement, run on the recorded fake tensors, gives outputs of exactly the shapes and
    dtypes the graph had there.
 
-The replacement function is then called with ``torch.fx.Proxy`` arguments, which records its ops
-into the graph; the region's outputs are redirected to the new values and the region is erased.
+Only then is the graph changed: added outer inputs are passed into the body, the replacement
+function is called with ``torch.fx.Proxy`` arguments, which records its ops into the graph, the
+region's outputs are redirected to the new values and the region is erased.
 """
 from __future__ import annotations
 
@@ -21,24 +25,45 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .bodies import bring_into, cannot_bring_into
 from .canonicalize import example_value
 from .matcher import Attempt, attempts_at, describe, output_targets, size, trace_spelling
 from .pattern import Match, Pattern, Reject
+from .refusal import Refusal, RefusalKind
 from .report import Report
 from .report_graph import record_flow
 
 
-def _escaping(match: Match) -> str | None:
+def _escaping(match: Match) -> Refusal | None:
     region, outputs = match.region, set(match.outputs)
     for node in match.outputs[0].graph.nodes:
         if node in region and node not in outputs:
             outside = [u for u in node.users if u not in region]
             if outside:
-                return (f"the intermediate {describe(node)} is also used outside the pattern by "
-                        f"{describe(outside[0])}, so the region cannot be replaced by one op")
-    for name, bound in match.bindings.items():
+                return Refusal(RefusalKind.ESCAPE,
+                               f"the intermediate {describe(node)} is also used outside the "
+                               f"pattern by {describe(outside[0])}, so the region cannot be "
+                               f"replaced by one op")
+    for name, bound in match.inputs().items():
         if isinstance(bound, fx.Node) and bound in region:
-            return f"input `{name}` is computed inside the region itself"
+            return Refusal(RefusalKind.INPUT_INSIDE,
+                           f"input `{name}` is computed inside the region itself")
+    return None
+
+
+def _declared(match: Match) -> Refusal | None:
+    """Step 3: what the check declared, proven on the final region before anything changes."""
+    if not (match.absorbed or match.added_inputs or match.dropped_inputs):
+        return None
+    refusal = _escaping(match)
+    if refusal is not None:
+        return refusal
+    graph = match.outputs[0].graph
+    for value in match.added_inputs.values():
+        if isinstance(value, fx.Node) and value.graph is not graph:
+            reason = cannot_bring_into(value, graph)
+            if reason is not None:
+                return Refusal(RefusalKind.INPUT_OUTSIDE, reason)
     return None
 
 
@@ -71,7 +96,7 @@ def _as_list(out):
 def _check_replacement(match: Match) -> str | None:
     """Run the replacement on the recorded fake tensors; compare with the graph's outputs."""
     values = {k: example_value(v) if isinstance(v, fx.Node) else v
-              for k, v in match.bindings.items()}
+              for k, v in match.inputs().items()}
     mode = _fake_mode(values.values())
     if mode is None:
         return "the graph carries no fake tensors for the inputs (not a Dynamo graph?)"
@@ -88,8 +113,11 @@ def _check_replacement(match: Match) -> str | None:
 
 def _insert(match: Match, index: int) -> None:
     graph = match.outputs[0].graph
+    # inputs from a graph around this body, passed in as new operands of its calls
+    bound = {k: bring_into(v, graph) if isinstance(v, fx.Node) else v
+             for k, v in match.inputs().items()}
     order = {n: i for i, n in enumerate(graph.nodes)}
-    inputs = [v for v in match.bindings.values() if isinstance(v, fx.Node)]
+    inputs = [v for v in bound.values() if isinstance(v, fx.Node)]
     anchor = max(inputs, key=order.__getitem__) if inputs else None
     first_out = min(match.outputs, key=order.__getitem__)
     # Right after the last input if that lies after the first output, else before the first output.
@@ -102,7 +130,7 @@ def _insert(match: Match, index: int) -> None:
     before = set(graph.nodes)
     with ctx:
         args = {k: fx.Proxy(v, tracer) if isinstance(v, fx.Node) else v
-                for k, v in match.bindings.items()}
+                for k, v in bound.items()}
         outs = _as_list(match.pattern.replacement(**{**args, **match.params}))
     new_nodes = [n for n in graph.nodes if n not in before]
     mode = _fake_mode(example_value(n) for n in inputs)
@@ -155,13 +183,13 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
     """
     first_near_miss = len(report.near_misses)
     for pattern in patterns:
-        best: dict[fx.Node, tuple[int, str]] = {}  # anchor node -> (progress, reason)
+        best: dict[fx.Node, tuple[int, Refusal]] = {}  # anchor node -> (progress, refusal)
 
-        def remember(attempt_nodes, progress: int, reason: str):
+        def remember(attempt_nodes, progress: int, refusal: Refusal):
             for n in attempt_nodes:
                 if pattern.is_anchor(n):
                     if n not in best or progress > best[n][0]:
-                        best[n] = (progress, reason)
+                        best[n] = (progress, refusal)
 
         # Larger spellings first: Gemma's norm contains Llama's, and must win where both fit.
         spellings = sorted((trace_spelling(fn) for fn in pattern.spellings), key=lambda s: -size(s))
@@ -177,13 +205,15 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                         break
         for node in graph.nodes:  # anchors left in the graph are the near misses
             if pattern.is_anchor(node):
-                reason = best.get(node, (0, f"no spelling of `{pattern.name}` leads to this "
-                                            f"{describe(node)}"))[1]
+                refusal = best.get(node, (0, Refusal(
+                    RefusalKind.NO_SPELLING,
+                    f"no spelling of `{pattern.name}` leads to this {describe(node)}")))[1]
+                reason = refusal.reason
                 if pattern.explain_near_miss is not None:
-                    reason = pattern.explain_near_miss(node, reason)
+                    reason = pattern.explain_near_miss(node, refusal)
                     if reason is None:
                         continue
-                report.add_near_miss(pattern.name, node, reason)
+                report.add_near_miss(pattern.name, node, reason, refusal.kind.value)
     record_flow(report, graph, first_near_miss)  # which fused op feeds which (report_graph.py)
 
 
@@ -191,25 +221,30 @@ def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, 
                  options=None, top_level=True) -> bool:
     nodes = set(attempt.state.node_map.values())
     if attempt.reason is not None:
-        remember(nodes, len(nodes), f"spelling `{spelling.name}`: {attempt.reason}")
+        remember(nodes, len(nodes),
+                 Refusal(RefusalKind.SPELLING, f"spelling `{spelling.name}`: {attempt.reason}"))
         return False
     outputs = attempt.state.outputs
     match = Match(pattern, spelling.name, attempt.state.bindings, attempt.state.node_map, outputs)
     match.options, match.top_level = options, top_level
-    reason = _escaping(match)
-    if reason is None:
+    refusal = _escaping(match)
+    if refusal is None:
         try:
             match.params = dict(pattern.check(match) or {}) if pattern.check else {}
-            reason = _check_replacement(match)
+            refusal = _declared(match)
+            problem = _check_replacement(match) if refusal is None else None
+            if problem is not None:
+                refusal = Refusal(RefusalKind.REPLACEMENT, problem)
         except Reject as e:
-            reason = str(e)
+            refusal = Refusal(RefusalKind.CHECK, str(e))
         except Exception as e:  # a broken pattern must not break the user's compile
             if strict:
                 raise
-            reason = f"internal error in pattern `{pattern.name}`: {type(e).__name__}: {e}"
+            refusal = Refusal(RefusalKind.INTERNAL_ERROR, f"internal error in pattern "
+                              f"`{pattern.name}`: {type(e).__name__}: {e}")
             report.errors.append(traceback.format_exc())
-    if reason is not None:
-        remember(nodes, len(nodes) + 1000, reason)  # a full match that was refused: best reason
+    if refusal is not None:
+        remember(nodes, len(nodes) + 1000, refusal)  # a full match that was refused: best reason
         return False
     index = report.add_match(match)
     for node in match.region:  # ops an earlier match inserted, now fused further by this one

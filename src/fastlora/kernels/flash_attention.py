@@ -46,7 +46,6 @@ Sequence lengths (S_Q, S_K) and the batch strides of the per-token arrays are le
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -275,10 +274,6 @@ def _backward(ctx, dout, _dlse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
 
 
 from . import flash_attention_backward as _backward_kernels  # noqa: E402,F401  (registers the op)

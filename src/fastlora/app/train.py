@@ -21,10 +21,11 @@ import pathlib
 import sys
 import time
 
-from . import builtin_patterns, embedded
+from .. import builtin_patterns
+from . import embedded
 from .dataset import FORMATS, is_conversational, load_jsonl
 from .errors import FastloraError, Interrupted, out_of_memory
-from .options import unknown_patterns_message
+from ..options import unknown_patterns_message
 from .run_folder import (RUN_FILE, RunFolder, final_dir, find_resume_point, output_dir,
                          resumed_config)
 
@@ -189,10 +190,10 @@ def _run(cfg, rows, fmt, folder, checkpoint, stop, stream, process) -> dict | No
 
     from .loading import add_lora, load_model_and_tokenizer, pick_device, pick_dtype
     from .progress import ProgressCallback
-    from .report import reports
+    from ..report import reports
     from .sft import build_trainer, keep_adapters_in, padding_free_collator, sft_config
-    from . import compile_cache
-    from .trainer import compile_count, compile_for_trainer
+    from .. import compile_cache
+    from ..trainer import compile_count, compile_for_trainer
 
     say = lambda text="": print(text, file=stream, flush=True)  # noqa: E731
     device = pick_device()

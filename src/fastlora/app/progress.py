@@ -91,7 +91,7 @@ class ProgressCallback(TrainerCallback):
                         f"tokens/s {_fmt(rate, '{:>7,.0f}')}  elapsed {t - self.start:6.1f}s")
 
     def _report_new_graphs(self, step: int):
-        from .report import Reports, reports
+        from ..report import Reports, reports
 
         graphs = reports(self.model)
         if len(graphs) <= self.reported:

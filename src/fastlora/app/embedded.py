@@ -1,5 +1,5 @@
 """The embedded default of ``fastlora train``: a small Llama model, a tokenizer and a dataset,
-all shipped in ``fastlora/data/`` so the main job runs offline with no argument at all.
+all shipped in ``fastlora/app/data/`` so the main job runs offline with no argument at all.
 
 - ``default_model.json``: a ``LlamaConfig`` (4 layers, hidden 192, GQA 6/2 heads). The weights are
   random, drawn from a fixed seed; ``fastlora train`` saves them beside the adapter so the adapter
@@ -10,7 +10,7 @@ all shipped in ``fastlora/data/`` so the main job runs offline with no argument 
   prompt/completion format, on six templated tasks a small model visibly learns (arithmetic,
   reversing words, dates, unit conversion, sorting, upper case). Generated deterministically.
 
-Regenerate the files with ``python -m fastlora.embedded`` (the output is byte-identical).
+Regenerate the files with ``python -m fastlora.app.embedded`` (the output is byte-identical).
 """
 from __future__ import annotations
 
