@@ -52,6 +52,7 @@ def test_near_misses_sit_in_the_flow_and_dot_draws_them():
     g = report.to_networkx()
     [miss] = [k for k, d in g.nodes(data=True) if d["kind"] == "near_miss"
               and d["pattern"] == "attention"]
+    assert g.nodes[miss]["refusal"] == "check"  # the mask prover's Reject
     assert any(g.nodes[a]["pattern"] == "rope" for a, _ in g.in_edges(miss))
     assert any(g.nodes[b]["pattern"] == "lora_linear" for _, b in g.out_edges(miss))
     dot = report.to_dot()

@@ -44,7 +44,10 @@ def to_networkx(report):
     for i, match in enumerate(report.matches):
         g.add_node(f"match:{i}", kind="match", **match)
     for i, miss in enumerate(report.near_misses):
-        g.add_node(f"near_miss:{i}", kind="near_miss", **miss)
+        # the entry's own "kind" (why it was refused, refusal.py) becomes "refusal" on the node,
+        # whose "kind" says match or near miss
+        attrs = {("refusal" if key == "kind" else key): value for key, value in miss.items()}
+        g.add_node(f"near_miss:{i}", kind="near_miss", **attrs)
     g.add_edges_from(edge for edge in sorted(report.flow) if all(end in g for end in edge))
     return g
 
