@@ -2,8 +2,8 @@
 (flash_attention_backward.py) share: the visibility geometry of causal / sliding-window /
 packed-document / key-padded attention (which key blocks a query block sees, which query
 blocks see a key block, and the mask of an edge block), the softcapped scores, the launch
-configuration, input validation, and the PyTorch probabilities that the CPU reference of both
-directions uses. The math is in flash_attention.py.
+configuration and input validation. The PyTorch probabilities that the CPU reference of both
+directions uses are in _attention_reference.py. The math is in flash_attention.py.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._attention_reference import (_probabilities, document_bounds,  # noqa: F401
+                                   visible_mask)  # (document_bounds used here; all re-exported)
 from ._common import HAVE_TRITON, check_float, check_same_device, require
 
 LOG2E = 1.4426950408889634
@@ -326,19 +328,6 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], window
                 "fastlora.flash_attention: key_mask on another device")
 
 
-def document_bounds(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(start, end), int32, shaped like ``doc_ids``: the first index of each token's run of
-    equal ids and one past its last index."""
-    S = doc_ids.shape[-1]
-    idx = torch.arange(S, device=doc_ids.device, dtype=torch.int32).expand_as(doc_ids)
-    change = doc_ids[:, 1:] != doc_ids[:, :-1]
-    first = torch.cat([torch.ones_like(change[:, :1]), change], 1)
-    last = torch.cat([change, torch.ones_like(change[:, :1])], 1)
-    start = torch.where(first, idx, 0).cummax(1).values
-    end = torch.where(last, idx + 1, S).flip(1).cummin(1).values.flip(1)
-    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
-
-
 def _doc_args(doc_ids: Optional[Tensor], q: Tensor):
     """(start, end, batch stride) for the kernels; dummies when there are no documents."""
     if doc_ids is None:
@@ -361,43 +350,3 @@ def _key_mask_args(key_mask: Optional[Tensor], q: Tensor):
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def visible_mask(S_Q: int, S_K: int, causal: bool, window: int, doc_ids: Optional[Tensor],
-                 device, key_mask: Optional[Tensor] = None) -> Tensor:
-    """(B or 1, 1, S_Q, S_K) bool: which keys each query sees (the op's definition)."""
-    i = torch.arange(S_Q, device=device)[:, None]
-    j = torch.arange(S_K, device=device)[None, :]
-    vis = torch.ones(S_Q, S_K, dtype=torch.bool, device=device)
-    if causal:
-        vis = vis & (j <= i)
-    if window > 0:
-        vis = vis & (j > i - window)
-    vis = vis[None, None]
-    if doc_ids is not None:
-        start, end = document_bounds(doc_ids)
-        vis = vis & (j >= start[:, None, :, None].long()) & (j < end[:, None, :, None].long())
-    if key_mask is not None:
-        vis = vis & (key_mask != 0)[:, None, None, :]
-    return vis
-
-
-def _probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask=None,
-                   empty_rows_uniform=False):
-    """float32 probabilities (B, H, S_Q, S_K), the capped scores' tanh (or None), and lse
-    (-inf on rows with no visible key, whose probabilities are 0, or 1 / S_K on every key when
-    ``empty_rows_uniform``)."""
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, 1)
-    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
-    t = None
-    if softcap > 0:
-        t = torch.tanh(s / softcap)
-        s = t * softcap
-    vis = visible_mask(q.shape[2], k.shape[2], causal, window, doc_ids, q.device, key_mask)
-    s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows that see nothing: all zero
-    if empty_rows_uniform:
-        p = torch.where(torch.isneginf(lse)[..., None], 1.0 / k.shape[2], p)
-    return p, t, lse
