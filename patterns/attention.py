@@ -232,8 +232,7 @@ def replacement(query, k_src, v_src, doc_ids=None, key_mask=None, *, kernel, cau
         return torch.ops.aten.scaled_dot_product_attention.default(
             query, k_src, v_src, None, 0.0, causal, scale=sm_scale, enable_gqa=gqa)
     if kernel == "sdpa_flash":  # GQA natively: k/v keep their own heads
-        return torch.ops.aten._scaled_dot_product_flash_attention.default(
-            query, k_src, v_src, 0.0, causal, False, scale=sm_scale)[0]
+        return torch.ops.fastlora.sdpa_flash(query, k_src, v_src, causal, sm_scale)[0]
     return torch.ops.fastlora.flash_attention(query, k_src, v_src, doc_ids, sm_scale, causal,
                                               window, softcap, key_mask,
                                               empty_rows == "uniform")[0]

@@ -396,6 +396,14 @@ def test_gpu_varying_lengths_run_on_flash_not_cudnn():
     assert [p["kernel"] for p in _attention(reports[0])] == ["sdpa_flash"] * 2
 
 
+def test_sdpa_flash_op_says_it_needs_cuda():
+    """The op behind the ``sdpa_flash`` kernel runs PyTorch's CUDA flash kernels only; on other
+    devices it says so instead of failing inside aten."""
+    q = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA flash"):
+        torch.ops.fastlora.sdpa_flash(q, q, q, True, 0.35)
+
+
 # ---------------------------------------------------------------- softcap accuracy (issue 19)
 
 
