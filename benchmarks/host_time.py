@@ -8,9 +8,9 @@ every linear, the batch below):
 
 - ``wall_ms``: one step, timed over ``--steps`` steps with one synchronisation at the end;
 - ``gpu_ms``: the GPU kernels' time per step (torch.profiler, kernels only);
-- ``host_ms``: the CPU's time to issue one step while the GPU is kept busy by a sleep kernel
-  queued in front of it (the CPU never waits for the GPU, so this is the dispatch and launch
-  cost alone; a step of more kernels than the launch queue holds would wait and read high);
+- ``host_ms``: the CPU's time to issue one step (its wall time without the final
+  synchronisation), the least of tries from an idle GPU and behind a sleep kernel that keeps
+  the GPU busy: the dispatch and launch cost; it reads high where the launch queue fills;
   the three are measured as train_step.py's columns are (benchmarks/_harness.py);
 - ``wall_over_gpu``: the issue's goal is at most 1.03.
 

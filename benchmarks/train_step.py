@@ -17,9 +17,10 @@ included), after the timed steps (benchmarks/_harness.py):
 - ``gpu_ms``: the GPU's kernel time per step, torch.profiler over --steps more steps of the
   same batch (steady state), kernel events' self device time summed;
 - ``host_ms``: the CPU's time to issue one step, its wall time without the final
-  synchronisation while a sleep kernel queued in front keeps the GPU behind (median of 3): the
-  Python, dispatch and launch cost alone. It reads high, up to the step time, where a step waits
-  on the GPU inside or issues more kernels than the launch queue holds;
+  synchronisation (the Python, dispatch and launch cost): the least of 3 tries from an idle GPU
+  and 3 behind a sleep kernel that keeps the GPU behind. It can read high, never low: where a
+  step waits on the GPU inside, or where the GPU falls so far behind that the launch queue
+  fills (then it reads at most the step time);
 - ``step_over_gpu``: step ms / GPU ms (1.0: the GPU never idles; the excess is host overhead,
   launch gaps and synchronisation).
 Without a GPU (a smoke run: ``--shapes tiny``) the model is float32 on the CPU, fastlora
