@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -85,8 +86,8 @@ def run_worker(cmd: list[str], base: dict, timeout: float, log: pathlib.Path | N
         err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
         if log is not None:
             log.write_text(err)
-        phases = [line for line in err.splitlines() if line.startswith("[")]
-        where = f" (last: {phases[-1].split('] ', 1)[-1]})" if phases else ""
+        phases = re.findall(r"^\[\w+\] (.* at \d+ s)$", err, re.MULTILINE)  # progress_printer's
+        where = f" (last: {phases[-1]})" if phases else ""
         return {**base, "error": f"timed out after {timeout} s{where}"}
     if log is not None:
         log.write_text(proc.stderr or "")
