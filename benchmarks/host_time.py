@@ -8,9 +8,10 @@ every linear, the batch below):
 
 - ``wall_ms``: one step, timed over ``--steps`` steps with one synchronisation at the end;
 - ``gpu_ms``: the GPU kernels' time per step (torch.profiler, kernels only);
-- ``host_ms``: the CPU's time to issue one step while the GPU is kept busy by a sleep kernel
-  queued in front of it (the CPU never waits for the GPU, so this is the dispatch and launch
-  cost alone; a step of more kernels than the launch queue holds would wait and read high);
+- ``host_ms``: the CPU's time to issue one step (its wall time without the final
+  synchronisation), the least of tries from an idle GPU and behind a sleep kernel that keeps
+  the GPU busy: the dispatch and launch cost; it reads high where the launch queue fills;
+  the three are measured as train_step.py's columns are (benchmarks/_harness.py);
 - ``wall_over_gpu``: the issue's goal is at most 1.03.
 
 Writes $OUT/host_time.json (a list, one object per route) and prints a table.
@@ -19,19 +20,18 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
-import subprocess
 import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
+import _harness as h  # this folder is first on sys.path when a script of it runs
+
+h.unshadow()
 
 
 def worker(a) -> dict:
     import torch
 
-    sys.path.insert(0, str(HERE))
-    import train_step  # noqa: E402
+    train_step = h.sibling("train_step")
 
     import fastlora  # noqa: F401
     from fastlora.kernels import _launch
@@ -51,40 +51,17 @@ def worker(a) -> dict:
 
     t = time.perf_counter()
     step()
-    torch.cuda.synchronize()
+    h.sync("cuda")
     first = time.perf_counter() - t
-    for _ in range(a.warmup):
-        step()
-    torch.cuda.synchronize()
-
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / a.steps
-
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(a.steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu = sum(e.self_device_time_total for e in kernels) / 1e3 / a.steps
-
-    host = []
-    cycles = int(2e9 * max(wall, 0.01) * 3)  # about 3 steps of GPU time at ~2 GHz
-    for _ in range(3):
-        torch.cuda._sleep(cycles)
-        t = time.perf_counter()
-        step()
-        host.append(time.perf_counter() - t)
-        torch.cuda.synchronize()
+    h.measure(step, a.warmup, 0, "cuda")
+    wall = h.wall_ms_per_step(step, a.steps, "cuda")
+    gpu = h.gpu_ms_per_step([step] * a.steps, "cuda")
+    host = h.host_ms_per_step(step, "cuda", wall / 1e3)
     out = {"route": os.environ.get("FASTLORA_LAUNCH", "inductor"), "launch": _launch.LAUNCH,
            "shape": a.shape, "batch": a.batch, "seq": a.seq, "mode": a.mode,
-           "first_step_s": round(first, 2), "wall_ms": round(1e3 * wall, 2),
-           "gpu_ms": round(gpu, 2), "host_ms": round(1e3 * statistics.median(host), 2),
-           "wall_over_gpu": round(1e3 * wall / gpu, 3) if gpu else None,
+           "first_step_s": round(first, 2), "wall_ms": round(wall, 2),
+           "gpu_ms": round(gpu, 2), "host_ms": round(host, 2),
+           "wall_over_gpu": round(wall / gpu, 3) if gpu else None,
            "torch": torch.__version__, "device": torch.cuda.get_device_name()}
     return out
 
@@ -105,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        print("RESULT " + json.dumps(worker(a)), flush=True)
+        h.emit(worker(a))
         return
     rows = []
     for route in a.routes.split(";" if ";" in a.routes else ","):
@@ -113,26 +90,17 @@ def main(argv=None):
                "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
         if a.mode:
             cmd += ["--mode", a.mode]
-        env = {**os.environ, "FASTLORA_LAUNCH": route}
-        try:
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
-            lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-            row = json.loads(lines[-1][7:]) if lines else {
-                "route": route, "error": (p.stderr or p.stdout)[-3000:]}
-        except subprocess.TimeoutExpired:
-            row = {"route": route, "error": f"timed out after {a.timeout} s"}
+        row = h.run_worker(cmd, {"route": route}, a.timeout,
+                           env={**os.environ, "FASTLORA_LAUNCH": route})
         rows.append(row)
         print(json.dumps(row), flush=True)
     path = pathlib.Path(a.out)
     path.mkdir(parents=True, exist_ok=True)
     (path / "host_time.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"\n{'route':<28}{'wall ms':>9}{'GPU ms':>9}{'host ms':>9}{'wall/GPU':>10}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['route']:<28} error: {r['error'].splitlines()[-1] if r['error'] else ''}")
-        else:
-            print(f"{r['route']:<28}{r['wall_ms']:>9}{r['gpu_ms']:>9}{r['host_ms']:>9}"
-                  f"{r['wall_over_gpu']:>10}")
+    print()
+    print(h.table(rows, [("route", 28)], [
+        ("wall ms", 9, "wall_ms", ""), ("GPU ms", 9, "gpu_ms", ""), ("host ms", 9, "host_ms", ""),
+        ("wall/GPU", 10, "wall_over_gpu", "")]))
 
 
 if __name__ == "__main__":

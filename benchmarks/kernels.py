@@ -26,6 +26,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
 import kernel_cases  # noqa: E402
 
 COPY_GBPS = 4220.0  # measured device copy (read + write), ../shared/targets.md
@@ -43,17 +44,8 @@ def _bench(fn):
 def _gpu_ms(fn, calls: int = 10) -> float:
     """GPU kernel time per call (ms): the device time of every kernel fn launches, from
     torch.profiler, without the Python dispatch and launch gaps that _bench includes."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    total_us = sum(e.self_device_time_total for e in prof.key_averages()
-                   if e.device_type == DeviceType.CUDA)
-    return total_us / calls / 1000
+    return h.gpu_ms_per_step([fn] * calls, "cuda")
 
 
 def _host_ms(fn, calls: int = 20) -> float:

@@ -26,16 +26,13 @@ Writes JSON lines to ``$OUT/moe_experts.jsonl`` (or ``--out``) and prints a tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import subprocess
 import sys
-import time
 
-# benchmarks/kernels.py would shadow the `kernels` package transformers imports
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if pathlib.Path(p or ".").resolve() != HERE]
+import _harness as h  # this folder is first on sys.path when a script of it runs
+
+h.unshadow()  # benchmarks/kernels.py would shadow the `kernels` package transformers imports
 
 SHAPES = {  # Qwen3-30B-A3B's layer (hidden 2048, 128 experts of width 768, top 8)
     "qwen3-30b-a3b": dict(hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144,
@@ -120,23 +117,8 @@ def layer_worker(args) -> dict:
     def step():
         return torch.autograd.grad(fn(**inputs), [inputs[n] for n in trainable], g)
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        grads = step()
-    sync()
-    warmup_s = time.perf_counter() - start
-    base = torch.cuda.memory_allocated() if device == "cuda" else 0
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    timing = h.measure(step, max(args.warmup, 1), args.steps, device)
+    grads = timing.last
     # accuracy: against the same function in float32, eagerly
     ref_inputs = {k: (v.detach().float().requires_grad_(k in trainable) if v.is_floating_point()
                       else v) for k, v in inputs.items()}
@@ -144,10 +126,11 @@ def layer_worker(args) -> dict:
                               g.float())
     errs = {n: ((a.float() - b).norm() / b.norm()).item() for n, a, b in zip(trainable, grads, ref)}
     row = {"mode": "layer", "variant": args.variant, "shape": args.shape, "rank": args.rank,
-           "tokens": args.batch * args.seq, "ms": sorted(times)[len(times) // 2] * 1e3,
-           "warmup_s": warmup_s, "rel_err_vs_fp32": errs, "device": device}
+           "tokens": args.batch * args.seq, "ms": timing.median_s * 1e3,
+           "warmup_s": timing.warmup_s, "rel_err_vs_fp32": errs, "device": device}
     if device == "cuda":
-        row["peak_gib_above_inputs"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        row["peak_gib_above_inputs"] = (torch.cuda.max_memory_allocated()
+                                        - timing.base_bytes) / 2**30
         row["gpu"] = torch.cuda.get_device_name()
     if args.variant == "fastlora":
         import fastlora
@@ -181,29 +164,12 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    start = time.perf_counter()
-    first_loss = float(step())
-    for _ in range(args.warmup - 1):
-        step()
-    sync()
-    warmup_s = time.perf_counter() - start
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    ms = sorted(times)[len(times) // 2] * 1e3
+    timing = h.measure(step, max(args.warmup, 1), args.steps, device)
+    ms = timing.median_s * 1e3
     row = {"variant": args.variant, "shape": args.shape, "layers": args.layers,
            "batch": args.batch, "seq": args.seq, "rank": args.rank, "step_ms": ms,
-           "tok_s": args.batch * args.seq / ms * 1e3, "warmup_s": warmup_s,
-           "first_loss": first_loss, "device": device}
+           "tok_s": args.batch * args.seq / ms * 1e3, "warmup_s": timing.warmup_s,
+           "first_loss": float(timing.first), "device": device}
     if device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["gpu"] = torch.cuda.get_device_name()
@@ -236,7 +202,7 @@ def main(argv=None):
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)))
+        h.emit(worker(args))
         return
     if args.variants is None:
         args.variants = ",".join(VARIANTS if args.mode == "model" else VARIANTS[:3])
@@ -247,30 +213,22 @@ def main(argv=None):
         cmd = [sys.executable, __file__, "--worker", "--variant", variant]
         cmd += [f"--{k}={getattr(args, k)}" for k in ("mode", "shape", "layers", "batch", "seq",
                                                        "rank", "warmup", "steps")]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
-                {"variant": variant, "error": proc.stderr[-2000:]}
-        except subprocess.TimeoutExpired:
-            row = {"variant": variant, "error": f"timed out after {args.timeout} s"}
-        (out / f"moe_experts_{variant}.log").write_text(
-            "" if "error" not in row else row["error"])
+        row = h.run_worker(cmd, {"variant": variant}, args.timeout,
+                           out / f"moe_experts_{variant}.log")
         rows.append(row)
-        with open(out / "moe_experts.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['variant']:<20} error: {r['error'].strip().splitlines()[-1:]}")
-        elif args.mode == "layer":
-            worst = max(r["rel_err_vs_fp32"].values())
-            peak = r.get("peak_gib_above_inputs", 0.0)
-            print(f"{r['variant']:<10} {r['ms']:8.2f} ms  peak {peak:6.2f} GiB  "
-                  f"worst grad err {worst:.1e}  {r.get('matches', '')}")
-        else:
-            print(f"{r['variant']:<20} {r['step_ms']:9.1f} ms {r['tok_s']:9.0f} tok/s "
-                  f"{r.get('peak_gib', float('nan')):6.2f} GiB warm-up {r['warmup_s']:6.1f} s "
-                  f"loss {r['first_loss']:.4f} {r.get('matches', '')} {r['frames_compiled']}")
+        h.append_jsonl(out / "moe_experts.jsonl", row)
+    if args.mode == "layer":
+        columns = [("ms", 10, "ms", ".2f"), ("peak GiB", 10, "peak_gib_above_inputs", ".2f"),
+                   ("worst grad err", 16, lambda r: max(r["rel_err_vs_fp32"].values()), ".1e"),
+                   ("warm-up s", 11, "warmup_s", ".1f")]
+    else:
+        columns = [("step ms", 10, "step_ms", ".1f"), ("tok/s", 10, "tok_s", ".0f"),
+                   ("peak GiB", 10, "peak_gib", ".2f"), ("warm-up s", 11, "warmup_s", ".1f"),
+                   ("loss", 9, "first_loss", ".4f")]
+    print(h.table(rows, [("variant", 20)], columns))
+    for r in rows:  # the fused ops and (model) Dynamo's frame counts, a line each
+        if r.get("matches") or r.get("frames_compiled"):
+            print(f"{r['variant']:<20} {r.get('matches', '')} {r.get('frames_compiled', '')}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ step (a large gap means the step is bound by CPU-side overhead), and writes a Ch
 import argparse
 import os
 import pathlib
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import train_step  # noqa: E402
+import _harness as h  # this folder is first on sys.path when a script of it runs
+
+h.unshadow()
+train_step = h.sibling("train_step")
 
 
 def main():
@@ -53,9 +54,7 @@ def main():
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / a.steps
     events = prof.key_averages()
-    # kernels only: an op's self device time repeats its kernels' (counting both doubles it)
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu = sum(e.self_device_time_total for e in kernels) / 1e3 / a.steps
+    gpu = h.kernel_ms(prof, a.steps)  # kernels only: an op's device time repeats its kernels'
     print(f"wall {1e3 * wall:.1f} ms/step, GPU kernels {gpu:.1f} ms/step")
     print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
     out = pathlib.Path(a.out)

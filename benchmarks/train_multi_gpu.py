@@ -24,21 +24,16 @@ the processes train on the CPU over gloo (float32; a smoke run: ``--shape tiny``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
-import sys
-import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-# Python puts this folder first on sys.path, where kernels.py would shadow the `kernels` package
-# that transformers 5.25 imports; train_step.py (shapes, Unsloth's random checkpoint) is loaded
-# from its file instead.
-sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != HERE]
-_spec = importlib.util.spec_from_file_location("train_step", HERE / "train_step.py")
-train_step = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_step)
+import _harness as h  # this folder is first on sys.path when a script of it runs
+
+# kernels.py would shadow the `kernels` package that transformers 5.25 imports; train_step.py
+# (shapes, Unsloth's random checkpoint) is loaded from its file instead.
+h.unshadow()
+train_step = h.sibling("train_step")
 
 VARIANTS = ("eager", "inductor", "fastlora", "unsloth")
 
@@ -138,10 +133,6 @@ def run(args) -> dict | None:
     gen = torch.Generator(device=device).manual_seed(1000 + rank)  # each GPU its own rows
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device, generator=gen)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def step():
         loss = step_model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
@@ -149,22 +140,8 @@ def run(args) -> dict | None:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    started = time.perf_counter()
-    for _ in range(args.warmup):
-        loss = step()
-    sync()
-    warmup_s = time.perf_counter() - started
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        dist.barrier()
-        sync()
-        t = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - t)
-    median = sorted(times)[len(times) // 2]
+    timing = h.measure(step, args.warmup, args.steps, device.type, before=dist.barrier)
+    median, loss, warmup_s = timing.median_s, timing.last, timing.warmup_s
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     peaks = [None] * world
     dist.all_gather_object(peaks, peak)

@@ -1,6 +1,7 @@
 """End-to-end LoRA training-step benchmark (the workload of shared/targets.md).
 
-    python benchmarks/train_step.py --shapes llama-1b --variants eager,inductor,fastlora
+    python benchmarks/train_step.py --shapes llama-1b --variants eager,inductor,fastlora,unsloth
+    python benchmarks/train_step.py --shapes tiny --variants eager,fastlora --steps 3  # on a CPU
 
 Workload: LoRA r=16, alpha=32, dropout 0 on q,k,v,o,gate,up,down of a randomly initialised
 causal LM (attention "sdpa"), bf16 weights, random token ids as inputs and labels, fused AdamW on
@@ -10,6 +11,21 @@ process, so peak memory is clean. Variants: eager (HF + peft), inductor (torch.c
 (torch.compile backend="fastlora"), liger (Liger-Kernel patches, eager) and unsloth
 (FastLanguageModel), the last two when importable. Prints a table last; writes JSON lines, CSV
 and a PNG plot under --out.
+
+Per variant, besides tok/s, step ms, peak GiB and warm-up s (the --warmup steps, compiles
+included), after the timed steps (benchmarks/_harness.py):
+- ``gpu_ms``: the GPU's kernel time per step, torch.profiler over --steps more steps of the
+  same batch (steady state), kernel events' self device time summed;
+- ``host_ms``: the CPU's time to issue one step, its wall time without the final
+  synchronisation (the Python, dispatch and launch cost): the least of 3 tries from an idle GPU
+  and 3 behind a sleep kernel that keeps the GPU behind. It can read high, never low: where a
+  step waits on the GPU inside, or where the GPU falls so far behind that the launch queue
+  fills (then it reads at most the step time);
+- ``step_over_gpu``: step ms / GPU ms (1.0: the GPU never idles; the excess is host overhead,
+  launch gaps and synchronisation).
+Without a GPU (a smoke run: ``--shapes tiny``) the model is float32 on the CPU, fastlora
+compiles with ``compiler="aot_eager"`` (inductor's C++ build takes minutes), GPU ms and peak GiB
+are n/a, and host ms is the step itself (the host does the work).
 """
 from __future__ import annotations
 
@@ -17,9 +33,11 @@ import argparse
 import json
 import os
 import pathlib
-import subprocess
 import sys
-import time
+
+import _harness as h  # this folder is first on sys.path when a script of it runs
+
+h.unshadow()
 
 SHAPES = {
     # name: (family, config kwargs, default gradient checkpointing)
@@ -64,13 +82,7 @@ def build_config(shape: str):
     return cfg
 
 
-_T0 = time.perf_counter()
-
-
-def progress(phase: str) -> None:
-    """A worker's phase on stderr, so a timed-out run says where it stood (see run_one)."""
-    print(f"[train_step] {phase} at {time.perf_counter() - _T0:.0f} s", file=sys.stderr,
-          flush=True)
+progress = h.progress_printer("train_step")
 
 
 def _save_random(cfg, path: pathlib.Path):
@@ -133,9 +145,11 @@ def build_model(args, cfg):
         elif args.gc:  # bfloat16 activations throughout (as Unsloth trains)
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        with torch.device("cuda"):
-            model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+    else:  # bfloat16 on the GPU; float32 on the CPU (a smoke run)
+        device = h.default_device()
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(
+                cfg, torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         if args.gc:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -149,6 +163,8 @@ def build_model(args, cfg):
 
 def worker(args) -> dict:
     import torch
+    device = h.default_device()
+    cuda = device == "cuda"
     cfg = build_config(args.shape)
     progress("building the model")
     model = build_model(args, cfg)
@@ -163,12 +179,12 @@ def worker(args) -> dict:
         options, mode = FASTLORA[args.variant]
         if args.variant.endswith("-async"):
             torch._functorch.config.activation_offload_separate_stream = True
-        options = {**options, **(json.loads(args.fastlora_options) if args.fastlora_options
-                                 else {})}
+        options = {**options, **({} if cuda else {"compiler": "aot_eager"}),
+                   **(json.loads(args.fastlora_options) if args.fastlora_options else {})}
         step_model = torch.compile(model, backend="fastlora", options=options or None,
                                    mode=mode)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda", generator=gen)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device, generator=gen)
 
     cuda_graphs = args.variant in FASTLORA and FASTLORA[args.variant][1] == "reduce-overhead"
 
@@ -181,32 +197,22 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    t0 = time.perf_counter()
-    for i in range(args.warmup):
-        progress(f"warm-up step {i + 1} of {args.warmup}" + (" (compiles)" if i == 0 else ""))
-        loss = step()
-    torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
-    progress(f"timing {args.steps} steps")
-    times = []
-    for _ in range(args.steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    median = times[len(times) // 2]
+    timing = h.measure(step, args.warmup, args.steps, device, progress)
+    median = timing.median_s
     row = {"shape": args.shape, "variant": args.variant, "batch": args.batch, "seq": args.seq,
            "gc": args.gc, "rank": args.rank, "load_4bit": args.load_4bit,
            "kbit_recipe": args.kbit_recipe if args.load_4bit else None,
            "tok_s": args.batch * args.seq / median, "step_ms": 1000 * median,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            # with CUDA graphs (-cg) the graphs' memory pool was allocated while they were
            # recorded, in warm-up, so peak_gib misses it; what the allocator holds does not
-           "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "warmup_s": warmup_s,
-           "loss": float(loss), "device": torch.cuda.get_device_name()}
+           "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+           "warmup_s": timing.warmup_s, "loss": float(timing.last),
+           "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    progress(f"profiling {args.steps} steps, then the host time")
+    row["gpu_ms"] = h.gpu_ms_per_step([step] * args.steps, device)
+    row["host_ms"] = h.host_ms_per_step(step, device, median)
+    row["step_over_gpu"] = h.ratio(row["step_ms"], row["gpu_ms"])
     if args.variant in FASTLORA:
         row["matches"] = fastlora.reports(model).counts()
         misses = fastlora.reports(model).near_misses()
@@ -228,58 +234,31 @@ def run_one(args, shape: str, variant: str) -> dict:
         cmd += ["--load-4bit", "--kbit-recipe", args.kbit_recipe]
     if args.fastlora_options:
         cmd += ["--fastlora-options", args.fastlora_options]
-    base = {"shape": shape, "variant": variant, "gc": gc}
-    env = dict(os.environ)
-    if variant == "unsloth" and os.environ.get("FASTLORA_UNSLOTH_SITE"):
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["FASTLORA_UNSLOTH_SITE"],
-                                                          env.get("PYTHONPATH")]))
     # the worker's stderr (its phases, warnings, TORCH_LOGS output) is kept beside the results
-    log = pathlib.Path(args.out) / f"worker_{shape}_{variant}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                              env=env)
-        log.write_text(proc.stderr or "")
-    except subprocess.TimeoutExpired as e:  # run() collected the output the worker had written
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        log.write_text(err)
-        phases = [line for line in err.splitlines() if line.startswith("[train_step]")]
-        where = f" (last: {phases[-1][13:]})" if phases else ""
-        return {**base, "error": f"timed out after {args.timeout} s{where}"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**base, "error": " | ".join(tail)[-300:]}
-    return json.loads(lines[-1])
-
-
-def _importable(variant: str) -> str | None:
-    module = {"liger": "liger_kernel", "unsloth": "unsloth"}.get(variant)
-    if module is None:
-        return None
-    import importlib.util
-    site = os.environ.get("FASTLORA_UNSLOTH_SITE") if variant == "unsloth" else None
-    if site and (pathlib.Path(site) / module).is_dir():
-        return None
-    return None if importlib.util.find_spec(module) else f"{module} is not importable here"
+    return h.run_worker(cmd, {"shape": shape, "variant": variant, "gc": gc}, args.timeout,
+                        pathlib.Path(args.out) / f"worker_{shape}_{variant}.log",
+                        h.unsloth_env(variant))
 
 
 def table(rows: list[dict]) -> str:
-    out = [f"{'shape':<12}{'variant':<10}{'tok/s':>9}{'step ms':>9}{'peak GiB':>10}"
-           f"{'warm-up s':>11}{'vs eager':>9}{'vs best peer':>13}"]
-    for r in rows:
-        if "error" in r:
-            out.append(f"{r['shape']:<12}{r['variant']:<10}  n/a: {r['error']}")
-            continue
+    def vs(r, key, pick):
         same = [x for x in rows if x["shape"] == r["shape"] and "error" not in x]
-        eager = next((x for x in same if x["variant"] == "eager"), None)
+        ref = pick(same)
+        return f"{r[key] / ref[key]:.2f}x" if ref else "-"  # (a string: never "n/a")
+
+    def eager(same):
+        return next((x for x in same if x["variant"] == "eager"), None)
+
+    def best_peer(same):
         peers = [x for x in same if x["variant"] in PEERS]
-        best = max(peers, key=lambda x: x["tok_s"]) if peers else None
-        vs_e = f"{r['tok_s'] / eager['tok_s']:.2f}x" if eager else "-"
-        vs_p = f"{r['tok_s'] / best['tok_s']:.2f}x" if best else "-"
-        out.append(f"{r['shape']:<12}{r['variant']:<10}{r['tok_s']:>9.0f}{r['step_ms']:>9.1f}"
-                   f"{r['peak_gib']:>10.2f}{r['warmup_s']:>11.1f}{vs_e:>9}{vs_p:>13}")
-    return "\n".join(out)
+        return max(peers, key=lambda x: x["tok_s"]) if peers else None
+    return h.table(rows, [("shape", 12), ("variant", 10)], [
+        ("tok/s", 9, "tok_s", ".0f"), ("step ms", 9, "step_ms", ".1f"),
+        ("host ms", 9, "host_ms", ".1f"), ("GPU ms", 9, "gpu_ms", ".1f"),
+        ("step/GPU", 9, "step_over_gpu", ".2f"), ("peak GiB", 10, "peak_gib", ".2f"),
+        ("warm-up s", 11, "warmup_s", ".1f"),
+        ("vs eager", 9, lambda r: vs(r, "tok_s", eager), ""),
+        ("vs best peer", 13, lambda r: vs(r, "tok_s", best_peer), "")], missing="n/a")
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
@@ -296,7 +275,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     labels = [f"{r['shape']}\n{r['variant']}" for r in ok]
     axes[0].bar(labels, [r["tok_s"] for r in ok])
     axes[0].set_ylabel("tokens / s")
-    axes[1].bar(labels, [r["peak_gib"] for r in ok], color="tab:orange")
+    axes[1].bar(labels, [r["peak_gib"] or 0.0 for r in ok], color="tab:orange")
     axes[1].set_ylabel("peak GiB")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7, rotation=60)
@@ -331,26 +310,23 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.worker:
         args.gc = args.gc == "on"
-        print(json.dumps(worker(args)), flush=True)
+        h.emit(worker(args))
         return
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape in args.shapes.split(","):
         for variant in args.variants.split(","):
-            missing = _importable(variant)
+            missing = h.importable(variant)
             row = {"shape": shape, "variant": variant, "error": missing} if missing \
                 else run_one(args, shape, variant)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            with open(out / "train_step.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-    keys = ["shape", "variant", "batch", "seq", "gc", "rank", "load_4bit", "kbit_recipe", "tok_s",
-            "step_ms", "peak_gib", "warmup_s", "loss", "matches", "error"]
-    with open(out / "train_step.csv", "w") as f:
-        f.write(",".join(keys) + "\n")
-        for r in rows:
-            f.write(",".join(json.dumps(r.get(k, "")).replace(",", ";") for k in keys) + "\n")
+            h.append_jsonl(out / "train_step.jsonl", row)
+    h.write_csv(out / "train_step.csv", rows, [
+        "shape", "variant", "batch", "seq", "gc", "rank", "load_4bit", "kbit_recipe", "tok_s",
+        "step_ms", "host_ms", "gpu_ms", "step_over_gpu", "peak_gib", "warmup_s", "loss",
+        "matches", "error"])
     plot(rows, out / "train_step.png")
     print(table(rows))
 

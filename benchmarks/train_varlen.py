@@ -31,16 +31,18 @@ overhead shows. Writes JSON lines and CSV under --out and prints a table last.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
 import random
-import subprocess
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import train_step as ts  # noqa: E402  (build_config, build_model, progress, variants, peers)
+import _harness as h  # this folder is first on sys.path when a script of it runs
+
+h.unshadow()
+ts = h.sibling("train_step")  # build_config, build_model, progress, variants, peers
 
 DATASET = pathlib.Path(__file__).resolve().parents[1] / "src/fastlora/app/data/default_dataset.jsonl"
 
@@ -84,11 +86,6 @@ def make_batch(lengths: list[int], mode: str, vocab: int, gen, pad_multiple: int
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}, real, ids.numel()
 
 
-def gpu_ms_per_step(prof, steps: int) -> float:
-    """Kernel time on the GPU per step from a torch profiler run (self device time)."""
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps
-
-
 def worker(args) -> dict:
     import torch
     import torch._dynamo.utils
@@ -125,10 +122,10 @@ def worker(args) -> dict:
         inputs, real, computed = make_batch(lengths, args.mode, cfg.vocab_size, gen,
                                             args.pad_multiple)
         width = inputs["input_ids"].shape[1]
-        torch.cuda.synchronize()
+        h.sync("cuda")
         t = time.perf_counter()
         loss = step(inputs)
-        torch.cuda.synchronize()
+        h.sync("cuda")
         dt = time.perf_counter() - t
         rows.append({"width": width, "new": width not in seen, "s": dt, "real": real,
                      "computed": computed})
@@ -143,24 +140,20 @@ def worker(args) -> dict:
         gen.manual_seed(0)
         again = [make_batch(b, args.mode, cfg.vocab_size, gen, args.pad_multiple)[0]
                  for b in plan][steady_from:]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for inputs in again:
-                step(inputs)
-            torch.cuda.synchronize()
-        gpu_ms = gpu_ms_per_step(prof, len(again))
+        gpu_ms = h.gpu_ms_per_step([functools.partial(step, x) for x in again], "cuda")
     if args.profile:  # where a never-seen length's extra time goes: host and GPU, top ops
         for label, lengths in (("new width", [args.max_len - 3] * args.batch),
                                ("seen width", plan[-1])):
             inputs = make_batch(lengths, args.mode, cfg.vocab_size, gen, args.pad_multiple)[0]
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            torch.cuda.synchronize()
+            h.sync("cuda")
             t = time.perf_counter()
             with torch.profiler.profile(activities=acts) as prof:
                 step(inputs)
-                torch.cuda.synchronize()
+                h.sync("cuda")
             dt = time.perf_counter() - t
             print(f"[train_varlen] {label} {inputs['input_ids'].shape}: {dt * 1000:.0f} ms "
-                  f"(profiled), GPU {gpu_ms_per_step(prof, 1):.1f} ms", file=sys.stderr)
+                  f"(profiled), GPU {h.kernel_ms(prof, 1):.1f} ms", file=sys.stderr)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
                                             max_name_column_width=70), file=sys.stderr)
     steady = rows[steady_from:]
@@ -201,43 +194,19 @@ def run_one(args, mode: str, variant: str) -> dict:
            "--gc", "on" if args.gc else "off"]
     cmd += ["--dynamic", args.dynamic_arg] if args.dynamic_arg else []
     cmd += ["--profile"] if args.profile else []
-    env = dict(os.environ)
-    if variant == "unsloth" and os.environ.get("FASTLORA_UNSLOTH_SITE"):
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["FASTLORA_UNSLOTH_SITE"],
-                                                          env.get("PYTHONPATH")]))
-    log = pathlib.Path(args.out) / f"varlen_{args.shape}_{mode}_{variant}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    base = {"shape": args.shape, "mode": mode, "variant": variant}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired as e:
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        log.write_text(err)
-        return {**base, "error": f"timed out after {args.timeout} s"}
-    log.write_text(proc.stderr or "")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**base, "error": " | ".join(tail)[-300:]}
-    return json.loads(lines[-1])
+    return h.run_worker(cmd, {"shape": args.shape, "mode": mode, "variant": variant},
+                        args.timeout,
+                        pathlib.Path(args.out) / f"varlen_{args.shape}_{mode}_{variant}.log",
+                        h.unsloth_env(variant))
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'mode':<8}{'variant':<18}{'real tok/s':>11}{'comp tok/s':>11}{'step ms':>9}"
-            f"{'GPU ms':>8}{'fresh ms':>9}{'seen ms':>8}{'total s':>9}{'graphs':>7}{'GiB':>7}")
-    out = [head]
-    for r in rows:
-        if "error" in r:
-            out.append(f"{r['mode']:<8}{r['variant']:<18}  n/a: {r['error']}")
-            continue
-
-        def f(key, fmt):
-            return format(r[key], fmt) if r.get(key) is not None else "-"
-        out.append(f"{r['mode']:<8}{r['variant']:<18}{f('tok_s_real', '11.0f')}"
-                   f"{f('tok_s_computed', '11.0f')}{f('step_ms', '9.1f')}{f('gpu_ms', '8.1f'):>8}"
-                   f"{f('fresh_ms', '9.1f'):>9}{f('repeat_ms', '8.1f'):>8}{f('total_s', '9.1f')}"
-                   f"{r['graphs']:>7}{r['peak_gib']:>7.2f}")
-    return "\n".join(out)
+    return h.table(rows, [("mode", 8), ("variant", 18)], [
+        ("real tok/s", 11, "tok_s_real", ".0f"), ("comp tok/s", 11, "tok_s_computed", ".0f"),
+        ("step ms", 9, "step_ms", ".1f"), ("GPU ms", 8, "gpu_ms", ".1f"),
+        ("fresh ms", 9, "fresh_ms", ".1f"), ("seen ms", 8, "repeat_ms", ".1f"),
+        ("total s", 9, "total_s", ".1f"), ("graphs", 7, "graphs", ""),
+        ("GiB", 7, "peak_gib", ".2f")])
 
 
 def main(argv=None):
@@ -267,27 +236,23 @@ def main(argv=None):
     args.dynamic = {"true": True, "false": False}.get(args.dynamic_arg.lower())
     args.gc = args.gc == "on"
     if args.worker:
-        print(json.dumps(worker(args)), flush=True)
+        h.emit(worker(args))
         return
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for mode in args.modes.split(","):
         for variant in args.variants.split(","):
-            missing = ts._importable(variant)
+            missing = h.importable(variant)
             row = {"shape": args.shape, "mode": mode, "variant": variant, "error": missing} \
                 if missing else run_one(args, mode, variant)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("per_step_ms", "widths")}),
                   flush=True)
-            with open(out / "train_varlen.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-    keys = ["shape", "mode", "variant", "tok_s_real", "tok_s_computed", "step_ms", "gpu_ms",
-            "fresh_ms", "repeat_ms", "total_s", "graphs", "peak_gib", "loss", "error"]
-    with open(out / "train_varlen.csv", "w") as fh:
-        fh.write(",".join(keys) + "\n")
-        for r in rows:
-            fh.write(",".join(json.dumps(r.get(k, "")).replace(",", ";") for k in keys) + "\n")
+            h.append_jsonl(out / "train_varlen.jsonl", row)
+    h.write_csv(out / "train_varlen.csv", rows, [
+        "shape", "mode", "variant", "tok_s_real", "tok_s_computed", "step_ms", "gpu_ms",
+        "fresh_ms", "repeat_ms", "total_s", "graphs", "peak_gib", "loss", "error"])
     print(table(rows))
 
 

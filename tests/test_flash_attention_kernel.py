@@ -361,8 +361,9 @@ def test_gpu_one_compile_for_every_length():
     assert all(c == counts[0] for c in counts), counts
 
 
-def eager_attention_bf16(q, k, v, dout, scale, window, softcap):
-    """HF's eager attention in bfloat16 (Gemma 2's spelling), out and its gradients."""
+def eager_attention(q, k, v, dout, scale, window, softcap):
+    """HF's eager attention (Gemma 2's spelling) in the inputs' dtype (bfloat16 or float32):
+    out and its gradients. The reference the accuracy tests below hold the kernel to."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     w = torch.matmul(q, k.repeat_interleave(group, 1).transpose(2, 3)) * scale
@@ -388,7 +389,7 @@ def test_gpu_kernel_at_least_as_accurate_as_eager_bf16(window, softcap, head_dim
     q, k, v = make(2, 4, 2, 300, head_dim, torch.bfloat16, "cuda")
     dout = torch.randn(2, 4, 300, head_dim, dtype=torch.bfloat16, device="cuda")
     want = attention64(q, k, v, dout, 0.25, True, window, softcap)
-    eager = eager_attention_bf16(q, k, v, dout, 0.25, window, softcap)
+    eager = eager_attention(q, k, v, dout, 0.25, window, softcap)
     got = run_triton(q, k, v, dout, None, 0.25, True, window, softcap)
     for name, g, e, w in zip(("out", "dq", "dk", "dv"), got, eager, want):
         assert rel_err(g, w) <= rel_err(e, w), (name, rel_err(g, w), rel_err(e, w))
@@ -415,21 +416,6 @@ def test_interpreter_truncates_bfloat16_casts():
 
 
 # ---------------------------------------------------------------- softcap accuracy (issue 19)
-
-
-def eager_attention(q, k, v, dout, scale, window, softcap):
-    """HF's eager attention (Gemma 2's spelling) in the inputs' dtype: out and its gradients."""
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    w = torch.matmul(q, k.repeat_interleave(group, 1).transpose(2, 3)) * scale
-    if softcap:
-        w = torch.tanh(w / softcap) * softcap
-    visible = mask64(q.shape[0], q.shape[2], k.shape[2], True, window, None, q.device)
-    w = w + torch.where(visible, torch.tensor(0.0, dtype=q.dtype, device=q.device),
-                        torch.finfo(q.dtype).min)
-    p = torch.softmax(w, -1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(p, v.repeat_interleave(group, 1))
-    return (out,) + torch.autograd.grad(out, (q, k, v), dout)
 
 
 def test_tanh_accurate_near_zero():

@@ -90,6 +90,12 @@ _positive_float = _number("positive_float", float, lambda v: math.isfinite(v) an
 _dropout = _number("dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def _valued(group, rows) -> None:
+    """Flags that take a value, one (flag, type, default, metavar, help) row each."""
+    for flag, kind, default, metavar, text in rows:
+        group.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fastlora",
@@ -119,25 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QLoRA: load the base weights in 4-bit NF4 with bitsandbytes")
     g.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="weight dtype (default auto: bf16 on a GPU, fp32 on the CPU)")
-    g = t.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=_positive_int, default=16, metavar="R",
-                   help="adapter rank (default: %(default)s)")
-    g.add_argument("--lora-alpha", type=_positive_float, metavar="ALPHA",
-                   help="scaling numerator, scale = alpha / r (default: 2 * r)")
-    g.add_argument("--lora-dropout", type=_dropout, default=0.0, metavar="P",
-                   help="dropout on the adapter input (default: %(default)s)")
-    g.add_argument("--lora-targets", default="all-linear", metavar="NAMES",
-                   help="comma-separated module names, e.g. q_proj,v_proj, or all-linear "
-                        "(default: %(default)s)")
+    _valued(t.add_argument_group("LoRA"), [
+        ("--lora-r", _positive_int, 16, "R", "adapter rank (default: %(default)s)"),
+        ("--lora-alpha", _positive_float, None, "ALPHA",
+         "scaling numerator, scale = alpha / r (default: 2 * r)"),
+        ("--lora-dropout", _dropout, 0.0, "P",
+         "dropout on the adapter input (default: %(default)s)"),
+        ("--lora-targets", None, "all-linear", "NAMES",
+         "comma-separated module names, e.g. q_proj,v_proj, or all-linear "
+         "(default: %(default)s)")])
     g = t.add_argument_group("training")
-    g.add_argument("--steps", type=_positive_int, default=200, metavar="N",
-                   help="optimizer steps (default: %(default)s)")
-    g.add_argument("--epochs", type=_positive_float, metavar="E",
-                   help="train E epochs instead of a number of steps")
-    g.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
-                   help="examples per device step (default: %(default)s)")
-    g.add_argument("--grad-accum", type=_positive_int, default=1, metavar="K",
-                   help="accumulate K steps per optimizer step (default: %(default)s)")
+    _valued(g, [
+        ("--steps", _positive_int, 200, "N", "optimizer steps (default: %(default)s)"),
+        ("--epochs", _positive_float, None, "E", "train E epochs instead of a number of steps"),
+        ("--batch-size", _positive_int, 8, "B", "examples per device step (default: %(default)s)"),
+        ("--grad-accum", _positive_int, 1, "K",
+         "accumulate K steps per optimizer step (default: %(default)s)")])
     g.add_argument("--lr", type=_positive_float, metavar="LR",
                    help="peak learning rate, linear decay after 5%% warm-up (default: 2e-4; "
                         "2e-3 for the embedded random model)")
