@@ -98,10 +98,11 @@ def test_packed_swiglu_matches_split_and_writes_one_gradient():
         < 1e-5
 
 
-def test_flat_stream_and_tiles_give_the_same_bits(monkeypatch):
+def test_flat_stream_and_tiles_give_the_same_bits():
     """Dense inputs run as one flat stream (each op's FLAT); the [tokens, ffn] tiles over the
     same tensors must give the same bits, forward and backward."""
     from fastlora.kernels import _glu_tiles as T
+    from fastlora.kernels import tuning
     gate, up, dy = _inputs((3, 5, 2048), torch.bfloat16)
     rows = lambda t: t.reshape(-1, t.shape[-1])
     assert T.dense_shape((rows(gate), rows(up)), S.FLAT) == (30, 1024)
@@ -109,9 +110,8 @@ def test_flat_stream_and_tiles_give_the_same_bits(monkeypatch):
     assert T.dense_shape((rows(gate)[:, :1024], rows(up)[:, :1024]), S.FLAT) is None
     for kind in ("silu", "tanh", "none"):
         flat = run(kind, "triton", gate, up, dy)
-        monkeypatch.setattr(T, "FLAT_OVERRIDE", False)
-        tiled = run(kind, "triton", gate, up, dy)
-        monkeypatch.undo()
+        with tuning.override("glu", flat=False):
+            tiled = run(kind, "triton", gate, up, dy)
         for a, b in zip(flat, tiled):
             assert torch.equal(a, b)
 

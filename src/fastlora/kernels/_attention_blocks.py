@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ._attention_reference import (_probabilities, document_bounds,  # noqa: F401
                                    visible_mask)  # (document_bounds used here; all re-exported)
+from . import tuning
 from ._common import HAVE_TRITON, check_float, check_same_device, require
 
 LOG2E = 1.4426950408889634
@@ -241,10 +242,11 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# Tests set this to force small blocks (several blocks per sequence on tiny shapes); benchmarks
-# set it to sweep. Keys: fwd_m, fwd_n, fwd_warps, fwd_stages, dq_m, dq_n, dkv_m, dkv_n, bwd_warps,
-# bwd_stages.
-CONFIG_OVERRIDE: dict | None = None
+# Tuning entry "flash_attention" (both directions): each key None takes kernel_config's value;
+# tests set small blocks (several blocks per sequence on tiny shapes), benchmarks sweep them.
+_CONFIG_KEYS = ("fwd_m", "fwd_n", "fwd_warps", "fwd_stages", "dq_m", "dq_n", "dkv_m", "dkv_n",
+                "bwd_warps", "bwd_stages")
+tuning.register("flash_attention", **dict.fromkeys(_CONFIG_KEYS))
 
 
 def kernel_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
@@ -269,8 +271,7 @@ def kernel_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     else:
         cfg = dict(fwd_m=64, fwd_n=32, fwd_warps=8, fwd_stages=2, dq_m=32, dq_n=32, dkv_m=32,
                    dkv_n=32, bwd_warps=8, bwd_stages=1)
-    if CONFIG_OVERRIDE:
-        cfg.update(CONFIG_OVERRIDE)
+    cfg.update({k: v for k, v in tuning.get("flash_attention").items() if v is not None})
     return cfg
 
 
