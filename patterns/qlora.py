@@ -35,8 +35,8 @@ from fastlora.kernels.lora_linear_4bit import code_table
 from fastlora.matcher import describe
 from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
 from fastlora.patterns.lora_linear import (FLOATS, ON_BASE, adapter_dtypes, cast, dropout_of,
-                                           explain_lora_near_miss, linear_of, make_seed,
-                                           module_path)
+                                           explain_lora_near_miss, linear_of, make_seed)
+from fastlora.report import module_path
 
 try:
     GEMM_4BIT = torch.ops.bitsandbytes.gemm_4bit.default
