@@ -7,7 +7,8 @@ the rank-r intermediates xa and da are float32). The modes:
 - MODE 1: a float32 operand, float16/float32 activations: Triton's ``tf32x3`` (three TF32
   products, ~22 mantissa bits: float32-level accuracy on tensor cores).
 - MODE 2: exact float32 (the interpreter, and tuning entry ``lora_dot``: ``precision="ieee"``).
-- MODE 3: bfloat16 activations (``lora_dot``'s ``split_bf16``, the default): float32 operands split into
+- MODE 3: bfloat16 activations (``lora_dot``'s ``split_bf16``, the default): float32 operands split
+  into
   bfloat16 parts, products on bfloat16 tensor cores (twice TF32's rate). bfloat16 x float32 uses
   three parts of the float32 side (the adapter-gradient products); float32 x float32 (only the
   rank-r up-products, whose results are rounded to bfloat16) two parts of each side. The parts

@@ -38,8 +38,8 @@ from ._lora_grouped import grouped_down, grouped_dx, split_ranks
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
-# Launch configurations of the two GLU kernels, chosen like the LoRA blocks' (kernels/_lora_blocks.py:
-# benchmarks/tune_lora.py on the H200, results_h200/tune_lora*.json).
+# Launch configurations of the two GLU kernels, chosen like the LoRA blocks'
+# (kernels/_lora_blocks.py: benchmarks/tune_lora.py on the H200, results_h200/tune_lora*.json).
 tuning.register("lora_glu_fwd", block_m=32, block_n=128, warps=4)
 tuning.register("lora_glu_bwd", block_m=64, block_n=64, warps=4, per_sm=8)
 
