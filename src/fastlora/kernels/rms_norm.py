@@ -236,3 +236,21 @@ def _backward(ctx, dy, _drstd):
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- for the ops that recompute y
+# (rms_norm_lora_qkv.py, rms_norm_lora_mlp_block.py: the norm's output is not kept for backward)
+
+
+def norm_forward(x, weight, eps, offset, cast_before_weight):
+    """(y, rstd) = rms_norm(x): the op the forward calls and the backward calls again (the
+    same deterministic kernel: a bit-identical y, the same rstd)."""
+    return torch.ops.fastlora.rms_norm(x, weight, eps, offset, cast_before_weight)
+
+
+def norm_backward(dy, x, weight, rstd, offset, cast_before_weight, needs_dx, needs_dw):
+    """rms_norm's backward, or two empty tensors when neither dx nor dw is needed."""
+    if not (needs_dx or needs_dw):
+        return x.new_empty(0), weight.new_empty(0)
+    return torch.ops.fastlora.rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight,
+                                                needs_dw)
