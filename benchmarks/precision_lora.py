@@ -3,7 +3,7 @@
     python benchmarks/precision_lora.py
 
 bfloat16 activations with float32 adapters (as peft keeps them) can take their float32 products
-two ways (kernels/_dot_precision.py): tf32x3 (MODE 1) or bfloat16 parts on bfloat16 tensor
+two ways (kernels/_dot_precision.py, tuning entry lora_dot): tf32x3 (MODE 1) or bfloat16 parts on bfloat16 tensor
 cores (MODE 3, the default). For the shapes of
 tests/test_lora_linear.py::test_cuda_op_matches_float64 this prints, per mode, the relative
 error of y, dx, dA, dB of torch.ops.fastlora.lora_linear against float64, and the forward +
@@ -20,7 +20,7 @@ import torch
 import triton.testing
 
 import fastlora  # noqa: F401  (registers torch.ops.fastlora)
-from fastlora.kernels import _dot_precision as D
+from fastlora.kernels import tuning
 
 SHAPES = [(8192, 2048, 2048, 16), (8192, 4096, 14336, 16), (8192, 14336, 4096, 64)]
 MODES = {"tf32x3": False, "split": True}
@@ -65,7 +65,7 @@ def main():
     for m, k, n, r in SHAPES:
         for p in (0.0, 0.1):
             for mode, split in MODES.items():
-                D.SPLIT_BF16 = split
+                tuning.set("lora_dot", split_bf16=split)
                 try:
                     errs, ms = run(m, k, n, r, p)
                 except Exception as e:  # a mode that fails to compile must not hide the others
@@ -76,7 +76,7 @@ def main():
                 print(f"{m}x{k}x{n} r{r:<3d} p{p:<4} {mode:15s} {ms:7.3f} ms  "
                       + "  ".join(f"{key} {errs[key]:.1e}" for key in ("y", "dx", "dA", "dB")),
                       flush=True)
-    D.SPLIT_BF16 = True
+    tuning.reset("lora_dot")
     out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision_lora.json").write_text(json.dumps(rows, indent=1))

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from fastlora.kernels import _glu_tiles as T
-from fastlora.kernels import geglu, swiglu
+from fastlora.kernels import geglu, swiglu, tuning
 
 COPY_GBPS = 4220.0
 
@@ -70,18 +69,18 @@ def layout(out: pathlib.Path):
     rows = []
     for label, fn, inductor, nbytes in cases():
         op = swiglu if label.startswith("swiglu") else geglu
-        T.FLAT_OVERRIDE = False
+        tuning.set("glu", flat=False)
         first = fn()
         ref = [t.clone() for t in (first if isinstance(first, tuple) else (first,))]
         timings = {"tiles": (_time(fn), True), "inductor": (_time(inductor), True)}
         for cfg in FLAT_SWEEP:
-            T.FLAT_OVERRIDE = cfg
+            tuning.set("glu", flat=cfg)
             got = fn()
             got = got if isinstance(got, tuple) else (got,)
             same = all(torch.equal(a, b) for a, b in zip(got, ref))
             name = f"flat {cfg[0]}/{cfg[1]}w" + (" (default)" if cfg == op.FLAT else "")
             timings[name] = (_time(fn), same)
-        T.FLAT_OVERRIDE = None
+        tuning.reset("glu")
         for name, (ms, same) in timings.items():
             gbps = nbytes / ms / 1e6
             rows.append({"case": label, "variant": name, "ms": ms, "gbps": gbps,
@@ -100,19 +99,19 @@ def main():
     if args.layout:
         return layout(out)
     rows = []
-    T.FLAT_OVERRIDE = False  # the sweep is of the tiles (strided inputs use them)
+    tuning.set("glu", flat=False)  # the sweep is of the tiles (strided inputs use them)
     configs = [(e, w, warps) for e, w, warps in itertools.product((2048, 4096, 8192),
                                                                   (512, 1024, 2048), (4, 8, 16))
                if e >= w]
     for label, fn, inductor, nbytes in cases():
-        T.TILE_OVERRIDE = None
+        tuning.set("glu", tile=None)
         first = fn()
         ref = [t.clone() for t in (first if isinstance(first, tuple) else (first,))]
         default = _time(fn)
         ind = _time(inductor)
         best = (default, None)
         for cfg in configs:
-            T.TILE_OVERRIDE = cfg
+            tuning.set("glu", tile=cfg)
             got = fn()
             got = got if isinstance(got, tuple) else (got,)
             if not all(torch.equal(a, b) for a, b in zip(got, ref)):
@@ -121,7 +120,7 @@ def main():
             ms = _time(fn)
             rows.append({"case": label, "config": cfg, "ms": ms, "gbps": nbytes / ms / 1e6})
             best = min(best, (ms, cfg), key=lambda b: b[0])
-        T.TILE_OVERRIDE = None
+        tuning.set("glu", tile=None)
         rows.append({"case": label, "config": "default", "ms": default,
                      "gbps": nbytes / default / 1e6, "inductor_ms": ind})
         print(f"{label:<28} default {nbytes / default / 1e6:6.0f} GB/s "

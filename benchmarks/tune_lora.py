@@ -8,8 +8,8 @@ and a Llama-3-8B LoRA step (8192 tokens, r = 16, bf16 activations, float32 adapt
 keeps them). For every candidate configuration the output is checked against the default
 configuration's before it is timed. Prints, per kernel, the default's time, the best
 configuration by total time over the shapes, and the best per shape; writes everything to
-$OUT/tune_lora.json. The chosen defaults go into kernels/_lora_blocks.py and
-kernels/lora_grouped.py by hand.
+$OUT/tune_lora.json. The chosen defaults go into the tuning entries lora_<kernel> registered
+in kernels/_lora_blocks.py and kernels/lora_mlp.py by hand.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import pathlib
 import torch
 import triton.testing
 
-from fastlora.kernels import _dot_precision as D
 from fastlora.kernels import _lora_blocks as K
-from fastlora.kernels import lora_grouped as G
+from fastlora.kernels import lora_mlp as G
+from fastlora.kernels import tuning
 
 M = 8192
 # (name, K = input features, N = output features, F = MLP width) of the two Llama rows.
@@ -102,12 +102,13 @@ def _time(fn) -> float:
 
 
 def sweep(kernel: str, shapes, quick: bool) -> dict:
-    K.TUNE.pop(kernel, None)
+    tuning.reset(f"lora_{kernel}")
     reference = [[t.clone() for t in _flat(fn())] for _, fn in shapes]
     default = [_time(fn) for _, fn in shapes]
     rows = []
     for cfg in candidates(kernel, quick):
-        K.TUNE[kernel] = cfg
+        tuning.reset(f"lora_{kernel}")
+        tuning.set(f"lora_{kernel}", **cfg)
         times = []
         for (label, fn), ref in zip(shapes, reference):
             try:
@@ -117,7 +118,7 @@ def sweep(kernel: str, shapes, quick: bool) -> dict:
                 times.append(None)
                 cfg = {**cfg, "error": f"{type(e).__name__}"}
         rows.append({"config": cfg, "ms": times})
-    K.TUNE.pop(kernel, None)
+    tuning.reset(f"lora_{kernel}")
     full = [r for r in rows if all(t is not None for t in r["ms"])]
     best = min(full, key=lambda r: sum(r["ms"])) if full else None
     per_shape = []
@@ -141,7 +142,7 @@ def main(argv=None):
                     help="1: float32 operands as bfloat16 hi + lo (MODE 3); 0: tf32x3")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = ap.parse_args(argv)
-    D.SPLIT_BF16 = bool(args.split_bf16)
+    tuning.set("lora_dot", split_bf16=bool(args.split_bf16))
     all_cases = cases()
     results = []
     out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))

@@ -11,6 +11,7 @@ import torch
 import triton.testing
 
 from fastlora.kernels import rms_norm as K
+from fastlora.kernels import tuning
 
 
 def main():
@@ -20,12 +21,12 @@ def main():
         dy = torch.randn_like(x)
         w = torch.randn(N, device="cuda", dtype=torch.bfloat16)
         nbytes = 2 * M * N * 2
-        K.TILE_OVERRIDE = None
+        tuning.reset("rms_norm")
         default = K.tile_config(N, 2, "fwd")
         for bm, warps in itertools.product((1, 2, 4, 8, 16), (2, 4, 8, 16)):
             if bm * triton.next_power_of_2(N) * 4 // (warps * 32) > 256:
                 continue  # more than 256 fp32 registers per thread: spills
-            K.TILE_OVERRIDE = (bm, warps)
+            tuning.set("rms_norm", tile=(bm, warps))
             y, rstd = K.rms_norm_forward_triton(x, w, 1e-6, 0.0, True)
             f = triton.testing.do_bench(lambda: K.rms_norm_forward_triton(x, w, 1e-6, 0.0, True),
                                         return_mode="median")
@@ -39,7 +40,7 @@ def main():
                          "fwd_gbps": nbytes / f / 1e6, "bwd_gbps": 1.5 * nbytes / b / 1e6,
                          "bwd_dw_gbps": 1.5 * nbytes / bw / 1e6,
                          "default": (bm, warps) == (default[0], default[2])})
-        K.TILE_OVERRIDE = None
+        tuning.reset("rms_norm")
     out = pathlib.Path(os.environ.get("OUT", "benchmarks/results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune_norms.json").write_text(json.dumps(rows, indent=1))

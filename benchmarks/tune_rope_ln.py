@@ -5,11 +5,11 @@
     OUT=/some/dir python benchmarks/tune_rope_ln.py      # JSON to $OUT/tune_rope_ln.json
     python benchmarks/tune_rope_ln.py --smoke            # CPU check of the script (interpreter)
 
-Knobs swept (module-level overrides that the launchers honour):
-  kernels/rope.py        TILE_OVERRIDE = (rotated elements per program, most heads per program,
-                         num_warps); default rope.DEFAULT_TILE.
-  kernels/layer_norm.py  TILE_OVERRIDE = (BLOCK_M rows per program, num_warps[, programs per SM
-                         of the dW/dB grid]); default: layer_norm.tile_config's table by kind
+Knobs swept (tuning entries, kernels/tuning.py, that the launchers read):
+  "rope"        tile = (rotated elements per program, most heads per program, num_warps);
+                default rope.DEFAULT_TILE.
+  "layer_norm"  tile = (BLOCK_M rows per program, num_warps[, programs per SM of the dW/dB
+                grid]); default: layer_norm.tile_config's table by kind
                          ("fwd", "bwd" without dW/dB, "bwd_dw").
 
 The launchers are timed directly (outputs preallocated) with triton.testing.do_bench_cudagraph:
@@ -66,6 +66,7 @@ import triton.testing  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
 from fastlora.kernels import layer_norm as LN  # noqa: E402
 from fastlora.kernels import rope as R  # noqa: E402
+from fastlora.kernels import tuning  # noqa: E402
 
 DEV = "cpu" if ARGS.smoke else "cuda"
 # RoPE: (name, B, T, q heads, k heads, head dim), q/k as HF passes them ([B, T, H, D] viewed as
@@ -99,15 +100,16 @@ def rel_err(got, want):
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def sweep(rows, key, module, default, configs, run, check, nbytes):
-    """Time ``run`` under every configuration (the default first) set as module.TILE_OVERRIDE."""
+def sweep(rows, key, op, default, configs, run, check, nbytes):
+    """Time ``run`` under every configuration (the default first) set as tuning entry ``op``'s
+    tile."""
     SCHEDULE["done"] += 1
     deadline = START + ARGS.budget_s * SCHEDULE["done"] / SCHEDULE["keys"]
     for cfg in [default] + [c for c in configs if c != default]:
         if cfg != default and time.time() > deadline:
             rows.append({**key, "impl": "fastlora", "config": list(cfg), "skipped": "budget"})
             continue
-        module.TILE_OVERRIDE = cfg
+        tuning.set(op, tile=cfg)
         try:
             run()
             err = check()
@@ -116,7 +118,7 @@ def sweep(rows, key, module, default, configs, run, check, nbytes):
             rows.append({**key, "impl": "fastlora", "config": list(cfg), "error": repr(e)[:200]})
             continue
         finally:
-            module.TILE_OVERRIDE = None
+            tuning.reset(op)
         rows.append({**key, "impl": "fastlora", "config": list(cfg), "default": cfg == default,
                      "ms": ms, "gbps": nbytes / ms / 1e6, "err": err, "ok": err < 1e-2,
                      "timer": timer})
@@ -179,7 +181,7 @@ def tune_rope(rows):
                  (dq, dk), want_b, lambda: bwd_c(gq, gk, cos, sin))):
             key = {"op": "rope", "shape": label, "direction": direction}
             check = lambda got=got, want=want: max(rel_err(g, w) for g, w in zip(got, want))
-            sweep(rows, key, R, R.DEFAULT_TILE, ROPE_TILES, run, check, nbytes)
+            sweep(rows, key, "rope", R.DEFAULT_TILE, ROPE_TILES, run, check, nbytes)
             baseline(rows, key, "inductor", inductor, nbytes)
             SUMMARY.append(report(rows, key))
 
@@ -202,7 +204,8 @@ def ln_tiles(n, kind):
     tiles = fits[:LN_MAX_CONFIGS]
     if kind == "bwd_dw":  # the grid size only: no recompile
         bm, _, warps = LN.tile_config(n, 2, kind)
-        tiles = [(*t, LN.DW_PROGRAMS_PER_SM) for t in tiles]
+        per_sm = tuning.defaults("layer_norm")["dw_programs_per_sm"]
+        tiles = [(*t, per_sm) for t in tiles]
         tiles += [(bm, warps, per_sm) for per_sm in (1, 2, 8)]
     return tiles
 
@@ -240,9 +243,9 @@ def tune_layer_norm(rows):
         for direction, kind, nbytes, run, check, aten, inductor in cases:
             key = {"op": "layer_norm", "shape": f"{M}x{N} bf16 weight+bias", "direction": direction}
             default = LN.tile_config(N, 2, kind)
-            default = (default[0], default[2]) + ((LN.DW_PROGRAMS_PER_SM,) if kind == "bwd_dw"
-                                                  else ())
-            sweep(rows, key, LN, default, ln_tiles(N, kind), run, check, nbytes)
+            per_sm = tuning.defaults("layer_norm")["dw_programs_per_sm"]
+            default = (default[0], default[2]) + ((per_sm,) if kind == "bwd_dw" else ())
+            sweep(rows, key, "layer_norm", default, ln_tiles(N, kind), run, check, nbytes)
             baseline(rows, key, "aten", aten, nbytes)
             baseline(rows, key, "inductor", inductor, nbytes)
             SUMMARY.append(report(rows, key))

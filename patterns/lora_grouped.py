@@ -8,7 +8,7 @@ adapters' part and computes the three dA) where the unfused graph makes three an
 ``lora_mlp``: the gated MLP of Llama/Mistral/Qwen (SwiGLU) and Gemma (GeGLU, tanh or exact GELU)
 with LoRA on both gate_proj and up_proj, ``act(gate_proj(x)) * up_proj(x)`` with each projection
 spelled as peft writes it (patterns/lora_linear.py). Becomes ``torch.ops.fastlora.lora_mlp``
-(src/fastlora/kernels/lora_grouped.py): one pass over x for both adapters, the adapter
+(src/fastlora/kernels/lora_mlp.py): one pass over x for both adapters, the adapter
 up-products fused into the activation, one dx buffer. down_proj stays a ``lora_linear``.
 
 It runs before ``lora_linear`` (src/fastlora/stages.py) and before the plain ``swiglu`` /

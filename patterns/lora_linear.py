@@ -18,12 +18,11 @@ including peft's bitsandbytes spelling that rounds the adapter output before the
 rsLoRA changes only the scaling literal. Under torch.autocast the fused op runs in the autocast
 dtype, as the unfused linears do.
 """
-import re
-
 import torch
 import torch.nn.functional as F
 
 from fastlora.canonicalize import example_value
+from fastlora.report import module_path
 from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -150,18 +149,6 @@ def make_seed(dropout: float, like: torch.Tensor):
     if dropout == 0:
         return None
     return torch.randint_like(torch.flatten(like)[:1], 0, 2 ** 31 - 1, dtype=torch.int64)
-
-
-def module_path(node) -> tuple[str, list]:
-    stack = node.meta.get("nn_module_stack") or {}
-    entries = list(stack.values())
-    if not entries:
-        return "", []
-    classes = [c if isinstance(c, str) else getattr(c, "__qualname__", str(c)) for _, c in entries]
-    path = entries[-1][0]
-    path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    return re.sub(r"^L(\.self)?(\.|$)", "", path), classes
 
 
 def explain_lora_near_miss(node, refusal):

@@ -7,9 +7,10 @@ Two patterns over the graph as the other patterns left it:
 only by a ``torch.ops.fastlora.lora_qkv`` (patterns/lora_grouped.py), as its x: Llama's
 input_layernorm then q/k/v. ``rms_norm_lora_mlp_block``: the same norm read only by a
 ``torch.ops.fastlora.lora_mlp_block`` (patterns/lora_mlp_block.py): post_attention_layernorm then
-the MLP. Each pair becomes one op of src/fastlora/kernels/norm_lora.py, which computes the same
-values but keeps x (the residual, which the norm keeps anyway) instead of y: M x N x e bytes less
-saved per pattern (M tokens, N the hidden size, e the bytes of the dtype).
+the MLP. Each pair becomes one op (src/fastlora/kernels/rms_norm_lora_qkv.py,
+rms_norm_lora_mlp_block.py), which computes the same values but keeps x (the residual, which
+the norm keeps anyway) instead of y: M x N x e bytes less saved per pattern (M tokens, N the
+hidden size, e the bytes of the dtype).
 
 The spellings call the ops exactly as the other patterns' replacements insert them. Both run
 last, after ``lora_mlp_block`` (the ``fused`` stage of src/fastlora/stages.py). Where y has another

@@ -1,7 +1,7 @@
 """QLoRA: a LoRA adapter on a bitsandbytes 4-bit base layer (``Linear4bit``, NF4 or FP4, with or
 without double quantization), the base matmul and the adapter fused into one op.
 
-Becomes ``torch.ops.fastlora.lora_linear_4bit`` (src/fastlora/kernels/nf4_dequant.py), which
+Becomes ``torch.ops.fastlora.lora_linear_4bit`` (src/fastlora/kernels/lora_linear_4bit.py), which
 dequantizes W in Triton into a buffer that lives only during the call, in forward and again in
 backward (for dx), and never computes a gradient for it.
 
@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from fastlora.canonicalize import CAST, example_value
-from fastlora.kernels.nf4_dequant import code_table
+from fastlora.kernels.lora_linear_4bit import code_table
 from fastlora.matcher import describe
 from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
 from fastlora.patterns.lora_linear import (FLOATS, ON_BASE, adapter_dtypes, cast, dropout_of,
-                                           explain_lora_near_miss, linear_of, make_seed,
-                                           module_path)
+                                           explain_lora_near_miss, linear_of, make_seed)
+from fastlora.report import module_path
 
 try:
     GEMM_4BIT = torch.ops.bitsandbytes.gemm_4bit.default

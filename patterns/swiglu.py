@@ -2,8 +2,8 @@
 
 Two spellings: separate gate and up tensors (``act_fn(gate_proj(x)) * up_proj(x)``), and
 Phi-3's fused projection split in two (``gate, up = x.chunk(2, dim=-1); up * act_fn(gate)``).
-They become ``torch.ops.fastlora.swiglu`` / ``swiglu_packed`` (src/fastlora/kernels/swiglu.py),
-which save only the inputs and recompute the activation in backward.
+They become ``torch.ops.fastlora.swiglu`` / ``swiglu_packed`` (src/fastlora/kernels/swiglu.py,
+swiglu_packed.py), which save only the inputs and recompute the activation in backward.
 """
 import torch
 import torch.nn.functional as F

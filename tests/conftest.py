@@ -4,6 +4,7 @@ This must happen before anything imports triton (importing torch does not).
 Threads: one per process by default (``FASTLORA_TEST_THREADS`` sets another count). The tests'
 tensors are tiny; on a busy 2-core machine two threads per op ran the suite about 6x slower
 than one (2026-12-03), and the results must not depend on how many cores the host has."""
+import contextlib
 import os
 
 THREADS = os.environ.get("FASTLORA_TEST_THREADS", "1")
@@ -31,6 +32,15 @@ def _seed_and_reset():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def tuned():
+    """``tuned(op, **cfg)``: a launch-configuration override (fastlora.kernels.tuning) that holds
+    until the test ends."""
+    from fastlora.kernels import tuning
+    with contextlib.ExitStack() as stack:
+        yield lambda op, **cfg: stack.enter_context(tuning.override(op, **cfg))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -175,10 +175,9 @@ def test_reference_matches_float64(feature):
 
 
 @pytest.mark.parametrize("block", [16, 32])
-def test_block_edges_and_longer_rows(block, monkeypatch):
+def test_block_edges_and_longer_rows(block, tuned):
     """Block sizes that do and do not divide the window, with interior (unmasked) blocks."""
-    monkeypatch.setattr(KA, "CONFIG_OVERRIDE", dict(fwd_m=block, fwd_n=16, dq_m=16, dq_n=block,
-                                                   dkv_m=block, dkv_n=16))
+    tuned("flash_attention", fwd_m=block, fwd_n=16, dq_m=16, dq_n=block, dkv_m=block, dkv_n=16)
     check("triton", 1, 2, 1, 100, 16, torch.float32, "all")
     check("triton", 1, 2, 1, 100, 16, torch.float32, "window")
     check("triton", 2, 2, 1, 100, 16, torch.float32, "pad_right")  # whole blocks inside the span

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import fastlora
 from fastlora.kernels import geglu as G
 from fastlora.kernels import swiglu as S
+from fastlora.kernels import swiglu_packed as P
 from helpers import rel_err
 
 # (3, 5, 2048) is dense with a multiple of 1024 elements: it runs as one flat stream
@@ -90,18 +91,19 @@ def test_packed_swiglu_matches_split_and_writes_one_gradient():
     dy = torch.randn(3, 7, 45)
     gate, up = x.chunk(2, -1)
     y_ref, dg_ref, du_ref = reference64(gate, up, dy, "silu")
-    y = S.swiglu_packed_forward_triton(x)
-    dx = S.swiglu_packed_backward_triton(dy, x, dx=torch.full_like(x, float("nan")))
+    y = P.swiglu_packed_forward_triton(x)
+    dx = P.swiglu_packed_backward_triton(dy, x, dx=torch.full_like(x, float("nan")))
     assert rel_err(y, y_ref) < 1e-5
     assert rel_err(dx, torch.cat([dg_ref, du_ref], -1)) < 1e-5
-    assert rel_err(S.swiglu_packed_backward_reference(dy, x), torch.cat([dg_ref, du_ref], -1)) \
+    assert rel_err(P.swiglu_packed_backward_reference(dy, x), torch.cat([dg_ref, du_ref], -1)) \
         < 1e-5
 
 
-def test_flat_stream_and_tiles_give_the_same_bits(monkeypatch):
+def test_flat_stream_and_tiles_give_the_same_bits():
     """Dense inputs run as one flat stream (each op's FLAT); the [tokens, ffn] tiles over the
     same tensors must give the same bits, forward and backward."""
     from fastlora.kernels import _glu_tiles as T
+    from fastlora.kernels import tuning
     gate, up, dy = _inputs((3, 5, 2048), torch.bfloat16)
     rows = lambda t: t.reshape(-1, t.shape[-1])
     assert T.dense_shape((rows(gate), rows(up)), S.FLAT) == (30, 1024)
@@ -109,9 +111,8 @@ def test_flat_stream_and_tiles_give_the_same_bits(monkeypatch):
     assert T.dense_shape((rows(gate)[:, :1024], rows(up)[:, :1024]), S.FLAT) is None
     for kind in ("silu", "tanh", "none"):
         flat = run(kind, "triton", gate, up, dy)
-        monkeypatch.setattr(T, "FLAT_OVERRIDE", False)
-        tiled = run(kind, "triton", gate, up, dy)
-        monkeypatch.undo()
+        with tuning.override("glu", flat=False):
+            tiled = run(kind, "triton", gate, up, dy)
         for a, b in zip(flat, tiled):
             assert torch.equal(a, b)
 

@@ -70,10 +70,10 @@ def test_layer_norm_matches_float64(shape, dtype, affine, impl):
 
 
 @pytest.mark.parametrize("tile", [(1, 2), (4, 4, 1), (8, 8, 2)])
-def test_layer_norm_tiles(tile, monkeypatch):
+def test_layer_norm_tiles(tile, tuned):
     """The launch configurations the tuner may set (benchmarks/tune_rope_ln.py), with and
     without dW / dB, on rows that do not fill the last tile."""
-    monkeypatch.setattr(K, "TILE_OVERRIDE", tile)
+    tuned("layer_norm", tile=tile)
     x, dy = torch.randn(37, 72) * 2 + 0.5, torch.randn(37, 72)
     w, b = _params(72, torch.float32, "weight+bias")
     y_ref, dx_ref, dw_ref, db_ref = reference64(x, w, b, dy, 1e-5)

@@ -13,7 +13,7 @@ from torch import nn
 
 import fastlora
 from fastlora.kernels import _lora_blocks as K
-from fastlora.kernels import lora_grouped as G
+from fastlora.kernels import lora_mlp as G
 from helpers import rel_err, run_step, tiny_llama, with_lora
 from helpers import token_batch
 from test_lora_linear import _mixed, errors_vs, only_lora
@@ -60,10 +60,9 @@ def test_lora_mlp_op_matches_float64(activation, p, dtype):
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("split", [False, True])
-def test_glu_kernels_write_every_element(impl, split, monkeypatch):
+def test_glu_kernels_write_every_element(impl, split, tuned):
     if split:  # several column splits of 32: the partial-sum path of large shapes
-        monkeypatch.setattr(K, "TUNE", {"glu_bwd": {"block_m": 32, "block_n": 32, "warps": 4,
-                                                    "per_sm": 8}})
+        tuned("lora_glu_bwd", block_m=32, block_n=32, warps=4, per_sm=8)
     M, N, rg, ru = 37, 72, 4, 8
     bg, bu = torch.randn(M, N, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
     xa, wg, wu = torch.randn(M, rg + ru), torch.randn(N, rg), torch.randn(N, ru)

@@ -47,17 +47,18 @@ def reference64(x, w, bias, a, b, scale, keep, p, g):
 
 # Launch configurations that cut every kernel's work into several splits with small blocks, so
 # the partial-sum paths the GPU takes for large shapes run on these small ones too.
-SPLIT_CONFIGS = {"down": {"block_m": 32, "block_k": 32, "warps": 4, "per_sm": 8},
-                 "grad_x": {"block_m": 32, "block_k": 32, "warps": 4, "per_sm": 8},
-                 "grad_b": {"block_m": 32, "block_n": 32, "warps": 4, "per_sm": 8},
-                 "glu_bwd": {"block_m": 32, "block_n": 32, "warps": 4, "per_sm": 8}}
+SPLIT_CONFIGS = {"lora_down": {"block_m": 32, "block_k": 32, "warps": 4, "per_sm": 8},
+                 "lora_grad_x": {"block_m": 32, "block_k": 32, "warps": 4, "per_sm": 8},
+                 "lora_grad_b": {"block_m": 32, "block_n": 32, "warps": 4, "per_sm": 8},
+                 "lora_glu_bwd": {"block_m": 32, "block_n": 32, "warps": 4, "per_sm": 8}}
 
 
 @pytest.fixture(params=["default", "split"])
-def launch_configs(request, monkeypatch):
+def launch_configs(request, tuned):
     """Run the test under the default launch configurations and under SPLIT_CONFIGS."""
     if request.param == "split":
-        monkeypatch.setattr(K, "TUNE", dict(SPLIT_CONFIGS))
+        for op, cfg in SPLIT_CONFIGS.items():
+            tuned(op, **cfg)
     return request.param
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fastlora
 from fastlora.kernels import _lora_blocks as K
-from fastlora.kernels import nf4_dequant as Q
+from fastlora.kernels import lora_linear_4bit as Q
 from fastlora.patterns import qlora as QP
 from helpers import rel_err, run_step, tiny_llama, with_lora
 from helpers import token_batch

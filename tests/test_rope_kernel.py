@@ -109,10 +109,10 @@ def test_rope_backward_is_exact_transpose_when_sin_halves_differ():
 
 
 @pytest.mark.parametrize("tile", [None, (64, 2, 2), (128, 1, 4), (4096, 32, 8)])
-def test_rope_tiles_and_layouts(tile, monkeypatch):
+def test_rope_tiles_and_layouts(tile, tuned):
     """Every launch configuration the tuner may set (benchmarks/tune_rope_ln.py), on layouts
     where cos/sin vary per head, broadcast over batch, or q/k have 2 or 3 dimensions."""
-    monkeypatch.setattr(K, "TILE_OVERRIDE", tile)
+    tuned("rope", tile=tile)
     T, D = 7, 12
     layouts = [  # q, k, cos, sin, rot
         (torch.randn(2, 5, T, D), torch.randn(2, 5, T, D), torch.randn(2, 5, T, D),

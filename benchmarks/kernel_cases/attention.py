@@ -126,14 +126,11 @@ def sdpa_masked(q, k, v, mask=None, **_):
 
 def fastlora(q, k, v, window=0, softcap=0.0, doc_ids=None, config=None, key_mask=None,
              uniform=False, **_):
-    from fastlora.kernels import _attention_blocks as K
+    from fastlora.kernels import tuning
     q, k, v = _heads_first(q, k, v)
-    K.CONFIG_OVERRIDE, before = config, K.CONFIG_OVERRIDE
-    try:
+    with tuning.override("flash_attention", **(config or {})):
         return torch.ops.fastlora.flash_attention(q, k, v, doc_ids, D ** -0.5, True, window,
                                                   softcap, key_mask, uniform)[0]
-    finally:
-        K.CONFIG_OVERRIDE = before
 
 
 _FLEX = {}

@@ -42,14 +42,11 @@ def fused(h, w, labels, cap=0.0, scale=1.0):
 
 
 def _with_chunk(rows):
-    from fastlora.kernels import linear_cross_entropy as K
+    from fastlora.kernels import tuning
 
     def run(h, w, labels):
-        saved, K.CHUNK_ROWS_OVERRIDE = K.CHUNK_ROWS_OVERRIDE, rows
-        try:
+        with tuning.override("linear_cross_entropy", chunk_rows=rows):
             return fused(h, w, labels)
-        finally:
-            K.CHUNK_ROWS_OVERRIDE = saved
     return run
 
 

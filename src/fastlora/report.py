@@ -24,16 +24,28 @@ except Exception:  # pragma: no cover - private API moved: plain logging still w
     pass
 
 
-def _module_of(node: fx.Node) -> tuple[str, str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "", ""
-    path, cls = list(stack.values())[-1]
+def module_path(node: fx.Node) -> tuple[str, list[str]]:
+    """(dotted path of the innermost module that made ``node``, the qualified class names of
+    the modules on its ``nn_module_stack``, outermost first), from Dynamo's metadata; ("", [])
+    for a node made outside any module. A root that is the compiled module itself or a
+    positional argument is dropped (``L['self'].model.__dict__['_modules']['layers']`` reads
+    ``model.layers``, ``L['args'][0].layers`` reads ``layers``); any other root keeps its name
+    (``L['lora_A']``, a module peft's DoRA calls as an input, reads ``lora_A``: the LoRA patterns
+    find adapters by that name). The one parser of nn_module_stack (the report and the patterns
+    use it)."""
+    entries = list((node.meta.get("nn_module_stack") or {}).values())
+    if not entries:
+        return "", []
+    classes = [c if isinstance(c, str) else getattr(c, "__qualname__", str(c)) for _, c in entries]
+    path = entries[-1][0]
     path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"^L(\.[A-Za-z_]\w*)?(\[\d+\])*(\.|$)", "", path)  # L.self., L.args[0].
-    cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
-    return path, cls_name.rsplit(".", 1)[-1]
+    return re.sub(r"^L(\.self|\.args|\.kwargs)?(\[\d+\])*(\.|$)", "", path), classes
+
+
+def _module_of(node: fx.Node) -> tuple[str, str]:
+    path, classes = module_path(node)
+    return path, (classes[-1].rsplit(".", 1)[-1] if classes else "")
 
 
 def _source_of(node: fx.Node) -> str:

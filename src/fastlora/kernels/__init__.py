@@ -1,6 +1,9 @@
 """Fused ops, one file each: Triton kernels (CUDA, and CPU under TRITON_INTERPRET=1), a PyTorch
 reference that is the CPU kernel, and the ``torch.ops.fastlora.*`` registration with its fake
-kernel and autograd formula. Every module here is imported, so adding an op is adding a file."""
+kernel and autograd formula; each file is named by the op it holds. Every public module here is
+imported, so adding an op is adding a file. Private modules (``_*.py``) hold what several op
+files share (tiles, blocks, launch helpers, references); ``tuning.py`` is the registry of every
+op's launch configuration, each entry registered by its op's file."""
 import importlib
 import pkgutil
 

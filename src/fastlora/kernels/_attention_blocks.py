@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._attention_reference import (_probabilities, document_bounds,  # noqa: F401
+from . import tuning
+from ._attention_reference import (document_bounds, probabilities,  # noqa: F401
                                    visible_mask)  # (document_bounds used here; all re-exported)
 from ._common import HAVE_TRITON, check_float, check_same_device, require
 
@@ -23,7 +24,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    # Keys (or lse values) per step of the scans over a whole row (_key_span, _empty_rows_span).
+    # Keys (or lse values) per step of the scans over a whole row (key_span, empty_rows_span).
     SCAN = tl.constexpr(1024)
 
     @triton.jit
@@ -51,7 +52,7 @@ if HAVE_TRITON:
         return tl.where(a < 0.6, series, closed)
 
     @triton.jit
-    def _visible(i, j, start_i, end_i, keep_j, S_K, window, CAUSAL: tl.constexpr,
+    def visible_pairs(i, j, start_i, end_i, keep_j, S_K, window, CAUSAL: tl.constexpr,
                  HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_PAD: tl.constexpr):
         """Mask of visible (query i, key j) pairs; i, j (and start_i, end_i shaped like i,
         keep_j like j) are 2-D broadcastable index tensors, so the same code serves both tile
@@ -68,7 +69,7 @@ if HAVE_TRITON:
         return vis
 
     @triton.jit
-    def _keep(KM, cols, S_K, HAS_PAD: tl.constexpr):
+    def kept_keys(KM, cols, S_K, HAS_PAD: tl.constexpr):
         """keep[j] = KM[j] != 0 for the keys ``cols`` (False past the end); True without a mask."""
         keep = cols >= 0
         if HAS_PAD:
@@ -76,7 +77,7 @@ if HAVE_TRITON:
         return keep
 
     @triton.jit
-    def _key_span(KM, S_K, HAS_PAD: tl.constexpr, SCAN: tl.constexpr):
+    def key_span(KM, S_K, HAS_PAD: tl.constexpr, SCAN: tl.constexpr):
         """(kv_lo, kv_hi, holes) of one batch row's key mask: the first kept key, one past the
         last, and whether some key between them is masked (then no block is mask-free). Without
         a mask: (0, S_K, False). A row with no kept key gives kv_lo = S_K > kv_hi = 0."""
@@ -98,7 +99,7 @@ if HAVE_TRITON:
         return kv_lo, kv_hi, holes
 
     @triton.jit
-    def _empty_rows_span(LSE, S_Q, SCAN: tl.constexpr):
+    def empty_rows_span(LSE, S_Q, SCAN: tl.constexpr):
         """[first, last + 1) of the query rows whose lse is -inf (no visible key); first > last
         when there are none."""
         first = S_Q + 0
@@ -141,7 +142,7 @@ if HAVE_TRITON:
         return _whole_blocks(lo, full_lo, full_hi, hi, BLOCK_N)
 
     @triton.jit
-    def _query_range(n0, S_Q, S_K, window, DS, DE, kv_lo, kv_hi, holes, BLOCK_M: tl.constexpr,
+    def query_range(n0, S_Q, S_K, window, DS, DE, kv_lo, kv_hi, holes, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_DOCS: tl.constexpr, HAS_PAD: tl.constexpr):
         """For keys [n0, n0 + BLOCK_N): queries in [lo, hi) see some key, queries in
@@ -181,7 +182,7 @@ if HAVE_TRITON:
         """(lo, mid_lo, mid_hi, hi): the visible range [lo, hi) with lo rounded down to a block
         (empty, hi = lo, when nothing is visible), and inside it [mid_lo, mid_hi), the whole
         blocks within [full_lo, full_hi) (no mask). The loops over [lo, mid_lo), [mid_lo,
-        mid_hi) and [mid_hi, hi) together visit the blocks of [lo, _blocks_end(lo, hi))."""
+        mid_hi) and [mid_hi, hi) together visit the blocks of [lo, blocks_end(lo, hi))."""
         nothing = hi <= lo
         lo = (lo // BLOCK) * BLOCK
         hi = tl.where(nothing, lo, hi)
@@ -190,12 +191,12 @@ if HAVE_TRITON:
         return lo, mid_lo, mid_hi, hi
 
     @triton.jit
-    def _blocks_end(lo, hi, BLOCK: tl.constexpr):
+    def blocks_end(lo, hi, BLOCK: tl.constexpr):
         """One past the last block that the loops over a range of _whole_blocks visit."""
         return tl.maximum(lo, ((hi + BLOCK - 1) // BLOCK) * BLOCK)
 
     @triton.jit
-    def _query_block(H, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    def query_block(H, GROUP, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
         """(batch x head program id, batch, head, its k/v head, first query row) of this
         program of a query-block grid; causal grids start with the last query blocks, which
         see the most keys."""
@@ -208,7 +209,7 @@ if HAVE_TRITON:
         return pid_bh, b, h, h // GROUP, pid_m * BLOCK_M
 
     @triton.jit
-    def _query_keys(rows, row_ok, m0, S_Q, S_K, window, DS, DE, KM, BLOCK_M: tl.constexpr,
+    def query_keys(rows, row_ok, m0, S_Q, S_K, window, DS, DE, KM, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_DOCS: tl.constexpr, HAS_PAD: tl.constexpr):
         """Each query row's document [start, end) (the row itself without documents; DS, DE,
@@ -218,14 +219,14 @@ if HAVE_TRITON:
         if HAS_DOCS:
             start_r = tl.load(DS + rows, mask=row_ok, other=0)
             end_r = tl.load(DE + rows, mask=row_ok, other=0)
-        kv_lo, kv_hi, holes = _key_span(KM, S_K, HAS_PAD, SCAN)
+        kv_lo, kv_hi, holes = key_span(KM, S_K, HAS_PAD, SCAN)
         lo, mid_lo, mid_hi, hi = _key_range(m0, S_Q, S_K, window, DS, DE, kv_lo, kv_hi, holes,
                                             BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOCS,
                                             HAS_PAD)
         return start_r, end_r, lo, mid_lo, mid_hi, hi
 
     @triton.jit
-    def _scores(q, kt, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    def block_scores(q, kt, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
         """(scores in log2 units, tanh(scale * q.k / softcap) or the scores): float32, [M, N]."""
         s = tl.dot(q, kt, input_precision=DOT_PREC)
         if HAS_SOFTCAP:
@@ -241,10 +242,11 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# Tests set this to force small blocks (several blocks per sequence on tiny shapes); benchmarks
-# set it to sweep. Keys: fwd_m, fwd_n, fwd_warps, fwd_stages, dq_m, dq_n, dkv_m, dkv_n, bwd_warps,
-# bwd_stages.
-CONFIG_OVERRIDE: dict | None = None
+# Tuning entry "flash_attention" (both directions): each key None takes kernel_config's value;
+# tests set small blocks (several blocks per sequence on tiny shapes), benchmarks sweep them.
+_CONFIG_KEYS = ("fwd_m", "fwd_n", "fwd_warps", "fwd_stages", "dq_m", "dq_n", "dkv_m", "dkv_n",
+                "bwd_warps", "bwd_stages")
+tuning.register("flash_attention", **dict.fromkeys(_CONFIG_KEYS))
 
 
 def kernel_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
@@ -269,8 +271,7 @@ def kernel_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     else:
         cfg = dict(fwd_m=64, fwd_n=32, fwd_warps=8, fwd_stages=2, dq_m=32, dq_n=32, dkv_m=32,
                    dkv_n=32, bwd_warps=8, bwd_stages=1)
-    if CONFIG_OVERRIDE:
-        cfg.update(CONFIG_OVERRIDE)
+    cfg.update({k: v for k, v in tuning.get("flash_attention").items() if v is not None})
     return cfg
 
 
@@ -282,7 +283,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------- shared by both directions
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], window: int,
+def validate(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], window: int,
               softcap: float, key_mask: Optional[Tensor] = None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
@@ -328,7 +329,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], window
                 "fastlora.flash_attention: key_mask on another device")
 
 
-def _doc_args(doc_ids: Optional[Tensor], q: Tensor):
+def doc_args(doc_ids: Optional[Tensor], q: Tensor):
     """(start, end, batch stride) for the kernels; dummies when there are no documents."""
     if doc_ids is None:
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
@@ -337,16 +338,16 @@ def _doc_args(doc_ids: Optional[Tensor], q: Tensor):
     return start, end, (start.stride(0) if start.shape[0] > 1 else 0)
 
 
-def _key_mask_args(key_mask: Optional[Tensor], q: Tensor):
+def key_mask_args(key_mask: Optional[Tensor], q: Tensor):
     """(mask, batch stride) for the kernels: the key mask as it is (a bool mask read as bytes,
     no copy), or a dummy when there is none."""
     if key_mask is None:
         return torch.zeros(1, dtype=torch.uint8, device=q.device), 0
     if key_mask.dtype == torch.bool:
         key_mask = key_mask.view(torch.uint8)
-    key_mask = _last_dim_contiguous(key_mask)
+    key_mask = last_dim_contiguous(key_mask)
     return key_mask, (key_mask.stride(0) if key_mask.shape[0] > 1 else 0)
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
+def last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()

@@ -42,7 +42,7 @@ def visible_mask(S_Q: int, S_K: int, causal: bool, window: int, doc_ids: Optiona
     return vis
 
 
-def _probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask=None,
+def probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask=None,
                    empty_rows_uniform=False):
     """float32 probabilities (B, H, S_Q, S_K), the capped scores' tanh (or None), and lse
     (-inf on rows with no visible key, whose probabilities are 0, or 1 / S_K on every key when

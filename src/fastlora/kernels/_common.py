@@ -36,7 +36,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -56,8 +56,18 @@ def persistent_programs(t: torch.Tensor, rows: int, per_sm: int = 1) -> int:
     With symbolic ``rows`` the count is chosen on their example value and kept for every length
     (a program past the last row stores zero partial sums)."""
     if t.is_cuda:
-        return max(1, min(size_hint(rows), _sm_count(t.device.index or 0) * per_sm))
+        return max(1, min(size_hint(rows), sm_count(t.device.index or 0) * per_sm))
     return max(1, min(size_hint(rows), 4))
+
+
+def rows2d(t: torch.Tensor, dense: bool = False) -> torch.Tensor:
+    """``t`` as [rows, last dim] with unit stride along the row: a view when possible (rows may
+    then be strided, as the halves of a packed gate_up are); ``dense=True`` also puts the rows
+    back to back (stride(0) == last dim), as the norms' outputs view back to ``t``'s shape."""
+    if dense:
+        return t.reshape(-1, t.shape[-1]).contiguous()
+    t2 = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
 def require(cond: bool, message: str, exc=ValueError) -> None:

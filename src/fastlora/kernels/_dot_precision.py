@@ -1,4 +1,4 @@
-"""Dot precision of the LoRA kernels: ``_dot(a, b, acc, MODE)`` and how MODE is chosen.
+"""Dot precision of the LoRA kernels: ``dot(a, b, acc, MODE)`` and how MODE is chosen.
 
 The LoRA products mix 16-bit activations with float32 operands (peft keeps adapters in float32;
 the rank-r intermediates xa and da are float32). The modes:
@@ -6,8 +6,9 @@ the rank-r intermediates xa and da are float32). The modes:
 - MODE 0: two 16-bit operands: one native tensor-core dot (exact products, float32 accumulation).
 - MODE 1: a float32 operand, float16/float32 activations: Triton's ``tf32x3`` (three TF32
   products, ~22 mantissa bits: float32-level accuracy on tensor cores).
-- MODE 2: exact float32 (the interpreter, and ``PRECISION = "ieee"``).
-- MODE 3: bfloat16 activations (``SPLIT_BF16``, the default): float32 operands split into
+- MODE 2: exact float32 (the interpreter, and tuning entry ``lora_dot``: ``precision="ieee"``).
+- MODE 3: bfloat16 activations (``lora_dot``'s ``split_bf16``, the default): float32 operands split
+  into
   bfloat16 parts, products on bfloat16 tensor cores (twice TF32's rate). bfloat16 x float32 uses
   three parts of the float32 side (the adapter-gradient products); float32 x float32 (only the
   rank-r up-products, whose results are rounded to bfloat16) two parts of each side. The parts
@@ -26,10 +27,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import tuning
 from ._common import HAVE_TRITON
 
-PRECISION = "tf32x3"  # dot precision for float32 operands on the GPU ("ieee" to compare)
-SPLIT_BF16 = True  # bfloat16 activations: MODE 3 (False: tf32x3, MODE 1)
+# precision: the dot of float32 operands on the GPU ("tf32x3", or "ieee" to compare);
+# split_bf16: bfloat16 activations take MODE 3 (False: tf32x3, MODE 1). Measured above.
+tuning.register("lora_dot", precision="tf32x3", split_bf16=True)
 
 if HAVE_TRITON:
     import triton
@@ -58,7 +61,7 @@ if HAVE_TRITON:
         return p0.to(tl.bfloat16), p1.to(tl.bfloat16), (r - p1).to(tl.bfloat16)
 
     @triton.jit
-    def _dot(a, b, acc, MODE: tl.constexpr):
+    def dot(a, b, acc, MODE: tl.constexpr):
         """acc + a @ b. MODE 0: native 16-bit tensor-core dot; 1: float32 operands through tf32x3
         (~fp32 accuracy on tensor cores); 2: exact float32 (the interpreter); 3: bfloat16
         activations on bfloat16 tensor cores: a bfloat16 x float32 product splits the float32
@@ -88,7 +91,7 @@ if HAVE_TRITON:
             return acc + tl.dot(a_hi, b_hi, tl.dot(a_hi, b_lo, tl.dot(a_lo, b_hi)))
 
     @triton.jit
-    def _rne(x, FIX: tl.constexpr):
+    def rne(x, FIX: tl.constexpr):
         """float32 -> bfloat16 rounding to nearest even where the conversion truncates (the
         Triton interpreter does; FIX is False on the GPU, whose cvt.rn already rounds)."""
         if FIX:
@@ -100,15 +103,16 @@ if HAVE_TRITON:
 
 def dot_mode(device: torch.device, act_dtype: torch.dtype,
              other_dtype: torch.dtype = torch.float32) -> int:
-    """The ``_dot`` MODE for products of an activation-dtype operand with an ``other_dtype``
+    """The ``dot`` MODE for products of an activation-dtype operand with an ``other_dtype``
     one (float32 adapters or the float32 rank-r intermediates)."""
     if device.type != "cuda":
         return 2
     if act_dtype == other_dtype and act_dtype in (torch.bfloat16, torch.float16):
         return 0
-    if act_dtype == torch.bfloat16 and SPLIT_BF16:
+    cfg = tuning.get("lora_dot")
+    if act_dtype == torch.bfloat16 and cfg["split_bf16"]:
         return 3
-    return 1 if PRECISION == "tf32x3" else 2
+    return 1 if cfg["precision"] == "tf32x3" else 2
 
 
 def fix_bf16(out: Tensor) -> bool:

@@ -12,8 +12,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import HAVE_TRITON, require
+from . import tuning
+from ._common import HAVE_TRITON, require, rows2d
 from ._launch import launch
+
+# The launch of swiglu, swiglu_packed and geglu. tile: (elements per program, most columns,
+# num_warps) of the [tokens, ffn] tiles; None: block_config's rule. flat: dense inputs run as
+# one flat row-major stream at the (elements per program, num_warps) each op passes (its FLAT,
+# measured beside it); a pair replaces every op's, False keeps the tiles for dense inputs too.
+# benchmarks/tune_glu.py sweeps both (--layout: flat).
+tuning.register("glu", tile=None, flat=None)
 
 if HAVE_TRITON:
     import triton
@@ -44,30 +52,17 @@ if HAVE_TRITON:
                  mask=mask)
 
 
-# (elements per program, most columns, num_warps); benchmarks/tune_glu.py sweeps it.
-TILE_OVERRIDE: tuple[int, int, int] | None = None
-# Dense inputs run as one flat row-major stream, at the (elements per program, num_warps) each
-# op passes as ``flat``. benchmarks/tune_glu.py --layout sweeps this override: a pair replaces
-# every op's, False keeps the [tokens, ffn] tiles for dense inputs too.
-FLAT_OVERRIDE: tuple[int, int] | bool | None = None
-
-
 def block_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for an elementwise [M, n] map: 4096 elements a program,
     at most 1024 columns wide so that MLP widths (8192, 14336, 9216) waste no masked lanes."""
-    if TILE_OVERRIDE is not None:
-        elems, widest, warps = TILE_OVERRIDE
+    tile = tuning.get("glu")["tile"]
+    if tile is not None:
+        elems, widest, warps = tile
         block_n = min(triton.next_power_of_2(n), widest)
         return max(1, elems // block_n), block_n, warps
     block_n = min(triton.next_power_of_2(n), 1024)
     block_m = max(1, 4096 // block_n)
     return block_m, block_n, 8
-
-
-def rows2d(t: Tensor) -> Tensor:
-    """``t`` as [rows, last dim] with unit stride along the row (a view when possible)."""
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
 def dense_shape(tensors, flat: tuple[int, int]) -> tuple[int, int] | None:
@@ -88,8 +83,9 @@ def config(tensors, flat: tuple[int, int]) -> tuple[int, int, int, int, int]:
     """(M, N, BLOCK_M, BLOCK_N, num_warps) of the launch over ``tensors`` (2-D row views):
     a flat stream (inductor's layout for an elementwise map) where dense_shape allows, else
     the [tokens, ffn] tiles of block_config."""
-    if FLAT_OVERRIDE is not None:
-        flat = FLAT_OVERRIDE
+    override = tuning.get("glu")["flat"]
+    if override is not None:
+        flat = override
     shape = dense_shape(tensors, flat) if flat else None
     if shape is not None:
         return (*shape, 1, shape[1], flat[1])

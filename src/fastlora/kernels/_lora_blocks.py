@@ -5,7 +5,7 @@ Every block works on 2-D row-major views (rows = tokens). ``A_cat`` may stack th
 several adapters that share one input (ranks ``ranks``); adapter j then gets its own dropout
 mask (slot j). The math of each block is in its docstring; the op files compose them.
 
-Dot precision: ``_dot`` and its MODEs are in kernels/_dot_precision.py.
+Dot precision: ``dot`` and its MODEs are in kernels/_dot_precision.py.
 
 Dropout mask spec (shared by the kernels and ``keep_mask_reference``): Philox4x32-10 keyed by the
 low 32 bits of the seed, counter (col // 4, row, slot, 0), word col % 4; kept when the word's top
@@ -17,29 +17,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import HAVE_TRITON, _sm_count, halve_until_it_fits, require, size_hint
+from . import tuning
+from ._common import HAVE_TRITON, sm_count, halve_until_it_fits, require, size_hint
 from ._launch import launch
-from ._dot_precision import dot_mode, fix_bf16  # noqa: F401  (used by the op files too)
-from ._lora_reference import (_inv_keep, keep_mask_reference, lora_down_reference,  # noqa: F401
+from ._dot_precision import dot_mode, fix_bf16
+# the references are re-exported: the op files and tests take every block from this module
+from ._lora_reference import (inv_keep_of, keep_mask_reference, lora_down_reference,  # noqa: F401
                               lora_grad_b_reference, lora_grad_down_reference,
                               lora_grad_x_reference, lora_up_reference, philox_reference,
                               threshold_of)
 
-# Launch configurations (block sizes, warps, programs per SM): the defaults in the launchers are
-# the best total over the Llama-1B and -8B adapter shapes in benchmarks/tune_lora.py on the H200
-# (results in benchmarks/results_h200/tune_lora*.json). ``TUNE[kernel]`` overrides them.
-TUNE: dict[str, dict] = {}
-
-
-def config(kernel: str, **defaults) -> dict:
-    return {**defaults, **TUNE.get(kernel, {})}
+# Launch configurations (block sizes, warps, programs per SM; tuning entries lora_<kernel>): the
+# defaults are the best total over the Llama-1B and -8B adapter shapes in
+# benchmarks/tune_lora.py on the H200 (results in benchmarks/results_h200/tune_lora*.json).
+# lora_grad_down's block_m None: 64 when there are rows for two programs of 64 per SM, else 32.
+tuning.register("lora_down", block_m=64, block_k=64, warps=4, per_sm=2)
+tuning.register("lora_up", block_m=32, block_n=128, warps=4)
+tuning.register("lora_grad_down", block_m=None, block_n=128, warps=4)
+tuning.register("lora_grad_b", block_m=64, block_n=128, warps=4, per_sm=2)
+tuning.register("lora_grad_x", block_m=64, block_k=128, warps=4, per_sm=8)
 
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._dot_precision import _dot, _rne  # noqa: F401  (_rne: also the op files)
+    from ._dot_precision import dot, rne
 
     @triton.jit
     def _philox(c0, c1, c2, c3, k0, k1):
@@ -105,10 +108,10 @@ if HAVE_TRITON:
                 for j in tl.static_range(G):
                     mine = _adapter_lanes(rr, j, B1, B2, R)
                     keep = _keep(seed, rows, k0, j, threshold, BLOCK_M, BLOCK_K)
-                    acc = _dot(tl.where(keep, x, tl.zeros_like(x)),
+                    acc = dot(tl.where(keep, x, tl.zeros_like(x)),
                                tl.where(mine[None, :], at, tl.zeros_like(at)), acc, MODE)
             else:
-                acc = _dot(x, at, acc, MODE)
+                acc = dot(x, at, acc, MODE)
         if DROPOUT:
             acc = acc * inv_keep
         tl.store(XA + split * split_stride + rows[:, None] * stride_xa + rr[None, :], acc,
@@ -127,12 +130,12 @@ if HAVE_TRITON:
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         bt = tl.load(B + cols[None, :] * stride_b + rr[:, None],
                      mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = _dot(xa, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), MODE)
+        lora = dot(xa, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), MODE)
         mask = row_ok[:, None] & col_ok[None, :]
         base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :], mask=mask,
                        other=0.0).to(tl.float32)
         tl.store(OUT + rows[:, None] * stride_out + cols[None, :],
-                 _rne(base + scale * lora, FIX_BF16).to(OUT.dtype.element_ty), mask=mask)
+                 rne(base + scale * lora, FIX_BF16).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["M"])
     def _lora_grad_down_kernel(G, B, DA, M, N, R, stride_g, stride_b, stride_da, scale,
@@ -150,7 +153,7 @@ if HAVE_TRITON:
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             b = tl.load(B + cols[:, None] * stride_b + rr[None, :],
                         mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = _dot(g, b, acc, MODE)
+            acc = dot(g, b, acc, MODE)
         tl.store(DA + rows[:, None] * stride_da + rr[None, :], acc * scale,
                  mask=row_ok[:, None] & r_ok[None, :])
 
@@ -172,7 +175,7 @@ if HAVE_TRITON:
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             xa = tl.load(XA + rows[:, None] * stride_xa + rr[None, :],
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = _dot(tl.trans(g), xa, acc, MODE)
+            acc = dot(tl.trans(g), xa, acc, MODE)
         tl.store(PART + (split * N + cols[:, None]) * R + rr[None, :], acc,
                  mask=col_ok[:, None] & r_ok[None, :])
 
@@ -211,20 +214,20 @@ if HAVE_TRITON:
                     daj = tl.where(mine[None, :], da, 0.0)
                     keep = _keep(seed, rows, col0, j, threshold, BLOCK_M, BLOCK_K)
                     if HAS_DX:
-                        dxl += tl.where(keep, _dot(daj, a, tl.zeros_like(dxl), MODE), 0.0)
+                        dxl += tl.where(keep, dot(daj, a, tl.zeros_like(dxl), MODE), 0.0)
                     if HAS_DA:
-                        acc = _dot(tl.trans(daj), tl.where(keep, x, tl.zeros_like(x)), acc, MODE)
+                        acc = dot(tl.trans(daj), tl.where(keep, x, tl.zeros_like(x)), acc, MODE)
             else:
                 if HAS_DX:
-                    dxl = _dot(da, a, dxl, MODE)
+                    dxl = dot(da, a, dxl, MODE)
                 if HAS_DA:
-                    acc = _dot(tl.trans(da), x, acc, MODE)
+                    acc = dot(tl.trans(da), x, acc, MODE)
             if HAS_DX:
                 ptr = DX + rows[:, None] * stride_dx + cols[None, :]
                 dx = dxl * inv_keep
                 if ACCUMULATE:
                     dx += tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-                tl.store(ptr, _rne(dx, FIX_BF16).to(DX.dtype.element_ty), mask=mask)
+                tl.store(ptr, rne(dx, FIX_BF16).to(DX.dtype.element_ty), mask=mask)
         if HAS_DA:
             tl.store(PART + (split * R + rr[:, None]) * K + cols[None, :], acc * inv_keep,
                      mask=r_ok[:, None] & col_ok[None, :])
@@ -233,12 +236,12 @@ if HAVE_TRITON:
 # ---------------------------------------------------------------- launch configuration
 
 
-def _block_r(r: int) -> int:
+def block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
 def _sms(t: Tensor) -> int:
-    return _sm_count(t.device.index or 0) if t.is_cuda else 2
+    return sm_count(t.device.index or 0) if t.is_cuda else 2
 
 
 def _bounds(ranks: list[int], R: int) -> tuple[int, int]:
@@ -249,11 +252,6 @@ def _bounds(ranks: list[int], R: int) -> tuple[int, int]:
                              f"{len(ranks)}", ValueError)
     starts = [sum(ranks[:i]) for i in range(1, len(ranks))] + [R, R]
     return starts[0], starts[1]
-
-
-def rows2d(t: Tensor) -> Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 # ---------------------------------------------------------------- launchers (Triton)
@@ -282,7 +280,7 @@ def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
     if xa is None:
         xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
-    cfg = config("down", block_m=64, block_k=64, warps=4, per_sm=2)
+    cfg = tuning.get("lora_down")
     bm, bk = cfg["block_m"], cfg["block_k"]
     if M == 0:
         return xa
@@ -292,9 +290,9 @@ def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
     launch(_lora_down_kernel)[(triton.cdiv(M, bm), splits)](
         x2, a_cat, out, seed if seed is not None else xa, *_bounds(ranks, R), M, K, R,
         x2.stride(0), a_cat.stride(0), xa.stride(0) if splits == 1 else R, M * R, per,
-        threshold_of(p), _inv_keep(p), G=len(ranks), DROPOUT=p > 0,
+        threshold_of(p), inv_keep_of(p), G=len(ranks), DROPOUT=p > 0,
         MODE=dot_mode(x2.device, x2.dtype, a_cat.dtype), BLOCK_M=bm, BLOCK_K=bk,
-        BLOCK_R=_block_r(R), num_warps=cfg["warps"])
+        BLOCK_R=block_r(R), num_warps=cfg["warps"])
     if splits > 1:
         torch.sum(out, 0, out=xa)
     return xa
@@ -304,13 +302,13 @@ def lora_up_triton(base2, xa, b, scale, out):
     """out [M, N] = cast(base + scale * xa @ B^T); ``out`` may be ``base2`` itself."""
     M, N = base2.shape
     R = b.shape[1]
-    cfg = config("up", block_m=32, block_n=128, warps=4)
+    cfg = tuning.get("lora_up")
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
         launch(_lora_up_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             base2, xa, b, out, M, N, R, base2.stride(0), xa.stride(0), b.stride(0), out.stride(0),
             scale, MODE=dot_mode(base2.device, out.dtype), FIX_BF16=fix_bf16(out),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=_block_r(R), num_warps=cfg["warps"])
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r(R), num_warps=cfg["warps"])
     return out
 
 
@@ -318,14 +316,13 @@ def lora_grad_down_triton(g2, b, scale, da):
     """da [M, r] (a float32 view, possibly a column slice) = scale * g @ B."""
     M, N = g2.shape
     R = b.shape[1]
-    cfg = config("grad_down", block_m=64 if size_hint(M) >= 64 * 2 * _sms(g2) else 32, block_n=128,
-                 warps=4)
-    bm = cfg["block_m"]
+    cfg = tuning.get("lora_grad_down")
+    bm = cfg["block_m"] or (64 if size_hint(M) >= 64 * 2 * _sms(g2) else 32)
     if M:
         launch(_lora_grad_down_kernel)[(triton.cdiv(M, bm),)](
             g2, b, da, M, N, R, g2.stride(0), b.stride(0), da.stride(0), scale,
             MODE=dot_mode(g2.device, g2.dtype, b.dtype), BLOCK_M=bm, BLOCK_N=cfg["block_n"],
-            BLOCK_R=_block_r(R), num_warps=cfg["warps"])
+            BLOCK_R=block_r(R), num_warps=cfg["warps"])
     return da
 
 
@@ -333,7 +330,7 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
     """dB [N, r] = scale * g^T @ xa (xa may be a column slice of a wider buffer)."""
     M, N = g2.shape
     R = xa.shape[1]
-    cfg = config("grad_b", block_m=64, block_n=128, warps=4, per_sm=2)
+    cfg = tuning.get("lora_grad_b")
     bm, bn = cfg["block_m"], cfg["block_n"]
     nb = triton.cdiv(N, bn)
     splits, per = split_extent(M, bm, nb, cfg["per_sm"], g2)
@@ -343,7 +340,7 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
         launch(_lora_grad_b_kernel)[(nb, splits)](
             g2, xa, part, M, N, R, g2.stride(0), xa.stride(0), per,
             MODE=dot_mode(g2.device, g2.dtype), BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_R=_block_r(R), num_warps=cfg["warps"])
+            BLOCK_R=block_r(R), num_warps=cfg["warps"])
     return (part.sum(0) * scale).to(out_dtype)
 
 
@@ -355,8 +352,8 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
     R = a_cat.shape[0]
     ranks = ranks or [R]
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
-    br = _block_r(R)
-    cfg = config("grad_x", block_m=64, block_k=128, warps=4, per_sm=8)
+    br = block_r(R)
+    cfg = tuning.get("lora_grad_x")
     bm = cfg["block_m"]
 
     def run(bk):
@@ -369,7 +366,7 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
                 x2, da, a_cat, dx if dx is not None else x2, part,
                 seed if seed is not None else part, *_bounds(ranks, R), M, K, R,
                 x2.stride(0), da.stride(0), a_cat.stride(0),
-                dx.stride(0) if dx is not None else 0, per, threshold_of(p), _inv_keep(p),
+                dx.stride(0) if dx is not None else 0, per, threshold_of(p), inv_keep_of(p),
                 G=len(ranks), DROPOUT=p > 0, HAS_DX=dx is not None, ACCUMULATE=accumulate,
                 HAS_DA=need_da, MODE=dot_mode(x2.device, x2.dtype),
                 FIX_BF16=dx is not None and fix_bf16(dx), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br,

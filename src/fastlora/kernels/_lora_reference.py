@@ -19,7 +19,7 @@ def threshold_of(p: float) -> int:
     return min(1 << 24, int(round(p * (1 << 24))))
 
 
-def _inv_keep(p: float) -> float:
+def inv_keep_of(p: float) -> float:
     return 1.0 / (1.0 - p) if p > 0 else 1.0
 
 
@@ -64,7 +64,7 @@ def lora_down_reference(x2, a_cat, seed, p, ranks=None):
     parts, lo = [], 0
     for j, r in enumerate(ranks or [a_cat.shape[0]]):
         keep = keep_mask_reference(int(seed.reshape(-1)[0]), M, K, j, p, x2.device)
-        parts.append((xf * keep) @ af[lo:lo + r].T * _inv_keep(p))
+        parts.append((xf * keep) @ af[lo:lo + r].T * inv_keep_of(p))
         lo += r
     return torch.cat(parts, 1)
 
@@ -95,5 +95,5 @@ def lora_grad_x_reference(x2, da, a_cat, seed, p, dx=None, accumulate=False, nee
         lo += r
     out = None
     if dx is not None:
-        out = (dxl * _inv_keep(p) + (dx.float() if accumulate else 0)).to(dx.dtype)
-    return out, (torch.cat(da_parts, 0) * _inv_keep(p) if need_da else None)
+        out = (dxl * inv_keep_of(p) + (dx.float() if accumulate else 0)).to(dx.dtype)
+    return out, (torch.cat(da_parts, 0) * inv_keep_of(p) if need_da else None)

@@ -33,7 +33,7 @@ the last index of each token's run (``document_bounds``), so blocks outside a do
 skipped, not masked.
 
 Padding: ``key_mask[b, j]`` (bool or integers, (B or 1, S_k)), read on the device: each program
-scans its batch row for the first and one past the last kept key (``_key_span``) and skips the
+scans its batch row for the first and one past the last kept key (``key_span``) and skips the
 key blocks outside; when a masked key lies between them (a mask with holes) every block is
 masked, else only the edge blocks. No host sync, nothing computed per length on the host.
 
@@ -51,8 +51,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._attention_blocks import (LN2, LOG2E, _doc_args, _key_mask_args,  # noqa: F401
-                                _last_dim_contiguous, _probabilities, _validate, block_d,
+from ._attention_blocks import (LN2, LOG2E, doc_args, key_mask_args,  # noqa: F401
+                                last_dim_contiguous, probabilities, validate, block_d,
                                 document_bounds, dot_precision, kernel_config, visible_mask)
 # (re-exported: tests and benchmarks reach the shared helpers through this module)
 from ._common import HAVE_TRITON, require, use_triton
@@ -61,7 +61,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._attention_blocks import _keep, _query_block, _query_keys, _scores, _visible
+    from ._attention_blocks import block_scores, kept_keys, query_block, query_keys, visible_pairs
 
     @triton.jit
     def _fwd_blocks(acc, l_i, m_i, q, K, V, KM, stride_kn, stride_vn, rows, start_r, end_r,
@@ -90,10 +90,10 @@ if HAVE_TRITON:
                             mask=d_ok[None, :], other=0.0)
             if UPCAST:
                 kt = kt.to(tl.float32)
-            s, _t = _scores(q, kt, sm_scale, softcap, HAS_SOFTCAP, DOT_PREC)
+            s, _t = block_scores(q, kt, sm_scale, softcap, HAS_SOFTCAP, DOT_PREC)
             if MASKED:
-                keep = _keep(KM, cols, S_K, HAS_PAD)
-                vis = _visible(rows[:, None], cols[None, :], start_r[:, None], end_r[:, None],
+                keep = kept_keys(KM, cols, S_K, HAS_PAD)
+                vis = visible_pairs(rows[:, None], cols[None, :], start_r[:, None], end_r[:, None],
                                keep[None, :], S_K, window, CAUSAL, HAS_WINDOW, HAS_DOCS, HAS_PAD)
                 s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -131,7 +131,7 @@ if HAVE_TRITON:
                   HAS_DOCS: tl.constexpr, HAS_PAD: tl.constexpr, EMPTY_UNIFORM: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                   EVEN_D: tl.constexpr):
-        pid_bh, b, h, hk, m0 = _query_block(H, GROUP, BLOCK_M, CAUSAL)
+        pid_bh, b, h, hk, m0 = query_block(H, GROUP, BLOCK_M, CAUSAL)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < S_Q
         offs_d = tl.arange(0, BLOCK_D)
@@ -146,7 +146,7 @@ if HAVE_TRITON:
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        start_r, end_r, lo, mid_lo, mid_hi, hi = _query_keys(
+        start_r, end_r, lo, mid_lo, mid_hi, hi = query_keys(
             rows, row_ok, m0, S_Q, S_K, window, DS, DE, KM, BLOCK_M, BLOCK_N, CAUSAL,
             HAS_WINDOW, HAS_DOCS, HAS_PAD)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -194,7 +194,7 @@ def _output_like(q: Tensor, dtype=None) -> Tensor:
 def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, softcap,
                                    key_mask=None, empty_rows_uniform=False, out=None, lse=None):
     """Launch the forward; ``out`` / ``lse`` may be given (tests pass poisoned buffers)."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, S_Q, D = q.shape
     S_K, H_KV = k.shape[2], k.shape[1]
     if out is None:
@@ -203,8 +203,8 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
         lse = torch.empty((B, H, S_Q), dtype=torch.float32, device=q.device)
     require(out.stride(-1) == 1 and lse.is_contiguous(), "fastlora: bad output buffers")
     cfg = kernel_config(D, q.dtype, q.is_cuda)
-    ds, de, stride_db = _doc_args(doc_ids, q)
-    km, stride_kmb = _key_mask_args(key_mask, q)
+    ds, de, stride_db = doc_args(doc_ids, q)
+    km, stride_kmb = key_mask_args(key_mask, q)
     grid = (triton.cdiv(S_Q, cfg["fwd_m"]), B * H)
     _attn_fwd[grid](
         q, k, v, out, lse, ds, de, km,
@@ -224,7 +224,7 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
 
 def flash_attention_forward_reference(q, k, v, doc_ids, scale, causal, window, softcap,
                                       key_mask=None, empty_rows_uniform=False):
-    p, _t, lse = _probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask,
+    p, _t, lse = probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask,
                                 empty_rows_uniform)
     group = q.shape[1] // k.shape[1]
     o = torch.matmul(p, v.float().repeat_interleave(group, 1))
@@ -245,7 +245,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], 
     row with no visible key). ``window`` 0 and ``softcap`` 0 mean none; ``doc_ids`` None means
     one document per row; ``key_mask`` None means every key is kept; ``empty_rows_uniform``
     picks what a row with no visible key gives (see the math above)."""
-    _validate(q, k, v, doc_ids, window, softcap, key_mask)
+    validate(q, k, v, doc_ids, window, softcap, key_mask)
     args = (q, k, v, doc_ids, scale, causal, window, softcap, key_mask, empty_rows_uniform)
     if use_triton(q):
         return flash_attention_forward_triton(*args)
@@ -254,7 +254,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], 
 
 @flash_attention.register_fake
 def _(q, k, v, doc_ids, scale, causal, window, softcap, key_mask=None, empty_rows_uniform=False):
-    _validate(q, k, v, doc_ids, window, softcap, key_mask)
+    validate(q, k, v, doc_ids, window, softcap, key_mask)
     B, H, S, _ = q.shape
     return _output_like(q), q.new_empty((B, H, S), dtype=torch.float32)
 

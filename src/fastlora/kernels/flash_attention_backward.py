@@ -31,15 +31,15 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, use_triton
-from ._attention_blocks import (_doc_args, _key_mask_args, _last_dim_contiguous,
-                                _probabilities, _validate, block_d, dot_precision, kernel_config)
+from ._attention_blocks import (doc_args, key_mask_args, last_dim_contiguous,
+                                probabilities, validate, block_d, dot_precision, kernel_config)
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._attention_blocks import (SCAN, _blocks_end, _empty_rows_span, _keep, _key_span,
-                                    _query_block, _query_keys, _query_range, _scores, _visible)
+    from ._attention_blocks import (SCAN, block_scores, blocks_end, empty_rows_span, kept_keys,
+                                    key_span, query_block, query_keys, query_range, visible_pairs)
 
     @triton.jit
     def _dq_blocks(dq, q, do, lse2, delta, empty_r, K, V, KM, stride_kn, stride_vn, rows,
@@ -66,11 +66,11 @@ if HAVE_TRITON:
             if UPCAST:
                 kt = kt.to(tl.float32)
                 vt = vt.to(tl.float32)
-            s, t = _scores(q, kt, sm_scale, softcap, HAS_SOFTCAP, DOT_PREC)
+            s, t = block_scores(q, kt, sm_scale, softcap, HAS_SOFTCAP, DOT_PREC)
             p = tl.exp2(s - lse2[:, None])  # +inf on rows with no visible key: replaced below
             if MASKED:
-                keep = _keep(KM, cols, S_K, HAS_PAD)
-                vis = _visible(rows[:, None], cols[None, :], start_r[:, None], end_r[:, None],
+                keep = kept_keys(KM, cols, S_K, HAS_PAD)
+                vis = visible_pairs(rows[:, None], cols[None, :], start_r[:, None], end_r[:, None],
                                keep[None, :], S_K, window, CAUSAL, HAS_WINDOW, HAS_DOCS, HAS_PAD)
                 other = 0.0
                 if EMPTY_UNIFORM:
@@ -97,7 +97,7 @@ if HAVE_TRITON:
                      HAS_DOCS: tl.constexpr, HAS_PAD: tl.constexpr, EMPTY_UNIFORM: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                      EVEN_D: tl.constexpr):
-        pid_bh, b, h, hk, m0 = _query_block(H, GROUP, BLOCK_M, CAUSAL)
+        pid_bh, b, h, hk, m0 = query_block(H, GROUP, BLOCK_M, CAUSAL)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < S_Q
         offs_d = tl.arange(0, BLOCK_D)
@@ -121,7 +121,7 @@ if HAVE_TRITON:
         DS = DS + b * stride_db
         DE = DE + b * stride_db
         KM = KM + b * stride_kmb
-        start_r, end_r, lo, mid_lo, mid_hi, hi = _query_keys(
+        start_r, end_r, lo, mid_lo, mid_hi, hi = query_keys(
             rows, row_ok, m0, S_Q, S_K, window, DS, DE, KM, BLOCK_M, BLOCK_N, CAUSAL,
             HAS_WINDOW, HAS_DOCS, HAS_PAD)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -139,7 +139,7 @@ if HAVE_TRITON:
                         EMPTY_UNIFORM, HAS_SOFTCAP, UPCAST, DOT_PREC, EVEN_D)
         if EMPTY_UNIFORM:  # rows with no visible key see every key, 1 / S_K each
             if tl.sum((empty_r & row_ok).to(tl.int32), 0) > 0:
-                done = _blocks_end(lo, hi, BLOCK_N)
+                done = blocks_end(lo, hi, BLOCK_N)
                 dq = _dq_blocks(dq, q, do, lse2, delta, empty_r, K, V, KM, stride_kn,
                                 stride_vn, rows, start_r, end_r, 0, lo, S_K, window, sm_scale,
                                 softcap, offs_d, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_WINDOW,
@@ -187,7 +187,7 @@ if HAVE_TRITON:
             if UPCAST:
                 qt = qt.to(tl.float32)
                 do = do.to(tl.float32)
-            st, tt = _scores(k, qt, sm_scale, softcap, HAS_SOFTCAP, DOT_PREC)
+            st, tt = block_scores(k, qt, sm_scale, softcap, HAS_SOFTCAP, DOT_PREC)
             pt = tl.exp2(st - lse2[None, :])  # +inf on rows with no visible key: replaced below
             if MASKED:
                 start_r = rows
@@ -195,7 +195,7 @@ if HAVE_TRITON:
                 if HAS_DOCS:
                     start_r = tl.load(DS + rows, mask=rows < S_Q, other=0)
                     end_r = tl.load(DE + rows, mask=rows < S_Q, other=0)
-                vis = _visible(rows[None, :], cols[:, None], start_r[None, :], end_r[None, :],
+                vis = visible_pairs(rows[None, :], cols[:, None], start_r[None, :], end_r[None, :],
                                keep_n[:, None], S_K, window, CAUSAL, HAS_WINDOW, HAS_DOCS,
                                HAS_PAD)
                 other = 0.0
@@ -246,9 +246,9 @@ if HAVE_TRITON:
         DS = DS + b * stride_db
         DE = DE + b * stride_db
         KM = KM + b * stride_kmb
-        keep_n = _keep(KM, cols, S_K, HAS_PAD)
-        kv_lo, kv_hi, holes = _key_span(KM, S_K, HAS_PAD, SCAN)
-        lo, mid_lo, mid_hi, hi = _query_range(n0, S_Q, S_K, window, DS, DE, kv_lo, kv_hi, holes,
+        keep_n = kept_keys(KM, cols, S_K, HAS_PAD)
+        kv_lo, kv_hi, holes = key_span(KM, S_K, HAS_PAD, SCAN)
+        lo, mid_lo, mid_hi, hi = query_range(n0, S_Q, S_K, window, DS, DE, kv_lo, kv_hi, holes,
                                               BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_DOCS,
                                               HAS_PAD)
         # Rows with no visible key see every key when they are uniform: the query blocks that
@@ -256,9 +256,9 @@ if HAVE_TRITON:
         e_lo = S_Q * 0
         e_hi = S_Q * 0
         if EMPTY_UNIFORM:
-            e_lo, e_hi = _empty_rows_span(LSE + (b * H + hk * GROUP) * S_Q, S_Q, SCAN)
+            e_lo, e_hi = empty_rows_span(LSE + (b * H + hk * GROUP) * S_Q, S_Q, SCAN)
             e_lo = (e_lo // BLOCK_M) * BLOCK_M
-        done = _blocks_end(lo, hi, BLOCK_M)
+        done = blocks_end(lo, hi, BLOCK_M)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, GROUP):
@@ -308,7 +308,7 @@ def flash_attention_backward_triton(dout, q, k, v, out, lse, doc_ids, scale, cau
                                     softcap, key_mask=None, empty_rows_uniform=False, dq=None,
                                     dk=None, dv=None):
     """Launch both backward kernels; ``dq``/``dk``/``dv`` may be given (tests poison them)."""
-    q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     B, H, S_Q, D = q.shape
     S_K, H_KV = k.shape[2], k.shape[1]
@@ -317,8 +317,8 @@ def flash_attention_backward_triton(dout, q, k, v, out, lse, doc_ids, scale, cau
     dv = torch.empty_like(v) if dv is None else dv
     delta = torch.empty((B, H, S_Q), dtype=torch.float32, device=q.device)
     cfg = kernel_config(D, q.dtype, q.is_cuda)
-    ds, de, stride_db = _doc_args(doc_ids, q)
-    km, stride_kmb = _key_mask_args(key_mask, q)
+    ds, de, stride_db = doc_args(doc_ids, q)
+    km, stride_kmb = key_mask_args(key_mask, q)
     flags = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), HAS_WINDOW=window > 0,
                  HAS_DOCS=doc_ids is not None, HAS_PAD=key_mask is not None,
                  EMPTY_UNIFORM=bool(empty_rows_uniform), HAS_SOFTCAP=softcap > 0,
@@ -350,7 +350,7 @@ def flash_attention_backward_reference(dout, q, k, v, out, lse, doc_ids, scale, 
     B, H, S_Q, D = q.shape
     H_KV = k.shape[1]
     group = H // H_KV
-    p, t, _lse = _probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask,
+    p, t, _lse = probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask,
                                 empty_rows_uniform)
     do = dout.float()
     vf = v.float().repeat_interleave(group, 1)
@@ -378,7 +378,7 @@ def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                              lse: Tensor, doc_ids: Optional[Tensor], scale: float, causal: bool,
                              window: int, softcap: float, key_mask: Optional[Tensor] = None,
                              empty_rows_uniform: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    _validate(q, k, v, doc_ids, window, softcap, key_mask)
+    validate(q, k, v, doc_ids, window, softcap, key_mask)
     args = (dout, q, k, v, out, lse, doc_ids, scale, causal, window, softcap, key_mask,
             empty_rows_uniform)
     if use_triton(q):

@@ -26,8 +26,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import tuning
 from ._common import (HAVE_TRITON, check_float, check_same_device, persistent_programs, require,
-                      row_tile, use_triton)
+                      row_tile, rows2d, use_triton)
+
+# tile: (BLOCK_M, num_warps) or (BLOCK_M, num_warps, programs per SM of the dw/db grid) of every
+# launch; None: the table of tile_config. dw_programs_per_sm: the dw/db grid's programs per SM
+# (H200 sweep, benchmarks/tune_rope_ln.py: 1 beats 2, 4 and 8: fewer partials).
+tuning.register("layer_norm", tile=None, dw_programs_per_sm=1)
 
 if HAVE_TRITON:
     import triton
@@ -122,12 +128,6 @@ if HAVE_TRITON:
                                  stride_x, stride_dx, M, N, w_rows, HAS_W, PER_HEAD_W)
 
 
-# (BLOCK_M, num_warps) or (BLOCK_M, num_warps, programs per SM of the dw/db grid); set by
-# benchmarks/tune_rope_ln.py while it sweeps. None: the table of tile_config.
-TILE_OVERRIDE = None
-DW_PROGRAMS_PER_SM = 1  # H200 sweep: 1 program per SM beats 2, 4 and 8 (fewer partials)
-
-
 def tile_config(n: int, element_size: int, kind: str = "fwd") -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of ``n`` features; ``kind`` is "fwd", "bwd" (no dw
     / db) or "bwd_dw". A tile is BLOCK_M whole rows (BLOCK_N >= n), so several rows' loads are in
@@ -138,16 +138,13 @@ def tile_config(n: int, element_size: int, kind: str = "fwd") -> tuple[int, int,
         "fwd": ((4096, (1, 4)), (8192, (2, 4)), (16384, (1, 8)), (None, (1, 16))),
         "bwd": ((16384, (1, 8)), (None, (1, 16))),
         "bwd_dw": ((8192, (4, 8)), (None, (2, 16))),
-    }[kind], TILE_OVERRIDE)
+    }[kind], tuning.get("layer_norm")["tile"])
 
 
 def _dw_programs_per_sm() -> int:
-    return TILE_OVERRIDE[2] if TILE_OVERRIDE is not None and len(TILE_OVERRIDE) > 2 \
-        else DW_PROGRAMS_PER_SM
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1]).contiguous()
+    cfg = tuning.get("layer_norm")
+    tile = cfg["tile"]
+    return tile[2] if tile is not None and len(tile) > 2 else cfg["dw_programs_per_sm"]
 
 
 def _validate(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
@@ -177,7 +174,7 @@ def _w_rows(weight: Tensor | None) -> int:
 
 def layer_norm_forward_triton(x, weight, bias, eps, y=None, mean=None, rstd=None):
     """Launch the forward; ``y``/``mean``/``rstd`` may be given (tests poison them)."""
-    x2 = _rows(x)
+    x2 = rows2d(x, dense=True)
     M, N = x2.shape
     if y is None:
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -197,7 +194,7 @@ def layer_norm_forward_triton(x, weight, bias, eps, y=None, mean=None, rstd=None
 
 
 def layer_norm_backward_triton(dy, x, weight, mean, rstd, compute_dw, compute_db, dx=None):
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = rows2d(x, dense=True), rows2d(dy, dense=True)
     M, N = x2.shape
     if dx is None:
         dx = torch.empty_like(x2)

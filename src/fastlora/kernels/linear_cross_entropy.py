@@ -37,6 +37,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import tuning
 from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
 
 if HAVE_TRITON:
@@ -147,16 +148,18 @@ if HAVE_TRITON:
                     tl.store(g_row + offs, _rounded(d, G.dtype.element_ty, RNE_BY_HAND), mask=mask)
 
 
-CHUNK_ROWS_OVERRIDE: int | None = None  # tests and benchmarks/kernel_cases set this to sweep
-CE_OVERRIDE: tuple[int, int] | None = None  # (BLOCK_V, num_warps), for a tuning sweep
+# chunk_rows: rows per chunk (None: chunk_rows' rule below); ce_tile: (BLOCK_V, num_warps) of the
+# row kernel (None: ce_config's rule). Tests and benchmarks/kernel_cases sweep chunk_rows.
+tuning.register("linear_cross_entropy", chunk_rows=None, ce_tile=None)
 _MIN_CHUNK_BYTES = 256 << 20
 
 
 def chunk_rows(n_rows: int, hidden: int, vocab: int, element_size: int) -> int:
     """Rows per chunk: a chunk of logits about the size of the input h, but at least 256 MiB
     (smaller chunks make the dh GEMM, K = vocab with a thin output, run below cuBLAS's peak)."""
-    if CHUNK_ROWS_OVERRIDE is not None:
-        return max(1, min(n_rows, CHUNK_ROWS_OVERRIDE))
+    override = tuning.get("linear_cross_entropy")["chunk_rows"]
+    if override is not None:
+        return max(1, min(n_rows, override))
     budget = max(n_rows * hidden * element_size, _MIN_CHUNK_BYTES)
     rows = max(1, budget // (vocab * element_size))
     if rows >= 128:
@@ -166,8 +169,9 @@ def chunk_rows(n_rows: int, hidden: int, vocab: int, element_size: int) -> int:
 
 def ce_config(vocab: int, on_gpu: bool) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for the row kernel."""
-    if CE_OVERRIDE is not None:
-        return CE_OVERRIDE
+    override = tuning.get("linear_cross_entropy")["ce_tile"]
+    if override is not None:
+        return override
     block = triton.next_power_of_2(vocab)
     if on_gpu:
         return min(block, 4096), 8

@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import check_float, check_same_device, require, use_triton
+from ._common import check_float, check_same_device, require, rows2d, use_triton
 from ._launch import fused_op
 from ._lora_blocks import (lora_down_reference, lora_down_triton, lora_grad_b_reference,
                            lora_grad_b_triton, lora_grad_down_reference, lora_grad_down_triton,
                            lora_grad_x_reference, lora_grad_x_triton, lora_up_reference,
-                           lora_up_triton, rows2d)
+                           lora_up_triton)
 
 
 # ---------------------------------------------------------------- one adapter, both directions

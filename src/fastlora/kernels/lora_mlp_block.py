@@ -1,6 +1,6 @@
 """The whole LoRA'd gated MLP as one op: ``torch.ops.fastlora.lora_mlp_block``.
 
-It is ``lora_mlp`` (kernels/lora_grouped.py) followed by ``lora_linear`` (kernels/lora_linear.py)
+It is ``lora_mlp`` (kernels/lora_mlp.py) followed by ``lora_linear`` (kernels/lora_linear.py)
 on its output, with one difference: the [M, F] hidden state h is not kept for backward.
 
 Math (x [M, K] rows; gate/up/down are peft LoRA linears, see the two op files):
@@ -30,17 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import require, use_triton
+from ._common import require, rows2d, use_triton
 from ._launch import fused_op
-from ._lora_blocks import rows2d
-from .lora_grouped import _validate_mlp, glu_forward_reference, glu_forward_triton, grouped_down
+from ._lora_grouped import grouped_down
+from .lora_mlp import glu_forward_reference, glu_forward_triton, validate_mlp
 from .lora_linear import lora_backward, lora_forward, validate as validate_linear
 
 
 def _validate(x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, seed, dropout_p,
               activation, hidden_dtype, down_weight, down_bias, down_A, down_B, down_seed,
               down_dropout_p, out_dtype):
-    _validate_mlp(x, (gate_weight, up_weight), (gate_A, up_A), (gate_B, up_B), activation,
+    validate_mlp(x, (gate_weight, up_weight), (gate_A, up_A), (gate_B, up_B), activation,
                   dropout_p, seed)
     n_ffn = gate_weight.shape[0]
     require(down_weight is not None and down_weight.dim() == 2

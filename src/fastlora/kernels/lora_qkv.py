@@ -1,8 +1,9 @@
 """q, k and v LoRA projections sharing one input: ``torch.ops.fastlora.lora_qkv``.
 
-The math, the stacked A_cat and the dropout slots are those of kernels/lora_grouped.py (whose
-``grouped_down`` / ``grouped_dx`` this op shares): one pass over x computes every branch's
-rank-r product, and dx is one buffer that cuBLAS accumulates the three base products into.
+The math, the stacked A_cat and the dropout slots are those of kernels/_lora_grouped.py (whose
+``grouped_down`` / ``grouped_dx`` this op shares with lora_mlp): one pass over x computes every
+branch's rank-r product, and dx is one buffer that cuBLAS accumulates the three base products
+into.
 Memory saved for backward: x, the float32 [M, r_q + r_k + r_v] xa and the seed.
 """
 from __future__ import annotations
@@ -13,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import check_float, require, use_triton
+from ._common import check_float, require, rows2d, use_triton
 from ._launch import fused_op
 from ._lora_blocks import (lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
-                           lora_grad_down_triton, lora_up_reference, lora_up_triton, rows2d)
-from .lora_grouped import _split, grouped_down, grouped_dx
+                           lora_grad_down_triton, lora_up_reference, lora_up_triton)
+from ._lora_grouped import grouped_down, grouped_dx, split_ranks
+
 
 def _validate_qkv(x, weights, lora_As, lora_Bs, dropout_p, seed):
     check_float("x", x)
@@ -101,7 +103,7 @@ def lora_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, q_weight: T
     dx, da_cat = grouped_dx([g.to(wd) for g in grads], x2, list(weights), da,
                             torch.cat(a_list, 0), ranks, seed, dropout_p, needs_dx)
     out = [dx.view(x.shape) if dx is not None else x.new_empty(0)]
-    for d_a, d_b, a in zip(_split(da_cat, ranks, 0), out_b, a_list):
+    for d_a, d_b, a in zip(split_ranks(da_cat, ranks, 0), out_b, a_list):
         out += [d_a.to(a.dtype, copy=True), d_b]
     out += [g.to(wd).sum(0) if needs_dbias else x.new_empty(0) for g in grads]
     return out

@@ -21,10 +21,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import tuning
 from ._common import (HAVE_TRITON, check_float, check_same_device, persistent_programs, require,
-                      row_tile, use_triton)
-
+                      row_tile, rows2d, use_triton)
 from ._launch import fused_op, launch
+
+# (BLOCK_M, num_warps) of every launch; None: the table of tile_config (benchmarks/tune_norms.py
+# sweeps it on the H200).
+tuning.register("rms_norm", tile=None)
+
 if HAVE_TRITON:
     import triton
     import triton.language as tl
@@ -94,14 +99,7 @@ def tile_config(n: int, element_size: int, kind: str = "fwd") -> tuple[int, int,
         "fwd": ((8192, (2, 8)), (None, (1, 16))),
         "bwd": ((4096, (1, 2)), (8192, (2, 8)), (16384, (1, 8)), (None, (1, 16))),
         "bwd_dw": ((8192, (4, 8)), (None, (2, 16))),
-    }[kind], TILE_OVERRIDE)
-
-
-TILE_OVERRIDE = None  # (BLOCK_M, num_warps), set by benchmarks/tune_norms.py while it sweeps
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1]).contiguous()
+    }[kind], tuning.get("rms_norm")["tile"])
 
 
 def _output_dtype(x: Tensor, weight: Tensor, cast_before_weight: bool) -> torch.dtype:
@@ -122,7 +120,7 @@ def _validate(x: Tensor, weight: Tensor) -> None:
 
 def rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight, y=None, rstd=None):
     """Launch the forward; ``y``/``rstd`` may be given (tests pass poisoned buffers)."""
-    x2 = _rows(x)
+    x2 = rows2d(x, dense=True)
     M, N = x2.shape
     if y is None:
         y = torch.empty((M, N), dtype=_output_dtype(x, weight, cast_before_weight),
@@ -139,7 +137,7 @@ def rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight, y=None, 
 
 def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, compute_dw,
                              dx=None):
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = rows2d(x, dense=True), rows2d(dy, dense=True)
     M, N = x2.shape
     if dx is None:
         dx = torch.empty_like(x2)
@@ -238,3 +236,21 @@ def _backward(ctx, dy, _drstd):
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- for the ops that recompute y
+# (rms_norm_lora_qkv.py, rms_norm_lora_mlp_block.py: the norm's output is not kept for backward)
+
+
+def norm_forward(x, weight, eps, offset, cast_before_weight):
+    """(y, rstd) = rms_norm(x): the op the forward calls and the backward calls again (the
+    same deterministic kernel: a bit-identical y, the same rstd)."""
+    return torch.ops.fastlora.rms_norm(x, weight, eps, offset, cast_before_weight)
+
+
+def norm_backward(dy, x, weight, rstd, offset, cast_before_weight, needs_dx, needs_dw):
+    """rms_norm's backward, or two empty tensors when neither dx nor dw is needed."""
+    if not (needs_dx or needs_dw):
+        return x.new_empty(0), weight.new_empty(0)
+    return torch.ops.fastlora.rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight,
+                                                needs_dw)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import tuning
 from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
 
 from ._launch import fused_op, launch as launch_kernel
@@ -124,17 +125,17 @@ if HAVE_TRITON:
                          K_BLOCK_T, K_BLOCK_HD, BLOCK_H, BLOCK_P)
 
 
-# The launch configuration: (rotated elements per program, most heads per program, num_warps).
-# benchmarks/tune_rope_ln.py sets TILE_OVERRIDE while it sweeps; None means DEFAULT_TILE.
+# The launch configuration: (rotated elements per program, most heads per program, num_warps),
+# the "tile" of tuning entry "rope" (benchmarks/tune_rope_ln.py sweeps it).
 DEFAULT_TILE = (2048, 32, 4)  # H200 sweep (tune_rope_ln.py): 85-93% of the copy rate
-TILE_OVERRIDE = None
+tuning.register("rope", tile=DEFAULT_TILE)
 
 
 def block_config(rot_dim: int, heads: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_HD, num_warps) for a tensor of ``heads`` heads: all heads of a token in
     one program (up to 32), and enough tokens for about 8192 rotated elements (16 KB of bf16
     read) in flight per program. The same tile size for q and k, so one num_warps fits both."""
-    elems, max_heads, warps = TILE_OVERRIDE or DEFAULT_TILE
+    elems, max_heads, warps = tuning.get("rope")["tile"] or DEFAULT_TILE
     block_rot = 2 * triton.next_power_of_2(max(1, rot_dim // 2))
     block_hd = min(triton.next_power_of_2(max(1, heads)), triton.next_power_of_2(max_heads))
     block_t = max(1, elems // (block_hd * block_rot))

@@ -1,18 +1,14 @@
-"""SwiGLU, ``silu(gate) * up``: ``torch.ops.fastlora.swiglu`` and ``fastlora.swiglu_packed``.
+"""SwiGLU, ``silu(gate) * up``: ``torch.ops.fastlora.swiglu``.
 
 Math, elementwise, in float32 whatever the storage dtype (rounded once, at the store):
 
     s = sigmoid(g) = 1 / (1 + exp(-g))          y  = g * s * u
     dg = dy * u * s * (1 + g * (1 - s))         du = dy * g * s
 
-``swiglu_packed(x)`` is the same with gate and up the two halves of one tensor (Phi-3's
-``gate_up_proj`` output, ``gate, up = x.chunk(2, -1)``); its backward writes d gate and d up
-straight into the two halves of one d x buffer, so autograd needs no ``cat`` of the two.
-
 Memory: the unfused graph keeps silu(g) (and g, u) for backward, three [tokens, ffn] tensors;
 the fused op keeps only g and u, which the LoRA/linear backward around it holds anyway, and
-recomputes the activation in backward. Inputs may be row-strided views (the chunk halves); the
-kernel reads them in place. Nothing is written into an input.
+recomputes the activation in backward. Inputs may be row-strided views (the chunk halves of
+swiglu_packed.py); the kernel reads them in place. Nothing is written into an input.
 """
 from __future__ import annotations
 
@@ -60,12 +56,6 @@ def _validate(gate: Tensor, up: Tensor) -> None:
                                     f"{gate.dtype} and {up.dtype}")
 
 
-def _validate_packed(x: Tensor) -> None:
-    check_float("x", x)
-    require(x.dim() >= 1 and x.shape[-1] % 2 == 0,
-            f"fastlora.swiglu_packed: the last dimension must be even, got {tuple(x.shape)}")
-
-
 # ---------------------------------------------------------------- launchers
 
 # Dense inputs: one flat stream, (elements per program, num_warps). H200, 8192 x 14336 bf16
@@ -81,25 +71,6 @@ def swiglu_forward_triton(gate, up, y=None):
 def swiglu_backward_triton(dy, gate, up, dgate=None, dup=None):
     """d gate and d up; they may be two views of one buffer (the packed op passes its halves)."""
     return launch_backward(_swiglu_bwd, FLAT, dy, gate, up, dgate, dup)
-
-
-def _halves(x: Tensor):
-    n = x.shape[-1] // 2
-    return x[..., :n], x[..., n:]
-
-
-def swiglu_packed_forward_triton(x, y=None):
-    g, u = _halves(x)
-    return swiglu_forward_triton(g, u, y)
-
-
-def swiglu_packed_backward_triton(dy, x, dx=None):
-    if dx is None:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    g, u = _halves(x)
-    dg, du = _halves(dx)
-    swiglu_backward_triton(dy, g, u, dg, du)
-    return dx
 
 
 # ---------------------------------------------------------------- PyTorch reference (CPU kernel)
@@ -120,10 +91,6 @@ def swiglu_backward_reference(dy, gate, up):
     s = torch.sigmoid(g)
     return ((d * u * s * (1 + g * (1 - s))).to(gate.dtype).contiguous(),
             (d * g * s).to(up.dtype).contiguous())
-
-
-def swiglu_packed_backward_reference(dy, x):
-    return torch.cat(swiglu_backward_reference(dy, *_halves(x)), -1)
 
 
 # ---------------------------------------------------------------- the custom ops
@@ -166,40 +133,3 @@ def _backward(ctx, dy):
 
 
 swiglu.register_autograd(_backward, setup_context=_setup)
-
-
-# Opaque on every device: its gate and up are column halves of one tensor (rows with gaps),
-# which inductor could hand a kernel as compact copies (kernels/_launch.py).
-@torch.library.custom_op("fastlora::swiglu_packed", mutates_args=())
-def swiglu_packed(x: Tensor) -> Tensor:
-    """silu(x[..., :n]) * x[..., n:] with n = x.shape[-1] // 2 (Phi-3's gate_up_proj)."""
-    _validate_packed(x)
-    if use_triton(x):
-        return swiglu_packed_forward_triton(x)
-    return swiglu_forward_reference(*_halves(x))
-
-
-@swiglu_packed.register_fake
-def _(x):
-    _validate_packed(x)
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-
-
-@torch.library.custom_op("fastlora::swiglu_packed_backward", mutates_args=())
-def swiglu_packed_backward(dy: Tensor, x: Tensor) -> Tensor:
-    if use_triton(x):
-        return swiglu_packed_backward_triton(dy, x)
-    return swiglu_packed_backward_reference(dy, x)
-
-
-@swiglu_packed_backward.register_fake
-def _(dy, x):
-    return x.new_empty(x.shape)
-
-
-def _packed_backward(ctx, dy):
-    (x,) = ctx.saved_tensors
-    return torch.ops.fastlora.swiglu_packed_backward(dy, x)
-
-
-swiglu_packed.register_autograd(_packed_backward, setup_context=_setup)

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._common import HAVE_TRITON, check_float, require, use_triton
-from ._lora_blocks import fix_bf16, rows2d
+from ._common import HAVE_TRITON, check_float, require, rows2d, use_triton
+from ._dot_precision import fix_bf16
 from .lora_linear import lora_backward, lora_forward
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -45,7 +45,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._lora_blocks import _rne
+    from ._dot_precision import rne
 
     @triton.jit
     def _dequant_4bit_kernel(Q, ABSMAX, ABSMAX2, CODE2, OFFSET, CODE, OUT, n_bytes, n_out,
@@ -69,7 +69,7 @@ if HAVE_TRITON:
         lo = tl.load(CODE + (q & 15)) * scale
         w = tl.reshape(tl.join(hi, lo), [2 * BLOCK])
         o = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-        tl.store(OUT + o, _rne(w, FIX_BF16).to(OUT.dtype.element_ty), mask=o < n_out)
+        tl.store(OUT + o, rne(w, FIX_BF16).to(OUT.dtype.element_ty), mask=o < n_out)
 
 
 def code_table(quant_type: str, device: torch.device) -> Tensor:

@@ -1,17 +1,15 @@
-"""Grouped LoRA projections sharing one input: ``torch.ops.fastlora.lora_mlp`` (gate and up,
-then SwiGLU / GeGLU), and the helpers for several branches on one x that
-``torch.ops.fastlora.lora_qkv`` (kernels/lora_qkv.py) shares.
+"""LoRA gate and up projections of one input, then SwiGLU / GeGLU: ``torch.ops.fastlora.lora_mlp``.
 
-Math (each branch j is a LoRA linear of kernels/lora_linear.py; the A matrices of all branches
-are stacked into one A_cat, so one pass over x computes every branch's rank-r product, each with
-its own dropout mask, slot j):
+Math (each branch j is a LoRA linear of kernels/lora_linear.py; the A matrices of both branches
+are stacked into one A_cat, so one pass over x computes both rank-r products, each with its own
+dropout mask, slot j: kernels/_lora_grouped.py, shared with lora_qkv):
 
-    xa  = dropout_j(x) @ A_cat^T / (1 - p)                      [M, r_1 + ... + r_G]
+    xa  = dropout_j(x) @ A_cat^T / (1 - p)                      [M, r_g + r_u]
     y_j = cast(linear(x, W_j, b_j) + s_j * xa_j @ B_j^T)
-    lora_mlp:  h = act(y_gate) * y_up        act = silu | gelu (tanh) | gelu (erf)
+    h   = act(y_gate) * y_up        act = silu | gelu (tanh) | gelu (erf)
     dx  = sum_j g_j @ W_j  +  dropout-backward(sum_j da_j @ A_j),   da_j = s_j g_j @ B_j
 
-lora_mlp fuses the adapter up-products into the activation: the forward writes only h (reading
+The op fuses the adapter up-products into the activation: the forward writes only h (reading
 the two base outputs once) instead of gate, up and h; the backward recomputes gate and up from
 the saved base outputs in the same pass that writes d gate / d up and accumulates both
 da_j = s_j * d_j @ B_j, so d gate and d up are each read once more (for dB) instead of three
@@ -30,19 +28,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import HAVE_TRITON, check_float, require, use_triton
+from . import tuning
+from ._common import HAVE_TRITON, check_float, require, rows2d, use_triton
 from ._launch import fused_op, launch
-from ._lora_blocks import (config, dot_mode, fix_bf16, lora_down_reference, lora_down_triton,
-                           split_extent, lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
-                           lora_grad_x_reference, lora_grad_x_triton, lora_up_reference, rows2d)
+from ._dot_precision import dot_mode, fix_bf16
+from ._lora_blocks import (block_r, lora_grad_b_reference, lora_grad_b_triton,
+                           lora_grad_down_reference, lora_up_reference, split_extent)
+from ._lora_grouped import grouped_down, grouped_dx, split_ranks
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+# Launch configurations of the two GLU kernels, chosen like the LoRA blocks'
+# (kernels/_lora_blocks.py: benchmarks/tune_lora.py on the H200, results_h200/tune_lora*.json).
+tuning.register("lora_glu_fwd", block_m=32, block_n=128, warps=4)
+tuning.register("lora_glu_bwd", block_m=64, block_n=64, warps=4, per_sm=8)
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._lora_blocks import _dot, _rne
+    from ._dot_precision import dot, rne
 
     @triton.jit
     def _act(g, ACT: tl.constexpr):
@@ -72,10 +77,10 @@ if HAVE_TRITON:
                      mask=row_ok[:, None] & (rr < R)[None, :], other=0.0)
         bt = tl.load(B + cols[None, :] * stride_b + rr[:, None],
                      mask=(rr < R)[:, None] & col_ok[None, :], other=0.0)
-        lora = _dot(xa, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), MODE)
+        lora = dot(xa, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), MODE)
         base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :],
                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        return _rne(base + scale * lora, FIX).to(OUT_TY).to(tl.float32)
+        return rne(base + scale * lora, FIX).to(OUT_TY).to(tl.float32)
 
     @triton.jit(do_not_specialize=["M"])
     def _lora_glu_fwd_kernel(BG, BU, XA, WBG, WBU, H, M, N, RG, RU, stride_bg, stride_bu,
@@ -92,7 +97,7 @@ if HAVE_TRITON:
         up = _branch(BU, XA + RG, WBU, rows, cols, row_ok, col_ok, stride_bu, stride_xa,
                      stride_wbu, RU, su, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RU)
         a, _ = _act(gate, ACT)
-        tl.store(H + rows[:, None] * stride_h + cols[None, :], _rne(a * up, FIX).to(ty),
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], rne(a * up, FIX).to(ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit(do_not_specialize=["M"])
@@ -123,16 +128,16 @@ if HAVE_TRITON:
             dh = tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask,
                          other=0.0).to(tl.float32)
             a, da = _act(gate, ACT)
-            dg = _rne(dh * up * da, FIX).to(ty)
-            du = _rne(dh * a, FIX).to(ty)
+            dg = rne(dh * up * da, FIX).to(ty)
+            du = rne(dh * a, FIX).to(ty)
             tl.store(DG + rows[:, None] * stride_d + cols[None, :], dg, mask=mask)
             tl.store(DU + rows[:, None] * stride_d + cols[None, :], du, mask=mask)
             wg = tl.load(WBG + cols[:, None] * stride_wbg + rg[None, :],
                          mask=col_ok[:, None] & (rg < RG)[None, :], other=0.0)
             wu = tl.load(WBU + cols[:, None] * stride_wbu + ru[None, :],
                          mask=col_ok[:, None] & (ru < RU)[None, :], other=0.0)
-            acc_g = _dot(dg, wg, acc_g, MODE)
-            acc_u = _dot(du, wu, acc_u, MODE)
+            acc_g = dot(dg, wg, acc_g, MODE)
+            acc_u = dot(du, wu, acc_u, MODE)
         part = DA_PART + (split * M + rows[:, None]) * (RG + RU)
         tl.store(part + rg[None, :], acc_g * sg, mask=row_ok[:, None] & (rg < RG)[None, :])
         tl.store(part + RG + ru[None, :], acc_u * su, mask=row_ok[:, None] & (ru < RU)[None, :])
@@ -151,23 +156,19 @@ def _act_reference(g: Tensor, activation: str):
     return g * c, c + g * torch.exp(-0.5 * g * g) * (2 * torch.pi) ** -0.5
 
 
-def _br(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
 def glu_forward_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, out_dtype, h=None):
     M, N = base_g.shape
     rg, ru = b_g.shape[1], b_u.shape[1]
     if h is None:
         h = torch.empty((M, N), dtype=out_dtype, device=base_g.device)
-    cfg = config("glu_fwd", block_m=32, block_n=128, warps=4)
+    cfg = tuning.get("lora_glu_fwd")
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
         launch(_lora_glu_fwd_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             base_g, base_u, xa, b_g, b_u, h, M, N, rg, ru, base_g.stride(0), base_u.stride(0),
             xa.stride(0), b_g.stride(0), b_u.stride(0), h.stride(0), sg, su,
             ACT=ACTIVATIONS[activation], MODE=dot_mode(h.device, h.dtype),
-            FIX=fix_bf16(h), BLOCK_M=bm, BLOCK_N=bn, BLOCK_RG=_br(rg), BLOCK_RU=_br(ru),
+            FIX=fix_bf16(h), BLOCK_M=bm, BLOCK_N=bn, BLOCK_RG=block_r(rg), BLOCK_RU=block_r(ru),
             num_warps=cfg["warps"])
     return h
 
@@ -183,7 +184,7 @@ def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dt
     dg = dg if dg is not None else torch.empty((M, N), dtype=dtype, device=dev)
     du = du if du is not None else torch.empty((M, N), dtype=dtype, device=dev)
     da = da if da is not None else torch.empty((M, rg + ru), dtype=torch.float32, device=dev)
-    cfg = config("glu_bwd", block_m=64, block_n=64, warps=4, per_sm=8)
+    cfg = tuning.get("lora_glu_bwd")
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M == 0:
         return dg, du, da
@@ -194,7 +195,7 @@ def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dt
         base_g.stride(0), base_u.stride(0), xa.stride(0), b_g.stride(0), b_u.stride(0),
         dg.stride(0), per, sg, su, ACT=ACTIVATIONS[activation],
         MODE=dot_mode(dev, dg.dtype), FIX=fix_bf16(dg), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_RG=_br(rg), BLOCK_RU=_br(ru), num_warps=cfg["warps"])
+        BLOCK_RG=block_r(rg), BLOCK_RU=block_r(ru), num_warps=cfg["warps"])
     torch.sum(part, 0, out=da)
     return dg, du, da
 
@@ -216,37 +217,10 @@ def glu_backward_reference(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation,
                               lora_grad_down_reference(du, b_u, su)], 1)
 
 
-# ---------------------------------------------------------------- shared input, several branches
-
-
-def grouped_down(x2, lora_As, seed, p):
-    """xa [M, sum r] for adapters sharing x, each with its own dropout slot."""
-    ranks = [a.shape[0] for a in lora_As]
-    a_cat = torch.cat(lora_As, 0)
-    if use_triton(x2):
-        return lora_down_triton(x2, a_cat, seed, p, ranks=ranks), a_cat, ranks
-    return lora_down_reference(x2, a_cat, seed, p, ranks=ranks), a_cat, ranks
-
-
-def grouped_dx(grads, x2, weights, da, a_cat, ranks, seed, p, needs_dx):
-    """dx = sum_j g_j @ W_j (one cuBLAS buffer) + the adapters' part; dA_cat (float32)."""
-    dx = None
-    if needs_dx:
-        dx = grads[0] @ weights[0]
-        for g, w in zip(grads[1:], weights[1:]):
-            dx.addmm_(g, w)  # our own buffer: cuBLAS accumulates with beta = 1
-    fn = lora_grad_x_triton if use_triton(x2) else lora_grad_x_reference
-    return fn(x2, da, a_cat, seed, p, dx=dx, accumulate=True, ranks=ranks)
-
-
-def _split(t: Tensor, ranks, dim):
-    return list(torch.split(t, ranks, dim))
-
-
 # ---------------------------------------------------------------- lora_mlp
 
 
-def _validate_mlp(x, weights, lora_As, lora_Bs, activation, dropout_p, seed):
+def validate_mlp(x, weights, lora_As, lora_Bs, activation, dropout_p, seed):
     check_float("x", x)
     require(activation in ACTIVATIONS, f"fastlora.lora_mlp: activation must be one of "
                                        f"{sorted(ACTIVATIONS)}, got {activation!r}")
@@ -273,7 +247,7 @@ def lora_mlp(x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], gate_A
              out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h, base_gate, base_up, xa): h = act(gate) * up of two LoRA linears of x; the rest is
     what the backward needs."""
-    _validate_mlp(x, (gate_weight, up_weight), (gate_A, up_A), (gate_B, up_B), activation,
+    validate_mlp(x, (gate_weight, up_weight), (gate_A, up_A), (gate_B, up_B), activation,
                   dropout_p, seed)
     x2 = rows2d(x)
     xa, _, _ = grouped_down(x2, [gate_A, up_A], seed, dropout_p)
@@ -288,7 +262,7 @@ def lora_mlp(x: Tensor, gate_weight: Tensor, gate_bias: Optional[Tensor], gate_A
 @lora_mlp.register_fake
 def _(x, gate_weight, gate_bias, gate_A, gate_B, up_weight, up_bias, up_A, up_B, seed,
       gate_scale, up_scale, dropout_p, activation, out_dtype):
-    _validate_mlp(x, (gate_weight, up_weight), (gate_A, up_A), (gate_B, up_B), activation,
+    validate_mlp(x, (gate_weight, up_weight), (gate_A, up_A), (gate_B, up_B), activation,
                   dropout_p, seed)
     lead, n = x.shape[:-1], gate_weight.shape[0]
     return (x.new_empty((*lead, n), dtype=out_dtype), x.new_empty((*lead, n)),
@@ -317,7 +291,7 @@ def lora_mlp_backward(dh: Tensor, x: Tensor, gate_weight: Tensor, gate_A: Tensor
                             torch.cat([gate_A, up_A], 0), [rg, up_A.shape[0]], seed, dropout_p,
                             needs_dx)
     d_gate_A, d_up_A = (t.to(gate_A.dtype, copy=True)
-                        for t in _split(da_cat, [rg, up_A.shape[0]], 0))
+                        for t in split_ranks(da_cat, [rg, up_A.shape[0]], 0))
     e = x.new_empty(0)
     return (dx.view(x.shape) if dx is not None else e, d_gate_A, d_gate_B, d_up_A, d_up_B,
             dg.sum(0) if needs_dbias else x.new_empty(0),
