@@ -16,9 +16,9 @@ import traceback
 import torch
 from torch import fx
 
-from . import distributed, dynamo_settings
+from . import distributed, dynamo_settings, regions
 from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
-from .canonicalize import canonicalize
+from .canonicalize import canonicalize, sizes_from_inputs
 from .options import backend_options
 from .pattern import registered_patterns
 from .report import Report, log, module_path, publish
@@ -36,6 +36,8 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     piece_note = distributed.ddp_piece_note(gm)
     if piece_note:
         report.notes.append(piece_note)
+    if regions.note():  # compile_for_trainer: the decoder layers compiled once, or why not
+        report.notes.append(regions.note())
 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.
     rewritten = _copy(gm)
@@ -46,8 +48,13 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         # into the graph that calls it (the attention mask prover does, see _link_callers).
         for module in modules:
             canonicalize(module.graph)
+            sizes_from_inputs(module.graph)
         _link_callers(modules)
         sites = call_sites(modules)
+        shared = [len(sites[m]) for m in modules if len(sites[m]) > 1]
+        if shared:
+            report.notes.append(f"{len(shared)} compiled bodies run {sum(shared)} times per step "
+                                f"(decoder layers compiled once)")
         # Subgraphs first (bodies of activation checkpointing and other higher-order ops). A
         # body that several calls share (a decoder layer compiled once) is rewritten once.
         for module in modules:
