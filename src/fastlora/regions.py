@@ -41,6 +41,32 @@ def _call_layer(layer, *args, **kwargs):
 _LAYER_CALL = torch.compiler.nested_compile_region(_call_layer)
 
 
+def _checkpointed(layer) -> bool:
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training \
+        and torch.is_grad_enabled()
+
+
+def _layer_forward(layer, dynamic: bool, *args, **kwargs):
+    """A marked layer's ``forward``: the region, except where it is not proven safe (``why``):
+    there the layer runs as it would unmarked. Dynamo traces this choice (and guards on it)."""
+    if dynamic and _checkpointed(layer):
+        return _call_layer(layer, *args, **kwargs)
+    return _LAYER_CALL(layer, *args, **kwargs)
+
+
+CHECKPOINT_DYNAMIC = ("decoder layers compiled one by one: gradient checkpointing with dynamic "
+                      "shapes (torch 2.13's Dynamo fails to reuse a checkpointed layer body with "
+                      "symbolic sizes: KeyError in stamp_out_subgraph)")
+
+
+def why(model: torch.nn.Module, dynamic: bool) -> str | None:
+    """Why ``model``'s marked layers run unmarked in a call now (``_layer_forward``), else None."""
+    layers = [m for m in model.modules() if getattr(m, _MARK, False)]
+    if dynamic and any(_checkpointed(m) for m in layers):
+        return CHECKPOINT_DYNAMIC
+    return None
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers of ``model``: members of a ModuleList of 2+ modules of one class that
     is a transformers GradientCheckpointingLayer."""
@@ -68,14 +94,15 @@ def why_not(options) -> str | None:
     return None
 
 
-def mark(model: torch.nn.Module) -> int:
-    """Make each decoder layer's call a nested compile region; returns how many were marked."""
+def mark(model: torch.nn.Module, dynamic: bool = False) -> int:
+    """Make each decoder layer's call a nested compile region; returns how many were marked.
+    ``dynamic``: whether the model is compiled with dynamic shapes (``why``)."""
     layers = decoder_layers(model)
     for layer in layers:
         if "forward" in vars(layer) and not getattr(layer, _MARK, False):
             raise RuntimeError(f"{type(layer).__name__} has a forward of its own on the instance "
                                "(set by another library); pass reuse_layers=False")
-        layer.forward = functools.partial(_LAYER_CALL, layer)
+        layer.forward = functools.partial(_layer_forward, layer, dynamic)
         setattr(layer, _MARK, True)
     return len(layers)
 
@@ -88,7 +115,8 @@ def unmark(model: torch.nn.Module) -> None:
             delattr(layer, _MARK)
 
 
-# What the report of a graph traced inside a compile_for_trainer call says about the layers.
+# What the report of a graph traced inside a compile_for_trainer call says about the layers
+# (decided at each call, before Dynamo traces: the trainer turns checkpointing on after compiling).
 _NOTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlora_layers", default=None)
 
 

@@ -54,19 +54,20 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("this model is already compiled in place; compile it only once")
     refused = regions.why_not(opts)
-    marked = regions.mark(model) if refused is None else 0
+    marked = regions.mark(model, dynamic=bool(dynamic)) if refused is None else 0
     if refused is None:
         note = f"{marked} decoder layers marked to be compiled once (reuse_layers)" \
             if marked else "no decoder layers found to compile once (reuse_layers)"
     else:
         note = f"decoder layers compiled one by one: {refused}"
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
-    model._compiled_call_impl = _traced_with_settings(model._compiled_call_impl,
-                                                      specialize_float=bool(dynamic), note=note)
+    model._compiled_call_impl = _traced_with_settings(
+        model._compiled_call_impl, specialize_float=bool(dynamic),
+        note=lambda: regions.why(model, bool(dynamic)) or note)
     return model
 
 
-def _traced_with_settings(compiled, specialize_float: bool, note: str | None = None):
+def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None):
     """``compiled`` called with fastlora's Dynamo settings for this model, applied the way
     ``torch.compile``'s own ``dynamic=`` is: configuration patches around each call of this
     compiled function only (Dynamo reads them while tracing; a call that traces nothing pays a
@@ -75,7 +76,7 @@ def _traced_with_settings(compiled, specialize_float: bool, note: str | None = N
     - ``specialize_float`` (with dynamic shapes): float constants stay constants.
     - under DDP, Dynamo's split at gradient buckets is left to the backend, after fusion
       (``distributed.fuse_before_ddp_split``).
-    - ``note``: what each report says about the decoder layers (compiled once or why not).
+    - ``note()``: what each report says about the decoder layers (compiled once or why not).
     """
     @functools.wraps(compiled)
     def call(*args, **kwargs):
@@ -83,7 +84,7 @@ def _traced_with_settings(compiled, specialize_float: bool, note: str | None = N
             if specialize_float:
                 stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
             stack.enter_context(distributed.fuse_before_ddp_split())
-            stack.enter_context(regions.noting(note))
+            stack.enter_context(regions.noting(note()))
             return compiled(*args, **kwargs)
     return call
 
