@@ -41,7 +41,8 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
 
     Identical decoder layers are compiled once and reused (``reuse_layers=True``, the default;
     regions.py): each layer instance's call becomes a ``torch.compiler.nested_compile_region``,
-    without editing the model's code, so compile time stays about flat in depth. The report
+    without editing the model's code, meant to keep compile time flat in depth (docs/options.md
+    has the CPU measurements: no gain there yet). The report
     still counts each fusion once per layer; its notes say whether layers were marked.
 
     Wrapped in ``DistributedDataParallel`` afterwards (as a Trainer launched by ``torchrun`` or
