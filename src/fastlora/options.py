@@ -45,8 +45,9 @@ class Options:
     - ``reuse_layers``: in ``compile_for_trainer`` (and ``fastlora train``), compile identical
       decoder layers once and reuse the compiled layer (each layer's call a
       ``torch.compiler.nested_compile_region``, regions.py), meant to keep compile time flat
-      in depth (not yet shown on the CPU: docs/options.md); every fusion is kept. ``True`` (default); ``False`` inlines every layer.
-      ``torch.compile(model, backend="fastlora")`` alone does not mark layers.
+      in depth (not yet shown on the CPU: docs/options.md); every fusion is kept. ``True``
+      (default); ``False`` inlines every layer. ``torch.compile(model, backend="fastlora")``
+      alone does not mark layers.
     """
 
     disable: tuple[str, ...] = ()
