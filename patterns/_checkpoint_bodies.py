@@ -12,7 +12,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fastlora.bodies import callers_of
+from fastlora.bodies import callers_of, operands
 from fastlora.canonicalize import example_value
 from fastlora.matcher import describe
 
@@ -28,8 +28,8 @@ def outer_value(node):
     if isinstance(found, str):
         raise _Unknown(f"{describe(node)} ({found})")
     callers, places = found
-    operands = {c.args[1 + places.index(node)] for c in callers}
-    outer = operands.pop() if len(operands) == 1 else None
+    passed = {operands(c)[places.index(node)] for c in callers}
+    outer = passed.pop() if len(passed) == 1 else None
     a, b = example_value(outer), example_value(node)
     same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
         (a.dtype, a.device, a.dim()) == (b.dtype, b.device, b.dim()) and \

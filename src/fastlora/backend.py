@@ -16,12 +16,12 @@ import traceback
 import torch
 from torch import fx
 
-from . import distributed, dynamo_settings
+from . import distributed, dynamo_settings, regions
 from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
-from .canonicalize import canonicalize
+from .canonicalize import canonicalize, sizes_from_inputs
 from .options import backend_options
 from .pattern import registered_patterns
-from .report import Report, log, publish
+from .report import Report, log, module_path, publish
 from .rewriter import apply_patterns
 
 _graph_counter = itertools.count()
@@ -36,6 +36,8 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     piece_note = distributed.ddp_piece_note(gm)
     if piece_note:
         report.notes.append(piece_note)
+    if regions.note():  # compile_for_trainer: the decoder layers compiled once, or why not
+        report.notes.append(regions.note())
 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.
     rewritten = _copy(gm)
@@ -46,12 +48,19 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         # into the graph that calls it (the attention mask prover does, see _link_callers).
         for module in modules:
             canonicalize(module.graph)
+            sizes_from_inputs(module.graph)
         _link_callers(modules)
-        # Subgraphs first (bodies of activation checkpointing and other higher-order ops).
+        sites = call_sites(modules)
+        shared = [len(sites[m]) for m in modules if len(sites[m]) > 1]
+        if shared:
+            report.notes.append(f"{len(shared)} compiled bodies run {sum(shared)} times per step "
+                                f"(decoder layers compiled once)")
+        # Subgraphs first (bodies of activation checkpointing and other higher-order ops). A
+        # body that several calls share (a decoder layer compiled once) is rewritten once.
         for module in modules:
             # 3-4. Match and rewrite.
             apply_patterns(module.graph, active, report, strict=opts.strict, options=opts,
-                           top_level=module is rewritten)
+                           top_level=module is rewritten, call_sites=sites[module])
             module.graph.lint()
             module.recompile()
     except Exception as e:
@@ -96,11 +105,16 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def _graph_modules(gm: fx.GraphModule):
-    """``gm``'s nested graph modules (innermost first), then ``gm`` itself."""
-    for child in gm.children():
-        if isinstance(child, fx.GraphModule):
-            yield from _graph_modules(child)
+def _graph_modules(gm: fx.GraphModule, seen: set | None = None):
+    """``gm``'s nested graph modules that its graph reads (innermost first, each once), then
+    ``gm`` itself. A body no node reads is dead and left out: torch 2.13 inlines a nested
+    compile region called once and leaves its body behind as an attribute."""
+    seen = set() if seen is None else seen
+    for node in gm.graph.nodes:
+        child = getattr(gm, node.target, None) if node.op == "get_attr" else None
+        if isinstance(child, fx.GraphModule) and id(child) not in seen:
+            seen.add(id(child))
+            yield from _graph_modules(child, seen)
     yield gm
 
 
@@ -114,6 +128,23 @@ def _link_callers(modules) -> None:
             if isinstance(body, fx.GraphModule):
                 callers = getattr(body.graph, "fastlora_callers", [])
                 body.graph.fastlora_callers = callers + list(node.users)
+
+
+def call_sites(modules) -> dict:
+    """For each graph module (``modules`` innermost first, the compiled graph last): the module
+    path of every call that runs it, per run of the compiled graph: ``[None]`` for the compiled
+    graph itself, one path per layer for a body that every decoder layer calls (a nested
+    compile region), the caller's sites for a body inside such a body. The report counts a
+    match in a body once per site (Report.add_match)."""
+    sites = {modules[-1]: [None]}
+    for module in reversed(modules[:-1]):  # outermost first: callers are known before bodies
+        found = []
+        for call in getattr(module.graph, "fastlora_callers", []):
+            outer = call.graph.owning_module
+            here = module_path(call)[0] or call.name
+            found += [site or here for site in sites.get(outer, [None])]
+        sites[module] = found or [None]
+    return sites
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None,

@@ -1,7 +1,8 @@
 """Values across the bodies of higher-order ops (checkpointed layers).
 
 Under gradient checkpointing each decoder layer is the body of a higher-order op: a graph of its
-own whose placeholders receive the operands of the call in the graph around it. The backend
+own whose placeholders receive the operands of the call in the graph around it. So is each layer
+compiled once as a nested compile region (trainer.py), one body then serving every call. The backend
 records each body's callers as ``graph.fastlora_callers`` (backend.py). ``callers_of`` says
 whether those calls bind the placeholders certainly; ``bring_into`` passes a value of the graph
 around into the body as a new operand (the rewriter does it for a match's ``add_input`` of an
@@ -15,9 +16,20 @@ from torch import fx
 from .canonicalize import example_value
 from .matcher import describe
 
-# Higher-order ops that run their body as ``body(*node.args[1:])``: body placeholder i receives
-# operand i. Others (autograd_function_apply, cond, ...) bind inputs differently: not followed.
-CALLS_BODY = (torch.ops.higher_order.tag_activation_checkpoint,)
+# Higher-order ops that run their body on the call's operands in order, and where the operands
+# start: ``tag_activation_checkpoint(body, *operands)`` (a checkpointed layer) and
+# ``invoke_subgraph(body, identifier, *operands)`` (a ``torch.compiler.nested_compile_region``,
+# one body shared by every call: a decoder layer compiled once; the same form on torch 2.11 and
+# 2.13). Others (autograd_function_apply, cond, ...) bind inputs differently: not followed.
+OPERANDS_FROM = {torch.ops.higher_order.tag_activation_checkpoint: 1}
+if hasattr(torch.ops.higher_order, "invoke_subgraph"):
+    OPERANDS_FROM[torch.ops.higher_order.invoke_subgraph] = 2
+CALLS_BODY = tuple(OPERANDS_FROM)
+
+
+def operands(call: fx.Node) -> tuple:
+    """The operands ``call`` (a call of a ``CALLS_BODY`` op) passes to its body, in order."""
+    return tuple(call.args[OPERANDS_FROM[call.target]:])
 
 
 def callers_of(graph: fx.Graph):
@@ -33,7 +45,7 @@ def callers_of(graph: fx.Graph):
             return f"an input of a subgraph called by {describe(c)}, which fastlora does not follow"
         if not (isinstance(body, fx.Node) and body.op == "get_attr" and c.graph is callers[0].graph
                 and getattr(getattr(owner, body.target, None), "graph", None) is graph
-                and len(c.args) == 1 + len(places)):
+                and len(operands(c)) == len(places)):
             return f"an input of the subgraph {describe(c)} calls, whose operands do not line up"
     return callers, places
 
@@ -61,7 +73,7 @@ def bring_into(node: fx.Node, graph: fx.Graph) -> fx.Node:
     callers, places = found
     outer = bring_into(node, callers[0].graph)
     for i, p in enumerate(places):
-        if all(c.args[1 + i] is outer for c in callers):
+        if all(operands(c)[i] is outer for c in callers):
             return p
     name, taken = f"fastlora_{outer.name}", {p.target for p in places}
     while name in taken:

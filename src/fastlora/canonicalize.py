@@ -241,3 +241,41 @@ def canonicalize(graph: fx.Graph) -> fx.Graph:
         node.args, node.kwargs = _normalize_args(node.target, node.args, node.kwargs)
     graph.lint()
     return graph
+
+
+def sizes_from_inputs(graph: fx.Graph) -> None:
+    """Read sizes from the graph's inputs, not from the tensors computed inside it.
+
+    Dynamo's flat graph reads a dynamic size from a graph input; inside a body (a layer
+    compiled once, regions.py) it records ``x.size()`` on whichever tensor the model asked, e.g.
+    ``hidden_states.shape[:-1]`` on the RMSNorm's output, which then escapes any fusion that
+    does not return it (and torch 2.13 inlines a body called once into the graph around it).
+    Each ``size(x)[i]`` / ``size(x, i)`` whose recorded value is a plain int
+    becomes that int (the graph is specialized on it), and one that is a symbol that a body
+    input carries (``s27``, passed in as an operand) reads that input: the same value."""
+    symbols = {}
+    for node in graph.nodes:
+        value = example_value(node)
+        if node.op == "placeholder" and isinstance(value, torch.SymInt):
+            symbols.setdefault(value.node.expr, node)
+    size = _method_target("size")
+    reads = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        whole = node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+            and node.args[0].target is size and isinstance(node.args[1], int)
+        if whole or (node.target is size and len(node.args) == 2):
+            reads.append(node)
+    for node in reads:
+        value = example_value(node)
+        if type(value) is int:
+            node.replace_all_uses_with(value)
+        elif isinstance(value, torch.SymInt) and value.node.expr in symbols:
+            node.replace_all_uses_with(symbols[value.node.expr])
+        else:
+            continue
+        source = node.args[0]
+        graph.erase_node(node)
+        if source.target is size and not source.users:
+            graph.erase_node(source)

@@ -42,6 +42,12 @@ class Options:
     - ``offload_activations``: experimental; a size in MiB: saved activations at least this
       large are offloaded to CPU memory between forward and backward (see offload.py). Needs
       the inductor compiler. ``None`` (default): off.
+    - ``reuse_layers``: in ``compile_for_trainer`` (and ``fastlora train``), compile identical
+      decoder layers once and reuse the compiled layer (each layer's call a
+      ``torch.compiler.nested_compile_region``, regions.py), meant to keep compile time flat
+      in depth (not yet shown on the CPU: docs/options.md); every fusion is kept. ``True``
+      (default); ``False`` inlines every layer. ``torch.compile(model, backend="fastlora")``
+      alone does not mark layers.
     """
 
     disable: tuple[str, ...] = ()
@@ -51,6 +57,7 @@ class Options:
     return_logits: bool = False
     mode: str | None = None
     offload_activations: float | None = None
+    reuse_layers: bool = True
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -86,7 +93,7 @@ class Options:
             if compiler not in ("auto", "inductor"):
                 raise OptionsError("options['offload_activations'] needs compiler='inductor' "
                                    "(the offload is planned by inductor's partitioner)")
-        for flag in ("print_report", "strict", "return_logits"):
+        for flag in ("print_report", "strict", "return_logits", "reuse_layers"):
             if flag in options and not isinstance(options[flag], bool):
                 raise OptionsError(f"options[{flag!r}] must be True or False, got "
                                    f"{options[flag]!r}")

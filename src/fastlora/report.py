@@ -40,12 +40,24 @@ def module_path(node: fx.Node) -> tuple[str, list[str]]:
     path = entries[-1][0]
     path = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    return re.sub(r"^L(\.self|\.args|\.kwargs)?(\[\d+\])*(\.|$)", "", path), classes
+    path = re.sub(r"^L(\.self|\.args|\.kwargs)?(\[\d+\])*(\.|$)", "", path)
+    # A layer compiled once (regions.py) is reached as `layers.1.forward.args[0]`: its forward
+    # is a partial whose first argument is the layer itself.
+    return re.sub(r"\.forward\.args\[0\](?=\.|$)", "", path), classes
 
 
 def _module_of(node: fx.Node) -> tuple[str, str]:
     path, classes = module_path(node)
     return path, (classes[-1].rsplit(".", 1)[-1] if classes else "")
+
+
+def _sites(entry: dict, call_sites) -> dict:
+    """``entry`` with how often it runs per step, where a shared body runs it more than once:
+    ``calls`` (counted by ``counts()``) and the module path of each ``call_sites``."""
+    if call_sites and len(call_sites) > 1:
+        entry["calls"] = len(call_sites)
+        entry["call_sites"] = list(call_sites)
+    return entry
 
 
 def _source_of(node: fx.Node) -> str:
@@ -89,15 +101,16 @@ class Report:
         self.flow: set[tuple[str, str]] = set()
         self._model_params: dict = {}  # id -> weakref of each parameter the graph takes
 
-    def add_match(self, match) -> int:
-        """Record a match; returns its index in ``matches``."""
+    def add_match(self, match, call_sites=None) -> int:
+        """Record a match; returns its index in ``matches``. ``call_sites``: the module paths
+        of the calls that run the graph of the match (backend.call_sites), where several do."""
         out = match.outputs[0]
         path, cls = _module_of(out)
         params = {k: _plain(v) for k, v in match.bindings.items() if not isinstance(v, fx.Node)}
         params.update({k: _plain(v) for k, v in match.params.items()})
-        self.matches.append({"pattern": match.pattern.name, "spelling": match.spelling,
-                             "module": path, "class": cls, "source": _source_of(out),
-                             "params": params})
+        self.matches.append(_sites({"pattern": match.pattern.name, "spelling": match.spelling,
+                                    "module": path, "class": cls, "source": _source_of(out),
+                                    "params": params}, call_sites))
         return len(self.matches) - 1
 
     def absorb(self, index: int, by: str) -> None:
@@ -105,16 +118,21 @@ class Report:
         no longer runs on its own; it is still counted)."""
         self.matches[index].setdefault("absorbed_into", by)
 
-    def add_near_miss(self, pattern: str, node: fx.Node, reason: str, kind: str) -> None:
+    def add_near_miss(self, pattern: str, node: fx.Node, reason: str, kind: str,
+                      call_sites=None) -> None:
         """Record a near miss; ``kind`` is a ``RefusalKind`` value (refusal.py)."""
         path, cls = _module_of(node)
-        self.near_misses.append({"pattern": pattern, "node": node.name, "module": path,
-                                 "class": cls, "source": _source_of(node), "reason": reason,
-                                 "kind": kind})
+        self.near_misses.append(_sites({"pattern": pattern, "node": node.name, "module": path,
+                                        "class": cls, "source": _source_of(node),
+                                        "reason": reason, "kind": kind}, call_sites))
 
     def counts(self) -> dict[str, int]:
-        """Matches per pattern name, e.g. ``{"rms_norm": 5}``."""
-        return dict(collections.Counter(m["pattern"] for m in self.matches))
+        """Fused places per pattern name, e.g. ``{"rms_norm": 5}``: a match in a body that
+        several calls share (a decoder layer compiled once) counts once per call."""
+        total = collections.Counter()
+        for m in self.matches:
+            total[m["pattern"]] += m.get("calls", 1)
+        return dict(total)
 
     def to_dict(self) -> dict:
         """The report as plain JSON-serialisable data."""
@@ -150,7 +168,7 @@ class Report:
         lines.extend(f"  note: {note}" for note in self.notes)
         if self.matches:
             lines.append(_table(["pattern", "module", "class", "source", "params"],
-                                [[_pattern_label(m), m["module"], m["class"], m["source"],
+                                [[_pattern_label(m), _module_label(m), m["class"], m["source"],
                                   _fmt_params(m["params"])] for m in self.matches]))
         if self.offloaded:
             lines.append(f"  offloaded to CPU memory: {len(self.offloaded)} saved activations, "
@@ -173,6 +191,11 @@ def _plain_dict(d: dict) -> dict:
 def _pattern_label(match: dict) -> str:
     into = match.get("absorbed_into")
     return f"{match['pattern']} (in {into})" if into else match["pattern"]
+
+
+def _module_label(entry: dict) -> str:
+    calls = entry.get("calls")
+    return f"{entry['module']} (x{calls}, one compiled body)" if calls else entry["module"]
 
 
 def _fmt_params(params: dict) -> str:

@@ -175,11 +175,14 @@ def _stable_topological_sort(graph: fx.Graph) -> None:
 
 
 def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
-                   strict: bool = False, options=None, top_level: bool = True) -> None:
+                   strict: bool = False, options=None, top_level: bool = True,
+                   call_sites=None) -> None:
     """Match and rewrite ``patterns`` in ``graph``; record matches and near misses in ``report``.
 
     ``options`` (the backend's Options) and ``top_level`` (False for the body of a higher-order
     op, whose outputs are not the model's) are handed to each pattern's ``check`` on the Match.
+    ``call_sites``: the module path of each call that runs ``graph`` (a body shared by several
+    decoder layers), recorded on each entry of the report so it counts once per call.
     """
     first_near_miss = len(report.near_misses)
     for pattern in patterns:
@@ -201,7 +204,7 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                     continue
                 for attempt in attempts_at(spelling, node, erased):
                     if _try_rewrite(pattern, attempt, spelling, report, remember, erased, strict,
-                                    options, top_level):
+                                    options, top_level, call_sites):
                         break
         for node in graph.nodes:  # anchors left in the graph are the near misses
             if pattern.is_anchor(node):
@@ -213,12 +216,12 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                     reason = pattern.explain_near_miss(node, refusal)
                     if reason is None:
                         continue
-                report.add_near_miss(pattern.name, node, reason, refusal.kind.value)
+                report.add_near_miss(pattern.name, node, reason, refusal.kind.value, call_sites)
     record_flow(report, graph, first_near_miss)  # which fused op feeds which (report_graph.py)
 
 
 def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, strict,
-                 options=None, top_level=True) -> bool:
+                 options=None, top_level=True, call_sites=None) -> bool:
     nodes = set(attempt.state.node_map.values())
     if attempt.reason is not None:
         remember(nodes, len(nodes),
@@ -246,7 +249,7 @@ def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, 
     if refusal is not None:
         remember(nodes, len(nodes) + 1000, refusal)  # a full match that was refused: best reason
         return False
-    index = report.add_match(match)
+    index = report.add_match(match, call_sites)
     for node in match.region:  # ops an earlier match inserted, now fused further by this one
         if "fastlora_match" in node.meta:
             report.absorb(node.meta["fastlora_match"], pattern.name)

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from . import distributed
+from . import distributed, regions
 from .options import Options
 from .pattern import registered_patterns
 
@@ -39,21 +39,36 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     the model's float constants (norm eps, LoRA scaling, dropout p) into run-time values that
     no kernel can take as constants, and every fusion but a few would be lost.
 
+    Identical decoder layers are compiled once and reused (``reuse_layers=True``, the default;
+    regions.py): each layer instance's call becomes a ``torch.compiler.nested_compile_region``,
+    without editing the model's code, meant to keep compile time flat in depth (docs/options.md
+    has the CPU measurements: no gain there yet). The report
+    still counts each fusion once per layer; its notes say whether layers were marked.
+
     Wrapped in ``DistributedDataParallel`` afterwards (as a Trainer launched by ``torchrun`` or
     ``accelerate launch`` does), the model's graphs are fused whole and then split at DDP's
     gradient buckets, instead of being split by Dynamo before fastlora sees them (which loses
     the fusions a bucket boundary cuts; distributed.py, docs/multi_gpu.md). Returns ``model``.
     """
-    Options.parse(options).check_pattern_names({p.name for p in registered_patterns()})
+    opts = Options.parse(options)
+    opts.check_pattern_names({p.name for p in registered_patterns()})
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("this model is already compiled in place; compile it only once")
+    refused = regions.why_not(opts)
+    marked = regions.mark(model, dynamic=bool(dynamic)) if refused is None else 0
+    if refused is None:
+        note = f"{marked} decoder layers marked to be compiled once (reuse_layers)" \
+            if marked else "no decoder layers found to compile once (reuse_layers)"
+    else:
+        note = f"decoder layers compiled one by one: {refused}"
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
-    model._compiled_call_impl = _traced_with_settings(model._compiled_call_impl,
-                                                      specialize_float=bool(dynamic))
+    model._compiled_call_impl = _traced_with_settings(
+        model._compiled_call_impl, specialize_float=bool(dynamic),
+        note=lambda: regions.why(model, bool(dynamic)) or note)
     return model
 
 
-def _traced_with_settings(compiled, specialize_float: bool):
+def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None):
     """``compiled`` called with fastlora's Dynamo settings for this model, applied the way
     ``torch.compile``'s own ``dynamic=`` is: configuration patches around each call of this
     compiled function only (Dynamo reads them while tracing; a call that traces nothing pays a
@@ -62,6 +77,7 @@ def _traced_with_settings(compiled, specialize_float: bool):
     - ``specialize_float`` (with dynamic shapes): float constants stay constants.
     - under DDP, Dynamo's split at gradient buckets is left to the backend, after fusion
       (``distributed.fuse_before_ddp_split``).
+    - ``note()``: what each report says about the decoder layers (compiled once or why not).
     """
     @functools.wraps(compiled)
     def call(*args, **kwargs):
@@ -69,6 +85,7 @@ def _traced_with_settings(compiled, specialize_float: bool):
             if specialize_float:
                 stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
             stack.enter_context(distributed.fuse_before_ddp_split())
+            stack.enter_context(regions.noting(note()))
             return compiled(*args, **kwargs)
     return call
 

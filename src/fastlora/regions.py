@@ -1,0 +1,134 @@
+"""Decoder layers compiled once: each identical layer's call becomes a nested compile region.
+
+Without this, Dynamo inlines every decoder layer into one graph, and fastlora and inductor
+rewrite and compile each layer again: compile time grows with depth (the warm-up of a 16-layer
+Llama-3.2-1B took 63 s on the H200). ``torch.compiler.nested_compile_region`` marks a function
+whose calls Dynamo turns into ``invoke_subgraph(body, identifier, *operands)`` calls that share
+one body (a GraphModule attribute of the graph) when the traced bodies are the same. The
+backend rewrites that body once (backend.py) and AOTAutograd and inductor compile it once.
+
+How a layer is marked, without editing the model's code: the layer *instance* gets a ``forward``
+attribute, ``functools.partial(_LAYER_CALL, layer)``; ``nn.Module.__call__`` calls it, hooks
+included, and it calls the class's own ``forward`` (which under gradient checkpointing is the
+checkpointing wrapper transformers puts there). ``_LAYER_CALL`` is one module-level function for
+every layer: torch 2.11 keys the bodies it may share on the marked function's identity, torch
+2.13 on its code. :func:`unmark` removes the attribute again.
+
+Layers are the members of an ``nn.ModuleList`` of two or more modules of one class that is a
+transformers ``GradientCheckpointingLayer`` (every decoder layer of a recent model).
+
+What decides which calls share a body is Dynamo's comparison of the traced bodies: a layer whose
+input differs (the first, whose input is the embedding's output and needs no gradient when the
+embedding is frozen) gets a body of its own, as does a layer of another shape or class; so the
+depth-independent part is one or two bodies, whatever the depth.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+
+import torch
+
+_MARK = "_fastlora_region"  # set on a layer this module marked
+
+
+def _call_layer(layer, *args, **kwargs):
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+# nested_compile_region(fn) is the form both torch 2.11 and 2.13 take (2.13 adds keywords).
+_LAYER_CALL = torch.compiler.nested_compile_region(_call_layer)
+
+
+def _checkpointed(layer) -> bool:
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training \
+        and torch.is_grad_enabled()
+
+
+def _layer_forward(layer, dynamic: bool, *args, **kwargs):
+    """A marked layer's ``forward``: the region, except where it is not proven safe (``why``):
+    there the layer runs as it would unmarked. Dynamo traces this choice (and guards on it)."""
+    if dynamic and _checkpointed(layer):
+        return _call_layer(layer, *args, **kwargs)
+    return _LAYER_CALL(layer, *args, **kwargs)
+
+
+CHECKPOINT_DYNAMIC = ("decoder layers compiled one by one: gradient checkpointing with dynamic "
+                      "shapes (torch 2.13's Dynamo fails to reuse a checkpointed layer body with "
+                      "symbolic sizes: KeyError in stamp_out_subgraph)")
+
+
+def why(model: torch.nn.Module, dynamic: bool) -> str | None:
+    """Why ``model``'s marked layers run unmarked in a call now (``_layer_forward``), else None."""
+    layers = [m for m in model.modules() if getattr(m, _MARK, False)]
+    if dynamic and any(_checkpointed(m) for m in layers):
+        return CHECKPOINT_DYNAMIC
+    return None
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of ``model``: members of a ModuleList of 2+ modules of one class that
+    is a transformers GradientCheckpointingLayer."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers too old or absent: nothing to mark
+        return []
+    found = []
+    for module in model.modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) < 2:
+            continue
+        kinds = {type(m) for m in module}
+        if len(kinds) == 1 and issubclass(kinds.pop(), GradientCheckpointingLayer):
+            found.extend(module)
+    return found
+
+
+def why_not(options) -> str | None:
+    """Why layers cannot be compiled once with these backend ``options`` (an ``Options``)."""
+    if not options.reuse_layers:
+        return "turned off (reuse_layers=False)"
+    if options.compiler == "eager":
+        return ("compiler='eager' runs the graph without AOTAutograd, which a shared layer "
+                "body (invoke_subgraph) needs for its backward")
+    return None
+
+
+def mark(model: torch.nn.Module, dynamic: bool = False) -> int:
+    """Make each decoder layer's call a nested compile region; returns how many were marked.
+    ``dynamic``: whether the model is compiled with dynamic shapes (``why``)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        if "forward" in vars(layer) and not getattr(layer, _MARK, False):
+            raise RuntimeError(f"{type(layer).__name__} has a forward of its own on the instance "
+                               "(set by another library); pass reuse_layers=False")
+        layer.forward = functools.partial(_layer_forward, layer, dynamic)
+        setattr(layer, _MARK, True)
+    return len(layers)
+
+
+def unmark(model: torch.nn.Module) -> None:
+    """Undo :func:`mark`."""
+    for layer in model.modules():
+        if getattr(layer, _MARK, False):
+            del layer.forward
+            delattr(layer, _MARK)
+
+
+# What the report of a graph traced inside a compile_for_trainer call says about the layers
+# (decided at each call, before Dynamo traces: the trainer turns checkpointing on after compiling).
+_NOTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlora_layers", default=None)
+
+
+@contextlib.contextmanager
+def noting(note: str | None):
+    """While Dynamo traces inside this block, ``note()`` is ``note``."""
+    token = _NOTE.set(note)
+    try:
+        yield
+    finally:
+        _NOTE.reset(token)
+
+
+def note() -> str | None:
+    return _NOTE.get()
