@@ -224,3 +224,23 @@ def test_a_lower_memory_budget_saves_less_for_backward(no_cache):
             _step(layers=1, options={"memory_budget": budget}, gc=False)
         saved[budget] = max(recorder.forward_bytes)
     assert saved[0.0] < saved[None], saved
+
+
+def test_compile_for_trainer_offloads_with_dynamic_shapes(no_cache):
+    """compile_for_trainer's default dynamic=True: sizes are symbolic, the offload is the same
+    and the report stays plain data."""
+    from helpers import run_step
+
+    fastlora.clear_reports()
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=3))
+    inputs = checkpointed(model, _inputs())
+    import copy
+    compiled = fastlora.compile_for_trainer(copy.deepcopy(model), compiler="inductor")
+    loss_e, grads_e = run_step(model, inputs)
+    loss_c, grads_c = run_step(compiled, inputs)
+    assert torch.allclose(loss_c, loss_e, rtol=1e-5)
+    assert all(torch.allclose(grads_c[k], grads_e[k], rtol=1e-4, atol=1e-6) for k in grads_e)
+    offloaded = _offloaded()
+    assert len(offloaded) == 1 and offloaded[0]["shape"][-1] == 40, offloaded
+    json.dumps([r.to_dict() for r in fastlora.reports()])

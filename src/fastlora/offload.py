@@ -105,6 +105,14 @@ class MarkLargeActivations(CustomGraphPass):
         return f"fastlora-mark-offload-{self.min_bytes}"
 
 
+def _hint(n) -> int:
+    """An int, or a symbolic size's example value (dynamic shapes), without adding a guard."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)  # SymNode.hint (torch 2.11 - 2.13)
+    return int(hint) if isinstance(hint, int) else 0
+
+
 def _copies(graph: fx.Graph, prefix: str) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function"
             and n.target is torch.ops.prims.device_put.default and n.name.startswith(prefix)]
@@ -139,9 +147,10 @@ class OverlapCopies(CustomGraphPass):
             wait.meta["val"] = None
             graph.erase_node(put)
             value = host.meta["val"]
-            mib += value.numel() * value.element_size() / 2**20
-            self.report.offloaded.append({"tensor": x.name, "shape": list(value.shape),
-                                          "dtype": str(value.dtype).replace("torch.", "")})
+            mib += _hint(value.numel()) * value.element_size() / 2**20
+            self.report.offloaded.append({
+                "tensor": x.name, "dtype": str(value.dtype).replace("torch.", ""),
+                "shape": [d if isinstance(d, int) else str(d) for d in value.shape]})
         log.info("fastlora: graph %d: %d saved activations (%.1f MiB) offloaded to host memory",
                  self.report.index, len(copies), mib)
 

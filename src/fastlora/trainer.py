@@ -39,6 +39,13 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     the model's float constants (norm eps, LoRA scaling, dropout p) into run-time values that
     no kernel can take as constants, and every fusion but a few would be lost.
 
+    With gradient checkpointing on (``model.gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs={"use_reentrant": False})``, as the Trainer's
+    ``gradient_checkpointing=True`` does with those kwargs), the checkpointed layers' inputs go
+    to pinned host memory between forward and backward on a GPU (``offload_activations``,
+    "auto" by default: the backend sees the checkpointed regions in the graph it is given;
+    ``offload_activations=False`` turns it off; docs/options.md).
+
     Wrapped in ``DistributedDataParallel`` afterwards (as a Trainer launched by ``torchrun`` or
     ``accelerate launch`` does), the model's graphs are fused whole and then split at DDP's
     gradient buckets, instead of being split by Dynamo before fastlora sees them (which loses
