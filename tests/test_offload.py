@@ -110,10 +110,14 @@ def _plain_graph() -> fx.GraphModule:
     ({"compiler": "inductor", "offload_activations": None}, True, None),
     ({"compiler": "inductor", "offload_activations": True}, True, "layers"),
     ({"compiler": "inductor", "offload_activations": 16}, False, 16.0),
+    ({"compiler": "inductor", "mode": "reduce-overhead"}, True, None),  # CUDA graphs: off
+    ({"compiler": "inductor", "mode": "reduce-overhead", "offload_activations": True}, True,
+     "layers"),
 ])
 def test_what_the_option_means_for_a_graph(options, checkpointed_graph, expected):
     gm = _graph_with_checkpoint() if checkpointed_graph else _plain_graph()
-    assert offload_mode(fastlora.Options.parse(options), gm) == expected
+    opts = fastlora.Options.parse(options)
+    assert offload_mode(opts, gm, opts.mode) == expected
 
 
 def test_the_default_is_one_constant(monkeypatch):

@@ -63,7 +63,7 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         log.warning("fastlora: compiling graph %d without rewrites: %s", report.index, e)
         rewritten = gm
 
-    offload = offload_mode(opts, gm)
+    offload = offload_mode(opts, gm, opts.mode or mode)
     if opts.offload_activations is True and offload is None:
         report.notes.append("offload_activations=True: this graph has no checkpointed regions "
                             "(gradient checkpointing off?), nothing to offload")
@@ -121,9 +121,11 @@ def _link_callers(modules) -> None:
                 body.graph.fastlora_callers = callers + list(node.users)
 
 
-def offload_mode(opts, gm: fx.GraphModule):
+def offload_mode(opts, gm: fx.GraphModule, mode: str | None = None):
     """What ``options["offload_activations"]`` means for this graph: ``"layers"`` (offload the
-    checkpointed layers' inputs), a size in MiB, or ``None`` (off). See offload.py."""
+    checkpointed layers' inputs), a size in MiB, or ``None`` (off). See offload.py. "auto" is
+    off under CUDA graphs (``mode="reduce-overhead"``): a graph with host tensors is not
+    captured."""
     from .offload import OFFLOAD_WHEN_CHECKPOINTING, has_checkpoint_regions
 
     value = opts.offload_activations
@@ -131,7 +133,8 @@ def offload_mode(opts, gm: fx.GraphModule):
         return None
     if value not in ("auto", True):
         return float(value)
-    if value == "auto" and not (OFFLOAD_WHEN_CHECKPOINTING and opts.compiler == "inductor"):
+    if value == "auto" and not (OFFLOAD_WHEN_CHECKPOINTING and opts.compiler == "inductor"
+                                and mode != "reduce-overhead"):
         return None
     return "layers" if has_checkpoint_regions(gm) else None
 
