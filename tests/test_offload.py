@@ -248,3 +248,21 @@ def test_compile_for_trainer_offloads_with_dynamic_shapes(no_cache):
     offloaded = _offloaded()
     assert len(offloaded) == 1 and offloaded[0]["shape"][-1] == 40, offloaded
     json.dumps([r.to_dict() for r in fastlora.reports()])
+
+
+@pytest.mark.gpu
+def test_cuda_checkpointed_llama_offloads_by_default_and_matches_eager(no_cache):
+    """On the GPU: the copies run on the side stream (every wait consumed its copy), the
+    layer inputs come back bit for bit (loss and LoRA gradients as eager's), and a second step
+    reuses the compiled graphs."""
+    from fastlora import offload_ops
+
+    torch.manual_seed(0)
+    fastlora.clear_reports()
+    model = with_lora(tiny_llama(layers=4)).cuda()
+    inputs = checkpointed(model, token_batch(batch=2, seq=64, device="cuda"))
+    loss_err, grad_errs, _ = compare_compiled(model, inputs, {"compiler": "inductor"})
+    assert loss_err < 1e-5 and max(grad_errs.values()) < 1e-4, grad_errs
+    assert len(_offloaded()) == 2, [str(r) for r in fastlora.reports()]
+    assert offload_ops._pending == {}, "a copy was never waited for"
+    assert offload_ops._side_streams, "no copy ran on a side stream"
