@@ -7,7 +7,7 @@ Llama-3-8B at 8192 bf16 tokens, 2 GiB over its 32 layers. Those tensors go to pi
 memory while the forward runs and come back one layer ahead of the backward's need:
 
     forward   layer k's input x_k  ->  copy to host starts as soon as x_k is made (side stream)
-                                       the compute stream waits for it after x_k's last use
+                                       the compute stream waits for it when x_k+1's copy starts
     backward  x_k's reload starts when the backward of layer k+1 starts (side stream)
                                        the compute stream waits for it before x_k's first use
 
@@ -135,8 +135,9 @@ class OverlapCopies(CustomGraphPass):
             self._backward(graph, reloads)
 
     def _forward(self, graph: fx.Graph, copies: list[fx.Node]) -> None:
-        mib = 0.0
-        for put in copies:
+        mib, waits = 0.0, []
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for put in sorted(copies, key=lambda n: order[n.args[0]]):
             x = put.args[0]
             with graph.inserting_after(x):  # the copy starts as soon as x exists
                 host = graph.call_function(torch.ops.fastlora.offload.default, (x,))
@@ -146,6 +147,10 @@ class OverlapCopies(CustomGraphPass):
                 wait = graph.call_function(torch.ops.fastlora.offload_wait.default, (host, x))
             wait.meta["val"] = None
             graph.erase_node(put)
+            if waits:  # the previous copy had until this one is issued (a whole layer)
+                waits[-1].args = (*waits[-1].args[:2], host)
+                host.append(waits[-1])
+            waits.append(wait)
             value = host.meta["val"]
             mib += _hint(value.numel()) * value.element_size() / 2**20
             self.report.offloaded.append({

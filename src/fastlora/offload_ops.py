@@ -4,9 +4,10 @@ host memory and back on a side stream, so the copies overlap the compute stream'
     forward:   host = offload(x)           issued right after x is made: the side stream waits
                                            for the compute stream, then copies x into pinned
                                            host memory
-               offload_wait(host, x)        after x's last use in the forward: the compute stream
-                                           waits for that copy, then x may be freed and its
-                                           memory reused (x is an argument, so it lives to here)
+               offload_wait(host, x)        once the next offload is issued (the next layer's
+                                           input is made): the compute stream waits for that
+                                           copy, then x may be freed and its memory reused (x is
+                                           an argument, so it lives to here)
     backward:  x = reload(host, device)     issued one reload ahead of its need (offload.py
                                            places it): x is allocated on the compute stream,
                                            the side stream copies into it
@@ -73,15 +74,16 @@ def _(x):
 
 
 @torch.library.custom_op("fastlora::offload_wait", mutates_args=("host",))
-def offload_wait(host: Tensor, keepalive: Tensor) -> None:
+def offload_wait(host: Tensor, keepalive: Tensor, issued: Tensor | None = None) -> None:
     """``host`` is complete once the compute stream passes this point; ``keepalive`` (the
-    device tensor being copied) stays allocated until then."""
+    device tensor being copied) stays allocated until then. ``issued``: the next offload, an
+    argument only so that no scheduler can move this wait before that copy is issued."""
     if _has_streams(keepalive.device):
         _wait_for(host, keepalive.device)
 
 
 @offload_wait.register_fake
-def _(host, keepalive):
+def _(host, keepalive, issued=None):
     return None
 
 
