@@ -73,9 +73,9 @@ class MarkLayerInputs(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         region_of = {n: n.meta.get("ac_graph_id") for n in graph.nodes
                      if n.meta.get("recompute") is not None}
-        if not region_of:
+        last = max((r for r in region_of.values() if r is not None), default=None)
+        if last is None:
             return
-        last = max(r for r in region_of.values() if r is not None)
         for node in graph.nodes:
             value = node.meta.get("val")
             if node.op != "call_function" or not isinstance(value, torch.Tensor):
