@@ -60,9 +60,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PEERS = ("liger", "unsloth")
 # fastlora variants: (options, torch.compile mode). "-cg": CUDA graphs (inductor's cudagraph
 # trees through mode="reduce-overhead"); "-nolora" / "-noce": a pattern family switched off;
-# "-offload": saved activations of 16 MiB or more to CPU memory (experimental), "-offload-async"
-# the same with PyTorch's copies on a side stream (activation_offload_separate_stream).
+# "fastlora" offloads checkpointed layer inputs to host memory under --gc on (the default);
+# "-nooffload": without; "-offload": every saved activation of 16 MiB or more instead;
+# "-offload-async" is "-offload" (fastlora's copies are on a side stream either way).
 FASTLORA = {"fastlora": ({}, None),
+            "fastlora-nooffload": ({"offload_activations": False}, None),
             "fastlora-cg": ({}, "reduce-overhead"),
             "fastlora-offload": ({"offload_activations": 16}, None),
             "fastlora-offload-async": ({"offload_activations": 16}, None),
@@ -181,6 +183,8 @@ def worker(args) -> dict:
             torch._functorch.config.activation_offload_separate_stream = True
         options = {**options, **({} if cuda else {"compiler": "aot_eager"}),
                    **(json.loads(args.fastlora_options) if args.fastlora_options else {})}
+        if args.memory_budget is not None:
+            options["memory_budget"] = args.memory_budget
         step_model = torch.compile(model, backend="fastlora", options=options or None,
                                    mode=mode)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -214,6 +218,7 @@ def worker(args) -> dict:
     row["host_ms"] = h.host_ms_per_step(step, device, median)
     row["step_over_gpu"] = h.ratio(row["step_ms"], row["gpu_ms"])
     if args.variant in FASTLORA:
+        row["memory_budget"] = args.memory_budget
         row["matches"] = fastlora.reports(model).counts()
         misses = fastlora.reports(model).near_misses()
         row["near_misses"] = len(misses)
@@ -234,6 +239,8 @@ def run_one(args, shape: str, variant: str) -> dict:
         cmd += ["--load-4bit", "--kbit-recipe", args.kbit_recipe]
     if args.fastlora_options:
         cmd += ["--fastlora-options", args.fastlora_options]
+    if args.memory_budget is not None:
+        cmd += ["--memory-budget", str(args.memory_budget)]
     # the worker's stderr (its phases, warnings, TORCH_LOGS output) is kept beside the results
     return h.run_worker(cmd, {"shape": shape, "variant": variant, "gc": gc}, args.timeout,
                         pathlib.Path(args.out) / f"worker_{shape}_{variant}.log",
@@ -301,6 +308,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--fastlora-options", default="", help="JSON dict for options=")
+    ap.add_argument("--memory-budget", type=float, default=None,
+                    help="fastlora variants: options['memory_budget'] (a fraction in [0, 1])")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per (shape, variant)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--cache", default="/tmp/fastlora-bench", help="random checkpoints for peers")

@@ -72,13 +72,18 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         log.warning("fastlora: compiling graph %d without rewrites: %s", report.index, e)
         rewritten = gm
 
+    offload = offload_mode(opts, gm, opts.mode or mode)
+    if opts.offload_activations is True and offload is None:
+        report.notes.append("offload_activations=True: this graph has no checkpointed regions "
+                            "(gradient checkpointing off?), nothing to offload")
+
     # 6. Publish the report (logger `fastlora`, tlparse artifact, stdout when asked).
     publish(report, example_inputs, opts.print_report)
 
     # 5. Codegen of everything else; under DDP, split at gradient buckets first (distributed.py).
     def compile_graph(graph, inputs):
-        return _inner_compile(graph, inputs, opts.compiler, opts.mode or mode,
-                              offload_mib=opts.offload_activations, report=report)
+        return _inner_compile(graph, inputs, opts.compiler, opts.mode or mode, offload=offload,
+                              memory_budget=opts.memory_budget, report=report)
 
     bucket_cap = distributed.deferred_bucket_cap()
     if bucket_cap is None:
@@ -147,8 +152,27 @@ def call_sites(modules) -> dict:
     return sites
 
 
+def offload_mode(opts, gm: fx.GraphModule, mode: str | None = None):
+    """What ``options["offload_activations"]`` means for this graph: ``"layers"`` (offload the
+    checkpointed layers' inputs), a size in MiB, or ``None`` (off). See offload.py. "auto" is
+    off under CUDA graphs (``mode="reduce-overhead"``): a graph with host tensors is not
+    captured."""
+    from .offload import OFFLOAD_WHEN_CHECKPOINTING, has_checkpoint_regions
+
+    value = opts.offload_activations
+    if value in (False, None):
+        return None
+    if value not in ("auto", True):
+        return float(value)
+    if value == "auto" and not (OFFLOAD_WHEN_CHECKPOINTING and opts.compiler == "inductor"
+                                and mode != "reduce-overhead"):
+        return None
+    return "layers" if has_checkpoint_regions(gm) else None
+
+
 def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None,
-                   offload_mib: float | None = None, report: Report | None = None):
+                   offload=None, memory_budget: float | None = None,
+                   report: Report | None = None):
     if compiler == "eager":
         return gm.forward
     if compiler == "aot_eager":
@@ -168,18 +192,22 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
         log.info("fastlora: this graph launches user Triton kernels; inductor passes their float "
                  "arguments as float32, as Triton does (%s)", USER_TRITON_KERNEL_PATCHES)
         patches.update(USER_TRITON_KERNEL_PATCHES)
-    offload = contextlib.nullcontext()
-    if offload_mib is not None:  # experimental: saved activations to CPU memory (offload.py)
+    partitioner = contextlib.ExitStack()
+    if offload is not None:  # saved activations to host memory (offload.py)
         from .offload import offload_config
 
-        offload_patches, offload = offload_config(offload_mib, report)
+        offload_patches, offload_context = offload_config(offload, report)
         patches.update(offload_patches)
+        partitioner.enter_context(offload_context)
+    if memory_budget is not None:
+        partitioner.enter_context(
+            functorch_config.patch(activation_memory_budget=float(memory_budget)))
     # AOTAutograd's cache keys a graph before our ops are traced into their kernel launches: a
     # change to a launcher (block sizes, grids) would not reach its key. Inductor's own cache,
     # keyed on the traced graph (kernel sources and launch arguments), stays on.
     aot_cache = functorch_config.patch(enable_autograd_cache=False) \
         if fused and INDUCTOR_PATCHES else contextlib.nullcontext()
-    with offload, aot_cache:
+    with partitioner, aot_cache:
         return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

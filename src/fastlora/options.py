@@ -29,7 +29,8 @@ class Options:
     - ``print_report``: print each graph's rewrite report to stdout (it is always logged to the
       ``fastlora`` logger, which ``TORCH_LOGS="+fastlora"`` shows).
     - ``compiler``: what compiles the rewritten graph: ``"auto"`` (default: ``"inductor"`` for a
-      graph on a GPU, or with ``mode`` or ``offload_activations`` set; ``"aot_eager"`` for a
+      graph on a GPU, or with ``mode``, ``memory_budget`` or an explicit ``offload_activations``
+      set; ``"aot_eager"`` for a
       graph on the CPU, where it is faster end to end, docs/options.md has the figures),
       ``"inductor"``, ``"aot_eager"`` (AOTAutograd without code generation) or ``"eager"``.
     - ``strict``: raise on an internal error of a pattern instead of reporting it and compiling
@@ -39,9 +40,18 @@ class Options:
     - ``mode``: inductor's mode for the rewritten graph, e.g. ``"reduce-overhead"`` (CUDA
       graphs). ``torch.compile`` refuses ``mode=`` together with ``options=``; this takes its
       place then (``mode=`` alone works too).
-    - ``offload_activations``: experimental; a size in MiB: saved activations at least this
-      large are offloaded to CPU memory between forward and backward (see offload.py). Needs
-      the inductor compiler. ``None`` (default): off.
+    - ``offload_activations``: whether the inputs of checkpointed layers go to pinned host
+      memory between forward and backward, on a side stream, reloaded one layer ahead
+      (offload.py). ``"auto"`` (default): on for a graph with checkpointed regions (gradient
+      checkpointing on) that inductor compiles, as ``offload.OFFLOAD_WHEN_CHECKPOINTING``
+      says; ``True``: on for checkpointed regions (forces inductor); ``False`` or ``None``:
+      off; a number: every saved activation of at least that many MiB instead (forces
+      inductor).
+    - ``memory_budget``: a fraction in [0, 1] of the activation memory the partitioner may
+      save for backward, passed to ``torch._functorch.config.activation_memory_budget``: 1
+      saves what is fastest (PyTorch's default), 0 only what cannot be recomputed, values
+      between trade recompute for memory. ``None`` (default): PyTorch's setting. Forces
+      inductor (the budget is a setting of its partitioner).
     - ``reuse_layers``: in ``compile_for_trainer`` (and ``fastlora train``), compile identical
       decoder layers once and reuse the compiled layer (each layer's call a
       ``torch.compiler.nested_compile_region``, regions.py), meant to keep compile time flat
@@ -56,7 +66,8 @@ class Options:
     strict: bool = False
     return_logits: bool = False
     mode: str | None = None
-    offload_activations: float | None = None
+    offload_activations: bool | float | str | None = "auto"
+    memory_budget: float | None = None
     reuse_layers: bool = True
 
     @classmethod
@@ -85,14 +96,21 @@ class Options:
         if options.get("mode") not in (None, *_MODES):
             raise OptionsError(f"options['mode'] must be one of {_MODES}, got "
                                f"{options['mode']!r}")
-        offload = options.get("offload_activations")
-        if offload is not None:
-            if isinstance(offload, bool) or not isinstance(offload, (int, float)) or offload < 0:
-                raise OptionsError(f"options['offload_activations'] must be a size in MiB (a "
-                                   f"number >= 0) or None, got {offload!r}")
-            if compiler not in ("auto", "inductor"):
-                raise OptionsError("options['offload_activations'] needs compiler='inductor' "
-                                   "(the offload is planned by inductor's partitioner)")
+        offload = options.get("offload_activations", "auto")
+        if offload not in ("auto", True, False, None) and (
+                isinstance(offload, bool) or not isinstance(offload, (int, float)) or offload < 0):
+            raise OptionsError(f"options['offload_activations'] must be 'auto', True, False, "
+                               f"None or a size in MiB (a number >= 0), got {offload!r}")
+        budget = options.get("memory_budget")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 <= budget <= 1):
+            raise OptionsError(f"options['memory_budget'] must be a fraction between 0 and 1 "
+                               f"(of the activation memory the fastest plan saves) or None, got "
+                               f"{budget!r}")
+        for name, value in (("offload_activations", offload), ("memory_budget", budget)):
+            if _needs_inductor(name, value) and compiler not in ("auto", "inductor"):
+                raise OptionsError(f"options[{name!r}] needs compiler='inductor' (it is a "
+                                   f"setting of inductor's partitioner), got {compiler!r}")
         for flag in ("print_report", "strict", "return_logits", "reuse_layers"):
             if flag in options and not isinstance(options[flag], bool):
                 raise OptionsError(f"options[{flag!r}] must be True or False, got "
@@ -126,12 +144,21 @@ def backend_options(options: dict | None, pattern_names, example_inputs=(),
     return opts
 
 
+def _needs_inductor(name: str, value) -> bool:
+    """Whether an option's value asks for something only inductor's compile does."""
+    if name == "offload_activations":
+        return value not in ("auto", False, None)
+    return value is not None
+
+
 def auto_compiler(opts: Options, example_inputs=(), mode: str | None = None) -> str:
     """``compiler="auto"``: inductor where it pays or is needed (a tensor of the graph on a GPU,
-    an inductor ``mode``, ``offload_activations``); otherwise aot_eager. On the CPU the fused
+    an inductor ``mode``, ``offload_activations`` asked for explicitly, ``memory_budget``);
+    otherwise aot_eager. On the CPU the fused
     ops run their PyTorch reference kernels either way, and inductor's C++ build costs more
     than it saves on the rest (docs/options.md, "On the CPU")."""
-    if opts.mode or mode or opts.offload_activations is not None:
+    if opts.mode or mode or _needs_inductor("offload_activations", opts.offload_activations) \
+            or _needs_inductor("memory_budget", opts.memory_budget):
         return "inductor"
     on_gpu = any(getattr(getattr(t, "device", None), "type", "cpu") != "cpu"
                  for t in example_inputs)

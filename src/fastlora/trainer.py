@@ -45,6 +45,13 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     has the CPU measurements: no gain there yet). The report
     still counts each fusion once per layer; its notes say whether layers were marked.
 
+    With gradient checkpointing on (``model.gradient_checkpointing_enable(
+    gradient_checkpointing_kwargs={"use_reentrant": False})``, as the Trainer's
+    ``gradient_checkpointing=True`` does with those kwargs), the checkpointed layers' inputs go
+    to pinned host memory between forward and backward on a GPU (``offload_activations``,
+    "auto" by default: the backend sees the checkpointed regions in the graph it is given;
+    ``offload_activations=False`` turns it off; docs/options.md).
+
     Wrapped in ``DistributedDataParallel`` afterwards (as a Trainer launched by ``torchrun`` or
     ``accelerate launch`` does), the model's graphs are fused whole and then split at DDP's
     gradient buckets, instead of being split by Dynamo before fastlora sees them (which loses
