@@ -33,6 +33,7 @@ def _trained(model, inputs, **options):
     fastlora.clear_reports()
     torch._dynamo.reset()
     model = copy.deepcopy(model)
+    options.setdefault("reuse_layers", True)  # opt-in (docs/options.md)
     fastlora.compile_for_trainer(model, strict=True, **options)
     loss, grads = run_step(model, inputs)
     return loss, grads, fastlora.reports(model)
@@ -114,8 +115,11 @@ def test_off_and_eager_compiler_leave_layers_unmarked():
     fastlora.compile_for_trainer(model, reuse_layers=False)
     assert not any(getattr(m, regions._MARK, False) for m in model.modules())
     other = with_lora(tiny_llama(layers=LAYERS))
-    fastlora.compile_for_trainer(other, compiler="eager")
+    fastlora.compile_for_trainer(other, compiler="eager", reuse_layers=True)
     assert not any(getattr(m, regions._MARK, False) for m in other.modules())
+    default = with_lora(tiny_llama(layers=LAYERS))  # opt-in: the default marks nothing
+    fastlora.compile_for_trainer(default)
+    assert not any(getattr(m, regions._MARK, False) for m in default.modules())
     assert len(regions.decoder_layers(other)) == LAYERS
     with pytest.raises(fastlora.OptionsError):
         fastlora.compile_for_trainer(with_lora(tiny_llama()), reuse_layers="yes")

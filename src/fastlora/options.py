@@ -55,8 +55,8 @@ class Options:
     - ``reuse_layers``: in ``compile_for_trainer`` (and ``fastlora train``), compile identical
       decoder layers once and reuse the compiled layer (each layer's call a
       ``torch.compiler.nested_compile_region``, regions.py), meant to keep compile time flat
-      in depth (not yet shown on the CPU: docs/options.md); every fusion is kept. ``True``
-      (default); ``False`` inlines every layer. ``torch.compile(model, backend="fastlora")``
+      in depth; every fusion is kept. ``False`` (default: no compile time saved yet, on the
+      CPU nor on the H200, docs/options.md) inlines every layer; ``True`` marks them. ``torch.compile(model, backend="fastlora")``
       alone does not mark layers.
     """
 
@@ -68,7 +68,7 @@ class Options:
     mode: str | None = None
     offload_activations: bool | float | str | None = "auto"
     memory_budget: float | None = None
-    reuse_layers: bool = True
+    reuse_layers: bool = False
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":

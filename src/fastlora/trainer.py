@@ -39,8 +39,8 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     the model's float constants (norm eps, LoRA scaling, dropout p) into run-time values that
     no kernel can take as constants, and every fusion but a few would be lost.
 
-    Identical decoder layers are compiled once and reused (``reuse_layers=True``, the default;
-    regions.py): each layer instance's call becomes a ``torch.compiler.nested_compile_region``,
+    With ``reuse_layers=True`` (off by default: no compile time saved yet; docs/options.md)
+    identical decoder layers are compiled once and reused (regions.py): each layer instance's call becomes a ``torch.compiler.nested_compile_region``,
     without editing the model's code, meant to keep compile time flat in depth (docs/options.md
     has the CPU measurements: no gain there yet). The report
     still counts each fusion once per layer; its notes say whether layers were marked.
