@@ -63,7 +63,9 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
         raise RuntimeError("this model is already compiled in place; compile it only once")
     refused = regions.why_not(opts)
     marked = regions.mark(model, dynamic=bool(dynamic)) if refused is None else 0
-    if refused is None:
+    if not opts.reuse_layers:  # the default: nothing to say
+        note = None
+    elif refused is None:
         note = f"{marked} decoder layers marked to be compiled once (reuse_layers)" \
             if marked else "no decoder layers found to compile once (reuse_layers)"
     else:
