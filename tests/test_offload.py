@@ -16,7 +16,7 @@ from torch import fx
 
 import fastlora
 from fastlora import offload
-from fastlora.backend import offload_mode
+from fastlora.offload import offload_mode
 from helpers import checkpointed, compare_compiled, tiny_llama, token_batch, with_lora
 
 

@@ -36,8 +36,9 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     piece_note = distributed.ddp_piece_note(gm)
     if piece_note:
         report.notes.append(piece_note)
-    if regions.note():  # compile_for_trainer: the decoder layers compiled once, or why not
-        report.notes.append(regions.note())
+    layers_note = regions.note()  # compile_for_trainer: layers compiled once, or why not
+    if layers_note:
+        report.notes.append(layers_note)
 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.
     rewritten = _copy(gm)
@@ -71,6 +72,8 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         report.matches.clear()
         log.warning("fastlora: compiling graph %d without rewrites: %s", report.index, e)
         rewritten = gm
+
+    from .offload import offload_mode  # imports inductor's pass API: only when compiling
 
     offload = offload_mode(opts, gm, opts.mode or mode)
     if opts.offload_activations is True and offload is None:
@@ -150,24 +153,6 @@ def call_sites(modules) -> dict:
             found += [site or here for site in sites.get(outer, [None])]
         sites[module] = found or [None]
     return sites
-
-
-def offload_mode(opts, gm: fx.GraphModule, mode: str | None = None):
-    """What ``options["offload_activations"]`` means for this graph: ``"layers"`` (offload the
-    checkpointed layers' inputs), a size in MiB, or ``None`` (off). See offload.py. "auto" is
-    off under CUDA graphs (``mode="reduce-overhead"``): a graph with host tensors is not
-    captured."""
-    from .offload import OFFLOAD_WHEN_CHECKPOINTING, has_checkpoint_regions
-
-    value = opts.offload_activations
-    if value in (False, None):
-        return None
-    if value not in ("auto", True):
-        return float(value)
-    if value == "auto" and not (OFFLOAD_WHEN_CHECKPOINTING and opts.compiler == "inductor"
-                                and mode != "reduce-overhead"):
-        return None
-    return "layers" if has_checkpoint_regions(gm) else None
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None,

@@ -105,6 +105,22 @@ class MarkLargeActivations(CustomGraphPass):
         return f"fastlora-mark-offload-{self.min_bytes}"
 
 
+def offload_mode(opts, gm: fx.GraphModule, mode: str | None = None):
+    """What ``options["offload_activations"]`` means for this graph: ``"layers"`` (offload the
+    checkpointed layers' inputs), a size in MiB, or ``None`` (off); see the module docstring.
+    "auto" is off under CUDA graphs (``mode="reduce-overhead"``): a graph with host tensors is
+    not captured."""
+    value = opts.offload_activations
+    if value in (False, None):
+        return None
+    if value not in ("auto", True):
+        return float(value)
+    if value == "auto" and not (OFFLOAD_WHEN_CHECKPOINTING and opts.compiler == "inductor"
+                                and mode != "reduce-overhead"):
+        return None
+    return "layers" if has_checkpoint_regions(gm) else None
+
+
 def _hint(n) -> int:
     """An int, or a symbolic size's example value (dynamic shapes), without adding a guard."""
     if isinstance(n, int):
