@@ -65,20 +65,21 @@ def batches(args) -> list[list[int]]:
     return [[rng.choice(pool) for _ in range(args.batch)] for _ in range(args.steps)]
 
 
-def make_batch(lengths: list[int], mode: str, vocab: int, gen, pad_multiple: int):
+def make_batch(lengths: list[int], mode: str, vocab: int, gen, pad_multiple: int,
+               device: str = "cuda"):
     """Model inputs for one step and (real tokens, tokens computed)."""
     import torch
     real = sum(lengths)
     if mode == "padfree":
-        ids = torch.randint(0, vocab, (1, real), device="cuda", generator=gen)
-        pos = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+        ids = torch.randint(0, vocab, (1, real), device=device, generator=gen)
+        pos = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
         labels = ids.clone()
-        starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))], device="cuda")
+        starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))], device=device)
         labels[0, starts] = -100
         return {"input_ids": ids, "position_ids": pos, "labels": labels}, real, real
     width = max(lengths)
     width = -(-width // pad_multiple) * pad_multiple
-    ids = torch.randint(0, vocab, (len(lengths), width), device="cuda", generator=gen)
+    ids = torch.randint(0, vocab, (len(lengths), width), device=device, generator=gen)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
         mask[row, :n] = 1

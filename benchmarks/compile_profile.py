@@ -1,0 +1,144 @@
+"""Where a fastlora compile spends its time: cProfile over the first training step.
+
+    FASTLORA_LAUNCH=inductor python benchmarks/compile_profile.py --shape llama-1b --layers 4
+    python benchmarks/compile_profile.py --shape tiny --layers 2          # CPU smoke run
+
+Builds the model of train_step.py's ``--shape`` (LoRA r16 on all seven linears, bf16 on a GPU)
+with ``--layers`` decoder layers, compiles it with ``fastlora.compile_for_trainer`` (dynamic
+lengths, the TRL route) and runs one padded training step under cProfile, then a second step at
+another length (timed, not profiled: it must not compile again). Prints, by wall time of the
+first step:
+- the phases Dynamo records (``torch._dynamo.utils.compile_times``);
+- the profile's own time summed by where the code lives (dynamo, aot autograd, inductor,
+  triton's compiler, fastlora, the mutation analysis of user Triton kernels, ...);
+- the 30 functions with the most cumulative time under ``torch``/``triton``/``fastlora``.
+Writes the raw profile (``.pstats``) and a JSON summary under --out. The launch route is read
+from ``FASTLORA_LAUNCH`` as in the library, so compare routes by running the script twice.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pathlib
+import pstats
+import sys
+import time
+
+import _harness as h  # this folder is first on sys.path when a script of it runs
+
+h.unshadow()
+ts = h.sibling("train_step")
+varlen = h.sibling("train_varlen")
+
+# Where a function's own time is counted: the first key found in its file path wins.
+PLACES = [
+    ("triton mutation analysis", "_higher_order_ops/triton_kernel_wrap"),
+    ("triton compiler", "triton/compiler"),
+    ("triton (other)", "/triton/"),
+    ("inductor codecache / async compile", "_inductor/codecache"),
+    ("inductor async compile", "_inductor/async_compile"),
+    ("inductor", "/_inductor/"),
+    ("aot autograd / partitioner", "/_functorch/"),
+    ("dynamo", "/_dynamo/"),
+    ("fx", "/fx/"),
+    ("sympy", "/sympy/"),
+    ("fastlora", "/fastlora/"),
+    ("patterns", "/patterns/"),
+    ("torch (other)", "/torch/"),
+    ("transformers / peft", "/transformers/"),
+    ("transformers / peft", "/peft/"),
+]
+
+
+def place(filename: str) -> str:
+    for name, key in PLACES:
+        if key in filename:
+            return name
+    return "other"
+
+
+def by_place(stats: pstats.Stats) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
+        total[place(filename)] = total.get(place(filename), 0.0) + tottime
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(ts.SHAPES))
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (the shape's if 0)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lengths", default="1500,1100", help="padded width of step 1, step 2")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--options", default="{}", help="JSON dict for compile_for_trainer")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args(argv)
+
+    import torch
+    import torch._dynamo.utils
+    import fastlora
+
+    device = h.default_device()
+    cfg = ts.build_config(args.shape)
+    if args.layers:
+        cfg.num_hidden_layers = args.layers
+    widths = [int(w) for w in args.lengths.split(",")]
+    args.variant, args.gc, args.cache = "fastlora", False, "/tmp/fastlora-bench"
+    args.seq, args.load_4bit, args.kbit_recipe = max(widths), False, "bf16"
+    model = ts.build_model(args, cfg)
+    model.train()
+    opts = json.loads(args.options)
+    if device != "cuda":
+        opts.setdefault("compiler", "aot_eager")
+    step_model = fastlora.compile_for_trainer(model, **opts)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def batch(width):
+        lengths = [width] + [max(1, width - 97 * i) for i in range(1, args.batch)]
+        return varlen.make_batch(lengths, "padded", cfg.vocab_size, gen, 1, device)[0]
+
+    def step(inputs):
+        step_model(**inputs, use_cache=False).loss.backward()
+        h.sync(device)
+
+    first = batch(widths[0])
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    step(first)
+    prof.disable()
+    first_s = time.perf_counter() - t
+    t = time.perf_counter()
+    step(batch(widths[1]))
+    second_s = time.perf_counter() - t
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    launch = os.environ.get("FASTLORA_LAUNCH", "python").replace(",", "+").replace("=", "-")
+    stem = out / f"compile_profile_{args.shape}_L{cfg.num_hidden_layers}_{launch}"
+    prof.dump_stats(str(stem) + ".pstats")
+    stats = pstats.Stats(prof)
+    places = by_place(stats)
+    summary = {"shape": args.shape, "layers": cfg.num_hidden_layers, "launch": launch,
+               "first_step_s": first_s, "second_step_s": second_s,
+               "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
+               "matches": fastlora.reports(model).counts(), "self_time_by_place": places}
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+
+    print(torch._dynamo.utils.compile_times(repr="str"))
+    stats.sort_stats("cumulative").print_stats(r"torch|triton|fastlora|patterns", 30)
+    print(f"\n{args.shape}, {cfg.num_hidden_layers} layers, FASTLORA_LAUNCH={launch}: "
+          f"first step {first_s:.1f} s, second step (new length) {second_s:.2f} s, "
+          f"graphs {summary['graphs']}")
+    print("self time by place (s):")
+    for name, secs in places.items():
+        if secs >= 0.05:
+            print(f"  {name:36s} {secs:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
