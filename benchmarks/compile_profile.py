@@ -74,6 +74,8 @@ def main(argv=None):
     ap.add_argument("--lengths", default="1500,1100", help="padded width of step 1, step 2")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--options", default="{}", help="JSON dict for compile_for_trainer")
+    ap.add_argument("--no-cprofile", action="store_true",
+                    help="time the compile without cProfile (its overhead is ~1.5x)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
 
@@ -107,7 +109,8 @@ def main(argv=None):
     first = batch(widths[0])
     prof = cProfile.Profile()
     t = time.perf_counter()
-    prof.enable()
+    if not args.no_cprofile:
+        prof.enable()
     step(first)
     prof.disable()
     first_s = time.perf_counter() - t
@@ -118,19 +121,23 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     launch = os.environ.get("FASTLORA_LAUNCH", "python").replace(",", "+").replace("=", "-")
-    stem = out / f"compile_profile_{args.shape}_L{cfg.num_hidden_layers}_{launch}"
-    prof.dump_stats(str(stem) + ".pstats")
-    stats = pstats.Stats(prof)
-    places = by_place(stats)
+    tag = "".join(f"_{k}-{v}" for k, v in sorted(opts.items()) if k != "compiler")
+    stem = out / f"compile_profile_{args.shape}_L{cfg.num_hidden_layers}_{launch}{tag}"
+    if not args.no_cprofile:
+        prof.dump_stats(str(stem) + ".pstats")
+    stats = pstats.Stats(prof) if not args.no_cprofile else None
+    places = by_place(stats) if stats else {}
     summary = {"shape": args.shape, "layers": cfg.num_hidden_layers, "launch": launch,
+               "options": opts, "cprofile": not args.no_cprofile,
                "first_step_s": first_s, "second_step_s": second_s,
                "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
                "matches": fastlora.reports(model).counts(), "self_time_by_place": places}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
 
     print(torch._dynamo.utils.compile_times(repr="str"))
-    stats.sort_stats("cumulative").print_stats(r"torch|triton|fastlora|patterns", 30)
-    print(f"\n{args.shape}, {cfg.num_hidden_layers} layers, FASTLORA_LAUNCH={launch}: "
+    if stats:
+        stats.sort_stats("cumulative").print_stats(r"torch|triton|fastlora|patterns", 30)
+    print(f"\n{args.shape}, {cfg.num_hidden_layers} layers, FASTLORA_LAUNCH={launch} {opts}: "
           f"first step {first_s:.1f} s, second step (new length) {second_s:.2f} s, "
           f"graphs {summary['graphs']}")
     print("self time by place (s):")

@@ -103,9 +103,10 @@ def worker(args) -> dict:
     elif args.variant.startswith("fastlora"):
         import fastlora
         if args.variant == "fastlora-trainer":  # the TRL route: compile_for_trainer's defaults
-            step_model = fastlora.compile_for_trainer(model)
+            step_model = fastlora.compile_for_trainer(model, **json.loads(args.fastlora_options))
         else:
-            step_model = torch.compile(model, backend="fastlora", dynamic=args.dynamic)
+            step_model = torch.compile(model, backend="fastlora", dynamic=args.dynamic,
+                                       options=json.loads(args.fastlora_options))
     gen = torch.Generator(device="cuda").manual_seed(0)
     seen, rows = set(), []
     plan = batches(args)
@@ -195,6 +196,7 @@ def run_one(args, mode: str, variant: str) -> dict:
            "--gc", "on" if args.gc else "off"]
     cmd += ["--dynamic", args.dynamic_arg] if args.dynamic_arg else []
     cmd += ["--profile"] if args.profile else []
+    cmd += ["--fastlora-options", args.fastlora_options]
     return h.run_worker(cmd, {"shape": args.shape, "mode": mode, "variant": variant},
                         args.timeout,
                         pathlib.Path(args.out) / f"varlen_{args.shape}_{mode}_{variant}.log",
@@ -227,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--dynamic", dest="dynamic_arg", default="",
                     help="torch.compile's dynamic= for inductor/fastlora: true, false or empty")
     ap.add_argument("--profile", action="store_true", help="GPU time of the steady steps")
+    ap.add_argument("--fastlora-options", default="{}",
+                    help="JSON dict of fastlora options (e.g. '{\"reuse_layers\": true}')")
     ap.add_argument("--timeout", type=int, default=500)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--cache", default="/tmp/fastlora-bench")

@@ -177,6 +177,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
         log.info("fastlora: this graph launches user Triton kernels; inductor passes their float "
                  "arguments as float32, as Triton does (%s)", USER_TRITON_KERNEL_PATCHES)
         patches.update(USER_TRITON_KERNEL_PATCHES)
+    if not PAD_MM_GUARD_FREE and has_symbolic_sizes(gm):
+        patches["shape_padding"] = False  # no guard on a token count (PAD_MM_GUARD_FREE)
     partitioner = contextlib.ExitStack()
     if offload is not None:  # saved activations to host memory (offload.py)
         from .offload import offload_config
@@ -203,6 +205,34 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
 # Graphs that launch user kernels get Triton's own typing back.
 USER_TRITON_KERNEL_PATCHES = {"_use_fp64_for_unbacked_floats": False} \
     if hasattr(torch._inductor.config, "_use_fp64_for_unbacked_floats") else {}
+
+
+# Inductor's matmul padding pass (``shape_padding``) asks whether a matmul is compute bound. Up
+# to torch 2.11 it asks with the symbolic sizes of a dynamic graph, which adds a guard on the
+# token count (measured on the H200, torch 2.11: "kwargs['input_ids'].size()[1] *
+# kwargs['input_ids'].size()[0] < 97", so a batch of fewer than 97 tokens after a larger one
+# recompiled the whole model). Later versions take size hints there (``pad_mm.hint_symbols``)
+# and add no guard. Where that is missing, a graph with symbolic sizes compiles without the
+# pass: it pads only misaligned matmul dimensions, and in a fused LoRA graph the token count is
+# the only one that varies and the big matmuls run in fastlora's kernels.
+try:
+    from torch._inductor.fx_passes import pad_mm as _pad_mm
+
+    PAD_MM_GUARD_FREE = hasattr(_pad_mm, "hint_symbols")
+except ImportError:  # pragma: no cover - inductor without the pass
+    PAD_MM_GUARD_FREE = True
+
+
+def has_symbolic_sizes(gm: fx.GraphModule) -> bool:
+    """Whether an input of ``gm`` has a symbolic size (Dynamo's dynamic-shape graph: its
+    placeholders' example values are SymInts or fake tensors with symbolic sizes)."""
+    def symbolic(value) -> bool:
+        if isinstance(value, torch.SymInt):
+            return True
+        return isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt)
+                                                       for d in value.shape)
+    return any(symbolic(node.meta.get("example_value", node.meta.get("val")))
+               for node in gm.graph.find_nodes(op="placeholder"))
 
 
 def has_fused_ops(gm: fx.GraphModule) -> bool:
