@@ -113,18 +113,21 @@ def _err(loss, grads, loss_ref, grads_ref):
 
 
 @needs_inductor_route
+@pytest.mark.parametrize("reuse_layers", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fastlora_model_step_inductor_launch_matches_eager(dtype):
+def test_fastlora_model_step_inductor_launch_matches_eager(dtype, reuse_layers):
     """The fastlora-compiled tiny Llama (dynamic lengths, inductor): no op of INDUCTOR_LAUNCHED
     left opaque in inductor's code (their kernels are launched by it); loss and every LoRA gradient vs float64 no worse than eager's (float32:
-    within test_gpu_spine's 1e-5 / 1e-4); a second length without a recompile."""
+    within test_gpu_spine's 1e-5 / 1e-4); a second length without a recompile. With and without
+    the decoder layers compiled once (reuse_layers; "auto" turns it on for this route)."""
     torch.manual_seed(0)
     model = with_lora(tiny_llama(layers=2)).cuda()
     ref = copy.deepcopy(model).double()
     low = copy.deepcopy(model).to(dtype)
     # compile_for_trainer: dynamic lengths with floats specialized (plain dynamic=True turns
     # norm eps and LoRA scaling into run-time values and loses those fusions)
-    compiled = fastlora.compile_for_trainer(copy.deepcopy(low), dynamic=True, compiler="inductor")
+    compiled = fastlora.compile_for_trainer(copy.deepcopy(low), dynamic=True, compiler="inductor",
+                                            reuse_layers=reuse_layers)
     for i, seq in enumerate((33, 70)):
         ids = torch.randint(0, 97, (2, seq), device="cuda")
         loss64, grads64 = _model_step(ref, ids)

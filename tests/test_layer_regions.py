@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import types
+
 import pytest
 import torch
 import transformers as T
@@ -117,12 +119,29 @@ def test_off_and_eager_compiler_leave_layers_unmarked():
     other = with_lora(tiny_llama(layers=LAYERS))
     fastlora.compile_for_trainer(other, compiler="eager", reuse_layers=True)
     assert not any(getattr(m, regions._MARK, False) for m in other.modules())
-    default = with_lora(tiny_llama(layers=LAYERS))  # opt-in: the default marks nothing
+    default = with_lora(tiny_llama(layers=LAYERS))  # "auto" on a CPU model: nothing marked
     fastlora.compile_for_trainer(default)
     assert not any(getattr(m, regions._MARK, False) for m in default.modules())
     assert len(regions.decoder_layers(other)) == LAYERS
-    with pytest.raises(fastlora.OptionsError):
-        fastlora.compile_for_trainer(with_lora(tiny_llama()), reuse_layers="yes")
+    for bad in ("yes", 1, None):
+        with pytest.raises(fastlora.OptionsError):
+            fastlora.compile_for_trainer(with_lora(tiny_llama()), reuse_layers=bad)
+
+
+def test_auto_marks_layers_only_where_inductor_launches_on_a_gpu():
+    """reuse_layers="auto" (the default) resolves per model: on for a GPU model whose fused ops
+    inductor launches (where the compile was measured shorter), off on the Python launch route
+    and on the CPU (the ops stay opaque there), and True/False are taken as they are."""
+    cpu = with_lora(tiny_llama(layers=LAYERS))
+    # a stand-in for a model on a GPU: resolve reads only its parameters' is_cuda
+    gpu = types.SimpleNamespace(parameters=lambda: iter([types.SimpleNamespace(is_cuda=True)]))
+    assert regions.resolve("auto", gpu, launch="inductor") is True
+    assert regions.resolve("auto", gpu, launch="python") is False
+    assert regions.resolve("auto", cpu, launch="inductor") is False
+    assert regions.resolve("auto", cpu, launch="python") is False
+    assert regions.resolve(True, cpu, launch="python") is True
+    assert regions.resolve(False, cpu, launch="inductor") is False
+    assert regions.resolve(False, gpu, launch="inductor") is False
 
 
 def _first_step_seconds(layers: int, reuse: bool, dynamic: str = "static") -> float:

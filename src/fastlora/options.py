@@ -55,9 +55,11 @@ class Options:
     - ``reuse_layers``: in ``compile_for_trainer`` (and ``fastlora train``), compile identical
       decoder layers once and reuse the compiled layer (each layer's call a
       ``torch.compiler.nested_compile_region``, regions.py), meant to keep compile time flat
-      in depth; every fusion is kept. ``False`` (default: no compile time saved yet, on the
-      CPU nor on the H200, docs/options.md) inlines every layer; ``True`` marks them. ``torch.compile(model, backend="fastlora")``
-      alone does not mark layers.
+      in depth; every fusion is kept. ``"auto"`` (default): on where it was measured to save
+      compile time, a model on a GPU with ``FASTLORA_LAUNCH=inductor`` (first step of the 1B
+      row 120 s instead of 177 s on the H200); off otherwise (the Python launch route saved
+      nothing: 65.0 s against 67.9 s; docs/options.md). ``True`` marks the layers, ``False``
+      inlines every layer. ``torch.compile(model, backend="fastlora")`` alone marks no layers.
     """
 
     disable: tuple[str, ...] = ()
@@ -68,7 +70,7 @@ class Options:
     mode: str | None = None
     offload_activations: bool | float | str | None = "auto"
     memory_budget: float | None = None
-    reuse_layers: bool = False
+    reuse_layers: bool | str = "auto"
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -111,7 +113,11 @@ class Options:
             if _needs_inductor(name, value) and compiler not in ("auto", "inductor"):
                 raise OptionsError(f"options[{name!r}] needs compiler='inductor' (it is a "
                                    f"setting of inductor's partitioner), got {compiler!r}")
-        for flag in ("print_report", "strict", "return_logits", "reuse_layers"):
+        reuse = options.get("reuse_layers", "auto")
+        if not (isinstance(reuse, bool) or reuse == "auto"):
+            raise OptionsError(f"options['reuse_layers'] must be True, False or 'auto', got "
+                               f"{options['reuse_layers']!r}")
+        for flag in ("print_report", "strict", "return_logits"):
             if flag in options and not isinstance(options[flag], bool):
                 raise OptionsError(f"options[{flag!r}] must be True or False, got "
                                    f"{options[flag]!r}")
