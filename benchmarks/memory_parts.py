@@ -107,8 +107,10 @@ def _site(frames: list[dict]) -> str:
     """The deepest frame (innermost first) in one of SITE_PACKAGES, as file:line (function)."""
     for f in frames:
         path = f.get("filename", "")
-        if any(f"/{pkg}" in path for pkg in SITE_PACKAGES):
-            short = "/".join(path.split("/")[-2:])
+        pkg = next((p for p in SITE_PACKAGES if f"/{p}/" in path or f"/{p}_" in path), None)
+        if pkg and "/benchmarks/" not in path:
+            short = f"inductor code {path.rsplit('/', 1)[-1]}" if pkg == "torchinductor" \
+                else path[path.rindex(f"/{pkg}") + 1:]
             return f"{short}:{f.get('line')} ({f.get('name')})"
     return "(no Python frame in those packages: autograd engine, C++ or torch)"
 
