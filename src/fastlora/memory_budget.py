@@ -131,7 +131,8 @@ def _fit(saved_at, activations, inputs, size_of, size: int):
     if size == 0:
         return list(inputs), entry
     # the partitioner's ratio of a set saving `size` bytes and the inputs the fastest plan saves
-    unread = sum(map(size_of, inputs)) - sum(size_of(n) for n in fastest if n in set(inputs))
+    input_set = set(inputs)
+    unread = sum(map(size_of, inputs)) - sum(size_of(n) for n in fastest if n in input_set)
     guess = (size - unread) / (most - unread) if most > unread else 0.0
     best = (0.0, list(inputs), 0)  # full recompute: only the inputs, always fits
     low, high, fraction = 0.0, 1.0, guess if 0.0 < guess < 1.0 else 0.5
