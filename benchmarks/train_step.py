@@ -184,7 +184,7 @@ def worker(args) -> dict:
         options = {**options, **({} if cuda else {"compiler": "aot_eager"}),
                    **(json.loads(args.fastlora_options) if args.fastlora_options else {})}
         if args.memory_budget is not None:
-            options["memory_budget"] = args.memory_budget
+            options["memory_budget"] = budget_option(args.memory_budget)
         step_model = torch.compile(model, backend="fastlora", options=options or None,
                                    mode=mode)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -218,7 +218,8 @@ def worker(args) -> dict:
     row["host_ms"] = h.host_ms_per_step(step, device, median)
     row["step_over_gpu"] = h.ratio(row["step_ms"], row["gpu_ms"])
     if args.variant in FASTLORA:
-        row["memory_budget"] = args.memory_budget
+        row["memory_budget"] = budget_option(args.memory_budget) \
+            if args.memory_budget is not None else None
         row["matches"] = fastlora.reports(model).counts()
         misses = fastlora.reports(model).near_misses()
         row["near_misses"] = len(misses)
@@ -226,7 +227,19 @@ def worker(args) -> dict:
         offloaded = [o for r in fastlora.reports(model) for o in r.offloaded]
         if offloaded:
             row["offloaded"] = len(offloaded)
+        budgets = [b for r in fastlora.reports(model) for b in r.memory_budget]
+        if budgets:  # per partitioned graph: fraction, saved_bytes, fastest_bytes (a size)
+            row["budget_graphs"] = budgets
     return row
+
+
+def budget_option(text: str):
+    """--memory-budget's value as the option takes it: a fraction (``0.5``) or a size
+    (``14GiB``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def run_one(args, shape: str, variant: str) -> dict:
@@ -308,8 +321,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--fastlora-options", default="", help="JSON dict for options=")
-    ap.add_argument("--memory-budget", type=float, default=None,
-                    help="fastlora variants: options['memory_budget'] (a fraction in [0, 1])")
+    ap.add_argument("--memory-budget", default=None,
+                    help="fastlora variants: options['memory_budget'] (a fraction in [0, 1] or a "
+                         "size such as 24GiB)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per (shape, variant)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--cache", default="/tmp/fastlora-bench", help="random checkpoints for peers")

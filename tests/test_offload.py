@@ -163,7 +163,7 @@ def test_bad_offload_values_are_refused(value, message):
         fastlora.Options.parse({"offload_activations": value})
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.5, "4GiB", True, [0.5]])
+@pytest.mark.parametrize("value", [-0.1, 1.5, "4TiB", "4", True, [0.5]])
 def test_bad_memory_budgets_are_refused(value):
     with pytest.raises(fastlora.OptionsError, match="memory_budget'] must be a fraction"):
         fastlora.Options.parse({"memory_budget": value})

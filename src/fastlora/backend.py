@@ -156,7 +156,7 @@ def call_sites(modules) -> dict:
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None,
-                   offload=None, memory_budget: float | None = None,
+                   offload=None, memory_budget: float | str | None = None,
                    report: Report | None = None):
     if compiler == "eager":
         return gm.forward
@@ -186,9 +186,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
         offload_patches, offload_context = offload_config(offload, report)
         patches.update(offload_patches)
         partitioner.enter_context(offload_context)
-    if memory_budget is not None:
-        partitioner.enter_context(
-            functorch_config.patch(activation_memory_budget=float(memory_budget)))
+    if memory_budget is not None:  # a fraction or a size (memory_budget.py)
+        from .memory_budget import partition_with
+
+        partitioner.enter_context(partition_with(memory_budget, report))
     # AOTAutograd's cache keys a graph before our ops are traced into their kernel launches: a
     # change to a launcher (block sizes, grids) would not reach its key. Inductor's own cache,
     # keyed on the traced graph (kernel sources and launch arguments), stays on.

@@ -5,6 +5,8 @@ import dataclasses
 import difflib
 import inspect
 
+from . import memory_budget
+
 _INNER = ("auto", "inductor", "aot_eager", "eager")
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -47,11 +49,14 @@ class Options:
       says; ``True``: on for checkpointed regions (forces inductor); ``False`` or ``None``:
       off; a number: every saved activation of at least that many MiB instead (forces
       inductor).
-    - ``memory_budget``: a fraction in [0, 1] of the activation memory the partitioner may
-      save for backward, passed to ``torch._functorch.config.activation_memory_budget``: 1
-      saves what is fastest (PyTorch's default), 0 only what cannot be recomputed, values
-      between trade recompute for memory. ``None`` (default): PyTorch's setting. Forces
-      inductor (the budget is a setting of its partitioner).
+    - ``memory_budget``: what the partitioner may save for backward (memory_budget.py). A
+      fraction in [0, 1] of the activation memory, passed to
+      ``torch._functorch.config.activation_memory_budget``: 1 saves what is fastest
+      (PyTorch's default), 0 only what cannot be recomputed, values between trade recompute
+      for memory. Or a size, ``"14GiB"`` (GiB, MiB, GB, MB, any case): the bytes of
+      activations each compiled graph may keep saved, turned into that graph's fraction by
+      the partitioner. ``None`` (default): PyTorch's setting. Forces inductor (the budget is
+      a setting of its partitioner). The report says what each graph saves.
     - ``reuse_layers``: in ``compile_for_trainer`` (and ``fastlora train``), compile identical
       decoder layers once and reuse the compiled layer (each layer's call a
       ``torch.compiler.nested_compile_region``, regions.py), meant to keep compile time flat
@@ -69,7 +74,7 @@ class Options:
     return_logits: bool = False
     mode: str | None = None
     offload_activations: bool | float | str | None = "auto"
-    memory_budget: float | None = None
+    memory_budget: float | str | None = None
     reuse_layers: bool | str = "auto"
 
     @classmethod
@@ -104,11 +109,13 @@ class Options:
             raise OptionsError(f"options['offload_activations'] must be 'auto', True, False, "
                                f"None or a size in MiB (a number >= 0), got {offload!r}")
         budget = options.get("memory_budget")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or not 0 <= budget <= 1):
+        if not memory_budget.valid(budget):
+            hint = " (a size needs a unit)" if isinstance(budget, (int, float)) and \
+                not isinstance(budget, bool) and budget > 1 else ""
             raise OptionsError(f"options['memory_budget'] must be a fraction between 0 and 1 "
-                               f"(of the activation memory the fastest plan saves) or None, got "
-                               f"{budget!r}")
+                               f"(of the activation memory the fastest plan saves), a size such "
+                               f"as '14GiB' (units GiB, MiB, GB, MB) or None, got "
+                               f"{budget!r}{hint}")
         for name, value in (("offload_activations", offload), ("memory_budget", budget)):
             if _needs_inductor(name, value) and compiler not in ("auto", "inductor"):
                 raise OptionsError(f"options[{name!r}] needs compiler='inductor' (it is a "

@@ -96,6 +96,9 @@ class Report:
         # saved activations offloaded to CPU memory (options["offload_activations"]); filled in
         # when inductor partitions the graph, after the report is published
         self.offloaded: list[dict] = []
+        # what options["memory_budget"] became when the graph was partitioned, one entry per
+        # partition (memory_budget.py): budget_bytes, fraction, saved_bytes, fastest_bytes, tries
+        self.memory_budget: list[dict] = []
         # ("match:<i>" | "near_miss:<i>", same) pairs: a value of the first reaches the second
         # through unfused ops only (report_graph.py; to_networkx / to_dot)
         self.flow: set[tuple[str, str]] = set()
@@ -140,6 +143,7 @@ class Report:
                 "counts": self.counts(), "matches": self.matches,
                 "near_misses": self.near_misses, "fallback": self.fallback,
                 "errors": self.errors, "offloaded": self.offloaded, "notes": self.notes,
+                "memory_budget": self.memory_budget,
                 "flow": sorted(self.flow)}
 
     def to_json(self) -> str:
@@ -174,6 +178,10 @@ class Report:
             lines.append(f"  offloaded to CPU memory: {len(self.offloaded)} saved activations, "
                          + ", ".join(f"{o['tensor']} {o['shape']}" for o in self.offloaded[:4])
                          + (", ..." if len(self.offloaded) > 4 else ""))
+        if self.memory_budget:
+            from .memory_budget import describe
+
+            lines.extend(f"  {describe(entry)}" for entry in self.memory_budget)
         if self.near_misses:
             lines.append("  near misses (left unfused):")
             lines.append(_table(["pattern", "module", "source", "reason"],
