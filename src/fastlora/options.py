@@ -58,6 +58,10 @@ class Options:
       in depth; every fusion is kept. ``False`` (default: no compile time saved yet, on the
       CPU nor on the H200, docs/options.md) inlines every layer; ``True`` marks them. ``torch.compile(model, backend="fastlora")``
       alone does not mark layers.
+    - ``remove_padding``: in ``compile_for_trainer``, a padded batch (``attention_mask`` with
+      zeros) is packed into one padding-free row before the compiled model runs, so no pad
+      token goes through the norms, projections, MLP or loss; logits come back padded
+      (unpad.py: what is proven first, and when a call is left padded). ``False`` (default).
     """
 
     disable: tuple[str, ...] = ()
@@ -69,6 +73,7 @@ class Options:
     offload_activations: bool | float | str | None = "auto"
     memory_budget: float | None = None
     reuse_layers: bool = False
+    remove_padding: bool = False
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -111,7 +116,8 @@ class Options:
             if _needs_inductor(name, value) and compiler not in ("auto", "inductor"):
                 raise OptionsError(f"options[{name!r}] needs compiler='inductor' (it is a "
                                    f"setting of inductor's partitioner), got {compiler!r}")
-        for flag in ("print_report", "strict", "return_logits", "reuse_layers"):
+        for flag in ("print_report", "strict", "return_logits", "reuse_layers",
+                     "remove_padding"):
             if flag in options and not isinstance(options[flag], bool):
                 raise OptionsError(f"options[{flag!r}] must be True or False, got "
                                    f"{options[flag]!r}")
