@@ -258,3 +258,24 @@ def test_option_is_checked_and_off_by_default():
     assert unpad.stats(model) == {"packed": 0, "padded": {}}
     model(**padded("right", 6, [6, 3]))
     assert unpad.stats(model) == {"packed": 0, "padded": {}}  # the option is off: not wrapped
+
+
+def test_sft_trainer_padded_batches_packed_and_exact(tmp_path):
+    """SFTTrainer's own padded batches (right padding, -100 on the pads) through TRL's fused LM
+    head (its per-token fields come back as [B, S - 1]): eager's losses and adapter weights,
+    every step packed, one compile of the model."""
+    pytest.importorskip("trl")
+    from test_trl import _model, _rows, _run
+    eager = _model()
+    compiled = copy.deepcopy(eager)
+    rows = _rows(24)
+    losses_e, weights_e = _run(eager, tmp_path / "e", rows, steps=3, pad=None)
+    fastlora.clear_reports()
+    fastlora.compile_for_trainer(compiled, **OPTIONS)
+    losses_c, weights_c = _run(compiled, tmp_path / "c", rows, steps=3, pad=None)
+    assert max(rel_err(torch.tensor(c), torch.tensor(e))
+               for c, e in zip(losses_c, losses_e)) < 1e-5, (losses_c, losses_e)
+    errors = {n: rel_err(weights_c[n], w) for n, w in weights_e.items()}
+    assert max(errors.values()) < 1e-5, errors
+    assert unpad.stats(compiled) == {"packed": 3, "padded": {}}
+    assert len(fastlora.reports(compiled)) == 1
