@@ -54,9 +54,10 @@ scatters. fastlora's NaN stand-in for dropped logits (``return_logits=False``) s
 NaN of the padded shape, no memory. ``past_key_values`` is None (no cache was asked for).
 
 What it saves: B*S - T tokens of every token-wise op and their activations, and the pad query
-rows of attention. What it costs: the index computation and gathers above, one host sync per
-call on a GPU (nonzero, the checks), a ``[B, S, V]`` scatter when logits are returned. LoRA
-dropout draws its random mask over T tokens instead of B*S: the same distribution, other bits.
+rows of attention. What it costs: the index computation and gathers above, two host syncs per
+call on a GPU (nonzero's size, then every check at once), and a ``[B, S, V]`` scatter when
+logits are returned. LoRA dropout draws its random mask over T tokens instead of B*S: the same
+distribution, other bits.
 """
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ class Packed:
 
     def repad(self, out):
         """``out`` of the packed call with its per-token tensors back in the padded layout."""
+        if not hasattr(out, "keys"):  # return_dict=False is refused: a ModelOutput or a dict
+            return out
         T = self.idx.numel()
         for key in list(out.keys()):
             value = out[key]
