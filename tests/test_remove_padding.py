@@ -150,11 +150,17 @@ def test_logits_come_back_padded_with_zeros_on_pads():
     assert all(s == 0 for s in logits.stride())
 
 
+def _model_stub(model_type="llama", attn="sdpa", config=None, cls="StubForCausalLM"):
+    """What ``plan`` reads of a model: its class name and config."""
+    config = config or types.SimpleNamespace(model_type=model_type, _attn_implementation=attn)
+    return type(cls, (), {"config": config})()
+
+
 def test_shifted_outputs_come_back_in_eager_layout():
     """TRL's fused_lm_head fields are [1, T - 1] on the packed row (k predicts k + 1): they come
     back as [B, S - 1] with each eager position's value and zeros where eager has no target."""
     inputs = padded("left", 6, [6, 3, 4], prompt=1)
-    model = types.SimpleNamespace(config=tiny_llama(layers=1).config)
+    model = _model_stub(config=tiny_llama(layers=1).config)
     packed = unpad.plan(model, (), inputs)
     assert isinstance(packed, unpad.Packed)
     ids = packed.kwargs["input_ids"][0]
@@ -175,7 +181,7 @@ def test_plan_positions_and_labels_left_padding():
     gathered at the tokens; each row's first label is -100."""
     inputs = padded("left", 5, [5, 2], prompt=0)
     inputs["labels"][1, 3] = -100  # left padding: the first token of a padded row is no target
-    model = types.SimpleNamespace(config=tiny_llama(layers=1).config)
+    model = _model_stub(config=tiny_llama(layers=1).config)
     packed = unpad.plan(model, (), inputs)
     assert packed.kwargs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4]]
     labels = packed.kwargs["labels"][0].tolist()
@@ -184,11 +190,6 @@ def test_plan_positions_and_labels_left_padding():
 
 
 # ---------------------------------------------------------------- left padded, with reasons
-
-
-def _model_stub(model_type="llama", attn="sdpa"):
-    config = types.SimpleNamespace(model_type=model_type, _attn_implementation=attn)
-    return types.SimpleNamespace(config=config)
 
 
 def _refusal(inputs, args=(), model=None):
@@ -228,6 +229,8 @@ def test_calls_left_padded_and_why():
                                               args=(base["input_ids"],))
     assert "model family 'mixtral'" in _refusal(base, model=_model_stub("mixtral"))
     assert "flash_attention_2" in _refusal(base, model=_model_stub(attn="flash_attention_2"))
+    assert "LlamaForSequenceClassification is not a causal LM" in _refusal(
+        base, model=_model_stub(cls="LlamaForSequenceClassification"))
     assert unpad.plan(_model_stub(), (), {"input_ids": base["input_ids"]}) is None  # no mask
     assert isinstance(unpad.plan(_model_stub(), (), {**base, "use_cache": False,
                                                      "position_ids": None}), unpad.Packed)

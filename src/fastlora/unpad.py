@@ -41,6 +41,7 @@ given, with the reason logged once and noted in the report of the graph it compi
   mean (or the sum over ``num_items_in_batch``, passed on) is eager's, and so is every gradient.
 - **The rest** is token-wise: norms, projections, MLP, the LM head. Refused: families not in
   ``FAMILIES`` (MoE router losses, recurrent or convolutional mixers, other default positions),
+  models that are not ``*ForCausalLM`` (a classifier pools one token per row),
   attention implementations other than sdpa/eager, ``inputs_embeds``, ``past_key_values``,
   ``use_cache=True``, ``cache_position``, a mask that is not 2-D of 0/1, positional arguments,
   ``output_attentions``/``output_hidden_states``, ``return_dict=False``, ``logits_to_keep``, and
@@ -129,6 +130,9 @@ def plan(model, args: tuple, kwargs: dict) -> Packed | str | None:
         return None
     if args:
         return "positional arguments (only keyword calls are packed)"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's
+    if not type(inner).__name__.endswith("ForCausalLM"):
+        return f"{type(inner).__name__} is not a causal LM (its outputs are not per token)"
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in FAMILIES:
