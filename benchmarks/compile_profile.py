@@ -100,7 +100,7 @@ def main(argv=None):
 
     def batch(width):
         lengths = [width] + [max(1, width - 97 * i) for i in range(1, args.batch)]
-        return varlen.make_batch(lengths, "padded", cfg.vocab_size, gen, 1, device)[0]
+        return varlen.make_batch(lengths, "padded", cfg.vocab_size, gen, 1)[0]
 
     def step(inputs):
         step_model(**inputs, use_cache=False).loss.backward()

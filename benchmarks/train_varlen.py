@@ -18,9 +18,15 @@ sees the same batches.
 Modes:
 - ``padded``: the batch is right-padded to its longest example (HF's DataCollatorWithPadding),
   with an ``attention_mask``; labels are -100 on pads.
+  Variant ``fastlora-trainer-unpad``: ``compile_for_trainer(model, remove_padding=True)``,
+  which packs these batches into one row before the compiled call (src/fastlora/unpad.py); its
+  result row has ``unpad`` (calls packed, and the reasons of any that ran padded).
 - ``padfree``: the examples are packed into one row with ``position_ids`` restarting at 0 for
   each example and no mask (TRL's ``padding_free=True``, DataCollatorWithFlattening); the first
   label of each example is -100.
+
+On a machine without a GPU it runs on the CPU in float32 (a smoke run: ``--shape tiny
+--min-len 8 --max-len 64 --steps 4 --steady 2``), without peak memory.
 
 Per (mode, variant), in its own process: wall time of each step (synchronised), whether its
 length was new, steady-state tok/s over the last ``--steady`` steps (real tokens and padded
@@ -65,21 +71,21 @@ def batches(args) -> list[list[int]]:
     return [[rng.choice(pool) for _ in range(args.batch)] for _ in range(args.steps)]
 
 
-def make_batch(lengths: list[int], mode: str, vocab: int, gen, pad_multiple: int,
-               device: str = "cuda"):
+def make_batch(lengths: list[int], mode: str, vocab: int, gen, pad_multiple: int):
     """Model inputs for one step and (real tokens, tokens computed)."""
     import torch
     real = sum(lengths)
     if mode == "padfree":
-        ids = torch.randint(0, vocab, (1, real), device=device, generator=gen)
-        pos = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+        ids = torch.randint(0, vocab, (1, real), device=gen.device, generator=gen)
+        pos = torch.cat([torch.arange(n, device=gen.device) for n in lengths])[None]
         labels = ids.clone()
-        starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))], device=device)
+        starts = torch.tensor([sum(lengths[:i]) for i in range(len(lengths))],
+                              device=gen.device)
         labels[0, starts] = -100
         return {"input_ids": ids, "position_ids": pos, "labels": labels}, real, real
     width = max(lengths)
     width = -(-width // pad_multiple) * pad_multiple
-    ids = torch.randint(0, vocab, (len(lengths), width), device=device, generator=gen)
+    ids = torch.randint(0, vocab, (len(lengths), width), device=gen.device, generator=gen)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
         mask[row, :n] = 1
@@ -93,6 +99,7 @@ def worker(args) -> dict:
     cfg = ts.build_config(args.shape)
     ts.progress("building the model")
     args.seq, args.load_4bit, args.kbit_recipe = args.max_len, False, "bf16"
+    torch.manual_seed(args.seed)  # the same random weights and adapters for every variant
     model = ts.build_model(args, cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
@@ -104,10 +111,14 @@ def worker(args) -> dict:
         import fastlora
         if args.variant == "fastlora-trainer":  # the TRL route: compile_for_trainer's defaults
             step_model = fastlora.compile_for_trainer(model, **json.loads(args.fastlora_options))
+        elif args.variant == "fastlora-trainer-unpad":  # the same, pads removed (unpad.py)
+            step_model = fastlora.compile_for_trainer(model, remove_padding=True,
+                                                      **json.loads(args.fastlora_options))
         else:
             step_model = torch.compile(model, backend="fastlora", dynamic=args.dynamic,
                                        options=json.loads(args.fastlora_options))
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    device = h.default_device()  # cuda; the CPU for a smoke run (--shape tiny)
+    gen = torch.Generator(device=device).manual_seed(0)
     seen, rows = set(), []
     plan = batches(args)
     steady_from = len(plan) - args.steady
@@ -124,10 +135,12 @@ def worker(args) -> dict:
         inputs, real, computed = make_batch(lengths, args.mode, cfg.vocab_size, gen,
                                             args.pad_multiple)
         width = inputs["input_ids"].shape[1]
-        h.sync("cuda")
+        if args.variant == "fastlora-trainer-unpad":
+            computed = real  # the pads are removed before the model (unpad.stats says if not)
+        h.sync(device)
         t = time.perf_counter()
         loss = step(inputs)
-        h.sync("cuda")
+        h.sync(device)
         dt = time.perf_counter() - t
         rows.append({"width": width, "new": width not in seen, "s": dt, "real": real,
                      "computed": computed})
@@ -135,24 +148,24 @@ def worker(args) -> dict:
         if i < 3 or i % 10 == 0:
             ts.progress(f"step {i + 1}: width {width}, {dt * 1000:.0f} ms")
     total_s = time.perf_counter() - t_start
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])  # before the profiling
     gpu_ms = None
     if args.profile:  # the steady-state batches again, untimed, under the profiler
         gen.manual_seed(0)
         again = [make_batch(b, args.mode, cfg.vocab_size, gen, args.pad_multiple)[0]
                  for b in plan][steady_from:]
-        gpu_ms = h.gpu_ms_per_step([functools.partial(step, x) for x in again], "cuda")
+        gpu_ms = h.gpu_ms_per_step([functools.partial(step, x) for x in again], device)
     if args.profile:  # where a never-seen length's extra time goes: host and GPU, top ops
         for label, lengths in (("new width", [args.max_len - 3] * args.batch),
                                ("seen width", plan[-1])):
             inputs = make_batch(lengths, args.mode, cfg.vocab_size, gen, args.pad_multiple)[0]
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-            h.sync("cuda")
+            h.sync(device)
             t = time.perf_counter()
             with torch.profiler.profile(activities=acts) as prof:
                 step(inputs)
-                h.sync("cuda")
+                h.sync(device)
             dt = time.perf_counter() - t
             print(f"[train_varlen] {label} {inputs['input_ids'].shape}: {dt * 1000:.0f} ms "
                   f"(profiled), GPU {h.kernel_ms(prof, 1):.1f} ms", file=sys.stderr)
@@ -182,6 +195,9 @@ def worker(args) -> dict:
     if args.variant.startswith("fastlora"):
         import fastlora
         out["matches"] = fastlora.reports(model).counts()
+        if args.variant == "fastlora-trainer-unpad":  # calls packed, and why any ran padded
+            from fastlora import unpad
+            out["unpad"] = unpad.stats(model)
         out["near_misses"] = sorted({f"{n['pattern']}: {n['reason'][:160]}"
                                      for n in fastlora.reports(model).near_misses()})
     return out

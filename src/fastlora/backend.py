@@ -36,9 +36,8 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     piece_note = distributed.ddp_piece_note(gm)
     if piece_note:
         report.notes.append(piece_note)
-    layers_note = regions.note()  # compile_for_trainer: layers compiled once, or why not
-    if layers_note:
-        report.notes.append(layers_note)
+    # compile_for_trainer: layers compiled once or why not; remove_padding packed this call or not
+    report.notes.extend(regions.notes())
 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.
     rewritten = _copy(gm)

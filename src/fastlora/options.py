@@ -65,6 +65,10 @@ class Options:
       row 120 s instead of 177 s on the H200); off otherwise (the Python launch route saved
       nothing: 65.0 s against 67.9 s; docs/options.md). ``True`` marks the layers, ``False``
       inlines every layer. ``torch.compile(model, backend="fastlora")`` alone marks no layers.
+    - ``remove_padding``: in ``compile_for_trainer``, a padded batch (``attention_mask`` with
+      zeros) is packed into one padding-free row before the compiled model runs, so no pad
+      token goes through the norms, projections, MLP or loss; logits come back padded
+      (unpad.py: what is proven first, and when a call is left padded). ``False`` (default).
     """
 
     disable: tuple[str, ...] = ()
@@ -76,6 +80,7 @@ class Options:
     offload_activations: bool | float | str | None = "auto"
     memory_budget: float | str | None = None
     reuse_layers: bool | str = "auto"
+    remove_padding: bool = False
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -124,7 +129,7 @@ class Options:
         if not (isinstance(reuse, bool) or reuse == "auto"):
             raise OptionsError(f"options['reuse_layers'] must be True, False or 'auto', got "
                                f"{options['reuse_layers']!r}")
-        for flag in ("print_report", "strict", "return_logits"):
+        for flag in ("print_report", "strict", "return_logits", "remove_padding"):
             if flag in options and not isinstance(options[flag], bool):
                 raise OptionsError(f"options[{flag!r}] must be True or False, got "
                                    f"{options[flag]!r}")

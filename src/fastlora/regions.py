@@ -128,20 +128,23 @@ def unmark(model: torch.nn.Module) -> None:
             delattr(layer, _MARK)
 
 
-# What the report of a graph traced inside a compile_for_trainer call says about the layers
-# (decided at each call, before Dynamo traces: the trainer turns checkpointing on after compiling).
-_NOTE: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlora_layers", default=None)
+# What the report of a graph traced inside a compile_for_trainer call says about the layers and
+# the batch (decided at each call, before Dynamo traces: the trainer turns checkpointing on after
+# compiling; remove_padding packs a call or leaves it padded).
+_NOTES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("fastlora_notes",
+                                                                         default=())
 
 
 @contextlib.contextmanager
-def noting(note: str | None):
-    """While Dynamo traces inside this block, ``note()`` is ``note``."""
-    token = _NOTE.set(note)
+def noting(*notes: str | None):
+    """While Dynamo traces inside this block, ``notes()`` holds ``notes`` (the ones not None)
+    after those of the blocks around it."""
+    token = _NOTES.set(_NOTES.get() + tuple(n for n in notes if n))
     try:
         yield
     finally:
-        _NOTE.reset(token)
+        _NOTES.reset(token)
 
 
-def note() -> str | None:
-    return _NOTE.get()
+def notes() -> tuple[str, ...]:
+    return _NOTES.get()

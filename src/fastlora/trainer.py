@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from . import distributed, regions
+from . import distributed, regions, unpad
 from .options import Options
 from .pattern import registered_patterns
 
@@ -57,7 +57,16 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     Wrapped in ``DistributedDataParallel`` afterwards (as a Trainer launched by ``torchrun`` or
     ``accelerate launch`` does), the model's graphs are fused whole and then split at DDP's
     gradient buckets, instead of being split by Dynamo before fastlora sees them (which loses
-    the fusions a bucket boundary cuts; distributed.py, docs/multi_gpu.md). Returns ``model``.
+    the fusions a bucket boundary cuts; distributed.py, docs/multi_gpu.md).
+
+    With ``remove_padding=True`` (off by default until measured faster on a GPU) a padded call
+    (``attention_mask`` with zeros) is packed into one padding-free row before the compiled
+    model runs, and its per-token outputs are put back in the padded layout (pad positions
+    hold zeros): no pad token goes through the norms, projections, MLP or loss, and the graph
+    is the padding-free path's, compiled once for every length. Each call is packed only where
+    unpad.py proves the loss and gradients eager's (label and mask checks, supported families);
+    otherwise it runs padded as given, with the reason logged once and noted in the report
+    (``unpad.stats(model)`` counts both). Returns ``model``.
     """
     opts = Options.parse(options)
     opts.check_pattern_names({p.name for p in registered_patterns()})
@@ -76,9 +85,10 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     else:
         note = f"decoder layers compiled one by one: {refused}"
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
-    model._compiled_call_impl = _traced_with_settings(
+    call = _traced_with_settings(
         model._compiled_call_impl, specialize_float=bool(dynamic),
         note=lambda: regions.why(model, bool(dynamic)) or note)
+    model._compiled_call_impl = unpad.wrap(call, model) if opts.remove_padding else call
     return model
 
 
