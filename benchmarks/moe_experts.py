@@ -109,8 +109,10 @@ def layer_worker(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs = layer_inputs(args, device)
     trainable = ["x", "lhs_gu", "rhs_gu", "lhs_d", "rhs_d"]
-    fn = {"eager": experts, "inductor": torch.compile(experts),
-          "fastlora": torch.compile(experts, backend="fastlora")}[args.variant]
+    if args.variant == "fastlora":
+        import fastlora  # noqa: F401  (registers the backend: not installed on the GPU machine)
+    fn = {"eager": lambda: experts, "inductor": lambda: torch.compile(experts),
+          "fastlora": lambda: torch.compile(experts, backend="fastlora")}[args.variant]()
     g = torch.randn(inputs["x"].shape, generator=torch.Generator().manual_seed(1)).to(
         device, inputs["x"].dtype)
 
