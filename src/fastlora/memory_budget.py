@@ -33,10 +33,12 @@ A size also turns AOTAutograd's cache off for the graph: its key does not see th
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 
-from .report import log
+log = logging.getLogger("fastlora")  # report.py's logger; importing report would import torch,
+# and options.py (which the CLI checks before importing torch) imports this module
 
 TRIES = 6  # partitioner calls below fraction 1 for a size; each is a few min-cut solves
 CLOSE = 0.95  # stop trying once a set fits and uses this share of the size
