@@ -68,7 +68,8 @@ class Options:
     - ``remove_padding``: in ``compile_for_trainer``, a padded batch (``attention_mask`` with
       zeros) is packed into one padding-free row before the compiled model runs, so no pad
       token goes through the norms, projections, MLP or loss; logits come back padded
-      (unpad.py: what is proven first, and when a call is left padded). ``False`` (default).
+      (unpad.py: what is proven first, and when a call is left padded). ``False`` (default:
+      no faster than padded on the H200, docs/options.md).
     """
 
     disable: tuple[str, ...] = ()

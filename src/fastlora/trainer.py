@@ -59,7 +59,8 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     gradient buckets, instead of being split by Dynamo before fastlora sees them (which loses
     the fusions a bucket boundary cuts; distributed.py, docs/multi_gpu.md).
 
-    With ``remove_padding=True`` (off by default until measured faster on a GPU) a padded call
+    With ``remove_padding=True`` (off by default: on the H200 it measured no faster than the
+    padded batch, its host syncs costing the host/GPU overlap; docs/options.md) a padded call
     (``attention_mask`` with zeros) is packed into one padding-free row before the compiled
     model runs, and its per-token outputs are put back in the padded layout (pad positions
     hold zeros): no pad token goes through the norms, projections, MLP or loss, and the graph
