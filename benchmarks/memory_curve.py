@@ -113,11 +113,7 @@ def main(argv=None):
     ap.add_argument("--shape", default="llama-8b", help=f"from {sorted(ts.SHAPES)}")
     ap.add_argument("--points", default=DEFAULT_POINTS,
                     help="comma-separated: gc-offload, gc, budget-<fraction|size>, no-gc")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--load-4bit", action="store_true", help="bitsandbytes NF4 base (QLoRA)")
-    ap.add_argument("--kbit-recipe", default="peft", choices=["peft", "trl", "bf16"])
+    ts.add_workload_args(ap)  # --batch --seq --rank --load-4bit --kbit-recipe (each point sets gc)
     ap.add_argument("--steps", type=int, default=5, help="timed steps (and profiled steps)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=170, help="seconds per point")

@@ -151,11 +151,7 @@ def worker(args) -> dict:
     device = h.default_device()
     cuda = device == "cuda"
     cfg = ts.build_config(args.shape)
-    progress("building the model")
-    model = ts.build_model(args, cfg)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            fused=True)
+    model, opt = ts.trainable(args, cfg)
     step_model = model
     if args.variant == "fastlora":
         import fastlora  # noqa: F401  (registers the backend name from a source tree)
@@ -244,13 +240,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shape", default="llama-8b", help=f"from {sorted(ts.SHAPES)}")
     ap.add_argument("--variants", default="fastlora,eager")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--gc", default="auto", choices=["auto", "on", "off"],
-                    help="gradient checkpointing (auto: train_step.py's default of the shape)")
-    ap.add_argument("--load-4bit", action="store_true", help="bitsandbytes NF4 + double quant base")
-    ap.add_argument("--kbit-recipe", default="peft", choices=["peft", "trl", "bf16"])
+    ts.add_workload_args(ap, gc_help="gradient checkpointing (auto: train_step.py's default "
+                                     "of the shape)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="allocation sites listed")
     ap.add_argument("--timeout", type=int, default=270, help="seconds per variant")

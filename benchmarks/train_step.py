@@ -163,16 +163,39 @@ def build_model(args, cfg):
     return model
 
 
+def trainable(args, cfg):
+    """(model, optimizer) of this workload: ``build_model`` in training mode and fused AdamW
+    over its trainable parameters (every benchmark of this folder trains the same way)."""
+    import torch
+    progress("building the model")
+    model = build_model(args, cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=True)
+    return model, opt
+
+
+def add_workload_args(ap, gc_help: str | None = None) -> None:
+    """The workload flags the scripts built on this one share (``gc_help=None``: no --gc)."""
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=16)
+    if gc_help is not None:
+        ap.add_argument("--gc", default="auto", choices=["auto", "on", "off"], help=gc_help)
+    ap.add_argument("--load-4bit", action="store_true", help="bitsandbytes NF4 + double quant base")
+    ap.add_argument("--kbit-recipe", default="peft", choices=["peft", "trl", "bf16"],
+                    help="4-bit: peft's prepare_model_for_kbit_training (float32 norms and "
+                         "activations, targets.md's eager row); trl: that and the adapters "
+                         "cast to bfloat16 as TRL's SFTTrainer does; bf16: bfloat16 "
+                         "activations throughout")
+
+
 def worker(args) -> dict:
     import torch
     device = h.default_device()
     cuda = device == "cuda"
     cfg = build_config(args.shape)
-    progress("building the model")
-    model = build_model(args, cfg)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    model, opt = trainable(args, cfg)
     step_model = model
     if args.variant == "inductor":
         step_model = torch.compile(model)
@@ -307,17 +330,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shapes", default="llama-1b,llama-8b", help=f"from {sorted(SHAPES)}")
     ap.add_argument("--variants", default="eager,inductor,fastlora,liger,unsloth")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--gc", default="auto", choices=["auto", "on", "off"],
-                    help="gradient checkpointing (auto: on for llama-8b only, as in targets.md)")
-    ap.add_argument("--load-4bit", action="store_true", help="bitsandbytes NF4 + double quant base")
-    ap.add_argument("--kbit-recipe", default="peft", choices=["peft", "trl", "bf16"],
-                    help="4-bit: peft's prepare_model_for_kbit_training (float32 norms and "
-                         "activations, targets.md's eager row); trl: that and the adapters "
-                         "cast to bfloat16 as TRL's SFTTrainer does; bf16: bfloat16 "
-                         "activations throughout")
+    add_workload_args(ap, gc_help="gradient checkpointing (auto: on for llama-8b only, as in "
+                                  "targets.md)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--fastlora-options", default="", help="JSON dict for options=")

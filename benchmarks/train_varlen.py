@@ -97,13 +97,9 @@ def worker(args) -> dict:
     import torch
     import torch._dynamo.utils
     cfg = ts.build_config(args.shape)
-    ts.progress("building the model")
     args.seq, args.load_4bit, args.kbit_recipe = args.max_len, False, "bf16"
     torch.manual_seed(args.seed)  # the same random weights and adapters for every variant
-    model = ts.build_model(args, cfg)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            fused=True)
+    model, opt = ts.trainable(args, cfg)
     step_model = model
     if args.variant == "inductor":
         step_model = torch.compile(model, dynamic=args.dynamic)

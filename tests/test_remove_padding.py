@@ -13,7 +13,7 @@ import torch
 import fastlora
 from fastlora import unpad
 from fastlora.options import OptionsError
-from helpers import lora_grads, rel_err, tiny_llama, with_lora
+from helpers import rel_err, run_step, tiny_llama, with_lora
 from test_attention_pattern import SMALL, tiny_gemma2, tiny_mistral
 
 OPTIONS = {"compiler": "aot_eager", "strict": True, "remove_padding": True}
@@ -57,16 +57,9 @@ def _lengths(width, gen):
     return [width] + torch.randint(2, width, (2,), generator=gen).tolist()
 
 
-def step(model, inputs):
-    model.zero_grad(set_to_none=True)
-    out = model(**inputs)
-    out.loss.backward()
-    return out.loss.detach(), lora_grads(model)
-
-
 def exact(eager, compiled, inputs, tol=1e-5):
-    loss_e, grads_e = step(eager, inputs)
-    loss_c, grads_c = step(compiled, inputs)
+    loss_e, grads_e = run_step(eager, inputs)
+    loss_c, grads_c = run_step(compiled, inputs)
     assert set(grads_c) == set(grads_e) and grads_e
     errs = {n: rel_err(grads_c[n], g) for n, g in grads_e.items()}
     assert rel_err(loss_c, loss_e) < tol and max(errs.values()) < tol, (loss_c, loss_e, errs)
