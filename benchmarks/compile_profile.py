@@ -82,6 +82,7 @@ def main(argv=None):
     import torch
     import torch._dynamo.utils
     import fastlora
+    from fastlora.kernels import _access_cache
 
     device = h.default_device()
     cfg = ts.build_config(args.shape)
@@ -122,6 +123,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     launch = os.environ.get("FASTLORA_LAUNCH", "python").replace(",", "+").replace("=", "-")
     tag = "".join(f"_{k}-{v}" for k, v in sorted(opts.items()) if k != "compiler")
+    tag += "" if os.environ.get("FASTLORA_ACCESS_CACHE") != "0" else "_access-cache-off"
     stem = out / f"compile_profile_{args.shape}_L{cfg.num_hidden_layers}_{launch}{tag}"
     if not args.no_cprofile:
         prof.dump_stats(str(stem) + ".pstats")
@@ -131,7 +133,9 @@ def main(argv=None):
                "options": opts, "cprofile": not args.no_cprofile,
                "first_step_s": first_s, "second_step_s": second_s,
                "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
-               "matches": fastlora.reports(model).counts(), "self_time_by_place": places}
+               "matches": fastlora.reports(model).counts(), "self_time_by_place": places,
+               "access_analysis": dict(_access_cache.stats),
+               "access_cache": os.environ.get("FASTLORA_ACCESS_CACHE", "1") != "0"}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
 
     print(torch._dynamo.utils.compile_times(repr="str"))
@@ -139,7 +143,8 @@ def main(argv=None):
         stats.sort_stats("cumulative").print_stats(r"torch|triton|fastlora|patterns", 30)
     print(f"\n{args.shape}, {cfg.num_hidden_layers} layers, FASTLORA_LAUNCH={launch} {opts}: "
           f"first step {first_s:.1f} s, second step (new length) {second_s:.2f} s, "
-          f"graphs {summary['graphs']}")
+          f"graphs {summary['graphs']}; Triton access analyses {summary['access_analysis']} "
+          f"(cache {'on' if summary['access_cache'] else 'off'})")
     print("self time by place (s):")
     for name, secs in places.items():
         if secs >= 0.05:

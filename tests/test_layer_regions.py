@@ -4,6 +4,7 @@ every LoRA gradient and the report's counts must be those of the layers compiled
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -128,20 +129,22 @@ def test_off_and_eager_compiler_leave_layers_unmarked():
             fastlora.compile_for_trainer(with_lora(tiny_llama()), reuse_layers=bad)
 
 
-def test_auto_marks_layers_only_where_inductor_launches_on_a_gpu():
-    """reuse_layers="auto" (the default) resolves per model: on for a GPU model whose fused ops
-    inductor launches (where the compile was measured shorter), off on the Python launch route
-    and on the CPU (the ops stay opaque there), and True/False are taken as they are."""
+def test_auto_is_off_and_the_inductor_route_refuses_shared_layers():
+    """reuse_layers="auto" (the default) marks nothing for now; True/False are taken as they
+    are; and with FASTLORA_LAUNCH=inductor a model on a GPU is refused (its shared body gave
+    wrong LoRA gradients on the H200), with the reason the report notes."""
     cpu = with_lora(tiny_llama(layers=LAYERS))
-    # a stand-in for a model on a GPU: resolve reads only its parameters' is_cuda
+    # a stand-in for a model on a GPU: why_not reads only its parameters' is_cuda
     gpu = types.SimpleNamespace(parameters=lambda: iter([types.SimpleNamespace(is_cuda=True)]))
-    assert regions.resolve("auto", gpu, launch="inductor") is True
-    assert regions.resolve("auto", gpu, launch="python") is False
-    assert regions.resolve("auto", cpu, launch="inductor") is False
-    assert regions.resolve("auto", cpu, launch="python") is False
-    assert regions.resolve(True, cpu, launch="python") is True
-    assert regions.resolve(False, cpu, launch="inductor") is False
-    assert regions.resolve(False, gpu, launch="inductor") is False
+    for model in (cpu, gpu):
+        assert regions.resolve("auto", model) is False
+    assert regions.resolve(True, cpu) is True and regions.resolve(False, cpu) is False
+    on = fastlora.Options.parse({"reuse_layers": True})
+    assert regions.why_not(on, gpu, launch="inductor") == regions.INDUCTOR_ROUTE
+    assert regions.why_not(on, gpu, launch="python") is None
+    assert regions.why_not(on, cpu, launch="inductor") is None  # the CPU keeps ops opaque
+    off = dataclasses.replace(on, reuse_layers=False)
+    assert "turned off" in regions.why_not(off, gpu, launch="inductor")
 
 
 def _first_step_seconds(layers: int, reuse: bool, dynamic: str = "static") -> float:

@@ -84,26 +84,40 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def resolve(value, model: torch.nn.Module, launch: str | None = None) -> bool:
-    """Whether ``reuse_layers=value`` marks ``model``'s layers. ``"auto"``: where a compile was
-    measured shorter with it, a model on a GPU whose fused ops inductor launches (the 1B row's
-    first step on the H200, FASTLORA_LAUNCH=inductor: 120 s with it, 177 s without); the Python
-    launch route saved nothing (65.0 s against 67.9 s)."""
+def resolve(value, model: torch.nn.Module | None = None, launch: str | None = None) -> bool:
+    """Whether ``reuse_layers=value`` asks to mark the layers. ``"auto"`` is off everywhere for
+    now: on the Python launch route it saved no compile time (Llama-3.2-1B's first step 65.0 s
+    against 67.9 s on the H200), and on the inductor launch route, where it did (120 s against
+    177 s), it is refused (``why_not``: wrong gradients)."""
     if value != "auto":
         return bool(value)
+    return False
+
+
+INDUCTOR_ROUTE = ("FASTLORA_LAUNCH=inductor on a GPU: a shared layer body gave wrong LoRA "
+                  "gradients on that route on the H200 (torch 2.11; the loss was right)")
+
+
+def _inductor_launches(launch: str | None) -> bool:
     from .kernels import _launch
 
-    on_gpu = any(p.is_cuda for p in model.parameters())
-    return on_gpu and (launch or _launch.LAUNCH) == "inductor"
+    if launch is not None:
+        return launch == "inductor"
+    return _launch.LAUNCH == "inductor" or "inductor" in _launch.PER_OP.values()
 
 
-def why_not(options) -> str | None:
-    """Why layers cannot be compiled once with these backend ``options`` (an ``Options``)."""
+def why_not(options, model: torch.nn.Module | None = None,
+            launch: str | None = None) -> str | None:
+    """Why layers cannot be compiled once with these backend ``options`` (an ``Options``) for
+    ``model`` (``launch``: the launch route, by default FASTLORA_LAUNCH's)."""
     if not options.reuse_layers:
         return "turned off (reuse_layers=False)"
     if options.compiler == "eager":
         return ("compiler='eager' runs the graph without AOTAutograd, which a shared layer "
                 "body (invoke_subgraph) needs for its backward")
+    on_gpu = model is not None and any(p.is_cuda for p in model.parameters())
+    if on_gpu and _inductor_launches(launch):
+        return INDUCTOR_ROUTE
     return None
 
 

@@ -19,6 +19,8 @@ region's outputs are redirected to the new values and the region is erased.
 """
 from __future__ import annotations
 
+import contextlib
+
 import traceback
 
 import torch
@@ -93,6 +95,18 @@ def _as_list(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
+@contextlib.contextmanager
+def _on_fakes(mode):
+    """Run ops on the graph's fake tensors as Dynamo does: in its fake mode, with the Python
+    dispatcher on. Without it a composite op runs its C++ form, which may read a symbolic size
+    as a number (CUDA's scaled_dot_product_attention calls ``sizes()``): that guards the length
+    to its example value, and the graph recompiles at every new length."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    with mode, enable_python_dispatcher():
+        yield
+
+
 def _check_replacement(match: Match) -> str | None:
     """Run the replacement on the recorded fake tensors; compare with the graph's outputs."""
     values = {k: example_value(v) if isinstance(v, fx.Node) else v
@@ -100,7 +114,7 @@ def _check_replacement(match: Match) -> str | None:
     mode = _fake_mode(values.values())
     if mode is None:
         return "the graph carries no fake tensors for the inputs (not a Dynamo graph?)"
-    with mode:
+    with _on_fakes(mode):
         outs = _as_list(match.pattern.replacement(**{**values, **match.params}))
     if len(outs) != len(match.outputs):
         return f"the replacement returned {len(outs)} values for {len(match.outputs)} outputs"
@@ -140,7 +154,7 @@ def _insert(match: Match, index: int) -> None:
             if key in meta_src.meta:
                 n.meta[key] = meta_src.meta[key]
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: example_value(a))
-        with mode:
+        with _on_fakes(mode):
             n.meta["example_value"] = n.target(*args, **kwargs)
     for old, new in zip(match.outputs, outs):
         old.replace_all_uses_with(new.node if isinstance(new, fx.Proxy) else new)

@@ -40,12 +40,13 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     the model's float constants (norm eps, LoRA scaling, dropout p) into run-time values that
     no kernel can take as constants, and every fusion but a few would be lost.
 
-    With ``reuse_layers`` on (``"auto"``, the default, turns it on for a model on a GPU with
-    ``FASTLORA_LAUNCH=inductor``, where it was measured to shorten the compile; docs/options.md)
-    identical decoder layers are compiled once and reused (regions.py): each layer instance's
-    call becomes a ``torch.compiler.nested_compile_region``, without editing the model's code.
-    The report still counts each fusion once per layer; its notes say whether layers were
-    marked.
+    With ``reuse_layers=True`` identical decoder layers are compiled once and reused
+    (regions.py): each layer instance's call becomes a ``torch.compiler.nested_compile_region``,
+    without editing the model's code. The report still counts each fusion once per layer; its
+    notes say whether layers were marked, or why not. ``"auto"`` (the default) is off for now
+    (docs/options.md): it saved no compile time on the Python launch route, and with
+    ``FASTLORA_LAUNCH=inductor`` on a GPU the layers are compiled one by one whatever the
+    setting, the shared body having given wrong LoRA gradients there.
 
     With gradient checkpointing on (``model.gradient_checkpointing_enable(
     gradient_checkpointing_kwargs={"use_reentrant": False})``, as the Trainer's
@@ -73,16 +74,14 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     opts.check_pattern_names({p.name for p in registered_patterns()})
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("this model is already compiled in place; compile it only once")
-    auto = opts.reuse_layers == "auto"
     opts = dataclasses.replace(opts, reuse_layers=regions.resolve(opts.reuse_layers, model))
-    refused = regions.why_not(opts)
+    refused = regions.why_not(opts, model)
     marked = regions.mark(model, dynamic=bool(dynamic)) if refused is None else 0
-    if not opts.reuse_layers:  # off (where "auto" finds no gain): nothing to say
+    if not opts.reuse_layers:  # off ("auto" is off for now): nothing to say
         note = None
     elif refused is None:
-        why = "reuse_layers='auto': inductor launches the fused ops" if auto else "reuse_layers"
-        note = f"{marked} decoder layers marked to be compiled once ({why})" \
-            if marked else f"no decoder layers found to compile once ({why})"
+        note = f"{marked} decoder layers marked to be compiled once (reuse_layers)" \
+            if marked else "no decoder layers found to compile once (reuse_layers)"
     else:
         note = f"decoder layers compiled one by one: {refused}"
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)

@@ -46,6 +46,7 @@ import threading
 
 import torch
 
+from . import _access_cache
 from ._common import HAVE_TRITON, size_hint
 
 ROUTES = ("inductor", "python")
@@ -188,6 +189,7 @@ def fused_op(name: str):
         OPS.add(name)
         if route(name) == "inductor" and HAVE_TRITON:
             INDUCTOR_LAUNCHED.add(name)
+            _access_cache.install()  # the kernels' access analysis, once per kind of call
             from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
             from torch._subclasses.fake_tensor import FakeTensor
 
