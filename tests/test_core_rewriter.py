@@ -260,3 +260,31 @@ def test_an_input_from_outside_a_body_nobody_calls_is_refused():
     miss = _only_near_miss(report)
     assert miss["kind"] == "input_outside"
     assert "(an input of the compiled graph)" in miss["reason"], miss
+
+
+PROBE_SEEN = []
+
+
+@torch.library.custom_op("fastlora_core::dispatch_probe", mutates_args=())
+def dispatch_probe(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.sin(x) * scale
+
+
+@dispatch_probe.register_fake
+def _(x, scale):
+    PROBE_SEEN.append(torch._C._dispatch_tls_is_dispatch_key_included(
+        torch._C.DispatchKey.PythonDispatcher))
+    return torch.empty_like(x)
+
+
+def test_replacements_run_on_fakes_with_the_python_dispatcher():
+    """The rewriter runs a replacement on the graph's fake tensors (its check, and the example
+    value of each new node) the way Dynamo runs ops: with the Python dispatcher on. Without it a
+    composite op runs its C++ form, which may read a symbolic size as a number: CUDA's
+    scaled_dot_product_attention did, guarding the length (a recompile per length on a GPU)."""
+    PROBE_SEEN.clear()
+    pattern = _scaled_sin_pattern(
+        replacement=lambda x, scale: torch.ops.fastlora_core.dispatch_probe(x, scale))
+    graph, report = _rewrite(lambda x: torch.sin(x) * 3.0, [pattern])
+    assert [m["pattern"] for m in report.matches] == ["scaled_sin"]
+    assert len(PROBE_SEEN) >= 2 and all(PROBE_SEEN), PROBE_SEEN  # the check and the new node
