@@ -1,7 +1,9 @@
 """A training step's memory, part by part: what the weights, adapters, gradients and optimizer
 state hold, and what each phase of the step adds on top.
 
-    python benchmarks/memory_parts.py --shape llama-8b --load-4bit     # the QLoRA row, H200
+    python benchmarks/memory_parts.py --shape llama-8b --load-4bit --kbit-recipe bf16
+        # the QLoRA row as Unsloth trains it (bf16 embeddings and lm_head), H200; without
+        # --kbit-recipe: peft's recipe, float32 embeddings and lm_head (+1.96 GiB at 8B)
     python benchmarks/memory_parts.py --shape llama-8b                 # the LoRA row
     python benchmarks/memory_parts.py --shape tiny                     # CPU: the parameter parts
 

@@ -8,7 +8,7 @@
 #   benchmarks/run_gpu.sh varlen [--modes padded,padfree --variants fastlora-trainer,unsloth]
 #   benchmarks/run_gpu.sh exec python3 benchmarks/compile_profile.py   # any command, same set-up
 #   benchmarks/run_gpu.sh curve [--points gc-offload,gc,no-gc]      # benchmarks/memory_curve.py
-#   benchmarks/run_gpu.sh parts [--load-4bit --variants fastlora]    # benchmarks/memory_parts.py
+#   benchmarks/run_gpu.sh parts [--load-4bit --kbit-recipe bf16 --variants fastlora]  # memory_parts.py
 #   benchmarks/run_gpu.sh all                        # tests, kernels, then train with defaults
 # Installs carried wheels from .whl/ (shared/gpu/wheels.sh), uses fastlora from src/ without
 # installing it, and writes logs and results under $OUT (default benchmarks/results).
