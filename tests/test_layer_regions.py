@@ -171,3 +171,29 @@ def test_compile_time_flat_in_depth():
     two = _first_step_seconds(2, True)
     eight = _first_step_seconds(8, True)
     assert eight <= 1.5 * two, f"8 layers {eight:.1f} s, 2 layers {two:.1f} s (CPU)"
+
+
+def test_layers_moved_to_a_gpu_on_the_inductor_route_run_unmarked(monkeypatch):
+    """A Trainer moves the model to the GPU after compile_for_trainer marked its layers: each
+    call decides again, and on the inductor launch route (where a shared body gave wrong
+    gradients) a layer on the GPU runs as it would unmarked, the report's note saying why."""
+    model = with_lora(tiny_llama(layers=LAYERS))
+    fastlora.compile_for_trainer(model, reuse_layers=True)  # on the CPU: marked
+    assert sum(getattr(m, regions._MARK, False) for m in model.modules()) == LAYERS
+    assert regions.why(model, dynamic=True) is None
+    monkeypatch.setattr(regions, "_on_gpu", lambda layer: True)  # stands for .cuda()
+    monkeypatch.setattr(regions._launch, "LAUNCH", "inductor")
+    assert regions.INDUCTOR_ROUTE in regions.why(model, dynamic=True)
+
+    def shared_body(*args, **kwargs):
+        raise AssertionError("a layer on the GPU went through the shared body")
+    monkeypatch.setattr(regions, "_LAYER_CALL", shared_body)
+    layer = regions.decoder_layers(model)[1]
+    hidden = torch.randn(1, 5, 40)
+    position = torch.arange(5)[None]
+    rope = model.base_model.model.model.rotary_emb(hidden, position)
+    out = layer(hidden, position_embeddings=rope, position_ids=position)
+    assert out[0].shape == (1, 5, 40) if isinstance(out, tuple) else out.shape == (1, 5, 40)
+    monkeypatch.setattr(regions._launch, "LAUNCH", "python")
+    with pytest.raises(AssertionError, match="shared body"):
+        layer(hidden, position_embeddings=rope, position_ids=position)

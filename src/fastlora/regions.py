@@ -30,6 +30,8 @@ import functools
 
 import torch
 
+from .kernels import _launch
+
 _MARK = "_fastlora_region"  # set on a layer this module marked
 
 
@@ -46,10 +48,15 @@ def _checkpointed(layer) -> bool:
         and torch.is_grad_enabled()
 
 
+def _on_gpu(layer) -> bool:
+    return any(p.is_cuda for p in layer.parameters())
+
+
 def _layer_forward(layer, dynamic: bool, *args, **kwargs):
     """A marked layer's ``forward``: the region, except where it is not proven safe (``why``):
-    there the layer runs as it would unmarked. Dynamo traces this choice (and guards on it)."""
-    if dynamic and _checkpointed(layer):
+    there the layer runs as it would unmarked. Dynamo traces this choice (and guards on it).
+    Decided at each call: a Trainer moves the model to the GPU after it was compiled."""
+    if (dynamic and _checkpointed(layer)) or (_on_gpu(layer) and _inductor_launches(None)):
         return _call_layer(layer, *args, **kwargs)
     return _LAYER_CALL(layer, *args, **kwargs)
 
@@ -64,6 +71,8 @@ def why(model: torch.nn.Module, dynamic: bool) -> str | None:
     layers = [m for m in model.modules() if getattr(m, _MARK, False)]
     if dynamic and any(_checkpointed(m) for m in layers):
         return CHECKPOINT_DYNAMIC
+    if layers and _on_gpu(layers[0]) and _inductor_launches(None):
+        return f"decoder layers compiled one by one: {INDUCTOR_ROUTE}"
     return None
 
 
@@ -99,8 +108,6 @@ INDUCTOR_ROUTE = ("FASTLORA_LAUNCH=inductor on a GPU: a shared layer body gave w
 
 
 def _inductor_launches(launch: str | None) -> bool:
-    from .kernels import _launch
-
     if launch is not None:
         return launch == "inductor"
     return _launch.LAUNCH == "inductor" or "inductor" in _launch.PER_OP.values()
