@@ -136,9 +136,8 @@ def test_auto_is_off_and_the_inductor_route_refuses_shared_layers():
     cpu = with_lora(tiny_llama(layers=LAYERS))
     # a stand-in for a model on a GPU: why_not reads only its parameters' is_cuda
     gpu = types.SimpleNamespace(parameters=lambda: iter([types.SimpleNamespace(is_cuda=True)]))
-    for model in (cpu, gpu):
-        assert regions.resolve("auto", model) is False
-    assert regions.resolve(True, cpu) is True and regions.resolve(False, cpu) is False
+    assert regions.resolve("auto") is False
+    assert regions.resolve(True) is True and regions.resolve(False) is False
     on = fastlora.Options.parse({"reuse_layers": True})
     assert regions.why_not(on, gpu, launch="inductor") == regions.INDUCTOR_ROUTE
     assert regions.why_not(on, gpu, launch="python") is None

@@ -93,7 +93,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def resolve(value, model: torch.nn.Module | None = None, launch: str | None = None) -> bool:
+def resolve(value) -> bool:
     """Whether ``reuse_layers=value`` asks to mark the layers. ``"auto"`` is off everywhere for
     now: on the Python launch route it saved no compile time (Llama-3.2-1B's first step 65.0 s
     against 67.9 s on the H200), and on the inductor launch route, where it did (120 s against
@@ -122,8 +122,7 @@ def why_not(options, model: torch.nn.Module | None = None,
     if options.compiler == "eager":
         return ("compiler='eager' runs the graph without AOTAutograd, which a shared layer "
                 "body (invoke_subgraph) needs for its backward")
-    on_gpu = model is not None and any(p.is_cuda for p in model.parameters())
-    if on_gpu and _inductor_launches(launch):
+    if model is not None and _on_gpu(model) and _inductor_launches(launch):
         return INDUCTOR_ROUTE
     return None
 
