@@ -232,6 +232,29 @@ def append_jsonl(path: pathlib.Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+class Results:
+    """The rows of one benchmark run in ``out`` (created): each kept, printed as one JSON line
+    (less the ``hide`` keys; ``echo=False``: not printed) and appended to ``<name>.jsonl`` as it
+    comes, so a run cut short keeps what it measured."""
+
+    def __init__(self, out, name: str, hide: tuple = (), echo: bool = True):
+        self.dir = pathlib.Path(out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name, self.hide, self.echo = name, hide, echo
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> dict:
+        self.rows.append(row)
+        if self.echo:
+            print(json.dumps({k: v for k, v in row.items() if k not in self.hide}), flush=True)
+        append_jsonl(self.dir / f"{self.name}.jsonl", row)
+        return row
+
+    def path(self, suffix: str) -> pathlib.Path:
+        """``<out>/<name><suffix>`` (".csv", ".png", "_fastlora.log")."""
+        return self.dir / f"{self.name}{suffix}"
+
+
 def write_csv(path: pathlib.Path, rows: list[dict], keys: list[str]) -> None:
     """One line per row, each cell JSON (commas inside a cell become semicolons)."""
     path.parent.mkdir(parents=True, exist_ok=True)

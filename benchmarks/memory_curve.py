@@ -123,19 +123,15 @@ def main(argv=None):
     points = [p for p in args.points.split(",") if p]
     for point in points:
         point_settings(point)  # every name checked before the first worker starts
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    results = h.Results(args.out, "memory_curve")
     for point in points:
-        row = run_point(args, point)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        h.append_jsonl(out / "memory_curve.jsonl", row)
-    h.write_csv(out / "memory_curve.csv", rows, [
+        results.add(run_point(args, point))
+    rows = results.rows
+    h.write_csv(results.path(".csv"), rows, [
         "shape", "point", "gc", "options", "batch", "seq", "rank", "load_4bit", "tok_s",
         "step_ms", "gpu_ms", "host_ms", "peak_gib", "reserved_gib", "saved_gib", "fractions",
         "warmup_s", "loss", "offloaded", "error"])
-    plot(rows, out / "memory_curve.png")
+    plot(rows, results.path(".png"))
     print(table(rows))
 
 

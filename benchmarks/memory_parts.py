@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import pathlib
 import sys
@@ -258,15 +257,10 @@ def main(argv=None):
         args.gc = args.gc == "on"
         h.emit(worker(args))
         return
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    results = h.Results(args.out, "memory_parts")
     for variant in args.variants.split(","):
-        row = run_one(args, variant)
-        rows.append(row)
-        h.append_jsonl(out / "memory_parts.jsonl", row)
-        print(json.dumps(row), flush=True)
-    print("\n\n".join(table(r) for r in rows))
+        results.add(run_one(args, variant))
+    print("\n\n".join(table(r) for r in results.rows))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import sys
 
 import _harness as h  # this folder is first on sys.path when a script of it runs
@@ -208,17 +207,14 @@ def main(argv=None):
         return
     if args.variants is None:
         args.variants = ",".join(VARIANTS if args.mode == "model" else VARIANTS[:3])
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    results = h.Results(args.out, "moe_experts", echo=False)
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--worker", "--variant", variant]
         cmd += [f"--{k}={getattr(args, k)}" for k in ("mode", "shape", "layers", "batch", "seq",
                                                        "rank", "warmup", "steps")]
-        row = h.run_worker(cmd, {"variant": variant}, args.timeout,
-                           out / f"moe_experts_{variant}.log")
-        rows.append(row)
-        h.append_jsonl(out / "moe_experts.jsonl", row)
+        results.add(h.run_worker(cmd, {"variant": variant}, args.timeout,
+                                 results.path(f"_{variant}.log")))
+    rows = results.rows
     if args.mode == "layer":
         columns = [("ms", 10, "ms", ".2f"), ("peak GiB", 10, "peak_gib_above_inputs", ".2f"),
                    ("worst grad err", 16, lambda r: max(r["rel_err_vs_fp32"].values()), ".1e"),

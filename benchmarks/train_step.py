@@ -349,22 +349,18 @@ def main(argv=None):
         args.gc = args.gc == "on"
         h.emit(worker(args))
         return
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    results = h.Results(args.out, "train_step")
     for shape in args.shapes.split(","):
         for variant in args.variants.split(","):
             missing = h.importable(variant)
-            row = {"shape": shape, "variant": variant, "error": missing} if missing \
-                else run_one(args, shape, variant)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            h.append_jsonl(out / "train_step.jsonl", row)
-    h.write_csv(out / "train_step.csv", rows, [
+            results.add({"shape": shape, "variant": variant, "error": missing} if missing
+                        else run_one(args, shape, variant))
+    rows = results.rows
+    h.write_csv(results.path(".csv"), rows, [
         "shape", "variant", "batch", "seq", "gc", "rank", "load_4bit", "kbit_recipe", "tok_s",
         "step_ms", "host_ms", "gpu_ms", "step_over_gpu", "peak_gib", "warmup_s", "loss",
         "matches", "error"])
-    plot(rows, out / "train_step.png")
+    plot(rows, results.path(".png"))
     print(table(rows))
 
 

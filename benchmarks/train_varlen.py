@@ -255,19 +255,14 @@ def main(argv=None):
     if args.worker:
         h.emit(worker(args))
         return
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    results = h.Results(args.out, "train_varlen", hide=("per_step_ms", "widths"))
     for mode in args.modes.split(","):
         for variant in args.variants.split(","):
             missing = h.importable(variant)
-            row = {"shape": args.shape, "mode": mode, "variant": variant, "error": missing} \
-                if missing else run_one(args, mode, variant)
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k not in ("per_step_ms", "widths")}),
-                  flush=True)
-            h.append_jsonl(out / "train_varlen.jsonl", row)
-    h.write_csv(out / "train_varlen.csv", rows, [
+            results.add({"shape": args.shape, "mode": mode, "variant": variant, "error": missing}
+                        if missing else run_one(args, mode, variant))
+    rows = results.rows
+    h.write_csv(results.path(".csv"), rows, [
         "shape", "mode", "variant", "tok_s_real", "tok_s_computed", "step_ms", "gpu_ms",
         "fresh_ms", "repeat_ms", "total_s", "graphs", "peak_gib", "loss", "error"])
     print(table(rows))

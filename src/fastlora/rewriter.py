@@ -20,7 +20,6 @@ region's outputs are redirected to the new values and the region is erased.
 from __future__ import annotations
 
 import contextlib
-
 import traceback
 
 import torch

@@ -87,7 +87,7 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
     call = _traced_with_settings(
         model._compiled_call_impl, specialize_float=bool(dynamic),
-        note=lambda: regions.why(model, bool(dynamic)) or note)
+        note=lambda: (regions.why(model, bool(dynamic)) if marked else None) or note)
     model._compiled_call_impl = unpad.wrap(call, model) if opts.remove_padding else call
     return model
 
