@@ -178,6 +178,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
         patches.update(USER_TRITON_KERNEL_PATCHES)
     if not PAD_MM_GUARD_FREE and has_symbolic_sizes(gm):
         patches["shape_padding"] = False  # no guard on a token count (PAD_MM_GUARD_FREE)
+    if has_shared_bodies(gm):
+        patches.update(SHARED_BODY_PATCHES)
     partitioner = contextlib.ExitStack()
     if offload is not None:  # saved activations to host memory (offload.py)
         from .offload import offload_config
@@ -205,6 +207,17 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
 # Graphs that launch user kernels get Triton's own typing back.
 USER_TRITON_KERNEL_PATCHES = {"_use_fp64_for_unbacked_floats": False} \
     if hasattr(torch._inductor.config, "_use_fp64_for_unbacked_floats") else {}
+
+
+# Inductor's static buffer reuse is off in graphs with shared bodies (invoke_subgraph, as
+# reuse_layers makes them). Torch 2.11 and 2.13 hand the memory of a region's input to a later
+# buffer once the region has been called, although the region returns that input as a tensor
+# saved for its backward (an alias inductor does not track): the saved tensor is overwritten
+# and the backward is wrong. Found on the H200 (reuse_layers with inductor launching the
+# kernels: the final norm's output took the last layer's input, LoRA gradients 20-90% off);
+# tests/test_layer_regions.py shows it with plain torch code on the CPU. Dead buffers are still
+# freed, and the caching allocator hands their memory out again only when no tensor holds it.
+SHARED_BODY_PATCHES = {"allow_buffer_reuse": False}
 
 
 # Inductor's matmul padding pass (``shape_padding``) asks whether a matmul is compute bound. Up
@@ -241,6 +254,14 @@ def has_fused_ops(gm: fx.GraphModule) -> bool:
     return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
                and node.target.namespace == "fastlora"
                for module in _graph_modules(gm) for node in module.graph.nodes)
+
+
+def has_shared_bodies(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` or a graph nested in it calls a body through ``invoke_subgraph`` (a
+    nested compile region)."""
+    hop = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+    return hop is not None and any(node.op == "call_function" and node.target is hop
+                                   for module in _graph_modules(gm) for node in module.graph.nodes)
 
 
 def has_user_triton_kernels(gm: fx.GraphModule) -> bool:

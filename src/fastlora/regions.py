@@ -48,15 +48,11 @@ def _checkpointed(layer) -> bool:
         and torch.is_grad_enabled()
 
 
-def _on_gpu(layer) -> bool:
-    return any(p.is_cuda for p in layer.parameters())
-
-
 def _layer_forward(layer, dynamic: bool, *args, **kwargs):
     """A marked layer's ``forward``: the region, except where it is not proven safe (``why``):
     there the layer runs as it would unmarked. Dynamo traces this choice (and guards on it).
-    Decided at each call: a Trainer moves the model to the GPU after it was compiled."""
-    if (dynamic and _checkpointed(layer)) or (_on_gpu(layer) and _inductor_launches(None)):
+    Decided at each call: a Trainer turns checkpointing on after the model was compiled."""
+    if dynamic and _checkpointed(layer):
         return _call_layer(layer, *args, **kwargs)
     return _LAYER_CALL(layer, *args, **kwargs)
 
@@ -71,8 +67,6 @@ def why(model: torch.nn.Module, dynamic: bool) -> str | None:
     layers = [m for m in model.modules() if getattr(m, _MARK, False)]
     if dynamic and any(_checkpointed(m) for m in layers):
         return CHECKPOINT_DYNAMIC
-    if layers and _on_gpu(layers[0]) and _inductor_launches(None):
-        return f"decoder layers compiled one by one: {INDUCTOR_ROUTE}"
     return None
 
 
@@ -94,36 +88,22 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def resolve(value) -> bool:
-    """Whether ``reuse_layers=value`` asks to mark the layers. ``"auto"`` is off everywhere for
-    now: on the Python launch route it saved no compile time (Llama-3.2-1B's first step 65.0 s
-    against 67.9 s on the H200), and on the inductor launch route, where it did (120 s against
-    177 s), it is refused (``why_not``: wrong gradients)."""
+    """Whether ``reuse_layers=value`` asks to mark the layers. ``"auto"``: on where inductor
+    launches the fused ops' kernels (``FASTLORA_LAUNCH=inductor``), whose compile it shortens
+    (Llama-3.2-1B's first step 104.5 s against 176.9 s on the H200); off on the Python launch
+    route, where it saved nothing (65.0 s against 67.9 s), and so off by default."""
     if value != "auto":
         return bool(value)
-    return False
+    return _launch.LAUNCH == "inductor"
 
 
-INDUCTOR_ROUTE = ("FASTLORA_LAUNCH=inductor on a GPU: a shared layer body gave wrong LoRA "
-                  "gradients on that route on the H200 (torch 2.11; the loss was right)")
-
-
-def _inductor_launches(launch: str | None) -> bool:
-    if launch is not None:
-        return launch == "inductor"
-    return _launch.LAUNCH == "inductor" or "inductor" in _launch.PER_OP.values()
-
-
-def why_not(options, model: torch.nn.Module | None = None,
-            launch: str | None = None) -> str | None:
-    """Why layers cannot be compiled once with these backend ``options`` (an ``Options``) for
-    ``model`` (``launch``: the launch route, by default FASTLORA_LAUNCH's)."""
+def why_not(options) -> str | None:
+    """Why layers cannot be compiled once with these backend ``options`` (an ``Options``)."""
     if not options.reuse_layers:
         return "turned off (reuse_layers=False)"
     if options.compiler == "eager":
         return ("compiler='eager' runs the graph without AOTAutograd, which a shared layer "
                 "body (invoke_subgraph) needs for its backward")
-    if model is not None and _on_gpu(model) and _inductor_launches(launch):
-        return INDUCTOR_ROUTE
     return None
 
 
