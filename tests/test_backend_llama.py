@@ -200,4 +200,7 @@ def test_graphs_with_user_triton_kernels_get_tritons_float_typing(monkeypatch):
         assert backend.has_user_triton_kernels(gm) == launch
         backend._inner_compile(gm, [], "inductor", None)
     assert backend.USER_TRITON_KERNEL_PATCHES == {"_use_fp64_for_unbacked_floats": False}
-    assert seen == [backend.USER_TRITON_KERNEL_PATCHES] * 2 + [None] * 2
+    # a graph with a shared body (invoke_subgraph) also compiles without inductor's buffer reuse
+    shared = backend.SHARED_BODY_PATCHES
+    assert seen == [backend.USER_TRITON_KERNEL_PATCHES,
+                    {**backend.USER_TRITON_KERNEL_PATCHES, **shared}, None, shared]
