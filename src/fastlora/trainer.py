@@ -43,10 +43,9 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     With ``reuse_layers=True`` identical decoder layers are compiled once and reused
     (regions.py): each layer instance's call becomes a ``torch.compiler.nested_compile_region``,
     without editing the model's code. The report still counts each fusion once per layer; its
-    notes say whether layers were marked, or why not. ``"auto"`` (the default) is off for now
-    (docs/options.md): it saved no compile time on the Python launch route, and with
-    ``FASTLORA_LAUNCH=inductor`` on a GPU the layers are compiled one by one whatever the
-    setting, the shared body having given wrong LoRA gradients there.
+    notes say whether layers were marked, or why not. ``"auto"`` (the default) marks them where
+    inductor launches the kernels (``FASTLORA_LAUNCH=inductor``), whose compile it shortens, and
+    not on the default Python launch route, where it saved no compile time (docs/options.md).
 
     With gradient checkpointing on (``model.gradient_checkpointing_enable(
     gradient_checkpointing_kwargs={"use_reentrant": False})``, as the Trainer's
@@ -77,7 +76,7 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     opts = dataclasses.replace(opts, reuse_layers=regions.resolve(opts.reuse_layers))
     refused = regions.why_not(opts)
     marked = regions.mark(model, dynamic=bool(dynamic)) if refused is None else 0
-    if not opts.reuse_layers:  # off ("auto" is off for now): nothing to say
+    if not opts.reuse_layers:  # off (or "auto" on the Python launch route): nothing to say
         note = None
     elif refused is None:
         note = f"{marked} decoder layers marked to be compiled once (reuse_layers)" \
