@@ -155,18 +155,22 @@ def _insert(match: Match, index: int) -> None:
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: example_value(a))
         with _on_fakes(mode):
             n.meta["example_value"] = n.target(*args, **kwargs)
-    for old, new in zip(match.outputs, outs):
-        old.replace_all_uses_with(new.node if isinstance(new, fx.Proxy) else new)
-    for node in reversed(list(graph.nodes)):
-        if node in match.region and not node.users:
+    out_nodes = [new.node if isinstance(new, fx.Proxy) else new for new in outs]
+    for old, new in zip(match.outputs, out_nodes):
+        old.replace_all_uses_with(new)
+    for node in sorted(match.region, key=order.__getitem__, reverse=True):  # users first
+        if not node.users:
             graph.erase_node(node)
-    _stable_topological_sort(graph)
+    _stable_topological_sort(graph, new_nodes + [n for n in out_nodes if isinstance(n, fx.Node)])
 
 
-def _stable_topological_sort(graph: fx.Graph) -> None:
-    """Move nodes only where a node now precedes one of its inputs (rare: multi-output regions)."""
+def _stable_topological_sort(graph: fx.Graph, changed: list[fx.Node]) -> None:
+    """Move nodes only where a node now precedes one of its inputs (rare: multi-output regions).
+    Only ``changed`` nodes (the inserted ones and the outputs whose users they took over) can
+    be out of order: the rest of the graph kept its order."""
     position = {n: i for i, n in enumerate(graph.nodes)}
-    if all(position[i] < position[n] for n in graph.nodes for i in n.all_input_nodes):
+    if all(position[i] < position[n] for n in changed for i in n.all_input_nodes) and \
+            all(position[n] < position[u] for n in changed for u in n.users):
         return
     placed, cursor = set(), None
     for node in list(graph.nodes):
