@@ -425,3 +425,19 @@ def test_dequant_follows_the_format_spec():
     gaps = torch.tensor(Q.NF4).diff().max() / 2  # farthest a value can be from its code
     scale = qs.absmax.repeat_interleave(64)[:w.numel()].view(48, 32)
     assert ((out - w).abs() <= gaps * scale + 1e-6).all()
+
+
+def test_near_miss_explanation_walks_each_graph_once(monkeypatch):
+    """QLoRA's near-miss explanation runs for every adapter it does not fuse (here all of them:
+    the model has no 4-bit layer). It finds a graph's 4-bit layers once per graph: a walk of
+    the whole graph per adapter made the compile quadratic in depth (135k module_path calls
+    for a 16-layer tiny Llama)."""
+    from collections import Counter
+    seen = []
+    real = QP.module_path
+    monkeypatch.setattr(QP, "module_path", lambda node: (seen.append(node), real(node))[1])
+    model = with_lora(tiny_llama(layers=4))
+    compiled = torch.compile(model, backend="fastlora", options={"compiler": "aot_eager"})
+    run_step(compiled, token_batch(), model)
+    assert seen, "the explanation never ran: the test no longer covers it"
+    assert max(Counter(seen).values()) <= 2, max(Counter(seen).values())
