@@ -214,7 +214,7 @@ USER_TRITON_KERNEL_PATCHES = {"_use_fp64_for_unbacked_floats": False} \
 # buffer once the region has been called, although the region returns that input as a tensor
 # saved for its backward (an alias inductor does not track): the saved tensor is overwritten
 # and the backward is wrong. Found on the H200 (reuse_layers with inductor launching the
-# kernels: the final norm's output took the last layer's input, LoRA gradients 20-90% off);
+# kernels: the final norm's output took the last layer's input, LoRA gradients 20-95% off);
 # tests/test_layer_regions.py shows it with plain torch code on the CPU. Dead buffers are still
 # freed, and the caching allocator hands their memory out again only when no tensor holds it.
 SHARED_BODY_PATCHES = {"allow_buffer_reuse": False}
