@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlora.canonicalize import example_value
-from fastlora.report import module_path
+from fastlora.report import module_path, per_graph
 from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -157,18 +157,24 @@ def explain_lora_near_miss(node, refusal):
     if ".lora_A." not in "." + path + ".":
         return None  # a linear that is not a LoRA adapter's A product
     layer = path.split(".lora_A")[0]
-    if any("Dora" in c for c in classes) or any(
-            getattr(n.target, "__name__", "") in ("linalg_norm", "eye") for n in node.graph.nodes
-            if n.op == "call_function"):
+    dora_ops, lora_a_paths = per_graph(node.graph, "lora_adapters", _adapter_facts)
+    if any("Dora" in c for c in classes) or dora_ops:
         return ("DoRA adapter (use_dora=True): its weight-norm and magnitude rescaling of the "
                 "base output are not fused; this layer runs unfused (exact, only not faster)")
-    siblings = {module_path(n)[0] for n in node.graph.nodes if n.op == "call_function"
-                and n.target is F.linear and module_path(n)[0].startswith(layer + ".lora_A.")}
+    siblings = {p for p in lora_a_paths if p.startswith(layer + ".lora_A.")}
     if len(siblings) > 1:
         return (f"{len(siblings)} adapters are active on `{layer}` at once; adapters after the "
                 f"first are fused on their own only when they share no cast of x "
                 f"({refusal.reason})")
     return refusal.reason
+
+
+def _adapter_facts(graph) -> tuple[bool, frozenset[str]]:
+    """(whether the graph computes DoRA's norms, the module paths of its lora_A products)."""
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    dora_ops = any(getattr(n.target, "__name__", "") in ("linalg_norm", "eye") for n in calls)
+    return dora_ops, frozenset(p for p in (module_path(n)[0] for n in calls if n.target is F.linear)
+                               if ".lora_A." in "." + p + ".")
 
 
 # ---------------------------------------------------------------- the pattern

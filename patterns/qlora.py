@@ -26,7 +26,6 @@ bitsandbytes 8-bit (``Linear8bitLt``) is not fused here: its int8 matmul stays b
 and the ``lora_linear`` pattern fuses the adapter on its output.
 """
 import operator
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ from fastlora.matcher import describe
 from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
 from fastlora.patterns.lora_linear import (FLOATS, ON_BASE, adapter_dtypes, cast, dropout_of,
                                            explain_lora_near_miss, linear_of, make_seed)
-from fastlora.report import module_path
+from fastlora.report import module_path, per_graph
 
 try:
     GEMM_4BIT = torch.ops.bitsandbytes.gemm_4bit.default
@@ -226,29 +225,19 @@ def replacement(x, lora_A, lora_B, scale, qweight, absmax, out_features, in_feat
 def explain(node, refusal):
     """Report only adapters whose base layer is a bitsandbytes 4-bit one."""
     path, _ = module_path(node)
-    if path.split(".lora_A")[0] in _four_bit_layers(node.graph):
+    if path.split(".lora_A")[0] in per_graph(node.graph, "four_bit_layers", _four_bit_layers):
         return explain_lora_near_miss(node, refusal)
     return None
 
 
-# Per graph, the module paths of the layers whose base_layer is a bitsandbytes 4-bit one. Found
-# once: explain runs for every adapter QLoRA does not fuse (each LoRA adapter of a model without
-# 4-bit layers), and a walk of the whole graph each time made that quadratic in depth (135k
-# module_path calls, ~10% of a 16-layer tiny Llama's compile on the CPU). Rewrites never add a
-# base layer's node, and erase one only with its adapter (then nothing is left to explain).
-_FOUR_BIT: "weakref.WeakKeyDictionary[torch.fx.Graph, frozenset[str]]" = \
-    weakref.WeakKeyDictionary()
-
-
 def _four_bit_layers(graph) -> frozenset[str]:
-    if graph not in _FOUR_BIT:
-        found = set()
-        for n in graph.nodes:
-            path, classes = module_path(n)
-            if path.endswith(".base_layer") and classes and classes[-1].endswith("Linear4bit"):
-                found.add(path[:-len(".base_layer")])
-        _FOUR_BIT[graph] = frozenset(found)
-    return _FOUR_BIT[graph]
+    """The module paths of the layers whose base_layer is a bitsandbytes 4-bit one."""
+    found = set()
+    for n in graph.nodes:
+        path, classes = module_path(n)
+        if path.endswith(".base_layer") and classes and classes[-1].endswith("Linear4bit"):
+            found.add(path[:-len(".base_layer")])
+    return frozenset(found)
 
 
 register_pattern(Pattern(

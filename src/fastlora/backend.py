@@ -248,20 +248,23 @@ def has_symbolic_sizes(gm: fx.GraphModule) -> bool:
                for node in gm.graph.find_nodes(op="placeholder"))
 
 
+def _calls(gm: fx.GraphModule, targets) -> bool:
+    """Whether ``gm`` or a graph nested in it calls a function for which ``targets`` is true."""
+    return any(node.op == "call_function" and targets(node.target)
+               for module in _graph_modules(gm) for node in module.graph.nodes)
+
+
 def has_fused_ops(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` calls a fastlora op: on CUDA, AOTAutograd traces those into launches of
     their Triton kernels that inductor's code makes (FASTLORA_LAUNCH, kernels/_launch.py)."""
-    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-               and node.target.namespace == "fastlora"
-               for module in _graph_modules(gm) for node in module.graph.nodes)
+    return _calls(gm, lambda t: isinstance(t, torch._ops.OpOverload) and t.namespace == "fastlora")
 
 
 def has_shared_bodies(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` or a graph nested in it calls a body through ``invoke_subgraph`` (a
     nested compile region)."""
     hop = getattr(torch.ops.higher_order, "invoke_subgraph", None)
-    return hop is not None and any(node.op == "call_function" and node.target is hop
-                                   for module in _graph_modules(gm) for node in module.graph.nodes)
+    return hop is not None and _calls(gm, lambda t: t is hop)
 
 
 def has_user_triton_kernels(gm: fx.GraphModule) -> bool:
@@ -270,5 +273,4 @@ def has_user_triton_kernels(gm: fx.GraphModule) -> bool:
     hops = {getattr(torch.ops.higher_order, name, None)
             for name in ("triton_kernel_wrapper_mutation", "triton_kernel_wrapper_functional")}
     hops.discard(None)
-    return any(node.op == "call_function" and node.target in hops
-               for module in _graph_modules(gm) for node in module.graph.nodes)
+    return _calls(gm, lambda t: t in hops)

@@ -46,6 +46,21 @@ def module_path(node: fx.Node) -> tuple[str, list[str]]:
     return re.sub(r"\.forward\.args\[0\](?=\.|$)", "", path), classes
 
 
+_PER_GRAPH: "weakref.WeakKeyDictionary[fx.Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def per_graph(graph: fx.Graph, name: str, compute):
+    """``compute(graph)``, once per graph (again if its node count changed): for facts about the
+    whole graph that a pattern's near-miss explanation reads. It is asked once per unfused
+    anchor, and a walk of the graph per call made the compile quadratic in depth (135k
+    module_path calls for a 16-layer tiny Llama)."""
+    cache = _PER_GRAPH.setdefault(graph, {})
+    key = (name, len(graph.nodes))
+    if key not in cache:
+        cache[key] = compute(graph)
+    return cache[key]
+
+
 def _module_of(node: fx.Node) -> tuple[str, str]:
     path, classes = module_path(node)
     return path, (classes[-1].rsplit(".", 1)[-1] if classes else "")
