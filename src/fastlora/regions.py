@@ -136,9 +136,10 @@ _NOTES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("fastlo
 
 
 @contextlib.contextmanager
-def noting(*notes: str | None):
+def noting(*notes):
     """While Dynamo traces inside this block, ``notes()`` holds ``notes`` (the ones not None)
-    after those of the blocks around it."""
+    after those of the blocks around it. A note may be a function returning one (or None),
+    called only when the notes are read: a call that traces nothing does not compute it."""
     token = _NOTES.set(_NOTES.get() + tuple(n for n in notes if n))
     try:
         yield
@@ -147,4 +148,4 @@ def noting(*notes: str | None):
 
 
 def notes() -> tuple[str, ...]:
-    return _NOTES.get()
+    return tuple(n for n in (note() if callable(note) else note for note in _NOTES.get()) if n)

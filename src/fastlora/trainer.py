@@ -100,7 +100,8 @@ def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None):
     - ``specialize_float`` (with dynamic shapes): float constants stay constants.
     - under DDP, Dynamo's split at gradient buckets is left to the backend, after fusion
       (``distributed.fuse_before_ddp_split``).
-    - ``note()``: what each report says about the decoder layers (compiled once or why not).
+    - ``note()``: what each report says about the decoder layers (compiled once or why not),
+      computed only when a call traces.
     """
     @functools.wraps(compiled)
     def call(*args, **kwargs):
@@ -108,7 +109,7 @@ def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None):
             if specialize_float:
                 stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
             stack.enter_context(distributed.fuse_before_ddp_split())
-            stack.enter_context(regions.noting(note()))
+            stack.enter_context(regions.noting(note))  # read only while Dynamo traces
             return compiled(*args, **kwargs)
     return call
 
