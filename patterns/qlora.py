@@ -45,22 +45,26 @@ except (AttributeError, RuntimeError):  # bitsandbytes not imported: the op is n
 HOP = getattr(torch.ops.higher_order, "autograd_function_apply", None)
 
 
-def make_peft_bnb_4bit(dropout: bool):
+def make_peft_bnb_4bit(dropout: bool, autocast: bool):
     """peft's ``lora.bnb.Linear4bit``: the adapter output rounded to the base dtype and added to
-    a clone of the 4-bit matmul's output."""
+    a clone of the 4-bit matmul's output. Under CUDA's torch.autocast (a Trainer with bf16=True)
+    peft casts neither x nor the adapter output: autocast runs both adapter linears in its
+    dtype and the sum promotes (``autocast``)."""
     def spelling(base: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, scale: float, p: float, training: bool):
-        h = x.to(lora_A.dtype)
+        h = x if autocast else x.to(lora_A.dtype)
         if dropout:
             h = F.dropout(h, p, training, False)
-        return base.clone() + (F.linear(F.linear(h, lora_A), lora_B) * scale).to(base.dtype)
+        lora = F.linear(F.linear(h, lora_A), lora_B) * scale
+        return base.clone() + (lora if autocast else lora.to(base.dtype))
     return spelling
 
 
 # peft's lora.Linear spelling on the same base: adapter_on_base and adapter_on_base_dropout
-SPELLINGS = spelling_variants(make_peft_bnb_4bit,
-                              lambda dropout: "peft_bnb_4bit" + "_dropout" * dropout,
-                              dropout=(False, True)) + ON_BASE[:2]
+SPELLINGS = spelling_variants(
+    make_peft_bnb_4bit,
+    lambda dropout, autocast: "peft_bnb_4bit" + "_dropout" * dropout + "_autocast" * autocast,
+    dropout=(False, True), autocast=(False, True)) + ON_BASE[:2]
 
 
 def _gemm_4bit():
@@ -186,8 +190,19 @@ def check(m):
                      f"fused when the two agree: bnb_4bit_compute_dtype={a.dtype}, or the "
                      f"adapters cast to {compute_dtype} (fastlora train does that for --dtype "
                      f"fp32)")
-    if cast_x is None and adapter_dtypes(m) is not None:
-        raise Reject("QLoRA under torch.autocast is not fused (bitsandbytes casts x itself)")
+    cast_adapters = None
+    autocast = adapter_dtypes(m) if cast_x is None else None
+    if autocast is not None:
+        # float32 adapters under autocast (a Trainer with bf16=True without TRL's cast): the
+        # adapter linears ran in the autocast dtype, x and the adapter weights cast to it; the
+        # op gets them cast the same way (the casts' backward returns float32 gradients).
+        if not (autocast == compute_dtype and (cast_in or x.dtype == compute_dtype)
+                and a.dtype == b.dtype == torch.float32):
+            raise Reject(f"QLoRA under torch.autocast is not fused here: the adapter linears "
+                         f"ran in {autocast}, the 4-bit matmul in {compute_dtype} on {x.dtype} "
+                         f"x, adapters {a.dtype}")
+        cast_adapters = autocast
+        cast_x = autocast if x.dtype != autocast else None
     if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
         raise Reject(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit the "
                      f"{shape} base")
@@ -205,7 +220,7 @@ def check(m):
     return {"out_features": shape[0], "in_features": shape[1], "blocksize": blocksize,
             "quant_type": quant_type, "double_quant": absmax8 is not None,
             "out_dtype": m.output_value().dtype, "compute_dtype": compute_dtype,
-            "cast_x": cast_x,
+            "cast_x": cast_x, "cast_adapters": cast_adapters,
             "dropout": dropout_of(m),
             "bnb_call": "gemm_4bit" if gemm.graph is base_node.graph else "MatMul4Bit"}
 
@@ -213,7 +228,9 @@ def check(m):
 def replacement(x, lora_A, lora_B, scale, qweight, absmax, out_features, in_features, blocksize,
                 quant_type, out_dtype, compute_dtype, dropout, double_quant=False, absmax2=None,
                 code2=None, offset=None, bias=None, p=0.0, training=False, bnb_call=None,
-                cast_x=None):
+                cast_x=None, cast_adapters=None):
+    if cast_adapters is not None:  # torch.autocast's casts of the adapter weights
+        lora_A, lora_B = cast(lora_A, cast_adapters), cast(lora_B, cast_adapters)
     seed = make_seed(dropout, lora_A)
     if cast_x is not None:
         x = cast(x, cast_x)

@@ -50,7 +50,8 @@ def test_builtin_spelling_names_are_those_the_reports_show():
         for suffix in ("", "_dropout", "_autocast", "_dropout_autocast")]
     assert names(lora_grouped.QKV_SPELLINGS) == [
         "qkv_lora", "qkv_lora_dropout", "qkv_lora_autocast", "qkv_lora_dropout_autocast"]
-    assert names(qlora.SPELLINGS) == ["peft_bnb_4bit", "peft_bnb_4bit_dropout",
-                                      "adapter_on_base", "adapter_on_base_dropout"]
+    assert names(qlora.SPELLINGS) == [
+        "peft_bnb_4bit", "peft_bnb_4bit_dropout", "peft_bnb_4bit_autocast",
+        "peft_bnb_4bit_dropout_autocast", "adapter_on_base", "adapter_on_base_dropout"]
     assert names([attention.sdpa] + attention.EAGER) == [
         "sdpa", "eager_softcap_masked", "eager_masked", "eager_softcap", "eager"]

@@ -161,6 +161,11 @@ def _inputs():
     return token_batch()
 
 
+def _worst(loss, grads, loss_r, grads_r) -> float:
+    """The largest relative error of a step's loss and gradients against the twin's."""
+    return max([rel_err(loss, loss_r)] + [rel_err(grads[n], g) for n, g in grads_r.items()])
+
+
 def _errors(qmodel, inputs, twin=None):
     twin = twin if twin is not None else float_twin(qmodel)
     loss_r, grads_r = run_step(twin, inputs)
@@ -169,9 +174,7 @@ def _errors(qmodel, inputs, twin=None):
     compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
     loss_c, grads_c = run_step(compiled, inputs, compiled_model)
 
-    def worst(loss, grads):
-        return max([rel_err(loss, loss_r)] + [rel_err(grads[n], g) for n, g in grads_r.items()])
-    return worst(loss_e, grads_e), worst(loss_c, grads_c)
+    return _worst(loss_e, grads_e, loss_r, grads_r), _worst(loss_c, grads_c, loss_r, grads_r)
 
 
 @pytest.mark.parametrize("quant_type,double", [("nf4", True), ("fp4", False)])
@@ -441,3 +444,83 @@ def test_near_miss_explanation_walks_each_graph_once(monkeypatch):
     run_step(compiled, token_batch(), model)
     assert seen, "the explanation never ran: the test no longer covers it"
     assert max(Counter(seen).values()) <= 2, max(Counter(seen).values())
+
+
+def test_4bit_layers_compiled_one_by_one_and_fused(tmp_path):
+    """reuse_layers on a QLoRA model (loaded as users load it: quantized by transformers):
+    torch 2.11's Dynamo failed comparing two 4-bit layer bodies on the H200 (KeyError:
+    'example_value'), torch 2.13's shares them only with static shapes; so the layers are
+    compiled one by one, the report says why, and every adapter is fused and exact."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from fastlora import regions
+
+    tiny_llama(layers=4).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = with_lora(AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant,
+                                                           dtype=torch.float32))
+    # from_pretrained returns an eval-mode model; a Trainer trains in train mode. (In eval mode,
+    # on a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight for its CPU kernel at
+    # the first call whose input needs no gradient, and refuses these tiny widths.)
+    model.train()
+    inputs = _inputs()
+    loss_r, grads_r = run_step(float_twin(model), inputs)
+    loss_e, grads_e = run_step(model, inputs)
+    fastlora.clear_reports()
+    torch._dynamo.reset()
+    compiled = fastlora.compile_for_trainer(copy.deepcopy(model), reuse_layers=True,
+                                            **only_lora())
+    loss_c, grads_c = run_step(compiled, inputs)
+    reports = fastlora.reports(compiled)
+
+    assert not any(getattr(m, regions._MARK, False) for m in compiled.modules())
+    notes = " ".join(n for r in reports for n in r.notes)
+    assert regions.QUANTIZED in notes, notes
+    assert sum(r.counts().get("lora_linear_4bit", 0) for r in reports) == 28
+
+    assert _worst(loss_c, grads_c, loss_r, grads_r) <= \
+        1.25 * _worst(loss_e, grads_e, loss_r, grads_r) + 1e-3
+
+
+@pytest.mark.parametrize("adapters", ["bf16", "fp32"])
+def test_qlora_under_cuda_autocast(monkeypatch, adapters):
+    """A Trainer with bf16=True on a GPU runs the step under torch.autocast, and peft's 4-bit
+    layer then casts neither x nor the adapter output (it asks torch.is_autocast_enabled(),
+    which without a device means CUDA): with peft's float32 activations the adapter linears
+    read float32 x and autocast runs them in bfloat16. TRL's SFTTrainer stores the adapters in
+    bfloat16 ("bf16"); a plain Trainer leaves them float32 ("fp32"), which autocast casts too.
+    On the H200 `fastlora train --load-in-4bit` fused 4 of 28 adapters that way. Emulated here
+    with CPU autocast and the question answered for the CPU; fused, and held to eager's own
+    error against a float32 twin (the op keeps the adapter products in float32)."""
+    from peft import prepare_model_for_kbit_training
+
+    asks = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled",
+                        lambda *device: asks(*device) if device else asks("cpu"))
+    model = quantize_linears(tiny_llama(layers=2).to(torch.bfloat16))
+    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+    for param in model.parameters():
+        if param.requires_grad and adapters == "bf16":  # SFTTrainer, quantized model, bf16=True
+            param.data = param.data.to(torch.bfloat16)
+    inputs = _inputs()
+    loss_r, grads_r = run_step(float_twin(model), inputs)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_e, grads_e = run_step(model, inputs)
+        loss_c, grads_c = run_step(compiled, inputs, compiled_model)
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == [], str(report)
+    # every adapter reads float32 activations but o_proj (the attention's bfloat16 output)
+    casts = [m["params"]["cast_x"] for m in report.matches]
+    assert casts.count("torch.bfloat16") == 12 and casts.count(None) == 2, casts
+    cast_adapters = {m["params"]["cast_adapters"] for m in report.matches}
+    assert cast_adapters == ({None} if adapters == "bf16" else {"torch.bfloat16"})
+    assert all(g.dtype == grads_e[n].dtype for n, g in grads_c.items())
+
+    err_e = _worst(loss_e, grads_e, loss_r, grads_r)
+    err_c = _worst(loss_c, grads_c, loss_r, grads_r)
+    print(f"{adapters} adapters: eager {err_e:.2e}, compiled {err_c:.2e} from the float32 twin")
+    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)

@@ -97,13 +97,26 @@ def resolve(value) -> bool:
     return _launch.LAUNCH == "inductor"
 
 
-def why_not(options) -> str | None:
-    """Why layers cannot be compiled once with these backend ``options`` (an ``Options``)."""
+# Layers whose weights are bitsandbytes-quantized are compiled one by one: torch 2.11's Dynamo
+# failed comparing two such traced bodies on the H200 (`fastlora train --load-in-4bit`:
+# KeyError 'example_value' in are_same_graph_modules), and torch 2.13's shares them only with
+# static shapes (with dynamic ones every layer got a body of its own: nothing saved).
+_QUANTIZED_PARAMS = ("Params4bit", "Int8Params")  # bitsandbytes' weight classes
+QUANTIZED = ("bitsandbytes quantized layers (torch 2.11's Dynamo fails comparing their layer "
+             "bodies; torch 2.13's shares them only with static shapes)")
+
+
+def why_not(options, model: torch.nn.Module | None = None) -> str | None:
+    """Why layers cannot be compiled once with these backend ``options`` (an ``Options``) on
+    ``model``."""
     if not options.reuse_layers:
         return "turned off (reuse_layers=False)"
     if options.compiler == "eager":
         return ("compiler='eager' runs the graph without AOTAutograd, which a shared layer "
                 "body (invoke_subgraph) needs for its backward")
+    if model is not None and any(type(p).__name__ in _QUANTIZED_PARAMS
+                                 for p in model.parameters()):
+        return QUANTIZED
     return None
 
 

@@ -74,7 +74,7 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("this model is already compiled in place; compile it only once")
     opts = dataclasses.replace(opts, reuse_layers=regions.resolve(opts.reuse_layers))
-    refused = regions.why_not(opts)
+    refused = regions.why_not(opts, model)
     marked = regions.mark(model, dynamic=bool(dynamic)) if refused is None else 0
     if not opts.reuse_layers:  # off (or "auto" on the Python launch route): nothing to say
         note = None
