@@ -141,6 +141,43 @@ def _arg(gemm, name, index):
         gemm.args[index] if len(gemm.args) > index else None)
 
 
+def _input_casts(m, x, a, b, compute_dtype, cast_in: bool):
+    """(cast_x, cast_adapters): the dtypes the op casts x and the adapter weights to before it
+    runs (None: as they are), so that it computes what the unfused layer did; or a Reject for
+    the dtype combinations it would not reproduce. ``cast_in``: the 4-bit matmul reads
+    ``x.to(compute_dtype)`` (Linear4bit's own cast)."""
+    lora_dtype = example_value(linear_of(m, "lora_A")).dtype  # what the adapter linear ran in
+    if cast_in and a.dtype == b.dtype == compute_dtype != x.dtype and lora_dtype == a.dtype:
+        # TRL's SFTTrainer casts a quantized model's adapters to bfloat16 (the QLoRA paper's
+        # recipe); with peft's float32 activations, base and adapter then both read
+        # x.to(bfloat16): the op takes that cast x (its adapter products stay in float32, not
+        # rounded to bfloat16).
+        return compute_dtype, None
+    if a.dtype == b.dtype != x.dtype and a.dtype != compute_dtype \
+            and torch.finfo(a.dtype).bits <= torch.finfo(x.dtype).bits and lora_dtype == a.dtype:
+        # TRL's recipe on float32 compute (the CPU default): base and adapter read x in two
+        # different dtypes, and the adapter's is narrower (x rounded), which the one op does not
+        # do. A wider adapter (bf16 x into float32 adapters, peft's default) is an exact cast.
+        raise Reject(f"the adapter weights are {a.dtype} but the 4-bit matmul computes in "
+                     f"{compute_dtype}, so the adapter alone rounds its {x.dtype} input to "
+                     f"{a.dtype} (TRL's SFTTrainer stores a 4-bit model's adapters in bfloat16); "
+                     f"fused when the two agree: bnb_4bit_compute_dtype={a.dtype}, or the "
+                     f"adapters cast to {compute_dtype} (fastlora train does that for --dtype "
+                     f"fp32)")
+    autocast = adapter_dtypes(m)
+    if autocast is None:
+        return None, None
+    # float32 adapters under autocast (a Trainer with bf16=True without TRL's cast): the adapter
+    # linears ran in the autocast dtype, x and the adapter weights cast to it; the op gets them
+    # cast the same way (the casts' backward returns float32 gradients).
+    if not (autocast == compute_dtype and (cast_in or x.dtype == compute_dtype)
+            and a.dtype == b.dtype == torch.float32):
+        raise Reject(f"QLoRA under torch.autocast is not fused here: the adapter linears ran in "
+                     f"{autocast}, the 4-bit matmul in {compute_dtype} on {x.dtype} x, adapters "
+                     f"{a.dtype}")
+    return (autocast if x.dtype != autocast else None), autocast
+
+
 def check(m):
     x = m.value("x")
     base_node = m["base"]
@@ -173,36 +210,7 @@ def check(m):
     if base_dtype != x.dtype or base_dtype not in FLOATS or compute_dtype not in FLOATS:
         raise Reject(f"the 4-bit matmul returns {base_dtype} for {x.dtype} inputs")
     a, b = m.value("lora_A"), m.value("lora_B")
-    # TRL's SFTTrainer casts a quantized model's adapters to bfloat16 (the QLoRA paper's
-    # recipe); with peft's float32 activations, base and adapter then both read x.to(bfloat16):
-    # the op takes that cast x (its adapter products stay in float32, not rounded to bfloat16).
-    cast_x = (compute_dtype if cast_in and a.dtype == b.dtype == compute_dtype != x.dtype
-              and example_value(linear_of(m, "lora_A")).dtype == a.dtype else None)
-    if cast_x is None and a.dtype == b.dtype != x.dtype and a.dtype != compute_dtype \
-            and torch.finfo(a.dtype).bits <= torch.finfo(x.dtype).bits \
-            and example_value(linear_of(m, "lora_A")).dtype == a.dtype:
-        # TRL's recipe on float32 compute (the CPU default): base and adapter read x in two
-        # different dtypes, and the adapter's is narrower (x rounded), which the one op does not
-        # do. A wider adapter (bf16 x into float32 adapters, peft's default) is an exact cast.
-        raise Reject(f"the adapter weights are {a.dtype} but the 4-bit matmul computes in "
-                     f"{compute_dtype}, so the adapter alone rounds its {x.dtype} input to "
-                     f"{a.dtype} (TRL's SFTTrainer stores a 4-bit model's adapters in bfloat16); "
-                     f"fused when the two agree: bnb_4bit_compute_dtype={a.dtype}, or the "
-                     f"adapters cast to {compute_dtype} (fastlora train does that for --dtype "
-                     f"fp32)")
-    cast_adapters = None
-    autocast = adapter_dtypes(m) if cast_x is None else None
-    if autocast is not None:
-        # float32 adapters under autocast (a Trainer with bf16=True without TRL's cast): the
-        # adapter linears ran in the autocast dtype, x and the adapter weights cast to it; the
-        # op gets them cast the same way (the casts' backward returns float32 gradients).
-        if not (autocast == compute_dtype and (cast_in or x.dtype == compute_dtype)
-                and a.dtype == b.dtype == torch.float32):
-            raise Reject(f"QLoRA under torch.autocast is not fused here: the adapter linears "
-                         f"ran in {autocast}, the 4-bit matmul in {compute_dtype} on {x.dtype} "
-                         f"x, adapters {a.dtype}")
-        cast_adapters = autocast
-        cast_x = autocast if x.dtype != autocast else None
+    cast_x, cast_adapters = _input_casts(m, x, a, b, compute_dtype, cast_in)
     if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
         raise Reject(f"adapter shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit the "
                      f"{shape} base")
