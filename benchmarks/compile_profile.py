@@ -11,7 +11,9 @@ first step:
 - the phases Dynamo records (``torch._dynamo.utils.compile_times``);
 - the profile's own time summed by where the code lives (dynamo, aot autograd, inductor,
   triton's compiler, fastlora, the mutation analysis of user Triton kernels, ...);
-- the 30 functions with the most cumulative time under ``torch``/``triton``/``fastlora``.
+- the 30 functions with the most cumulative time under ``torch``/``triton``/``fastlora``;
+- the "other" place by function (native code: Triton's LLVM passes, waits on compile workers),
+  and the calls and cumulative time of Triton's JIT compile and of inductor's compile waits.
 Writes the raw profile (``.pstats``) and a JSON summary under --out. The launch route is read
 from ``FASTLORA_LAUNCH`` as in the library, so compare routes by running the script twice.
 """
@@ -64,6 +66,34 @@ def by_place(stats: pstats.Stats) -> dict[str, float]:
     for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():
         total[place(filename)] = total.get(place(filename), 0.0) + tottime
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def unplaced(stats: pstats.Stats, top: int = 15) -> list[dict]:
+    """The functions with the most self time in the "other" place: mostly built-ins (native
+    code called from Python: Triton's LLVM passes, waits on compiler subprocesses or threads),
+    which cProfile files under no source path."""
+    rows = [{"function": f"{name} ({filename}:{line})", "self_s": tottime, "calls": calls}
+            for (filename, line, name), (_, calls, tottime, _, _) in stats.stats.items()
+            if place(filename) == "other"]
+    return sorted(rows, key=lambda r: -r["self_s"])[:top]
+
+
+# Compiles worth counting on their own: (label, file path part, function name).
+COMPILES = [("Triton JIT compile (a kernel's first launch)", "triton/compiler/compiler.py",
+             "compile"),
+            ("inductor: waiting for its compile workers", "_inductor/async_compile.py", "wait")]
+
+
+def compile_calls(stats: pstats.Stats) -> dict[str, dict]:
+    """Calls and cumulative seconds of each entry of COMPILES."""
+    found = {}
+    for label, key, func in COMPILES:
+        calls, cum = 0, 0.0
+        for (filename, _, name), (_, ncalls, _, cumtime, _) in stats.stats.items():
+            if key in filename and name == func:
+                calls, cum = calls + ncalls, cum + cumtime
+        found[label] = {"calls": calls, "cumulative_s": cum}
+    return found
 
 
 def main(argv=None):
@@ -134,6 +164,8 @@ def main(argv=None):
                "first_step_s": first_s, "second_step_s": second_s,
                "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
                "matches": fastlora.reports(model).counts(), "self_time_by_place": places,
+               "unplaced_top": unplaced(stats) if stats else [],
+               "compiles": compile_calls(stats) if stats else {},
                "access_analysis": dict(_access_cache.stats),
                "access_cache": os.environ.get("FASTLORA_ACCESS_CACHE", "1") != "0"}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
@@ -149,6 +181,13 @@ def main(argv=None):
     for name, secs in places.items():
         if secs >= 0.05:
             print(f"  {name:36s} {secs:8.2f}")
+    if stats:
+        print('"other", by function (self s, calls):')
+        for row in summary["unplaced_top"]:
+            print(f"  {row['self_s']:8.2f} {row['calls']:8d}  {row['function'][:90]}")
+        print("compiles (calls, cumulative s):")
+        for label, c in summary["compiles"].items():
+            print(f"  {label:48s} {c['calls']:6d} {c['cumulative_s']:8.2f}")
     return 0
 
 
