@@ -15,6 +15,8 @@ with or without the dropout node (peft uses nn.Identity for p = 0), and with or 
 cast (under torch.autocast it is a no-op and gone). A second family matches the adapter on any
 precomputed base output (a bitsandbytes 8-bit matmul, a second adapter on the same layer),
 including peft's bitsandbytes spelling that rounds the adapter output before the add.
+An adapter stored in a narrower dtype than x (bf16 adapters on float32 activations) reads x
+rounded, which the base does not: it is fused on the base output, given the rounded x.
 rsLoRA changes only the scaling literal. Under torch.autocast the fused op runs in the autocast
 dtype, as the unfused linears do.
 """
@@ -121,6 +123,20 @@ def adapter_dtypes(m, prefix: str = "", base_linear=None):
     return None
 
 
+def rounded_input(m):
+    """The dtype the adapter rounded x to before its linears, when it ran in its weights'
+    narrower dtype (None otherwise): TRL stores a quantized model's adapters in bfloat16 while
+    peft's kbit preparation keeps activations float32, so peft casts x (or torch.autocast does).
+    On a base output computed elsewhere the adapter alone reads x, and the op reproduces that
+    rounding when it is given the cast x (its products then stay in float32)."""
+    x, a, b = m.value("x"), m.value("lora_A"), m.value("lora_B")
+    if not all(isinstance(v, torch.Tensor) and v.dtype in FLOATS for v in (x, a, b)):
+        return None
+    ran_in = example_value(linear_of(m, "lora_A")).dtype
+    narrower = torch.finfo(a.dtype).bits <= torch.finfo(x.dtype).bits
+    return a.dtype if a.dtype == b.dtype == ran_in != x.dtype and narrower else None
+
+
 def autocast_inputs(m, cast_to, names) -> list:
     """The inputs (of ``names``) that torch.autocast would have cast to ``cast_to``."""
     if cast_to is None:
@@ -197,14 +213,16 @@ def check(m):
             raise Reject(f"base output has dtype {base.dtype}")
         producer = m["base"]
         if producer.op == "call_function" and producer.target is F.linear \
-                and producer.args[0] is m["x"]:
+                and producer.args[0] is m["x"] and rounded_input(m) is None:
             # the adapter's own base linear: the peft_lora spellings fuse it with the adapter
-            # (they are tried after this smaller spelling when the final cast is absent)
+            # (they are tried after this smaller spelling when the final cast is absent); not
+            # when only the adapter rounds x, which one op over both cannot do
             raise Reject("the base is this adapter's own linear; left to the peft_lora spellings")
     devices = {v.device for v in (x, a, b)}
     if len(devices) != 1:
         raise Reject(f"inputs on several devices {sorted(map(str, devices))}")
-    cast_to = adapter_dtypes(m, base_linear=base_linear)
+    cast_to = (rounded_input(m) if base_linear is None else None) \
+        or adapter_dtypes(m, base_linear=base_linear)
     p = dropout_of(m)
     names = ("x", "weight", "bias", "lora_A", "lora_B")
     return tidy({"out_dtype": m.output_value().dtype, "cast_to": cast_to, "dropout": p,
@@ -213,7 +231,8 @@ def check(m):
 
 def replacement(x, lora_A, lora_B, scale, weight=None, bias=None, base=None, p=0.0,
                 training=False, out_dtype=None, cast_to=None, dropout=0.0, autocast_inputs=()):
-    # torch.autocast: the linears ran in cast_to; cast what autocast cast
+    # the linears ran in cast_to (torch.autocast, or the adapter's own cast of x on a base
+    # computed elsewhere): cast what was cast
     x = cast(x, cast_to) if "x" in autocast_inputs else x
     weight = cast(weight, cast_to) if "weight" in autocast_inputs else weight
     bias = cast(bias, cast_to) if "bias" in autocast_inputs else bias

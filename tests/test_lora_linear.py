@@ -304,6 +304,24 @@ def test_bf16_base_fp32_adapters():
     assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
 
 
+def test_fp32_base_bf16_adapters_fused_on_the_base_output():
+    """Adapters stored in bfloat16 on a float32 model: peft rounds x to bfloat16 for the adapter
+    only, while the base linear reads it unrounded. One op over both cannot read x twice, so the
+    base linear stays a linear and the adapter is fused on its output, given the rounded x."""
+    model32 = with_lora(tiny_llama(layers=1))
+    model = copy.deepcopy(model32)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.bfloat16()
+    err_e, err_c = errors_vs(model32, model, _inputs())
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear": 7} and report.near_misses == []
+    assert {m["spelling"] for m in report.matches} == {"adapter_on_base"}
+    assert all(m["params"]["cast_to"] == "torch.bfloat16"
+               and m["params"]["autocast_inputs"] == ["x"] for m in report.matches)
+    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
+
+
 def test_autocast_bf16():
     model = with_lora(tiny_llama(layers=1), r=8)
     err_e, err_c = errors_vs(copy.deepcopy(model), model, _inputs(), autocast=torch.bfloat16)

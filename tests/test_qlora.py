@@ -237,9 +237,11 @@ def test_qlora_the_trl_way():
 
 def test_qlora_float32_compute_the_trl_way_is_a_near_miss_that_says_why():
     """float32 weights and compute (``fastlora train --load-in-4bit`` on the CPU) with TRL's
-    bfloat16 adapters: the base reads float32 x, the adapter x.to(bfloat16). The op reads one x,
-    so each 4-bit adapter is a near miss whose reason names the two dtypes, TRL's cast and the
-    fix; with the adapters cast back to float32 (what fastlora train does) every one is fused."""
+    bfloat16 adapters: the base reads float32 x, the adapter x.to(bfloat16). The 4-bit op reads
+    one x, so each 4-bit layer is a near miss whose reason names the two dtypes, TRL's cast and
+    the fix; lora_linear fuses the adapter alone on bitsandbytes' output (given the rounded x).
+    With the adapters cast back to float32 (what fastlora train does) every 4-bit layer is
+    fused."""
     from peft import prepare_model_for_kbit_training
 
     model = quantize_linears(tiny_llama(layers=1), dtype=torch.float32)
@@ -247,10 +249,11 @@ def test_qlora_float32_compute_the_trl_way_is_a_near_miss_that_says_why():
     for name, param in model.named_parameters():
         if param.requires_grad:  # what SFTTrainer does for a quantized model
             param.data = param.data.to(torch.bfloat16)
-    options = {**only_lora(), "strict": False}
-    torch.compile(copy.deepcopy(model), backend="fastlora", options=options)(**_inputs())
+    err_e, err_c = _errors(model, _inputs())
     report = fastlora.last_report()
-    assert report.counts() == {}
+    assert report.counts() == {"lora_linear": 7}
+    assert all(m["params"]["autocast_inputs"] == ["x"] for m in report.matches)
+    assert err_c <= 1.25 * err_e + 1e-5, (err_e, err_c)
     misses = [n for n in report.near_misses if n["pattern"] == "lora_linear_4bit"]
     assert sorted(n["module"].split(".lora_A")[0] + ".base_layer" for n in misses) == sorted(
         name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
@@ -370,6 +373,45 @@ def test_4bit_disabled_adapter_still_fused_on_bnb_output():
     assert fastlora.last_report().counts() == {"lora_linear": 2}
     assert rel_err(loss_c, model(**inputs).loss) < 1e-2
 
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "cuda_autocast"])
+def test_8bit_bf16_adapters_on_float32_activations(monkeypatch, autocast):
+    """TRL's recipe on an 8-bit model: peft's kbit preparation keeps the activations float32 and
+    SFTTrainer stores the adapters in bfloat16, so each adapter rounds x to bfloat16 (peft's cast,
+    or under a Trainer's bf16=True CUDA autocast, autocast's) while the base reads it as it is.
+    On a base computed elsewhere the op is given the rounded x: every adapter fused (0 and 7 of
+    14 were), and held to eager's own error against a float32 twin."""
+    from peft import prepare_model_for_kbit_training
+
+    if autocast:  # peft asks torch.is_autocast_enabled() with no device, which means CUDA
+        asks = torch.is_autocast_enabled
+        monkeypatch.setattr(torch, "is_autocast_enabled",
+                            lambda *device: asks(*device) if device else asks("cpu"))
+    model = quantize_linears(tiny_llama(layers=2).to(torch.bfloat16), kind="8bit")
+    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    inputs = _inputs()
+    loss_r, grads_r = run_step(float_twin(model), inputs)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss_e, grads_e = run_step(model, inputs)
+        loss_c, grads_c = run_step(compiled, inputs, compiled_model)
+    report = fastlora.last_report()
+    assert report.counts() == {"lora_linear": 14} and report.near_misses == [], str(report)
+    # x rounded by the op wherever the adapter read float32 x: everywhere without autocast,
+    # all but o_proj and down_proj under it (they read autocast's bfloat16 outputs)
+    rounded = [m["module"] for m in report.matches
+               if m["params"].get("cast_to") == "torch.bfloat16"
+               and m["params"].get("autocast_inputs") == ["x"]]
+    assert len(rounded) == (10 if autocast else 14), [m["params"] for m in report.matches]
+    assert all(g.dtype == grads_e[n].dtype for n, g in grads_c.items())
+    err_e = _worst(loss_e, grads_e, loss_r, grads_r)
+    err_c = _worst(loss_c, grads_c, loss_r, grads_r)
+    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
 
 # ---------------------------------------------------------------- GPU
 
