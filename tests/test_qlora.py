@@ -177,6 +177,26 @@ def _errors(qmodel, inputs, twin=None):
     return _worst(loss_e, grads_e, loss_r, grads_r), _worst(loss_c, grads_c, loss_r, grads_r)
 
 
+def answer_autocast_for_the_cpu(monkeypatch):
+    """peft's bitsandbytes layers ask torch.is_autocast_enabled() with no device, which means
+    CUDA: answered for the CPU, so that CPU autocast stands in for a GPU Trainer's bf16=True."""
+    asks = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled",
+                        lambda *device: asks(*device) if device else asks("cpu"))
+
+
+def kbit_recipe(qmodel, adapters="bf16"):
+    """``qmodel`` prepared as a quantized model is trained: peft's kbit preparation (float32
+    activations), LoRA, and the adapters stored in bfloat16 (``adapters="bf16"``, what TRL's
+    SFTTrainer does) or left float32 (``"fp32"``: peft's recipe, a plain Trainer)."""
+    from peft import prepare_model_for_kbit_training
+    model = with_lora(prepare_model_for_kbit_training(qmodel, use_gradient_checkpointing=False))
+    for param in model.parameters():
+        if param.requires_grad and adapters == "bf16":
+            param.data = param.data.to(torch.bfloat16)
+    return model
+
+
 @pytest.mark.parametrize("quant_type,double", [("nf4", True), ("fp4", False)])
 def test_qlora_llama_both_graph_forms(quant_type, double):
     model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16),
@@ -201,10 +221,7 @@ def test_qlora_after_prepare_model_for_kbit_training():
     eager's is. Both are held to a float32 twin: eager's bfloat16 GEMM is bitsandbytes' own CPU
     kernel or torch's, whose summation order depends on the CPU (AVX2 vs AVX-512 differ in the
     last bfloat16 bit), so comparing compiled to eager directly measured the CPU, not us."""
-    from peft import prepare_model_for_kbit_training
-
-    model = quantize_linears(tiny_llama(layers=2).to(torch.bfloat16))
-    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+    model = kbit_recipe(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16)), "fp32")
     err_e, err_c = _errors(model, _inputs_seeded())
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == []
@@ -221,13 +238,7 @@ def test_qlora_the_trl_way():
     made the activations float32: base and adapter both read x.to(bfloat16). The fused op reads
     that cast x too; its adapter products stay float32 where eager rounds them to bfloat16, so
     compiled is held to eager's own error against a float32 twin (as the other 4-bit tests)."""
-    from peft import prepare_model_for_kbit_training
-
-    model = quantize_linears(tiny_llama(layers=2).to(torch.bfloat16))
-    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
-    for name, param in model.named_parameters():
-        if param.requires_grad:  # what SFTTrainer does for a quantized model
-            param.data = param.data.to(torch.bfloat16)
+    model = kbit_recipe(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16)))
     err_e, err_c = _errors(model, _inputs())
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == []
@@ -242,13 +253,7 @@ def test_qlora_float32_compute_the_trl_way_is_a_near_miss_that_says_why():
     the fix; lora_linear fuses the adapter alone on bitsandbytes' output (given the rounded x).
     With the adapters cast back to float32 (what fastlora train does) every 4-bit layer is
     fused."""
-    from peft import prepare_model_for_kbit_training
-
-    model = quantize_linears(tiny_llama(layers=1), dtype=torch.float32)
-    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
-    for name, param in model.named_parameters():
-        if param.requires_grad:  # what SFTTrainer does for a quantized model
-            param.data = param.data.to(torch.bfloat16)
+    model = kbit_recipe(quantize_linears(tiny_llama(layers=1), dtype=torch.float32))
     err_e, err_c = _errors(model, _inputs())
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear": 7}
@@ -382,17 +387,9 @@ def test_8bit_bf16_adapters_on_float32_activations(monkeypatch, autocast):
     or under a Trainer's bf16=True CUDA autocast, autocast's) while the base reads it as it is.
     On a base computed elsewhere the op is given the rounded x: every adapter fused (0 and 7 of
     14 were), and held to eager's own error against a float32 twin."""
-    from peft import prepare_model_for_kbit_training
-
-    if autocast:  # peft asks torch.is_autocast_enabled() with no device, which means CUDA
-        asks = torch.is_autocast_enabled
-        monkeypatch.setattr(torch, "is_autocast_enabled",
-                            lambda *device: asks(*device) if device else asks("cpu"))
-    model = quantize_linears(tiny_llama(layers=2).to(torch.bfloat16), kind="8bit")
-    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.to(torch.bfloat16)
+    if autocast:
+        answer_autocast_for_the_cpu(monkeypatch)
+    model = kbit_recipe(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16), kind="8bit"))
     inputs = _inputs()
     loss_r, grads_r = run_step(float_twin(model), inputs)
     compiled_model = copy.deepcopy(model)
@@ -536,16 +533,8 @@ def test_qlora_under_cuda_autocast(monkeypatch, adapters):
     On the H200 `fastlora train --load-in-4bit` fused 4 of 28 adapters that way. Emulated here
     with CPU autocast and the question answered for the CPU; fused, and held to eager's own
     error against a float32 twin (the op keeps the adapter products in float32)."""
-    from peft import prepare_model_for_kbit_training
-
-    asks = torch.is_autocast_enabled
-    monkeypatch.setattr(torch, "is_autocast_enabled",
-                        lambda *device: asks(*device) if device else asks("cpu"))
-    model = quantize_linears(tiny_llama(layers=2).to(torch.bfloat16))
-    model = with_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
-    for param in model.parameters():
-        if param.requires_grad and adapters == "bf16":  # SFTTrainer, quantized model, bf16=True
-            param.data = param.data.to(torch.bfloat16)
+    answer_autocast_for_the_cpu(monkeypatch)
+    model = kbit_recipe(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16)), adapters)
     inputs = _inputs()
     loss_r, grads_r = run_step(float_twin(model), inputs)
     compiled_model = copy.deepcopy(model)
