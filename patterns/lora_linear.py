@@ -200,6 +200,7 @@ def check(m):
     x = m.value("x")
     a, b = m.value("lora_A"), m.value("lora_B")
     base_linear = linear_of(m, "weight") if "weight" in m.bindings else None
+    rounded = rounded_input(m) if base_linear is None else None
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape[1] != a.shape[0]:
         raise Reject(f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not form a rank-r "
                      f"adapter for inputs of width {x.shape[-1]}")
@@ -213,7 +214,7 @@ def check(m):
             raise Reject(f"base output has dtype {base.dtype}")
         producer = m["base"]
         if producer.op == "call_function" and producer.target is F.linear \
-                and producer.args[0] is m["x"] and rounded_input(m) is None:
+                and producer.args[0] is m["x"] and rounded is None:
             # the adapter's own base linear: the peft_lora spellings fuse it with the adapter
             # (they are tried after this smaller spelling when the final cast is absent); not
             # when only the adapter rounds x, which one op over both cannot do
@@ -221,8 +222,7 @@ def check(m):
     devices = {v.device for v in (x, a, b)}
     if len(devices) != 1:
         raise Reject(f"inputs on several devices {sorted(map(str, devices))}")
-    cast_to = (rounded_input(m) if base_linear is None else None) \
-        or adapter_dtypes(m, base_linear=base_linear)
+    cast_to = rounded or adapter_dtypes(m, base_linear=base_linear)
     p = dropout_of(m)
     names = ("x", "weight", "bias", "lora_A", "lora_B")
     return tidy({"out_dtype": m.output_value().dtype, "cast_to": cast_to, "dropout": p,

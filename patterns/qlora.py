@@ -35,7 +35,8 @@ from fastlora.kernels.lora_linear_4bit import code_table
 from fastlora.matcher import describe
 from fastlora.pattern import Pattern, Reject, register_pattern, spelling_variants
 from fastlora.patterns.lora_linear import (FLOATS, ON_BASE, adapter_dtypes, cast, dropout_of,
-                                           explain_lora_near_miss, linear_of, make_seed)
+                                           explain_lora_near_miss, linear_of, make_seed,
+                                           rounded_input)
 from fastlora.report import module_path, per_graph
 
 try:
@@ -153,11 +154,11 @@ def _input_casts(m, x, a, b, compute_dtype, cast_in: bool):
         # x.to(bfloat16): the op takes that cast x (its adapter products stay in float32, not
         # rounded to bfloat16).
         return compute_dtype, None
-    if a.dtype == b.dtype != x.dtype and a.dtype != compute_dtype \
-            and torch.finfo(a.dtype).bits <= torch.finfo(x.dtype).bits and lora_dtype == a.dtype:
+    if rounded_input(m) not in (None, compute_dtype):
         # TRL's recipe on float32 compute (the CPU default): base and adapter read x in two
         # different dtypes, and the adapter's is narrower (x rounded), which the one op does not
-        # do. A wider adapter (bf16 x into float32 adapters, peft's default) is an exact cast.
+        # do (lora_linear fuses the adapter alone on the 4-bit output). A wider adapter (bf16 x
+        # into float32 adapters, peft's default) is an exact cast.
         raise Reject(f"the adapter weights are {a.dtype} but the 4-bit matmul computes in "
                      f"{compute_dtype}, so the adapter alone rounds its {x.dtype} input to "
                      f"{a.dtype} (TRL's SFTTrainer stores a 4-bit model's adapters in bfloat16); "
