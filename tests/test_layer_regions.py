@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -176,30 +173,41 @@ def test_shared_bodies_keep_the_inputs_they_save():
         assert rel_err(w.grad, g) < 1e-5, rel_err(w.grad, g)
 
 
-def _first_step_seconds(layers: int, reuse: bool, dynamic: str = "static") -> float:
-    """CPU seconds the first step takes beyond a steady one (the compile), in a fresh process
-    (compile_time_worker.py): inductor, caches off, no kernel compiled before. CPU time (the
-    process and its compiler subprocesses), not wall time: the CI machine is shared."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, os.path.join(here, "compile_time_worker.py"),
-                          str(layers), "on" if reuse else "off", dynamic],
-                         cwd=here, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = out.stdout.strip().splitlines()[-1]
-    return float(line.split()[0].split("=")[1])
+def _bodies_traced(layers: int) -> int:
+    """How many layer bodies Dynamo traces in the first step of a tiny Llama of ``layers``
+    layers through compile_for_trainer (reuse_layers, dynamic shapes, the defaults otherwise).
+    A body Dynamo reuses is stamped out, not traced again: what would make the compile flat in
+    depth. (The compile's seconds, which follow the machine as much as the option, are
+    benchmarks/compile_depth.py's to measure, not a test's to assert.)"""
+    from torch._dynamo.utils import compilation_time_metrics
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=layers, hidden=16, heads=2, kv_heads=1, inter=16,
+                                 vocab=32), r=2)
+    model.train()
+    fastlora.compile_for_trainer(model, compiler="aot_eager", reuse_layers=True)
+    before = len(compilation_time_metrics.get("invoke_subgraph_trace", []))
+    run_step(model, token_batch(vocab=32, use_cache=False))
+    return len(compilation_time_metrics.get("invoke_subgraph_trace", [])) - before
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "not met on the CPU (2026-12-04, torch 2.13, transformers 5.25, 2-core shared machine): the "
-    "compile of 8 layers costs 1.59x that of 2 with reuse_layers (15.5 -> 24.7 CPU s) and "
-    "1.58x without (1.28x and 1.27x on another 2-core machine the same day, where it passes). "
-    "Dynamo traces every layer again: its subgraph reuse refuses a body with a "
-    "side effect, and the `kernels` package (a transformers 5.25 dependency) wraps the "
-    "attention's forward in a global-variable set/reset. With a reuse_hash_fn (torch 2.13) "
-    "that skips the check, 8 layers cost 1.46x (wall), but such a key must prove every layer "
-    "traces the same, which fastlora cannot yet (docs/options.md, reuse_layers)"))
-def test_compile_time_flat_in_depth():
-    two = _first_step_seconds(2, True)
-    eight = _first_step_seconds(8, True)
-    assert eight <= 1.5 * two, f"8 layers {eight:.1f} s, 2 layers {two:.1f} s (CPU)"
+def _attention_wrapped_by_kernels() -> bool:
+    """Whether transformers' attention carries the ``kernels`` package's ``use_kernelized_func``
+    wrapper (transformers 5.25 depends on ``kernels``): a context variable set and reset in each
+    attention call, a side effect for which torch 2.13's Dynamo refuses to reuse a body."""
+    return hasattr(tiny_llama(layers=1).model.layers[0].self_attn, "_kernel_funcs")
+
+
+@pytest.mark.xfail(_attention_wrapped_by_kernels(), strict=True, reason=(
+    "Dynamo traces every layer again (2 bodies at 2 layers, 8 at 8): the `kernels` package's "
+    "wrapper sets a context variable in each attention call, and torch 2.13 reuses a traced body "
+    "only without side effects. A reuse_hash_fn would skip that check, but its key must prove "
+    "that every layer traces the same, which fastlora cannot yet (docs/options.md, "
+    "reuse_layers). Inductor still compiles one shared body. Without the wrapper (the "
+    "`kernels` import hidden) 2 bodies are traced at 2 and at 8 layers, 6 stamped out"))
+def test_layer_bodies_traced_once_whatever_the_depth():
+    """Issue 17's compile flat in depth, its deterministic part: Dynamo traces the same number
+    of layer bodies (the first layer's and the rest's) for 8 layers as for 2."""
+    two = _bodies_traced(2)
+    assert two >= 1  # Dynamo still counts its traces under this name
+    assert _bodies_traced(8) == two
