@@ -1,5 +1,6 @@
 """QLoRA: the Triton NF4/FP4 dequantization vs bitsandbytes, the fused 4-bit LoRA op vs float64,
-and compiled-vs-eager on tiny Llamas whose linears are bitsandbytes 4-bit (and 8-bit) layers.
+and compiled-vs-eager on tiny Llamas whose linears are bitsandbytes 4-bit layers (the models:
+tests/qlora_models.py; trainers' recipes, autocast and 8-bit bases: test_qlora_recipes.py).
 
 bitsandbytes 0.50.2 runs 4-bit and 8-bit layers on the CPU (its default backend), so all of this
 runs here; the CUDA path (peft's bnb LoRA classes, bitsandbytes' CUDA kernels) is in the GPU
@@ -9,23 +10,17 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import fastlora
 from fastlora.kernels import _lora_blocks as K
 from fastlora.kernels import lora_linear_4bit as Q
 from fastlora.patterns import qlora as QP
-from helpers import rel_err, run_step, tiny_llama, with_lora
-from helpers import token_batch
+from helpers import rel_err, run_step, tiny_llama, token_batch, with_lora
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
 BF = pytest.importorskip("bitsandbytes.functional")
 
-
-def only_lora():
-    keep = ("lora_linear", "lora_linear_4bit")
-    others = [p.name for p in fastlora.registered_patterns() if p.name not in keep]
-    return {"compiler": "aot_eager", "strict": True, "disable": others}
+from qlora_models import batch, errors, float_twin, only_lora, quantize_linears, worst  # noqa: E402
 
 
 def quantized(n, k, quant_type, double, blocksize=64, device="cpu"):
@@ -111,97 +106,11 @@ def test_op_opcheck():
 # ---------------------------------------------------------------- tiny quantized models
 
 
-def quantize_linears(model, kind="4bit", quant_type="nf4", double=True, dtype=torch.bfloat16):
-    """Replace the decoder's nn.Linear layers by bitsandbytes 4-bit (or 8-bit) ones, the way
-    ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` builds them."""
-    for module in list(model.model.layers.modules()):
-        for name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            if kind == "4bit":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features,
-                                      bias=child.bias is not None, compute_dtype=dtype,
-                                      quant_type=quant_type, compress_statistics=double)
-                q.weight = bnb.nn.Params4bit(child.weight.data.float(), requires_grad=False,
-                                             quant_type=quant_type, compress_statistics=double,
-                                             blocksize=64)
-            else:
-                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features,
-                                        bias=child.bias is not None, has_fp16_weights=False)
-                q.weight = bnb.nn.Int8Params(child.weight.data.float(), requires_grad=False,
-                                             has_fp16_weights=False)
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
-            setattr(module, name, q.to(child.weight.device))
-    return model
-
-
-def float_twin(qmodel):
-    """A float32 model computing what ``qmodel`` computes (dequantized weights, same adapters)."""
-    twin = copy.deepcopy(qmodel)
-    for module in list(twin.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                w = BF.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
-            elif isinstance(child, bnb.nn.Linear8bitLt):
-                w = child(torch.eye(child.in_features, dtype=torch.bfloat16)).float().T
-                if child.bias is not None:
-                    w = w - child.bias.float()[:, None]
-            else:
-                continue
-            lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-            lin.weight = nn.Parameter(w.contiguous(), requires_grad=False)
-            if child.bias is not None:
-                lin.bias = nn.Parameter(child.bias.data.float(), requires_grad=False)
-            setattr(module, name, lin)
-    return twin.float()
-
-
-def _inputs():
-    return token_batch()
-
-
-def _worst(loss, grads, loss_r, grads_r) -> float:
-    """The largest relative error of a step's loss and gradients against the twin's."""
-    return max([rel_err(loss, loss_r)] + [rel_err(grads[n], g) for n, g in grads_r.items()])
-
-
-def _errors(qmodel, inputs, twin=None):
-    twin = twin if twin is not None else float_twin(qmodel)
-    loss_r, grads_r = run_step(twin, inputs)
-    compiled_model = copy.deepcopy(qmodel)
-    loss_e, grads_e = run_step(qmodel, inputs)
-    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
-    loss_c, grads_c = run_step(compiled, inputs, compiled_model)
-
-    return _worst(loss_e, grads_e, loss_r, grads_r), _worst(loss_c, grads_c, loss_r, grads_r)
-
-
-def answer_autocast_for_the_cpu(monkeypatch):
-    """peft's bitsandbytes layers ask torch.is_autocast_enabled() with no device, which means
-    CUDA: answered for the CPU, so that CPU autocast stands in for a GPU Trainer's bf16=True."""
-    asks = torch.is_autocast_enabled
-    monkeypatch.setattr(torch, "is_autocast_enabled",
-                        lambda *device: asks(*device) if device else asks("cpu"))
-
-
-def kbit_recipe(qmodel, adapters="bf16"):
-    """``qmodel`` prepared as a quantized model is trained: peft's kbit preparation (float32
-    activations), LoRA, and the adapters stored in bfloat16 (``adapters="bf16"``, what TRL's
-    SFTTrainer does) or left float32 (``"fp32"``: peft's recipe, a plain Trainer)."""
-    from peft import prepare_model_for_kbit_training
-    model = with_lora(prepare_model_for_kbit_training(qmodel, use_gradient_checkpointing=False))
-    for param in model.parameters():
-        if param.requires_grad and adapters == "bf16":
-            param.data = param.data.to(torch.bfloat16)
-    return model
-
-
 @pytest.mark.parametrize("quant_type,double", [("nf4", True), ("fp4", False)])
 def test_qlora_llama_both_graph_forms(quant_type, double):
     model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16),
                                        quant_type=quant_type, double=double))
-    err_e, err_c = _errors(model, _inputs())
+    err_e, err_c = errors(model, batch())
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear_4bit": 14}
     calls = [m["params"]["bnb_call"] for m in report.matches]
@@ -212,66 +121,6 @@ def test_qlora_llama_both_graph_forms(quant_type, double):
     assert all(m["params"]["quant_type"] == quant_type and m["params"]["double_quant"] == double
                for m in report.matches)
     assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
-
-
-def test_qlora_after_prepare_model_for_kbit_training():
-    """peft's QLoRA recipe makes norms and embeddings float32, so activations are float32 and
-    Linear4bit casts x to its bfloat16 compute dtype and the result back: both casts join the
-    match (they were a near miss before), and the fused op's base matmul is a bfloat16 GEMM as
-    eager's is. Both are held to a float32 twin: eager's bfloat16 GEMM is bitsandbytes' own CPU
-    kernel or torch's, whose summation order depends on the CPU (AVX2 vs AVX-512 differ in the
-    last bfloat16 bit), so comparing compiled to eager directly measured the CPU, not us."""
-    model = kbit_recipe(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16)), "fp32")
-    err_e, err_c = _errors(model, _inputs_seeded())
-    report = fastlora.last_report()
-    assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == []
-    assert {m["params"]["compute_dtype"] for m in report.matches} == {"torch.bfloat16"}
-    # the first layer's q, k, v read the frozen embeddings: bitsandbytes' no-autograd call
-    assert [m["params"]["bnb_call"] for m in report.matches] == ["gemm_4bit"] * 3 + \
-        ["MatMul4Bit"] * 11
-    # eager's error is bfloat16 GEMM rounding (about 5e-3); a wrong formula is far above it
-    assert err_c <= 1.1 * err_e + 1e-4, (err_e, err_c)
-
-
-def test_qlora_the_trl_way():
-    """TRL's SFTTrainer casts a quantized model's adapters to bfloat16 after peft's recipe has
-    made the activations float32: base and adapter both read x.to(bfloat16). The fused op reads
-    that cast x too; its adapter products stay float32 where eager rounds them to bfloat16, so
-    compiled is held to eager's own error against a float32 twin (as the other 4-bit tests)."""
-    model = kbit_recipe(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16)))
-    err_e, err_c = _errors(model, _inputs())
-    report = fastlora.last_report()
-    assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == []
-    assert {m["params"]["cast_x"] for m in report.matches} == {"torch.bfloat16"}
-    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
-
-
-def test_qlora_float32_compute_the_trl_way_is_a_near_miss_that_says_why():
-    """float32 weights and compute (``fastlora train --load-in-4bit`` on the CPU) with TRL's
-    bfloat16 adapters: the base reads float32 x, the adapter x.to(bfloat16). The 4-bit op reads
-    one x, so each 4-bit layer is a near miss whose reason names the two dtypes, TRL's cast and
-    the fix; lora_linear fuses the adapter alone on bitsandbytes' output (given the rounded x).
-    With the adapters cast back to float32 (what fastlora train does) every 4-bit layer is
-    fused."""
-    model = kbit_recipe(quantize_linears(tiny_llama(layers=1), dtype=torch.float32))
-    err_e, err_c = _errors(model, _inputs())
-    report = fastlora.last_report()
-    assert report.counts() == {"lora_linear": 7}
-    assert all(m["params"]["autocast_inputs"] == ["x"] for m in report.matches)
-    assert err_c <= 1.25 * err_e + 1e-5, (err_e, err_c)
-    misses = [n for n in report.near_misses if n["pattern"] == "lora_linear_4bit"]
-    assert sorted(n["module"].split(".lora_A")[0] + ".base_layer" for n in misses) == sorted(
-        name for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
-    for miss in misses:
-        assert "adapter weights are torch.bfloat16 but the 4-bit matmul computes in " \
-               "torch.float32" in miss["reason"] and "--dtype fp32" in miss["reason"], miss
-
-    from fastlora.app.sft import keep_adapters_in
-    assert keep_adapters_in(model, torch.float32) == 14  # lora_A and lora_B of 7 layers
-    err_e, err_c = _errors(model, _inputs())
-    report = fastlora.last_report()
-    assert report.counts() == {"lora_linear_4bit": 7} and report.near_misses == []
-    assert err_c <= 1.25 * err_e + 1e-5, (err_e, err_c)
 
 
 def test_unread_outputs_of_the_4bit_autograd_function_join_the_match():
@@ -295,7 +144,7 @@ def test_unread_outputs_of_the_4bit_autograd_function_join_the_match():
 
     model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16)))
     twin = copy.deepcopy(model)
-    inputs = _inputs()
+    inputs = batch()
     loss_e, grads_e = run_step(model, inputs)
     loss_c, grads_c = run_step(torch.compile(twin, backend=backend), inputs, twin)
     assert len(added) == 11  # the MatMul4Bit layers (q, k, v of layer 0 call gemm_4bit)
@@ -322,14 +171,9 @@ def test_code_table_is_built_at_compile_time(monkeypatch):
     monkeypatch.setattr(Q, "code_table", spy)
     monkeypatch.setattr(QP, "code_table", spy)
     model = with_lora(quantize_linears(tiny_llama(layers=1).to(torch.bfloat16)))
-    torch.compile(model, backend="fastlora", options=only_lora())(**_inputs())
+    torch.compile(model, backend="fastlora", options=only_lora())(**batch())
     assert fastlora.last_report().counts() == {"lora_linear_4bit": 7}
     assert callers and callers[0].endswith("qlora.py")
-
-
-def _inputs_seeded():
-    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(3))
-    return {"input_ids": ids, "labels": ids}
 
 
 def test_qlora_dropout_and_bias_against_seeded_twin():
@@ -342,7 +186,7 @@ def test_qlora_dropout_and_bias_against_seeded_twin():
     for module in twin.modules():
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
             module.lora_dropout["default"] = SeededDropout(p)
-    inputs = _inputs()
+    inputs = batch()
     torch.manual_seed(5)
     loss_r, grads_r = run_step(twin, inputs)
     compiled_model = copy.deepcopy(model)
@@ -357,58 +201,17 @@ def test_qlora_dropout_and_bias_against_seeded_twin():
     assert max(rel_err(grads_c[n], g) for n, g in grads_r.items()) < 5e-2
 
 
-def test_8bit_adapter_fused_by_lora_linear():
-    model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16), kind="8bit"))
-    err_e, err_c = _errors(model, _inputs())
-    report = fastlora.last_report()
-    # the int8 matmul stays bitsandbytes'; lora_linear fuses every adapter (on CPU layer 0's
-    # int8 weight is dequantized in the graph, so its base linear is fused too)
-    assert report.counts() == {"lora_linear": 14}
-    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
-
-
 def test_4bit_disabled_adapter_still_fused_on_bnb_output():
     model = with_lora(quantize_linears(tiny_llama(layers=1).to(torch.bfloat16)),
                       targets=["q_proj", "o_proj"])
     opts = only_lora()
     opts["disable"] = opts["disable"] + ["lora_linear_4bit"]
     compiled = torch.compile(copy.deepcopy(model), backend="fastlora", options=opts)
-    inputs = _inputs()
+    inputs = batch()
     loss_c = compiled(**inputs).loss
     assert fastlora.last_report().counts() == {"lora_linear": 2}
     assert rel_err(loss_c, model(**inputs).loss) < 1e-2
 
-
-
-@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "cuda_autocast"])
-def test_8bit_bf16_adapters_on_float32_activations(monkeypatch, autocast):
-    """TRL's recipe on an 8-bit model: peft's kbit preparation keeps the activations float32 and
-    SFTTrainer stores the adapters in bfloat16, so each adapter rounds x to bfloat16 (peft's cast,
-    or under a Trainer's bf16=True CUDA autocast, autocast's) while the base reads it as it is.
-    On a base computed elsewhere the op is given the rounded x: every adapter fused (0 and 7 of
-    14 were), and held to eager's own error against a float32 twin."""
-    if autocast:
-        answer_autocast_for_the_cpu(monkeypatch)
-    model = kbit_recipe(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16), kind="8bit"))
-    inputs = _inputs()
-    loss_r, grads_r = run_step(float_twin(model), inputs)
-    compiled_model = copy.deepcopy(model)
-    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss_e, grads_e = run_step(model, inputs)
-        loss_c, grads_c = run_step(compiled, inputs, compiled_model)
-    report = fastlora.last_report()
-    assert report.counts() == {"lora_linear": 14} and report.near_misses == [], str(report)
-    # x rounded by the op wherever the adapter read float32 x: everywhere without autocast,
-    # all but o_proj and down_proj under it (they read autocast's bfloat16 outputs)
-    rounded = [m["module"] for m in report.matches
-               if m["params"].get("cast_to") == "torch.bfloat16"
-               and m["params"].get("autocast_inputs") == ["x"]]
-    assert len(rounded) == (10 if autocast else 14), [m["params"] for m in report.matches]
-    assert all(g.dtype == grads_e[n].dtype for n, g in grads_c.items())
-    err_e = _worst(loss_e, grads_e, loss_r, grads_r)
-    err_c = _worst(loss_c, grads_c, loss_r, grads_r)
-    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
 
 # ---------------------------------------------------------------- GPU
 
@@ -429,30 +232,11 @@ def test_cuda_qlora_llama_compiled_vs_eager():
     torch.manual_seed(0)
     model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16).cuda()))
     ids = torch.randint(0, 97, (2, 33), device="cuda")
-    err_e, err_c = _errors(model, {"input_ids": ids, "labels": ids},
+    err_e, err_c = errors(model, {"input_ids": ids, "labels": ids},
                            twin=float_twin(model).cuda())
     report = fastlora.last_report()
     assert report.counts() == {"lora_linear_4bit": 14}
     assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
-
-
-@pytest.mark.gpu
-def test_cuda_8bit_falls_back_to_adapter_fusion():
-    torch.manual_seed(0)
-    model = with_lora(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16).cuda(),
-                                       kind="8bit"))
-    ids = torch.randint(0, 97, (2, 33), device="cuda")
-    compiled = torch.compile(copy.deepcopy(model), backend="fastlora", options=only_lora())
-    loss_c = compiled(input_ids=ids, labels=ids).loss
-    reports = fastlora.reports(compiled)
-    counts = reports.counts()
-    # On CUDA, bitsandbytes' 8-bit layer breaks Dynamo's graph (the H200 run, bitsandbytes 0.50,
-    # torch 2.11: 31 graphs for 2 layers, where the CPU gives one). An adapter whose base
-    # output lies in another graph is left as it is, correct but unfused (6 of 14 fused there);
-    # docs/troubleshooting.md says so. Here: the fused ones are right, and some are fused.
-    assert 1 <= counts.get("lora_linear", 0) <= 14 and set(counts) == {"lora_linear"}, (
-        counts, reports.near_misses()[:4], str(reports)[:3000])
-    assert rel_err(loss_c, model(input_ids=ids, labels=ids).loss) < 1e-2
 
 
 def test_dequant_follows_the_format_spec():
@@ -504,7 +288,7 @@ def test_4bit_layers_compiled_one_by_one_and_fused(tmp_path):
     # on a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit weight for its CPU kernel at
     # the first call whose input needs no gradient, and refuses these tiny widths.)
     model.train()
-    inputs = _inputs()
+    inputs = batch()
     loss_r, grads_r = run_step(float_twin(model), inputs)
     loss_e, grads_e = run_step(model, inputs)
     fastlora.clear_reports()
@@ -519,39 +303,6 @@ def test_4bit_layers_compiled_one_by_one_and_fused(tmp_path):
     assert regions.QUANTIZED in notes, notes
     assert sum(r.counts().get("lora_linear_4bit", 0) for r in reports) == 28
 
-    assert _worst(loss_c, grads_c, loss_r, grads_r) <= \
-        1.25 * _worst(loss_e, grads_e, loss_r, grads_r) + 1e-3
+    assert worst(loss_c, grads_c, loss_r, grads_r) <= \
+        1.25 * worst(loss_e, grads_e, loss_r, grads_r) + 1e-3
 
-
-@pytest.mark.parametrize("adapters", ["bf16", "fp32"])
-def test_qlora_under_cuda_autocast(monkeypatch, adapters):
-    """A Trainer with bf16=True on a GPU runs the step under torch.autocast, and peft's 4-bit
-    layer then casts neither x nor the adapter output (it asks torch.is_autocast_enabled(),
-    which without a device means CUDA): with peft's float32 activations the adapter linears
-    read float32 x and autocast runs them in bfloat16. TRL's SFTTrainer stores the adapters in
-    bfloat16 ("bf16"); a plain Trainer leaves them float32 ("fp32"), which autocast casts too.
-    On the H200 `fastlora train --load-in-4bit` fused 4 of 28 adapters that way. Emulated here
-    with CPU autocast and the question answered for the CPU; fused, and held to eager's own
-    error against a float32 twin (the op keeps the adapter products in float32)."""
-    answer_autocast_for_the_cpu(monkeypatch)
-    model = kbit_recipe(quantize_linears(tiny_llama(layers=2).to(torch.bfloat16)), adapters)
-    inputs = _inputs()
-    loss_r, grads_r = run_step(float_twin(model), inputs)
-    compiled_model = copy.deepcopy(model)
-    compiled = torch.compile(compiled_model, backend="fastlora", options=only_lora())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_e, grads_e = run_step(model, inputs)
-        loss_c, grads_c = run_step(compiled, inputs, compiled_model)
-    report = fastlora.last_report()
-    assert report.counts() == {"lora_linear_4bit": 14} and report.near_misses == [], str(report)
-    # every adapter reads float32 activations but o_proj (the attention's bfloat16 output)
-    casts = [m["params"]["cast_x"] for m in report.matches]
-    assert casts.count("torch.bfloat16") == 12 and casts.count(None) == 2, casts
-    cast_adapters = {m["params"]["cast_adapters"] for m in report.matches}
-    assert cast_adapters == ({None} if adapters == "bf16" else {"torch.bfloat16"})
-    assert all(g.dtype == grads_e[n].dtype for n, g in grads_c.items())
-
-    err_e = _worst(loss_e, grads_e, loss_r, grads_r)
-    err_c = _worst(loss_c, grads_c, loss_r, grads_r)
-    print(f"{adapters} adapters: eager {err_e:.2e}, compiled {err_c:.2e} from the float32 twin")
-    assert err_c <= 1.25 * err_e + 1e-3, (err_e, err_c)
