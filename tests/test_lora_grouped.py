@@ -16,7 +16,7 @@ from fastlora.kernels import _lora_blocks as K
 from fastlora.kernels import lora_mlp as G
 from helpers import rel_err, run_step, tiny_llama, with_lora
 from helpers import token_batch
-from test_lora_linear import _mixed, errors_vs, only_lora
+from lora_models import errors_vs, mixed_dtypes, only_lora
 
 BOTH = ("lora_linear", "lora_mlp")
 
@@ -121,7 +121,7 @@ def test_llama_swiglu_fp32_exact():
 
 def test_llama_swiglu_bf16_base_fp32_adapters():
     model32 = with_lora(tiny_llama(layers=1))
-    err_e, err_c = errors_vs(model32, _mixed(copy.deepcopy(model32)), _inputs(), patterns=BOTH)
+    err_e, err_c = errors_vs(model32, mixed_dtypes(copy.deepcopy(model32)), _inputs(), patterns=BOTH)
     assert fastlora.last_report().counts() == {"lora_mlp": 1, "lora_linear": 5}
     assert err_c <= 1.5 * err_e + 1e-3, (err_e, err_c)
 
@@ -170,7 +170,7 @@ class GroupSeededDropout(nn.Module):
 
 
 def test_dropout_seeded_twin():
-    from test_lora_linear import SeededDropout
+    from lora_models import SeededDropout
     p = 0.2
     model = with_lora(tiny_llama(layers=1), dropout=p)
     twin = copy.deepcopy(model)
@@ -267,7 +267,7 @@ def test_llama_qkv_with_bias_fp32_exact():
 
 def test_llama_qkv_bf16_base_fp32_adapters():
     model32 = with_lora(tiny_llama(layers=1))
-    err_e, err_c = errors_vs(model32, _mixed(copy.deepcopy(model32)), _inputs(), patterns=ALL)
+    err_e, err_c = errors_vs(model32, mixed_dtypes(copy.deepcopy(model32)), _inputs(), patterns=ALL)
     assert fastlora.last_report().counts() == {"lora_qkv": 1, "lora_mlp": 1, "lora_linear": 2}
     assert err_c <= 1.5 * err_e + 1e-3, (err_e, err_c)
 
@@ -280,7 +280,7 @@ def test_qkv_needs_all_three_adapted():
 
 
 def test_qkv_dropout_seeded_twin():
-    from test_lora_linear import SeededDropout
+    from lora_models import SeededDropout
     p = 0.2
     model = with_lora(tiny_llama(layers=1), dropout=p, targets=["q_proj", "k_proj", "v_proj",
                                                                "o_proj"])

@@ -17,7 +17,7 @@ from helpers import (checkpointed, compare_compiled, rel_err, run_step, saved_ac
                      saved_of_shape, tiny_llama, with_lora)
 from helpers import token_batch
 from test_lora_grouped import GroupSeededDropout, _SharedSeed
-from test_lora_linear import SeededDropout, _mixed, errors_vs
+from lora_models import SeededDropout, errors_vs, mixed_dtypes
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 M, HID, FFN, OUT = 37, 72, 40, 72  # tokens, hidden, ffn (odd sizes: masked tiles everywhere)
@@ -205,7 +205,7 @@ def test_llama_bf16(mode):
         errs = errors_vs(copy.deepcopy(model32), model32, _inputs(), autocast=torch.bfloat16,
                          patterns=PATTERNS)
     else:
-        errs = errors_vs(model32, _mixed(copy.deepcopy(model32)), _inputs(), patterns=PATTERNS)
+        errs = errors_vs(model32, mixed_dtypes(copy.deepcopy(model32)), _inputs(), patterns=PATTERNS)
     assert fastlora.last_report().counts() == {"lora_mlp": 1, "lora_linear": 5,
                                                "lora_mlp_block": 1}
     assert errs[1] <= 1.5 * errs[0] + 1e-3, errs

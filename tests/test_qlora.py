@@ -177,7 +177,7 @@ def test_code_table_is_built_at_compile_time(monkeypatch):
 
 
 def test_qlora_dropout_and_bias_against_seeded_twin():
-    from test_lora_linear import SeededDropout
+    from lora_models import SeededDropout
     p = 0.2
     model = with_lora(quantize_linears(tiny_llama(layers=2, attention_bias=True)
                                        .to(torch.bfloat16)), dropout=p,
