@@ -15,7 +15,7 @@ from torch import Tensor
 from . import tuning
 from ._attention_reference import (document_bounds, probabilities,  # noqa: F401
                                    visible_mask)  # (document_bounds used here; all re-exported)
-from ._common import HAVE_TRITON, check_float, check_same_device, require
+from ._common import HAVE_TRITON, check_float, check_same_device, next_power_of_2, require
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -239,7 +239,7 @@ if HAVE_TRITON:
 
 
 def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 # Tuning entry "flash_attention" (both directions): each key None takes kernel_config's value;

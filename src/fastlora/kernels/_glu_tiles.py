@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from ._common import HAVE_TRITON, require, rows2d
+from ._common import HAVE_TRITON, cdiv, next_power_of_2, require, rows2d
 from ._launch import launch
 
 # The launch of swiglu, swiglu_packed and geglu. tile: (elements per program, most columns,
@@ -58,9 +58,9 @@ def block_config(n: int) -> tuple[int, int, int]:
     tile = tuning.get("glu")["tile"]
     if tile is not None:
         elems, widest, warps = tile
-        block_n = min(triton.next_power_of_2(n), widest)
+        block_n = min(next_power_of_2(n), widest)
         return max(1, elems // block_n), block_n, warps
-    block_n = min(triton.next_power_of_2(n), 1024)
+    block_n = min(next_power_of_2(n), 1024)
     block_m = max(1, 4096 // block_n)
     return block_m, block_n, 8
 
@@ -93,7 +93,7 @@ def config(tensors, flat: tuple[int, int]) -> tuple[int, int, int, int, int]:
 
 
 def grid(m: int, n: int, block_m: int, block_n: int):
-    return (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    return (cdiv(m, block_m) * cdiv(n, block_n),)
 
 
 def launch_forward(kernel, flat: tuple[int, int], gate: Tensor, up: Tensor,

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from ._common import HAVE_TRITON, sm_count, halve_until_it_fits, require, size_hint
+from ._common import (HAVE_TRITON, cdiv, halve_until_it_fits, next_power_of_2, require, size_hint,
+                      sm_count)
 from ._launch import launch
 from ._dot_precision import dot_mode, fix_bf16
 # the references are re-exported: the op files and tests take every block from this module
@@ -237,7 +238,7 @@ if HAVE_TRITON:
 
 
 def block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _sms(t: Tensor) -> int:
@@ -262,12 +263,12 @@ def split_extent(extent: int, block: int, other_programs: int, per_sm: int, t: T
     other_programs x splits is about per_sm programs per SM (per_sm 0: one split)."""
     if per_sm <= 0 or size_hint(extent) <= 0:
         return 1, max(extent, 1) if isinstance(extent, int) else extent
-    want = triton.cdiv(per_sm * _sms(t), max(size_hint(other_programs), 1))
-    splits = max(1, min(triton.cdiv(size_hint(extent), block), want))
-    per = triton.cdiv(triton.cdiv(extent, splits), block) * block
+    want = cdiv(per_sm * _sms(t), max(size_hint(other_programs), 1))
+    splits = max(1, min(cdiv(size_hint(extent), block), want))
+    per = cdiv(cdiv(extent, splits), block) * block
     if not isinstance(per, int):  # a symbolic length: as many splits at every length (some
         return splits, per        # may get no rows; they store zero partial sums)
-    return triton.cdiv(extent, per), per
+    return cdiv(extent, per), per
 
 
 def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
@@ -284,10 +285,10 @@ def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
     bm, bk = cfg["block_m"], cfg["block_k"]
     if M == 0:
         return xa
-    splits, per = split_extent(K, bk, triton.cdiv(M, bm), cfg["per_sm"], x2)
+    splits, per = split_extent(K, bk, cdiv(M, bm), cfg["per_sm"], x2)
     out = xa if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32,
                                              device=x2.device)
-    launch(_lora_down_kernel)[(triton.cdiv(M, bm), splits)](
+    launch(_lora_down_kernel)[(cdiv(M, bm), splits)](
         x2, a_cat, out, seed if seed is not None else xa, *_bounds(ranks, R), M, K, R,
         x2.stride(0), a_cat.stride(0), xa.stride(0) if splits == 1 else R, M * R, per,
         threshold_of(p), inv_keep_of(p), G=len(ranks), DROPOUT=p > 0,
@@ -305,7 +306,7 @@ def lora_up_triton(base2, xa, b, scale, out):
     cfg = tuning.get("lora_up")
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
-        launch(_lora_up_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        launch(_lora_up_kernel)[(cdiv(M, bm), cdiv(N, bn))](
             base2, xa, b, out, M, N, R, base2.stride(0), xa.stride(0), b.stride(0), out.stride(0),
             scale, MODE=dot_mode(base2.device, out.dtype), FIX_BF16=fix_bf16(out),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=block_r(R), num_warps=cfg["warps"])
@@ -319,7 +320,7 @@ def lora_grad_down_triton(g2, b, scale, da):
     cfg = tuning.get("lora_grad_down")
     bm = cfg["block_m"] or (64 if size_hint(M) >= 64 * 2 * _sms(g2) else 32)
     if M:
-        launch(_lora_grad_down_kernel)[(triton.cdiv(M, bm),)](
+        launch(_lora_grad_down_kernel)[(cdiv(M, bm),)](
             g2, b, da, M, N, R, g2.stride(0), b.stride(0), da.stride(0), scale,
             MODE=dot_mode(g2.device, g2.dtype, b.dtype), BLOCK_M=bm, BLOCK_N=cfg["block_n"],
             BLOCK_R=block_r(R), num_warps=cfg["warps"])
@@ -332,7 +333,7 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
     R = xa.shape[1]
     cfg = tuning.get("lora_grad_b")
     bm, bn = cfg["block_m"], cfg["block_n"]
-    nb = triton.cdiv(N, bn)
+    nb = cdiv(N, bn)
     splits, per = split_extent(M, bm, nb, cfg["per_sm"], g2)
     alloc = torch.empty if M else torch.zeros  # every element written when M > 0
     part = alloc((splits, N, R), dtype=torch.float32, device=g2.device)
@@ -357,7 +358,7 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
     bm = cfg["block_m"]
 
     def run(bk):
-        nb = triton.cdiv(K, bk)
+        nb = cdiv(K, bk)
         splits, per = split_extent(M, bm, nb, cfg["per_sm"], x2)
         alloc = torch.empty if M else torch.zeros  # every element written when M > 0
         part = alloc((splits, R, K) if need_da else (1,), dtype=torch.float32, device=x2.device)

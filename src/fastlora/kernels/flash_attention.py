@@ -55,7 +55,7 @@ from ._attention_blocks import (LN2, LOG2E, doc_args, key_mask_args,  # noqa: F4
                                 last_dim_contiguous, probabilities, validate, block_d,
                                 document_bounds, dot_precision, kernel_config, visible_mask)
 # (re-exported: tests and benchmarks reach the shared helpers through this module)
-from ._common import HAVE_TRITON, require, use_triton
+from ._common import HAVE_TRITON, cdiv, require, use_triton
 
 if HAVE_TRITON:
     import triton
@@ -205,7 +205,7 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
     cfg = kernel_config(D, q.dtype, q.is_cuda)
     ds, de, stride_db = doc_args(doc_ids, q)
     km, stride_kmb = key_mask_args(key_mask, q)
-    grid = (triton.cdiv(S_Q, cfg["fwd_m"]), B * H)
+    grid = (cdiv(S_Q, cfg["fwd_m"]), B * H)
     _attn_fwd[grid](
         q, k, v, out, lse, ds, de, km,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from ._common import (HAVE_TRITON, check_float, check_same_device, persistent_programs, require,
-                      row_tile, rows2d, use_triton)
+from ._common import (HAVE_TRITON, cdiv, check_float, check_same_device, persistent_programs,
+                      require, row_tile, rows2d, use_triton)
 
 # tile: (BLOCK_M, num_warps) or (BLOCK_M, num_warps, programs per SM of the dw/db grid) of every
 # launch; None: the table of tile_config. dw_programs_per_sm: the dw/db grid's programs per SM
@@ -184,7 +184,7 @@ def layer_norm_forward_triton(x, weight, bias, eps, y=None, mean=None, rstd=None
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_m, block_n, warps = tile_config(N, x.element_size(), "fwd")
     if M:
-        _layer_norm_fwd[(triton.cdiv(M, block_m),)](
+        _layer_norm_fwd[(cdiv(M, block_m),)](
             x2, weight.contiguous() if weight is not None else x2,
             bias.contiguous() if bias is not None else x2, y, mean, rstd,
             x2.stride(0), y.stride(0), M, N, eps, _w_rows(weight), HAS_W=weight is not None,
@@ -203,7 +203,7 @@ def layer_norm_backward_triton(dy, x, weight, mean, rstd, compute_dw, compute_db
     kernel_dw = compute_dw and not per_head  # a per-head dw is summed below
     reduce = kernel_dw or compute_db
     block_m, block_n, warps = tile_config(N, x.element_size(), "bwd_dw" if reduce else "bwd")
-    tiles = triton.cdiv(M, block_m)
+    tiles = cdiv(M, block_m)
     programs = persistent_programs(x2, tiles, _dw_programs_per_sm()) if reduce else max(tiles, 1)
     shape = (programs, N)
     dw_part = torch.empty(shape if kernel_dw else (1, 1), dtype=torch.float32, device=x.device)
@@ -212,7 +212,7 @@ def layer_norm_backward_triton(dy, x, weight, mean, rstd, compute_dw, compute_db
         _layer_norm_bwd[(programs,)](
             dy2, x2, weight.contiguous() if weight is not None else x2, mean.contiguous(),
             rstd.contiguous(), dx, dw_part, db_part, dy2.stride(0), x2.stride(0), dx.stride(0),
-            M, N, triton.cdiv(tiles, programs), _w_rows(weight), HAS_W=weight is not None,
+            M, N, cdiv(tiles, programs), _w_rows(weight), HAS_W=weight is not None,
             PER_HEAD_W=per_head, COMPUTE_DW=kernel_dw, COMPUTE_DB=compute_db, BLOCK_M=block_m,
             BLOCK_N=block_n, num_warps=warps)
     else:

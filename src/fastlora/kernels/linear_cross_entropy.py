@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
+from ._common import (HAVE_TRITON, check_float, check_same_device, next_power_of_2, require,
+                      use_triton)
 
 if HAVE_TRITON:
     import triton
@@ -172,7 +173,7 @@ def ce_config(vocab: int, on_gpu: bool) -> tuple[int, int]:
     override = tuning.get("linear_cross_entropy")["ce_tile"]
     if override is not None:
         return override
-    block = triton.next_power_of_2(vocab)
+    block = next_power_of_2(vocab)
     if on_gpu:
         return min(block, 4096), 8
     return min(block, 1024), 4

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import tuning
-from ._common import HAVE_TRITON, check_float, require, rows2d, use_triton
+from ._common import HAVE_TRITON, cdiv, check_float, require, rows2d, use_triton
 from ._launch import fused_op, launch
 from ._dot_precision import dot_mode, fix_bf16
 from ._lora_blocks import (block_r, lora_grad_b_reference, lora_grad_b_triton,
@@ -164,7 +164,7 @@ def glu_forward_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, out_dty
     cfg = tuning.get("lora_glu_fwd")
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
-        launch(_lora_glu_fwd_kernel)[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        launch(_lora_glu_fwd_kernel)[(cdiv(M, bm), cdiv(N, bn))](
             base_g, base_u, xa, b_g, b_u, h, M, N, rg, ru, base_g.stride(0), base_u.stride(0),
             xa.stride(0), b_g.stride(0), b_u.stride(0), h.stride(0), sg, su,
             ACT=ACTIVATIONS[activation], MODE=dot_mode(h.device, h.dtype),
@@ -188,9 +188,9 @@ def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dt
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M == 0:
         return dg, du, da
-    splits, per = split_extent(N, bn, triton.cdiv(M, bm), cfg["per_sm"], base_g)
+    splits, per = split_extent(N, bn, cdiv(M, bm), cfg["per_sm"], base_g)
     part = torch.empty((splits, M, rg + ru), dtype=torch.float32, device=dev)
-    launch(_lora_glu_bwd_kernel)[(triton.cdiv(M, bm), splits)](
+    launch(_lora_glu_bwd_kernel)[(cdiv(M, bm), splits)](
         dh, base_g, base_u, xa, b_g, b_u, dg, du, part, M, N, rg, ru, dh.stride(0),
         base_g.stride(0), base_u.stride(0), xa.stride(0), b_g.stride(0), b_u.stride(0),
         dg.stride(0), per, sg, su, ACT=ACTIVATIONS[activation],

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from ._common import (HAVE_TRITON, check_float, check_same_device, persistent_programs, require,
-                      row_tile, rows2d, use_triton)
+from ._common import (HAVE_TRITON, cdiv, check_float, check_same_device, persistent_programs,
+                      require, row_tile, rows2d, use_triton)
 from ._launch import fused_op, launch
 
 # (BLOCK_M, num_warps) of every launch; None: the table of tile_config (benchmarks/tune_norms.py
@@ -128,7 +128,7 @@ def rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight, y=None, 
     if rstd is None:
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_m, block_n, warps = tile_config(N, x.element_size(), "fwd")
-    launch(_rms_norm_fwd)[(triton.cdiv(M, block_m),)](
+    launch(_rms_norm_fwd)[(cdiv(M, block_m),)](
         x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), M, N, eps, offset,
         CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps)
@@ -143,7 +143,7 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, co
         dx = torch.empty_like(x2)
     kind = "bwd_dw" if compute_dw else "bwd"
     block_m, block_n, warps = tile_config(N, x.element_size(), kind)
-    tiles = triton.cdiv(M, block_m)
+    tiles = cdiv(M, block_m)
     # Without dw every program takes one tile; with dw a persistent grid keeps the partial sums
     # few (one float32 row per program).
     programs = persistent_programs(x2, tiles, per_sm=4) if compute_dw else tiles
@@ -151,7 +151,7 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, co
                           device=x.device)
     launch(_rms_norm_bwd)[(programs,)](
         dy2, x2, weight.contiguous(), rstd.contiguous(), dx, partial, dy2.stride(0),
-        x2.stride(0), dx.stride(0), M, N, offset, triton.cdiv(tiles, programs),
+        x2.stride(0), dx.stride(0), M, N, offset, cdiv(tiles, programs),
         CAST_BEFORE_WEIGHT=cast_before_weight, COMPUTE_DW=compute_dw, BLOCK_M=block_m,
         BLOCK_N=block_n, num_warps=warps)
     dw = partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty(0)

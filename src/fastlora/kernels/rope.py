@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from . import tuning
-from ._common import HAVE_TRITON, check_float, check_same_device, require, use_triton
+from ._common import (HAVE_TRITON, cdiv, check_float, check_same_device, next_power_of_2, require,
+                      use_triton)
 
 from ._launch import fused_op, launch as launch_kernel
 if HAVE_TRITON:
@@ -136,8 +137,8 @@ def block_config(rot_dim: int, heads: int) -> tuple[int, int, int]:
     one program (up to 32), and enough tokens for about 8192 rotated elements (16 KB of bf16
     read) in flight per program. The same tile size for q and k, so one num_warps fits both."""
     elems, max_heads, warps = tuning.get("rope")["tile"] or DEFAULT_TILE
-    block_rot = 2 * triton.next_power_of_2(max(1, rot_dim // 2))
-    block_hd = min(triton.next_power_of_2(max(1, heads)), triton.next_power_of_2(max_heads))
+    block_rot = 2 * next_power_of_2(max(1, rot_dim // 2))
+    block_hd = min(next_power_of_2(max(1, heads)), next_power_of_2(max_heads))
     block_t = max(1, elems // (block_hd * block_rot))
     return 1 << (block_t.bit_length() - 1), block_hd, warps  # a power of two
 
@@ -205,10 +206,10 @@ def _tile_plan(x4: Tensor, o4: Tensor, c4: Tensor, rot_dim: int) -> tuple:
     H, T = sizes[h_ax], sizes[t_ax]
     block_t, block_hd, warps = block_config(rot_dim, H)
     n_tok = sizes[a_ax] * T
-    h_blocks = triton.cdiv(H, block_hd)
+    h_blocks = cdiv(H, block_hd)
     pick = lambda t: (t.stride(a_ax), t.stride(t_ax), t.stride(h_ax))
     args = (n_tok, T, H, h_blocks, *pick(x4), *pick(o4), *pick(c4))
-    return args, triton.cdiv(n_tok, block_t) * h_blocks, block_t, block_hd, warps
+    return args, cdiv(n_tok, block_t) * h_blocks, block_t, block_hd, warps
 
 
 def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
@@ -230,8 +231,8 @@ def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
         q4, k4, oq4, ok4, cos4, sin4, cos4, sin4, q_programs, *q_args, *k_args,
         HALF=rot_dim // 2, ROT=rot_dim, D=d, INTERLEAVED=interleaved, BACKWARD=backward,
         Q_BLOCK_T=q_bt, Q_BLOCK_HD=q_bhd,
-        K_BLOCK_T=k_bt, K_BLOCK_HD=k_bhd, BLOCK_H=triton.next_power_of_2(max(1, rot_dim // 2)),
-        BLOCK_P=triton.next_power_of_2(max(1, d - rot_dim)), num_warps=warps)
+        K_BLOCK_T=k_bt, K_BLOCK_HD=k_bhd, BLOCK_H=next_power_of_2(max(1, rot_dim // 2)),
+        BLOCK_P=next_power_of_2(max(1, d - rot_dim)), num_warps=warps)
 
 
 def rope_forward_triton(q, k, cos, sin, rot_dim, interleaved=False, q_out=None, k_out=None):
