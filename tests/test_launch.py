@@ -98,16 +98,17 @@ def test_launch_choices_on_a_symbolic_length_add_no_guard():
 @pytest.mark.skipif(not _launch.HAVE_TRITON, reason="compares with Triton's own helpers")
 def test_host_size_helpers_equal_tritons():
     """The launchers' cdiv and next_power_of_2 (Triton's cost 1.7 us a host call in 3.9) give
-    Triton's values, and on a symbolic length cdiv stays symbolic without a guard."""
+    Triton's values, and on a symbolic length both stay symbolic without a guard."""
     import triton
     for a in range(0, 300):
         for b in (1, 3, 16, 64, 128):
             assert cdiv(a, b) == triton.cdiv(a, b)
-    for n in list(range(1, 1100)) + [2 ** 20 - 1, 2 ** 20, 2 ** 20 + 1]:
+    for n in list(range(-3, 1100)) + [2 ** 20 - 1, 2 ** 20, 2 ** 20 + 1]:
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
     env, m = _symbolic(3000)
-    blocks = cdiv(m, 64)
-    assert not isinstance(blocks, int) and size_hint(blocks) == 47 and env.guards == []
+    blocks, width = cdiv(m, 64), next_power_of_2(m)
+    assert not isinstance(blocks, int) and size_hint(blocks) == 47
+    assert not isinstance(width, int) and size_hint(width) == 4096 and env.guards == []
 
 
 def test_cpu_ops_stay_opaque_under_compile():

@@ -59,10 +59,14 @@ def cdiv(a, b):
 
 
 def next_power_of_2(n):
-    """The smallest power of two >= ``n`` (``triton.next_power_of_2``; cheap for an int >= 1)."""
-    if isinstance(n, int) and n >= 1:
-        return 1 << (n - 1).bit_length()
-    return triton.next_power_of_2(n)
+    """The smallest power of two >= ``n``, 0 for ``n`` <= 0: ``triton.next_power_of_2``'s
+    values, for ints and symbolic sizes, without Triton."""
+    if isinstance(n, int):
+        return 1 << (n - 1).bit_length() if n >= 1 else 0
+    n = n - 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        n = n | (n >> shift)
+    return n + 1
 
 
 def persistent_programs(t: torch.Tensor, rows: int, per_sm: int = 1) -> int:
