@@ -1,0 +1,125 @@
+"""A never-seen length compiles no Triton kernel (issue 16, item 2), checked without a GPU.
+
+Triton compiles a kernel once per specialization: the values of its constexpr arguments, and
+for each integer argument not listed in ``do_not_specialize`` whether it equals 1 or is a
+multiple of 16. A launcher that passed a length-dependent integer without listing it, or chose
+a constexpr from a length, would compile anew at some new length in the middle of training.
+
+Here a tiny Llama is trained through ``compile_for_trainer`` (dynamic shapes: one graph) at
+six lengths, odd ones included, with every Triton kernel of fastlora replaced by a recorder
+(the same launchers run; the kernels do not). Launch by launch, each step must ask for the
+specializations the first step asked for: right and left padding, packed rows, no mask.
+The model's sizes are multiples of 16 (head_dim 16), as real models' are: a stride of
+``S * H * head_dim`` then keeps its class at every length, as on a Llama-3 at head_dim 128.
+Launch choices that follow the token count on purpose (block sizes past a size threshold,
+``_common.size_hint``) are below their thresholds at these sizes.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+import torch
+
+import fastlora
+from helpers import tiny_llama, with_lora
+
+triton = pytest.importorskip("triton")
+
+LENGTHS = (24, 40, 56, 33, 17, 97)
+
+
+def _specialization(value: int) -> str:
+    return "1" if value == 1 else ("16" if value % 16 == 0 else "other")
+
+
+class Recorder:
+    """Stands in for a Triton kernel: records what its launch would specialize on."""
+
+    def __init__(self, kernel, name: str, calls: list):
+        self.name, self.calls = name, calls
+        self.arg_names = kernel.arg_names
+        self.unspecialized = set(kernel.kwargs.get("do_not_specialize") or ())
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            ints = {n: _specialization(int(v)) for n, v in zip(self.arg_names, args)
+                    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+                    and n not in self.unspecialized}
+            self.calls.append((self.name, ints, {k: str(v) for k, v in kwargs.items()}))
+        return run
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every Triton kernel of fastlora.kernels replaced by a Recorder; yields the list of
+    launches (cleared by the test between steps) and the recorders by kernel name."""
+    import fastlora.kernels as K
+    interpreted = triton.runtime.interpreter.InterpretedFunction
+    calls, recorders = [], {}
+    for info in pkgutil.iter_modules(K.__path__):
+        module = importlib.import_module(f"fastlora.kernels.{info.name}")
+        for name, value in list(vars(module).items()):
+            if isinstance(value, interpreted):
+                recorders[name] = Recorder(value, name, calls)
+                monkeypatch.setattr(module, name, recorders[name])
+    assert recorders, "no Triton kernel found to record (TRITON_INTERPRET=1 is the suite's)"
+    yield calls, recorders
+
+
+def _batch(kind: str, seq: int) -> dict:
+    ids = torch.randint(0, 128, (2, seq))
+    if kind == "packed":  # two documents in one row, TRL's padding-free batch
+        return {"input_ids": ids.reshape(1, -1), "labels": ids.reshape(1, -1),
+                "position_ids": torch.arange(seq).repeat(2)[None]}
+    batch = {"input_ids": ids, "labels": ids}
+    if kind in ("right", "left"):  # the second row has 5 pads
+        mask = torch.ones_like(ids)
+        pads = slice(seq - 5, seq) if kind == "right" else slice(0, 5)
+        mask[1, pads] = 0
+        batch["attention_mask"] = mask
+    return batch
+
+
+def _steps(kind: str, calls: list) -> list[list]:
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, inter=128,
+                                 vocab=128), r=16)
+    model.train()
+    fastlora.compile_for_trainer(model)
+    steps = []
+    for seq in LENGTHS:
+        calls.clear()
+        model(**_batch(kind, seq)).loss.backward()
+        steps.append(list(calls))
+    assert len(fastlora.reports(model)) == 1  # one graph for every length
+    return steps
+
+
+def new_specializations(steps: list[list]) -> list[str]:
+    """What a later step's launches ask for that the first step's did not, launch by launch."""
+    first, found = steps[0], []
+    for seq, step in zip(LENGTHS[1:], steps[1:]):
+        assert [c[0] for c in step] == [c[0] for c in first], "the launches changed order"
+        for i, (was, now) in enumerate(zip(first, step)):
+            if was != now:
+                found.append(f"length {seq}, launch {i} ({now[0]}): {was[1:]} -> {now[1:]}")
+    return found
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "packed", "plain"])
+def test_a_new_length_asks_for_no_new_specialization(launches, kind):
+    calls, _ = launches
+    steps = _steps(kind, calls)
+    assert len(steps[0]) > 50, len(steps[0])  # every fused op launched its kernels
+    assert new_specializations(steps) == []
+
+
+def test_a_specialized_length_would_be_caught(launches):
+    """The check sees a length passed without ``do_not_specialize``: rms_norm's row count,
+    specialized, is 1 or a multiple of 16 at some lengths and neither at others."""
+    calls, recorders = launches
+    recorders["_rms_norm_fwd"].unspecialized.discard("M")
+    found = new_specializations(_steps("plain", calls))
+    assert found and all("_rms_norm_fwd" in f for f in found), found
