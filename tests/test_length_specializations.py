@@ -82,18 +82,25 @@ def _batch(kind: str, seq: int) -> dict:
     return batch
 
 
-def _steps(kind: str, calls: list) -> list[list]:
+def _steps(kind: str, calls: list, variant: str = "float32") -> list[list]:
+    """The launches of each step at LENGTHS; ``variant``: "float32", "bfloat16", "dropout"
+    (LoRA dropout 0.1) or "checkpointing" (gradient checkpointing: the recompute launches)."""
     torch.manual_seed(0)
     model = with_lora(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, inter=128,
-                                 vocab=128), r=16)
+                                 vocab=128), r=16, dropout=0.1 if variant == "dropout" else 0.0)
+    if variant == "bfloat16":
+        model.to(torch.bfloat16)
+    if variant == "checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     fastlora.compile_for_trainer(model)
-    steps = []
+    steps, graphs = [], []
     for seq in LENGTHS:
         calls.clear()
         model(**_batch(kind, seq)).loss.backward()
         steps.append(list(calls))
-    assert len(fastlora.reports(model)) == 1  # one graph for every length
+        graphs.append(len(fastlora.reports(model)))
+    assert graphs == graphs[:1] * len(LENGTHS), graphs  # compiled at the first step only
     return steps
 
 
@@ -108,10 +115,12 @@ def new_specializations(steps: list[list]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("kind", ["right", "left", "packed", "plain"])
-def test_a_new_length_asks_for_no_new_specialization(launches, kind):
+@pytest.mark.parametrize("kind,variant", [
+    ("right", "float32"), ("left", "float32"), ("packed", "float32"), ("plain", "float32"),
+    ("right", "bfloat16"), ("right", "dropout"), ("packed", "checkpointing")])
+def test_a_new_length_asks_for_no_new_specialization(launches, kind, variant):
     calls, _ = launches
-    steps = _steps(kind, calls)
+    steps = _steps(kind, calls, variant)
     assert len(steps[0]) > 50, len(steps[0])  # every fused op launched its kernels
     assert new_specializations(steps) == []
 
