@@ -42,7 +42,7 @@ def rounding_sensitivity(model, inputs: dict, loss_ref, grads_ref, draws: int = 
 
         def one_rounding(_module, _args, out):
             u = torch.finfo(out.dtype).eps / 2
-            noise = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+            noise = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)
             return (out.double() * (1 + u * noise)).to(out.dtype)
         for module in noisy.modules():
             if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
