@@ -108,7 +108,7 @@ def row_tile(n: int, element_size: int, table, override=None) -> tuple[int, int,
     """(BLOCK_M, BLOCK_N, num_warps) of a row-wise kernel whose tile is BLOCK_M whole rows of
     ``n`` features: ``table`` is ((row bytes up to, (BLOCK_M, num_warps)), ...) ending in a
     ``None`` limit; ``override`` (BLOCK_M, num_warps, ...) wins (tuning sweeps set it)."""
-    block_n = 1 << max(0, n - 1).bit_length()  # next power of two
+    block_n = next_power_of_2(max(1, n))
     if override is not None:
         return override[0], block_n, override[1]
     row_bytes = block_n * element_size
