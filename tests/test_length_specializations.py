@@ -16,14 +16,12 @@ Launch choices that follow the token count on purpose (block sizes past a size t
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import pytest
 import torch
 
 import fastlora
 from helpers import tiny_llama, with_lora
+from kernel_recorders import replace_kernels
 
 triton = pytest.importorskip("triton")
 from fastlora.kernels._common import interpret_on_cpu  # noqa: E402
@@ -37,42 +35,12 @@ pytestmark = pytest.mark.skipif(not interpret_on_cpu(), reason=(
 LENGTHS = (24, 40, 56, 33, 17, 97)
 
 
-def _specialization(value: int) -> str:
-    return "1" if value == 1 else ("16" if value % 16 == 0 else "other")
-
-
-class Recorder:
-    """Stands in for a Triton kernel: records what its launch would specialize on."""
-
-    def __init__(self, kernel, name: str, calls: list):
-        self.name, self.calls = name, calls
-        self.arg_names = kernel.arg_names
-        self.unspecialized = set(kernel.kwargs.get("do_not_specialize") or ())
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            ints = {n: _specialization(int(v)) for n, v in zip(self.arg_names, args)
-                    if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
-                    and n not in self.unspecialized}
-            self.calls.append((self.name, ints, {k: str(v) for k, v in kwargs.items()}))
-        return run
-
-
 @pytest.fixture
 def launches(monkeypatch):
     """Every Triton kernel of fastlora.kernels replaced by a Recorder; yields the list of
     launches (cleared by the test between steps) and the recorders by kernel name."""
-    import fastlora.kernels as K
-    interpreted = triton.runtime.interpreter.InterpretedFunction
-    calls, recorders = [], {}
-    for info in pkgutil.iter_modules(K.__path__):
-        module = importlib.import_module(f"fastlora.kernels.{info.name}")
-        for name, value in list(vars(module).items()):
-            if isinstance(value, interpreted):
-                recorders[name] = Recorder(value, name, calls)
-                monkeypatch.setattr(module, name, recorders[name])
-    assert recorders, "no Triton kernel found to record (TRITON_INTERPRET=1 is the suite's)"
-    yield calls, recorders
+    calls = []
+    yield calls, replace_kernels(monkeypatch, calls)
 
 
 def _batch(kind: str, seq: int) -> dict:

@@ -16,7 +16,7 @@ import traceback
 import torch
 from torch import fx
 
-from . import distributed, dynamo_settings, regions
+from . import distributed, dynamo_settings, regions, warmup
 from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
 from .canonicalize import canonicalize, sizes_from_inputs
 from .options import backend_options
@@ -85,7 +85,8 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
     # 5. Codegen of everything else; under DDP, split at gradient buckets first (distributed.py).
     def compile_graph(graph, inputs):
         return _inner_compile(graph, inputs, opts.compiler, opts.mode or mode, offload=offload,
-                              memory_budget=opts.memory_budget, report=report)
+                              memory_budget=opts.memory_budget, report=report,
+                              warm=warmup.wanted(opts.warm_kernels, inputs))
 
     bucket_cap = distributed.deferred_bucket_cap()
     if bucket_cap is None:
@@ -156,15 +157,19 @@ def call_sites(modules) -> dict:
 
 def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str | None,
                    offload=None, memory_budget: float | str | None = None,
-                   report: Report | None = None):
+                   report: Report | None = None, warm: bool = False):
     if compiler == "eager":
         return gm.forward
     if compiler == "aot_eager":
+        from torch._dynamo.backends import debugging
         from torch._dynamo.backends.registry import lookup_backend
 
+        if warm and warmup.takes_compilers(debugging.aot_eager):
+            nop = warmup.warming(debugging.boxed_nop, report)
+            return debugging.aot_eager(gm, example_inputs, fw_compiler=nop, bw_compiler=nop)
         return lookup_backend("aot_eager")(gm, example_inputs)
     import torch._functorch.config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     from .kernels._launch import INDUCTOR_PATCHES
 
@@ -196,8 +201,9 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
     # keyed on the traced graph (kernel sources and launch arguments), stays on.
     aot_cache = functorch_config.patch(enable_autograd_cache=False) \
         if fused and INDUCTOR_PATCHES else contextlib.nullcontext()
+    inner = warmup.warming(compile_fx_inner, report) if warm else compile_fx_inner
     with partitioner, aot_cache:
-        return compile_fx(gm, example_inputs, config_patches=patches or None)
+        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches or None)
 
 
 # Inductor (torch 2.10+) launches a user Triton kernel's Python-float arguments as float64 where

@@ -70,6 +70,11 @@ class Options:
       token goes through the norms, projections, MLP or loss; logits come back padded
       (unpad.py: what is proven first, and when a call is left padded). ``False`` (default:
       no faster than padded on the H200, docs/options.md).
+    - ``warm_kernels``: compile the Triton kernels of the fused ops that Python launches in
+      parallel, on a thread pool, while the graph is compiled, instead of one after another at
+      their first launches in the first step (warmup.py; it only fills Triton's caches).
+      ``"auto"`` (default): as ``warmup.WARM_BY_DEFAULT`` says, for a graph on a GPU;
+      ``True``: planned for every graph (compiled only for CUDA tensors); ``False``: off.
     """
 
     disable: tuple[str, ...] = ()
@@ -82,6 +87,7 @@ class Options:
     memory_budget: float | str | None = None
     reuse_layers: bool | str = "auto"
     remove_padding: bool = False
+    warm_kernels: bool | str = "auto"
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -126,10 +132,11 @@ class Options:
             if _needs_inductor(name, value) and compiler not in ("auto", "inductor"):
                 raise OptionsError(f"options[{name!r}] needs compiler='inductor' (it is a "
                                    f"setting of inductor's partitioner), got {compiler!r}")
-        reuse = options.get("reuse_layers", "auto")
-        if not (isinstance(reuse, bool) or reuse == "auto"):
-            raise OptionsError(f"options['reuse_layers'] must be True, False or 'auto', got "
-                               f"{options['reuse_layers']!r}")
+        for name in ("reuse_layers", "warm_kernels"):
+            value = options.get(name, "auto")
+            if not (isinstance(value, bool) or value == "auto"):
+                raise OptionsError(f"options[{name!r}] must be True, False or 'auto', got "
+                                   f"{value!r}")
         for flag in ("print_report", "strict", "return_logits", "remove_padding"):
             if flag in options and not isinstance(options[flag], bool):
                 raise OptionsError(f"options[{flag!r}] must be True or False, got "

@@ -115,10 +115,36 @@ def _traced():
 
 def launch(kernel):
     """``launch(kernel)[grid](...)``: the kernel itself, or while an op body is traced for
-    inductor its ``wrap_triton`` wrapper (the launch becomes a node of the graph)."""
+    inductor its ``wrap_triton`` wrapper (the launch becomes a node of the graph), or while a
+    graph's launches are planned (warmup.py) a recorder: the launch is written down, not run."""
+    recorded = getattr(_state, "recording", None)
+    if recorded is not None:
+        return _Recorded(kernel, recorded)
     if tracing():
         return _Traced(kernel)
     return kernel
+
+
+@contextlib.contextmanager
+def recording(launches: list):
+    """Within it, every ``launch(kernel)[grid](*args, **kwargs)`` of this thread appends
+    ``(kernel, grid, args, kwargs)`` to ``launches`` and runs nothing (warmup.py)."""
+    before = getattr(_state, "recording", None)
+    _state.recording = launches
+    try:
+        yield launches
+    finally:
+        _state.recording = before
+
+
+class _Recorded:
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def record(*args, **kwargs):
+            self.launches.append((self.kernel, grid, args, kwargs))
+        return record
 
 
 class NotDense(Exception):

@@ -56,6 +56,7 @@ from ._attention_blocks import (LN2, LOG2E, doc_args, key_mask_args,  # noqa: F4
                                 document_bounds, dot_precision, kernel_config, visible_mask)
 # (re-exported: tests and benchmarks reach the shared helpers through this module)
 from ._common import HAVE_TRITON, cdiv, require, use_triton
+from ._launch import launch
 
 if HAVE_TRITON:
     import triton
@@ -206,7 +207,7 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
     ds, de, stride_db = doc_args(doc_ids, q)
     km, stride_kmb = key_mask_args(key_mask, q)
     grid = (cdiv(S_Q, cfg["fwd_m"]), B * H)
-    _attn_fwd[grid](
+    launch(_attn_fwd)[grid](
         q, k, v, out, lse, ds, de, km,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, cdiv, use_triton
+from ._launch import launch
 from ._attention_blocks import (doc_args, key_mask_args, last_dim_contiguous,
                                 probabilities, validate, block_d, dot_precision, kernel_config)
 
@@ -325,14 +326,14 @@ def flash_attention_backward_triton(dout, q, k, v, out, lse, doc_ids, scale, cau
                  UPCAST=not q.is_cuda, DOT_PREC=dot_precision(q.dtype), EVEN_D=block_d(D) == D,
                  num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     scalars = (float(scale), float(softcap) or 1.0, int(window))
-    _attn_bwd_dq[(cdiv(S_Q, cfg["dq_m"]), B * H)](
+    launch(_attn_bwd_dq)[(cdiv(S_Q, cfg["dq_m"]), B * H)](
         q, k, v, out, dout, lse, delta, dq, ds, de, km,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         stride_db, stride_kmb, H, H // H_KV, S_Q, S_K, *scalars,
         BLOCK_M=cfg["dq_m"], BLOCK_N=cfg["dq_n"], **flags)
-    _attn_bwd_dkdv[(cdiv(S_K, cfg["dkv_n"]), B * H_KV)](
+    launch(_attn_bwd_dkdv)[(cdiv(S_K, cfg["dkv_n"]), B * H_KV)](
         q, k, v, dout, lse, delta, dk, dv, ds, de, km,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),

@@ -29,6 +29,7 @@ from torch import Tensor
 from . import tuning
 from ._common import (HAVE_TRITON, cdiv, check_float, check_same_device, persistent_programs,
                       require, row_tile, rows2d, use_triton)
+from ._launch import launch
 
 # tile: (BLOCK_M, num_warps) or (BLOCK_M, num_warps, programs per SM of the dw/db grid) of every
 # launch; None: the table of tile_config. dw_programs_per_sm: the dw/db grid's programs per SM
@@ -184,7 +185,7 @@ def layer_norm_forward_triton(x, weight, bias, eps, y=None, mean=None, rstd=None
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     block_m, block_n, warps = tile_config(N, x.element_size(), "fwd")
     if M:
-        _layer_norm_fwd[(cdiv(M, block_m),)](
+        launch(_layer_norm_fwd)[(cdiv(M, block_m),)](
             x2, weight.contiguous() if weight is not None else x2,
             bias.contiguous() if bias is not None else x2, y, mean, rstd,
             x2.stride(0), y.stride(0), M, N, eps, _w_rows(weight), HAS_W=weight is not None,
@@ -209,7 +210,7 @@ def layer_norm_backward_triton(dy, x, weight, mean, rstd, compute_dw, compute_db
     dw_part = torch.empty(shape if kernel_dw else (1, 1), dtype=torch.float32, device=x.device)
     db_part = torch.empty(shape if compute_db else (1, 1), dtype=torch.float32, device=x.device)
     if M:
-        _layer_norm_bwd[(programs,)](
+        launch(_layer_norm_bwd)[(programs,)](
             dy2, x2, weight.contiguous() if weight is not None else x2, mean.contiguous(),
             rstd.contiguous(), dx, dw_part, db_part, dy2.stride(0), x2.stride(0), dx.stride(0),
             M, N, cdiv(tiles, programs), _w_rows(weight), HAS_W=weight is not None,

@@ -40,6 +40,7 @@ from torch import Tensor
 from . import tuning
 from ._common import (HAVE_TRITON, check_float, check_same_device, next_power_of_2, require,
                       use_triton)
+from ._launch import launch
 
 if HAVE_TRITON:
     import triton
@@ -192,7 +193,7 @@ def ce_rows_triton(x, labels, row_loss, scale, ignore_index, softcap, round_step
     block, warps = ce_config(vocab, x.is_cuda)
     if block_v is not None:
         block = block_v
-    _ce_rows[(rows,)](x, x, labels, row_loss, scale, x.stride(0), x.stride(0), vocab,
+    launch(_ce_rows)[(rows,)](x, x, labels, row_loss, scale, x.stride(0), x.stride(0), vocab,
                       ignore_index, float(softcap) if softcap else 1.0, float(logit_scale),
                       SOFTCAP=bool(softcap), SCALED=logit_scale != 1.0, ROUND=bool(round_steps),
                       WRITE_GRAD=write_grad, BLOCK_V=block, RNE_BY_HAND=not x.is_cuda,

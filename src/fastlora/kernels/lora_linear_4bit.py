@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._common import HAVE_TRITON, cdiv, check_float, require, rows2d, use_triton
+from ._launch import launch
 from ._dot_precision import fix_bf16
 from .lora_linear import lora_backward, lora_forward
 
@@ -124,7 +125,7 @@ def dequantize_4bit_triton(qweight, absmax, absmax2, code2, offset, n, k, blocks
     n_out = n * k
     dummy = absmax
     if n_out:
-        _dequant_4bit_kernel[(cdiv(q.numel(), block),)](
+        launch(_dequant_4bit_kernel)[(cdiv(q.numel(), block),)](
             q, absmax, absmax2 if nested else dummy, code2 if nested else dummy,
             offset if nested else dummy, code_table(quant_type, q.device), out, q.numel(), n_out,
             blocksize, NESTED=nested, FIX_BF16=fix_bf16(out), BLOCK=block, num_warps=4,

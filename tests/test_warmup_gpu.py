@@ -1,0 +1,73 @@
+"""``warm_kernels`` on a GPU: the kernels compiled ahead on the thread pool are the ones the
+first step launches (every launch of the step finds its kernel compiled; none compiles in the
+step), and training is unchanged (compiled with warm-up vs eager)."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import warmup
+from helpers import tiny_llama, with_lora
+
+pytestmark = pytest.mark.gpu
+triton = pytest.importorskip("triton")
+
+
+def _fastlora_kernels() -> list:
+    import importlib
+    import pkgutil
+
+    import fastlora.kernels as K
+    found = []
+    for info in pkgutil.iter_modules(K.__path__):
+        module = importlib.import_module(f"fastlora.kernels.{info.name}")
+        found += [v for v in vars(module).values()
+                  if isinstance(v, triton.runtime.jit.JITFunction) and v not in found]
+    return found
+
+
+def _compiled_keys(kernels, device) -> set:
+    return {(id(k), key) for k in kernels for key in k.device_caches[device][0]}
+
+
+def test_gpu_the_first_step_launches_only_warmed_kernels(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # nothing compiled on disk either
+    kernels = _fastlora_kernels()
+    for kernel in kernels:  # nothing compiled in memory: this test's compiles are its own
+        monkeypatch.setattr(kernel, "device_caches", collections.defaultdict(kernel.create_binder))
+    device = torch.cuda.current_device()
+    warmed, started = set(), []
+    real_start = warmup.start
+
+    def start_and_wait(launches):
+        futures = real_start(launches)
+        for f in futures:
+            f.result()
+        started.append(len(futures))
+        warmed.update(_compiled_keys(kernels, device))
+        return futures
+    monkeypatch.setattr(warmup, "start", start_and_wait)
+
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, inter=256,
+                                 vocab=256), r=16).cuda().to(torch.bfloat16)
+    eager = with_lora(tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, inter=256,
+                                 vocab=256), r=16).cuda().to(torch.bfloat16)
+    eager.load_state_dict(model.state_dict())
+    fastlora.compile_for_trainer(model, warm_kernels=True)
+    ids = torch.randint(0, 256, (2, 96), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, 80:] = 0
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    torch.cuda.synchronize()
+
+    in_step = _compiled_keys(kernels, device) - warmed
+    assert sum(started) >= 10, started
+    assert in_step == set(), f"{len(in_step)} kernel(s) compiled in the step, not warmed"
+    reference = eager(input_ids=ids, attention_mask=mask, labels=ids).loss
+    reference.backward()
+    assert torch.allclose(loss.float(), reference.float(), rtol=2e-2, atol=2e-2)
