@@ -81,6 +81,7 @@ def unplaced(stats: pstats.Stats, top: int = 15) -> list[dict]:
 # Compiles worth counting on their own: (label, file path part, function name).
 COMPILES = [("Triton JIT compile (a kernel's first launch)", "triton/compiler/compiler.py",
              "compile"),
+            ("Triton JIT: its compile step (triton 3.6+)", "triton/runtime/jit.py", "_do_compile"),
             ("inductor: waiting for its compile workers", "_inductor/async_compile.py", "wait")]
 
 

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib
 import json
 import os
 import pathlib
-import pkgutil
 import sys
 import time
 
@@ -52,19 +50,12 @@ class _StubKernel:
 
 def stub_kernels() -> int:
     """Replace every Triton kernel of fastlora.kernels by a counting stub; returns how many."""
-    import triton
+    from fastlora.kernels import triton_kernels
 
-    import fastlora.kernels as K
-    kinds = tuple(k for k in (getattr(triton.runtime, "JITFunction", None),
-                              getattr(triton.runtime.interpreter, "InterpretedFunction", None))
-                  if k is not None)
     stubbed = 0
-    for info in pkgutil.iter_modules(K.__path__):
-        module = importlib.import_module(f"fastlora.kernels.{info.name}")
-        for name, value in list(vars(module).items()):
-            if isinstance(value, kinds):
-                setattr(module, name, _StubKernel(name))
-                stubbed += 1
+    for module, name, _ in list(triton_kernels()):
+        setattr(module, name, _StubKernel(name))
+        stubbed += 1
     return stubbed
 
 

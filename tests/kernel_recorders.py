@@ -7,9 +7,6 @@ of 16, and (``pointers=True``) each pointer's dtype and whether its address is a
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import torch
 
 
@@ -42,14 +39,12 @@ def replace_kernels(monkeypatch, calls: list, pointers: bool = False) -> dict:
     Recorder appending to ``calls``; returns the recorders by kernel name."""
     import triton
 
-    import fastlora.kernels as K
+    from fastlora.kernels import triton_kernels
     interpreted = triton.runtime.interpreter.InterpretedFunction
     recorders = {}
-    for info in pkgutil.iter_modules(K.__path__):
-        module = importlib.import_module(f"fastlora.kernels.{info.name}")
-        for name, value in list(vars(module).items()):
-            if isinstance(value, interpreted):
-                recorders[name] = Recorder(value, name, calls, pointers)
-                monkeypatch.setattr(module, name, recorders[name])
+    for module, name, value in triton_kernels():
+        if isinstance(value, interpreted):
+            recorders[name] = Recorder(value, name, calls, pointers)
+            monkeypatch.setattr(module, name, recorders[name])
     assert recorders, "no Triton kernel found to record (TRITON_INTERPRET=1 is the suite's)"
     return recorders

@@ -17,16 +17,10 @@ triton = pytest.importorskip("triton")
 
 
 def _fastlora_kernels() -> list:
-    import importlib
-    import pkgutil
-
-    import fastlora.kernels as K
-    found = []
-    for info in pkgutil.iter_modules(K.__path__):
-        module = importlib.import_module(f"fastlora.kernels.{info.name}")
-        found += [v for v in vars(module).values()
-                  if isinstance(v, triton.runtime.jit.JITFunction) and v not in found]
-    return found
+    from fastlora.kernels import triton_kernels
+    found = {id(k): k for _, _, k in triton_kernels()
+             if isinstance(k, triton.runtime.jit.JITFunction)}
+    return list(found.values())
 
 
 def _compiled_keys(kernels, device) -> set:

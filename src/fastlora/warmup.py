@@ -129,13 +129,17 @@ def start(launches: list[tuple]) -> list[concurrent.futures.Future]:
 
 
 def _body(target):
-    """The Python implementation of a ``fastlora::`` custom op, or None for any other target."""
+    """The Python implementation of a ``fastlora::`` op of fastlora.kernels (the ops that launch
+    Triton kernels), or None for any other target (the offload ops move memory: not run)."""
     if not isinstance(target, torch._ops.OpOverload) or target.namespace != "fastlora":
         return None
     from torch._library.custom_ops import OPDEFS
 
-    opdef = OPDEFS.get(target._schema.name)
-    return getattr(opdef, "_init_fn", None)
+    body = getattr(OPDEFS.get(target._schema.name), "_init_fn", None)
+    return body if getattr(body, "__module__", "").startswith(_KERNELS) else None
+
+
+_KERNELS = _launch.__name__.rsplit(".", 1)[0] + "."  # "fastlora.kernels."
 
 
 def _describe(value):
