@@ -31,7 +31,8 @@ def test_gpu_the_first_step_launches_only_warmed_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # nothing compiled on disk either
     kernels = _fastlora_kernels()
     for kernel in kernels:  # nothing compiled in memory: this test's compiles are its own
-        monkeypatch.setattr(kernel, "device_caches", collections.defaultdict(kernel.create_binder))
+        monkeypatch.setattr(kernel, "device_caches",
+                            collections.defaultdict(kernel.device_caches.default_factory))
     device = torch.cuda.current_device()
     warmed, started = set(), []
     real_start = warmup.start
