@@ -64,7 +64,7 @@ def warming(compile_graph, report=None):
         launches = plan(gm)
         started = len(start(launches))
         if report is not None and launches:
-            side = "backward" if kwargs.get("is_backward") else "graph"
+            side = {True: "backward", False: "forward"}.get(kwargs.get("is_backward"), "graph")
             report.notes.append(f"warm_kernels: {started} Triton kernel compile(s) started on "
                                 f"a thread pool for {len(launches)} planned launch(es) "
                                 f"({side})")
