@@ -127,3 +127,16 @@ def test_warm_kernels_option():
     cpu = [torch.zeros(2)]
     assert warmup.wanted(True, cpu) and not warmup.wanted(False, cpu)
     assert not warmup.wanted("auto", cpu)  # no GPU tensor: nothing to compile for
+
+
+@pytest.mark.parametrize("setting", [False, "auto"])
+def test_no_plan_unless_asked(monkeypatch, setting):
+    """Off, and "auto" on a CPU graph: the compile neither plans nor starts anything."""
+    def refuse(*_):
+        raise AssertionError("planned")
+    monkeypatch.setattr(warmup, "plan", refuse)
+    model = with_lora(tiny_llama(layers=1, hidden=64, heads=4, kv_heads=2, inter=128,
+                                 vocab=128), r=8)
+    fastlora.compile_for_trainer(model, warm_kernels=setting)
+    model(**_batch("right", 24)).loss.backward()
+    assert not [n for r in fastlora.reports(model) for n in r.notes if "warm_kernels" in n]
