@@ -58,3 +58,90 @@ def test_a_folder_the_user_chose_is_kept(monkeypatch, tmp_path):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     monkeypatch.delenv("FASTLORA_CACHE")
     assert compile_cache.folder() == compile_cache.pathlib.Path("~/.cache/fastlora").expanduser()
+
+
+# A rewritten model, compiled by inductor, in a fresh process: its loss and LoRA gradients, and
+# what AOTAutograd's cache did. argv: the cache folder, "same" (or "changed": another code key,
+# as another version of fastlora has), the tests folder.
+RUN_MODEL = """
+import sys, torch, fastlora
+from fastlora import compile_cache
+from torch._dynamo.utils import counters
+sys.path.insert(0, sys.argv[3])
+from helpers import tiny_llama, with_lora
+compile_cache.use(sys.argv[1])
+if sys.argv[2] == "changed":
+    compile_cache.code_key = lambda: "another-version"
+torch.manual_seed(0)
+model = with_lora(tiny_llama(layers=1, hidden=32, heads=2, kv_heads=1, inter=64, vocab=64), r=4)
+model.train()
+fastlora.compile_for_trainer(model, compiler="inductor")
+ids = torch.randint(0, 64, (2, 24))
+loss = model(input_ids=ids, labels=ids).loss
+loss.backward()
+grads = [p.grad.double().sum().item() for n, p in model.named_parameters() if "lora_B" in n]
+assert fastlora.reports(model).counts().get("lora_qkv", 0) == 1, fastlora.reports(model).counts()
+print(repr((loss.item(), grads, dict(counters["aot_autograd"]))))
+"""
+
+
+def _run_model(folder, tmp_path, code="same"):
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    script = tmp_path / "run_model.py"
+    script.write_text(RUN_MODEL)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, str(script), str(folder), code, tests],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own script's repr
+
+
+def test_a_rewritten_model_is_served_from_aot_autograds_cache(tmp_path):
+    """The second run of a fused model skips AOTAutograd's trace of forward and backward (its
+    cache: a hit, with the same loss and gradients)."""
+    folder = tmp_path / "cache"
+    loss, grads, aot = _run_model(folder, tmp_path)
+    assert aot.get("autograd_cache_miss") and not aot.get("autograd_cache_bypass"), aot
+    loss2, grads2, aot2 = _run_model(folder, tmp_path)
+    assert aot2.get("autograd_cache_hit") and not aot2.get("autograd_cache_miss"), aot2
+    assert (loss2, grads2) == (loss, grads)
+
+
+def test_compiles_are_keyed_by_fastlora_code(monkeypatch):
+    """The tag PyTorch adds to every compile cache key carries fastlora's code key (and keeps
+    the user's own tag): another version of fastlora cannot be served this one's backward."""
+    import torch.compiler.config as cconfig
+
+    monkeypatch.setattr(compile_cache, "code_key", lambda: "v1")
+    with cconfig.patch(cache_key_tag="mine"):
+        with compile_cache.keyed_by_fastlora():
+            assert cconfig.cache_key_tag == "mine+fastlora-v1"
+        assert cconfig.cache_key_tag == "mine"
+    monkeypatch.undo()
+    key = compile_cache.code_key()
+    assert len(key) == 16 and key == compile_cache.code_key()
+
+
+def test_rewritten_graphs_are_cacheable(monkeypatch):
+    """What AOTAutograd's cache checks on the graph fastlora hands on (the check, without the
+    compile): no call of a Tensor method spelled as a function (torch 2.13 skips its cache
+    for such a graph; every rewritten graph had them before restore_method_calls)."""
+    import torch
+    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+
+    import fastlora
+    from fastlora import backend
+    from helpers import tiny_llama, with_lora
+
+    seen = []
+    real = backend._inner_compile
+    monkeypatch.setattr(backend, "_inner_compile",
+                        lambda gm, *a, **k: seen.append(gm) or real(gm, *a, **k))
+    model = with_lora(tiny_llama(layers=1, hidden=32, heads=2, kv_heads=1, inter=64,
+                                 vocab=64), r=4)
+    fastlora.compile_for_trainer(model)
+    ids = torch.randint(0, 64, (2, 24))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert seen and sum(fastlora.reports(model).counts().values()) > 3
+    for gm in seen:
+        check_cacheable(gm)

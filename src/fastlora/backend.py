@@ -16,9 +16,9 @@ import traceback
 import torch
 from torch import fx
 
-from . import distributed, dynamo_settings, regions, warmup
+from . import compile_cache, distributed, dynamo_settings, regions, warmup
 from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
-from .canonicalize import canonicalize, sizes_from_inputs
+from .canonicalize import canonicalize, restore_method_calls, sizes_from_inputs
 from .options import backend_options
 from .pattern import registered_patterns
 from .report import Report, log, module_path, publish
@@ -61,7 +61,8 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
             # 3-4. Match and rewrite.
             apply_patterns(module.graph, active, report, strict=opts.strict, options=opts,
                            top_level=module is rewritten, call_sites=sites[module])
-            module.graph.lint()
+        for module in modules:  # Dynamo's spelling again, which compile caches can key
+            restore_method_calls(module.graph)
             module.recompile()
     except Exception as e:
         if opts.strict:
@@ -202,7 +203,7 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
     aot_cache = functorch_config.patch(enable_autograd_cache=False) \
         if fused and INDUCTOR_PATCHES else contextlib.nullcontext()
     inner = warmup.warming(compile_fx_inner, report) if warm else compile_fx_inner
-    with partitioner, aot_cache:
+    with partitioner, aot_cache, compile_cache.keyed_by_fastlora():
         return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches or None)
 
 

@@ -279,3 +279,18 @@ def sizes_from_inputs(graph: fx.Graph) -> None:
         graph.erase_node(node)
         if source.target is size and not source.users:
             graph.erase_node(source)
+
+
+def restore_method_calls(graph: fx.Graph) -> None:
+    """After the rewrite: call_function ``torch.Tensor.m`` back to call_method ``m``, the
+    spelling Dynamo gave it (the same call). AOTAutograd's compile cache cannot key a
+    call_function whose target is a method descriptor and skips its cache for any graph that
+    has one (torch 2.13: every graph fastlora rewrote), so each run traced forward and
+    backward again."""
+    for node in graph.nodes:
+        target = node.target
+        name = getattr(target, "__name__", None)
+        if node.op == "call_function" and name and node.args and \
+                getattr(torch.Tensor, name, None) is target:
+            node.op, node.target = "call_method", name
+    graph.lint()

@@ -8,9 +8,15 @@ at a lasting folder, ``~/.cache/fastlora/inductor`` unless ``FASTLORA_CACHE`` na
 :func:`save` if one is there (``torch.compiler.load_cache_artifacts``: a folder copied from
 another machine with the same torch, Triton and GPU starts warm too).
 
-Only inductor's work is cached: Dynamo still traces the model and fastlora still matches and
-rewrites the graph at each start (seconds), and ``compiler="aot_eager"`` (the default on a CPU)
-compiles nothing that a cache could keep.
+Only what comes after the rewrite is cached: Dynamo still traces the model and fastlora still
+matches and rewrites the graph at each start (seconds); AOTAutograd's trace of the forward and
+backward and inductor's code are served from the cache. ``compiler="aot_eager"`` (the default
+on a CPU) compiles nothing that a cache could keep.
+
+Every compile of a rewritten graph is keyed by fastlora's own code as well
+(:func:`keyed_by_fastlora`): PyTorch keys a graph by its nodes, and a node of fastlora is an op
+name, whose autograd formula and fake (what AOTAutograd's cached backward was traced from)
+would otherwise be taken as unchanged after an upgrade of fastlora.
 
     from fastlora import compile_cache
     compile_cache.use()          # before the first compiled call
@@ -19,6 +25,9 @@ compiles nothing that a cache could keep.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import os
 import pathlib
 
@@ -84,3 +93,35 @@ def save(path: str | os.PathLike | None = None) -> pathlib.Path | None:
     tmp.write_bytes(saved[0])
     tmp.replace(bundle)
     return bundle
+
+
+@contextlib.contextmanager
+def keyed_by_fastlora():
+    """Within it, PyTorch's compile caches (AOTAutograd's, inductor's) key every graph also by
+    :func:`code_key`: ``torch.compiler.config.cache_key_tag``, a tag PyTorch adds to every
+    cache key, gets it appended to whatever the user set."""
+    import torch.compiler.config as cconfig
+
+    if not hasattr(cconfig, "cache_key_tag"):  # pragma: no cover - torch before 2.6
+        yield
+        return
+    tag = cconfig.cache_key_tag
+    with cconfig.patch(cache_key_tag=f"{tag}+fastlora-{code_key()}" if tag else
+                       f"fastlora-{code_key()}"):
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def code_key() -> str:
+    """A hash of fastlora's Python sources (the package, with its kernels, and the pattern
+    library) and of ``FASTLORA_LAUNCH``, which decides how the ops are traced: what a
+    cached compile of a rewritten graph depends on besides the graph itself."""
+    from . import builtin_patterns
+
+    digest = hashlib.sha256(os.environ.get("FASTLORA_LAUNCH", "").encode())
+    roots = [pathlib.Path(__file__).parent, builtin_patterns._folder()]
+    for root in dict.fromkeys(roots):
+        for source in sorted(root.rglob("*.py")):
+            digest.update(str(source.relative_to(root)).encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
