@@ -81,10 +81,11 @@ def partition_with(budget, report) -> contextlib.AbstractContextManager:
 
     stack = contextlib.ExitStack()
     size = size_in_bytes(budget)
+    # Not served from AOTAutograd's cache: the partitioner must run to record its plan on the
+    # report (and a size is not part of the cache's key).
+    stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
     if size is None:
         stack.enter_context(functorch_config.patch(activation_memory_budget=float(budget)))
-    else:
-        stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
     original = partitioners.choose_saved_values_set
 
     def choose(joint_graph, node_info, memory_budget=1.0):
