@@ -168,6 +168,8 @@ def main(argv=None):
                "unplaced_top": unplaced(stats) if stats else [],
                "compiles": compile_calls(stats) if stats else {},
                "access_analysis": dict(_access_cache.stats),
+               "aot_autograd_cache": {k: v for k, v in torch._dynamo.utils.counters[
+                   "aot_autograd"].items() if "cache" in k},
                "access_cache": os.environ.get("FASTLORA_ACCESS_CACHE", "1") != "0"}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
 
@@ -177,7 +179,8 @@ def main(argv=None):
     print(f"\n{args.shape}, {cfg.num_hidden_layers} layers, FASTLORA_LAUNCH={launch} {opts}: "
           f"first step {first_s:.1f} s, second step (new length) {second_s:.2f} s, "
           f"graphs {summary['graphs']}; Triton access analyses {summary['access_analysis']} "
-          f"(cache {'on' if summary['access_cache'] else 'off'})")
+          f"(cache {'on' if summary['access_cache'] else 'off'}); AOTAutograd's cache "
+          f"{summary['aot_autograd_cache']}")
     print("self time by place (s):")
     for name, secs in places.items():
         if secs >= 0.05:
