@@ -10,6 +10,38 @@ from __future__ import annotations
 import torch
 
 
+def batch(kind: str, seq: int) -> dict:
+    """Two rows of ``seq`` tokens: "packed" (two documents in one row with ``position_ids``,
+    TRL's padding-free batch), "right"/"left" (the second row has 5 pads), or "plain"."""
+    ids = torch.randint(0, 128, (2, seq))
+    if kind == "packed":
+        return {"input_ids": ids.reshape(1, -1), "labels": ids.reshape(1, -1),
+                "position_ids": torch.arange(seq).repeat(2)[None]}
+    out = {"input_ids": ids, "labels": ids}
+    if kind in ("right", "left"):
+        mask = torch.ones_like(ids)
+        pads = slice(seq - 5, seq) if kind == "right" else slice(0, 5)
+        mask[1, pads] = 0
+        out["attention_mask"] = mask
+    return out
+
+
+def tiny_lora_llama(variant: str = "float32"):
+    """The recorders' model (sizes multiples of 16, as real models'), in training mode;
+    ``variant``: "float32", "bfloat16", "dropout" (LoRA dropout 0.1) or "checkpointing"."""
+    from helpers import tiny_llama, with_lora
+
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, inter=128,
+                                 vocab=128), r=16, dropout=0.1 if variant == "dropout" else 0.0)
+    if variant == "bfloat16":
+        model.to(torch.bfloat16)
+    if variant == "checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
 def specialization(value: int) -> str:
     return "1" if value == 1 else ("16" if value % 16 == 0 else "other")
 

@@ -17,11 +17,9 @@ Launch choices that follow the token count on purpose (block sizes past a size t
 from __future__ import annotations
 
 import pytest
-import torch
 
 import fastlora
-from helpers import tiny_llama, with_lora
-from kernel_recorders import replace_kernels
+from kernel_recorders import batch, replace_kernels, tiny_lora_llama
 
 triton = pytest.importorskip("triton")
 from fastlora.kernels._common import interpret_on_cpu  # noqa: E402
@@ -43,36 +41,15 @@ def launches(monkeypatch):
     yield calls, replace_kernels(monkeypatch, calls)
 
 
-def _batch(kind: str, seq: int) -> dict:
-    ids = torch.randint(0, 128, (2, seq))
-    if kind == "packed":  # two documents in one row, TRL's padding-free batch
-        return {"input_ids": ids.reshape(1, -1), "labels": ids.reshape(1, -1),
-                "position_ids": torch.arange(seq).repeat(2)[None]}
-    batch = {"input_ids": ids, "labels": ids}
-    if kind in ("right", "left"):  # the second row has 5 pads
-        mask = torch.ones_like(ids)
-        pads = slice(seq - 5, seq) if kind == "right" else slice(0, 5)
-        mask[1, pads] = 0
-        batch["attention_mask"] = mask
-    return batch
-
-
 def _steps(kind: str, calls: list, variant: str = "float32") -> list[list]:
     """The launches of each step at LENGTHS; ``variant``: "float32", "bfloat16", "dropout"
     (LoRA dropout 0.1) or "checkpointing" (gradient checkpointing: the recompute launches)."""
-    torch.manual_seed(0)
-    model = with_lora(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, inter=128,
-                                 vocab=128), r=16, dropout=0.1 if variant == "dropout" else 0.0)
-    if variant == "bfloat16":
-        model.to(torch.bfloat16)
-    if variant == "checkpointing":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    model = tiny_lora_llama(variant)
     fastlora.compile_for_trainer(model)
     steps, graphs = [], []
     for seq in LENGTHS:
         calls.clear()
-        model(**_batch(kind, seq)).loss.backward()
+        model(**batch(kind, seq)).loss.backward()
         steps.append(list(calls))
         graphs.append(len(fastlora.reports(model)))
     assert graphs == graphs[:1] * len(LENGTHS), graphs  # compiled at the first step only

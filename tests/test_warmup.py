@@ -17,7 +17,7 @@ import fastlora
 from fastlora import warmup
 from fastlora.options import Options, OptionsError
 from helpers import tiny_llama, with_lora
-from kernel_recorders import replace_kernels
+from kernel_recorders import batch, replace_kernels, tiny_lora_llama
 
 triton = pytest.importorskip("triton")
 from fastlora.kernels._common import interpret_on_cpu  # noqa: E402
@@ -25,19 +25,6 @@ from fastlora.kernels._common import interpret_on_cpu  # noqa: E402
 needs_interpreter = pytest.mark.skipif(not interpret_on_cpu(), reason=(
     "records the launches of CPU tensors, which need TRITON_INTERPRET=1 (set by conftest.py "
     "on a machine without CUDA)"))
-
-
-def _batch(kind: str, seq: int) -> dict:
-    ids = torch.randint(0, 128, (2, seq))
-    if kind == "packed":  # two documents in one row, TRL's padding-free batch
-        return {"input_ids": ids.reshape(1, -1), "labels": ids.reshape(1, -1),
-                "position_ids": torch.arange(seq).repeat(2)[None]}
-    batch = {"input_ids": ids, "labels": ids}
-    if kind == "right":
-        mask = torch.ones_like(ids)
-        mask[1, seq - 5:] = 0
-        batch["attention_mask"] = mask
-    return batch
 
 
 def _key(call) -> tuple:
@@ -53,17 +40,10 @@ def test_the_plan_is_what_the_first_step_launches(monkeypatch, kind, variant):
     calls, plans = [], []
     recorders = replace_kernels(monkeypatch, calls, pointers=True)
     monkeypatch.setattr(warmup, "start", lambda launches: plans.append(launches) or [])
-    torch.manual_seed(0)
-    model = with_lora(tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, inter=128,
-                                 vocab=128), r=16, dropout=0.1 if variant == "dropout" else 0.0)
-    if variant == "bfloat16":
-        model.to(torch.bfloat16)
-    if variant == "checkpointing":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    model = tiny_lora_llama(variant)
     fastlora.compile_for_trainer(model, warm_kernels=True)
 
-    model(**_batch(kind, 40)).loss.backward()
+    model(**batch(kind, 40)).loss.backward()
     launched = {_key(c) for c in calls}
     graphs = len(fastlora.reports(model))  # 1; 3 with checkpointing (peft's hook breaks it)
     assert len(plans) >= 2 * graphs - 1, "a plan per forward and per backward compiled"
@@ -78,7 +58,7 @@ def test_the_plan_is_what_the_first_step_launches(monkeypatch, kind, variant):
     assert planned - launched == set(), "planned, not launched (a compile for nothing)"
 
     for seq in (33, 57):  # planning added no guard: no graph compiled again
-        model(**_batch(kind, seq)).loss.backward()
+        model(**batch(kind, seq)).loss.backward()
     assert len(fastlora.reports(model)) == graphs
     notes = [n for r in fastlora.reports(model) for n in r.notes if "warm_kernels" in n]
     assert len(notes) == len([p for p in plans if p]), notes
@@ -138,5 +118,5 @@ def test_no_plan_unless_asked(monkeypatch, setting):
     model = with_lora(tiny_llama(layers=1, hidden=64, heads=4, kv_heads=2, inter=128,
                                  vocab=128), r=8)
     fastlora.compile_for_trainer(model, warm_kernels=setting)
-    model(**_batch("right", 24)).loss.backward()
+    model(**batch("right", 24)).loss.backward()
     assert not [n for r in fastlora.reports(model) for n in r.notes if "warm_kernels" in n]
