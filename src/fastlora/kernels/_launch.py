@@ -100,17 +100,22 @@ INDUCTOR_LAUNCHED: set[str] = set()  # ops whose kernels inductor launches on CU
 
 def tracing() -> bool:
     """True while an op body is being traced for inductor (launches are recorded, not run)."""
-    return getattr(_state, "tracing", False)
+    return bool(getattr(_state, "tracing", False))
 
 
 @contextlib.contextmanager
-def _traced():
-    before = tracing()
-    _state.tracing = True
+def _this_thread(name: str, value):
+    """``_state.<name>`` set to ``value`` in this thread, restored after."""
+    before = getattr(_state, name, None)
+    setattr(_state, name, value)
     try:
-        yield
+        yield value
     finally:
-        _state.tracing = before
+        setattr(_state, name, before)
+
+
+def _traced():
+    return _this_thread("tracing", True)
 
 
 def launch(kernel):
@@ -125,16 +130,10 @@ def launch(kernel):
     return kernel
 
 
-@contextlib.contextmanager
 def recording(launches: list):
     """Within it, every ``launch(kernel)[grid](*args, **kwargs)`` of this thread appends
     ``(kernel, grid, args, kwargs)`` to ``launches`` and runs nothing (warmup.py)."""
-    before = getattr(_state, "recording", None)
-    _state.recording = launches
-    try:
-        yield launches
-    finally:
-        _state.recording = before
+    return _this_thread("recording", launches)
 
 
 class _Recorded:
