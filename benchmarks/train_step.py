@@ -62,7 +62,9 @@ PEERS = ("liger", "unsloth")
 # trees through mode="reduce-overhead"); "-nolora" / "-noce": a pattern family switched off;
 # "fastlora" offloads checkpointed layer inputs to host memory under --gc on (the default);
 # "-nooffload": without; "-offload": every saved activation of 16 MiB or more instead;
-# "-offload-async" is "-offload" (fastlora's copies are on a side stream either way).
+# "-offload-async" is "-offload" (fastlora's copies are on a side stream either way);
+# "-hostemb": the frozen input embeddings read from pinned host memory (offload_embeddings,
+# an option of compile_for_trainer, which compiles that variant).
 FASTLORA = {"fastlora": ({}, None),
             "fastlora-nooffload": ({"offload_activations": False}, None),
             "fastlora-cg": ({}, "reduce-overhead"),
@@ -70,7 +72,8 @@ FASTLORA = {"fastlora": ({}, None),
             "fastlora-offload-async": ({"offload_activations": 16}, None),
             "fastlora-nolora": ({"disable": ["lora_linear", "lora_mlp", "lora_qkv",
                                              "lora_mlp_block", "lora_linear_4bit"]}, None),
-            "fastlora-noce": ({"disable": ["linear_cross_entropy"]}, None)}
+            "fastlora-noce": ({"disable": ["linear_cross_entropy"]}, None),
+            "fastlora-hostemb": ({"offload_embeddings": True}, None)}
 
 
 def build_config(shape: str):
@@ -200,7 +203,7 @@ def worker(args) -> dict:
     if args.variant == "inductor":
         step_model = torch.compile(model)
     elif args.variant in FASTLORA:
-        import fastlora  # noqa: F401  (registers the backend name when run from a source tree)
+        import fastlora  # registers the backend name when run from a source tree
         options, mode = FASTLORA[args.variant]
         if args.variant.endswith("-async"):
             torch._functorch.config.activation_offload_separate_stream = True
@@ -208,8 +211,11 @@ def worker(args) -> dict:
                    **(json.loads(args.fastlora_options) if args.fastlora_options else {})}
         if args.memory_budget is not None:
             options["memory_budget"] = budget_option(args.memory_budget)
-        step_model = torch.compile(model, backend="fastlora", options=options or None,
-                                   mode=mode)
+        if options.get("offload_embeddings") is True:  # moves a parameter: the model's own
+            step_model = fastlora.compile_for_trainer(model, dynamic=None, **options)
+        else:
+            step_model = torch.compile(model, backend="fastlora", options=options or None,
+                                       mode=mode)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device, generator=gen)
 

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from . import distributed, regions, unpad
+from . import distributed, host_embeddings, regions, unpad
 from .options import Options
 from .pattern import registered_patterns
 
@@ -83,15 +83,18 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
             if marked else "no decoder layers found to compile once (reuse_layers)"
     else:
         note = f"decoder layers compiled one by one: {refused}"
+    before_each_call, table_note = host_embeddings.plan(model, opts.offload_embeddings, opts.mode)
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
     call = _traced_with_settings(
         model._compiled_call_impl, specialize_float=bool(dynamic),
-        note=lambda: (regions.why(model, bool(dynamic)) if marked else None) or note)
+        note=lambda: (regions.why(model, bool(dynamic)) if marked else None) or note,
+        table_note=table_note, before_each_call=before_each_call)
     model._compiled_call_impl = unpad.wrap(call, model) if opts.remove_padding else call
     return model
 
 
-def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None):
+def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None, table_note=None,
+                          before_each_call=lambda: None):
     """``compiled`` called with fastlora's Dynamo settings for this model, applied the way
     ``torch.compile``'s own ``dynamic=`` is: configuration patches around each call of this
     compiled function only (Dynamo reads them while tracing; a call that traces nothing pays a
@@ -101,15 +104,18 @@ def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None):
     - under DDP, Dynamo's split at gradient buckets is left to the backend, after fusion
       (``distributed.fuse_before_ddp_split``).
     - ``note()``: what each report says about the decoder layers (compiled once or why not),
-      computed only when a call traces.
+      computed only when a call traces; ``table_note`` the same for the input embeddings.
+    - ``before_each_call()``: offload_embeddings' move of the table to host memory
+      (host_embeddings.py), before Dynamo sees the call.
     """
     @functools.wraps(compiled)
     def call(*args, **kwargs):
+        before_each_call()
         with contextlib.ExitStack() as stack:
             if specialize_float:
                 stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
             stack.enter_context(distributed.fuse_before_ddp_split())
-            stack.enter_context(regions.noting(note))  # read only while Dynamo traces
+            stack.enter_context(regions.noting(note, table_note))  # read only while tracing
             return compiled(*args, **kwargs)
     return call
 
