@@ -10,7 +10,9 @@ state hold, and what each phase of the step adds on top.
 Workload: train_step.py's (its build_model: LoRA r16 on q,k,v,o,gate,up,down, bf16, batch
 4 x 2048, fused AdamW; --load-4bit: bitsandbytes NF4 + double quantisation, --kbit-recipe as
 there). Variants (--variants): ``fastlora`` (torch.compile backend="fastlora", default
-options) and ``eager``, each in its own process. Per variant:
+options), ``fastlora-hostemb`` (compile_for_trainer with ``offload_embeddings=True``: the
+frozen input embeddings in pinned host memory, listed apart) and ``eager``, each in its own
+process. Per variant:
 
 - parts, from the model's tensors: 4-bit base weights (bitsandbytes' packed uint8) and their
   quantisation state (absmax, code, nested state); the other frozen parameters by role:
@@ -90,6 +92,8 @@ def parts(model, opt) -> dict:
             add("LoRA parameters", p)
             if p.grad is not None:
                 add("LoRA gradients", p.grad)
+        elif p.device.type == "cpu" and p.is_pinned():  # offload_embeddings moved it there
+            add(f"frozen, in pinned host memory: {_role(name)}", p)
         else:
             add(f"frozen: {_role(name)}", p)
     for t in quant.values():
@@ -158,6 +162,11 @@ def worker(args) -> dict:
         import fastlora  # noqa: F401  (registers the backend name from a source tree)
         options = {} if cuda else {"compiler": "aot_eager"}
         step_model = torch.compile(model, backend="fastlora", options=options or None)
+    elif args.variant == "fastlora-hostemb":  # the input embeddings read from host memory
+        import fastlora
+        options = {} if cuda else {"compiler": "aot_eager"}
+        step_model = fastlora.compile_for_trainer(model, dynamic=None, offload_embeddings=True,
+                                                  **options)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device, generator=gen)
     forward = lambda: step_model(input_ids=ids, labels=ids, use_cache=False).loss  # noqa: E731
