@@ -5,8 +5,10 @@
 
 Spellings: the full rotation (Llama, Mistral, Qwen, Gemma, OLMo, ...); partial rotary (Phi-3,
 Phi, StableLM, GPT-NeoX), where only the first ``rot`` features rotate and the rest are
-concatenated back; Cohere's interleaved rotation of pairs (2i, 2i + 1), computed in float32; and
-GLM's interleaved partial rotation, in the model's dtype.
+concatenated back; Cohere's interleaved rotation of pairs (2i, 2i + 1), computed in float32;
+GLM's interleaved partial rotation, in the model's dtype; Helium's full interleaved rotation in
+the model's dtype; ERNIE 4.5's, whose pairs are swapped in the model's dtype and multiplied in
+float32 by float32 cos/sin.
 q and k become one call of ``torch.ops.fastlora.rope`` (src/fastlora/kernels/rope.py). cos/sin
 (already unsqueezed to [B, 1, T, R]) are read per (batch, token), so packed sequences (position
 ids restarting inside a row) are handled as they come.
@@ -55,7 +57,27 @@ def rope_interleaved_partial(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor
     return torch.cat((q_embed, q_pass), -1), torch.cat((k_embed, k_pass), -1)
 
 
-INTERLEAVED = ("rope_interleaved", "rope_interleaved_partial")
+def rope_interleaved_model_dtype(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                                 sin: torch.Tensor):
+    q_rotated = torch.stack([-q[..., 1::2], q[..., ::2]], dim=-1).flatten(-2)
+    k_rotated = torch.stack([-k[..., 1::2], k[..., ::2]], dim=-1).flatten(-2)
+    return q * cos + q_rotated * sin, k * cos + k_rotated * sin
+
+
+def rope_interleaved_rotated_first(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                                   sin: torch.Tensor):
+    q_rotated = torch.stack([-q[..., 1::2], q[..., ::2]], dim=-1).flatten(-2)
+    k_rotated = torch.stack([-k[..., 1::2], k[..., ::2]], dim=-1).flatten(-2)
+    return ((q.float() * cos + q_rotated.float() * sin).to(q.dtype),
+            (k.float() * cos + k_rotated.float() * sin).to(k.dtype))
+
+
+INTERLEAVED = ("rope_interleaved", "rope_interleaved_partial", "rope_interleaved_model_dtype",
+               "rope_interleaved_rotated_first")
+# Spellings that compute in float32 and cast back to q's and k's dtypes, whatever cos/sin's dtype
+# (ERNIE 4.5 keeps cos/sin in float32); the op returns the promoted dtype, so the replacement
+# casts back as the model does (after one float32 rounding, where the model rounds the same way).
+CAST_BACK = ("rope_interleaved", "rope_interleaved_rotated_first")
 
 
 def _known(cond) -> bool:
@@ -91,11 +113,18 @@ def check(m):
                 raise Reject(f"cos/sin of shape {tuple(cos.shape)} would broadcast {name} of "
                              f"shape {tuple(x.shape)}; the kernel rotates each {name} vector once")
     # cos/sin that require grad are fine: the op's backward then returns their gradients too.
-    return {"rot_dim": int(rot), "interleaved": m.spelling in INTERLEAVED}
+    promoted = torch.promote_types(cos.dtype, sin.dtype)  # what the op returns, for q and k
+    cast_back = m.spelling in CAST_BACK and (torch.promote_types(q.dtype, promoted) != q.dtype or
+                                             torch.promote_types(k.dtype, promoted) != k.dtype)
+    return {"rot_dim": int(rot), "interleaved": m.spelling in INTERLEAVED,
+            "out_dtypes": (q.dtype, k.dtype) if cast_back else None}
 
 
-def replacement(q, k, cos, sin, rot_dim, interleaved, half=None, rot=None):
+def replacement(q, k, cos, sin, rot_dim, interleaved, out_dtypes=None, half=None, rot=None):
     out = torch.ops.fastlora.rope(q, k, cos, sin, rot_dim, interleaved)
+    if out_dtypes is not None:
+        cast = torch.ops.aten._to_copy.default  # a call_function node, as the rewriter records
+        return cast(out[0], dtype=out_dtypes[0]), cast(out[1], dtype=out_dtypes[1])
     return out[0], out[1]  # indexed, so that a traced call gives one graph value per output
 
 
@@ -104,7 +133,7 @@ register_pattern(Pattern(
     # GLM's partial rotation also contains a full interleaved one (of the rotated slice, float32
     # casts absent in an fp32 model), of the same size: listed first, it wins that tie.
     spellings=[rope_rotate_half, rope_partial_rotary, rope_interleaved_partial,
-               rope_interleaved],
+               rope_interleaved, rope_interleaved_model_dtype, rope_interleaved_rotated_first],
     check=check,
     replacement=replacement,
     anchor=torch.neg,

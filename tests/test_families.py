@@ -15,7 +15,10 @@ Beyond the list: StableLM (LayerNorm with bias; per-head q/k LayerNorms without 
 rotary), OLMo (weightless LayerNorm), Cohere (hand-written LayerNorm, also per-head for q/k with
 a weight row per head; interleaved RoPE; logits times logit_scale before the loss), GLM (gate_up
 chunked like Phi-3, q/k/v with bias, interleaved partial rotary in the model's dtype), Granite
-(Llama's layers with multipliers; logits divided by logits_scaling before the loss). No family
+(Llama's layers with multipliers; logits divided by logits_scaling before the loss), OLMo 2
+and Helium (RMSNorm's weight multiplied in float32 before the cast, which only bf16 shows),
+Helium and ERNIE 4.5 (interleaved RoPE in the model's dtype; in float32 with float32 cos/sin,
+cast back). No family
 misses one of these patterns; synthetic near misses (and their reasons) are pinned in the kernel
 test files.
 
@@ -94,6 +97,16 @@ def _families():
         # partial_rotary_factor 0.5 of head size 10: 3 frequencies, 6 rotated features
         "glm": (lambda: T.GlmForCausalLM(T.GlmConfig(**COMMON, pad_token_id=0, eos_token_id=1)),
                 GLM_LINEAR, swiglu_family),
+        # OLMo 2: post-norms (after attention and MLP) and q/k norms over all heads, the norm's
+        # weight multiplied before the cast; Helium: the same norm with the weight cast to
+        # float32, interleaved RoPE in the model's dtype; ERNIE 4.5: interleaved RoPE in float32
+        # with float32 cos/sin, the pairs swapped in the model's dtype
+        "olmo2": (lambda: T.Olmo2ForCausalLM(T.Olmo2Config(**COMMON)), ALL_LINEAR,
+                  {"rms_norm": 4 * L + 1, "rope": L, "swiglu": L}),
+        "helium": (lambda: T.HeliumForCausalLM(T.HeliumConfig(**{**COMMON, "hidden_size": 40})),
+                   ALL_LINEAR, swiglu_family),
+        "ernie4_5": (lambda: T.Ernie4_5ForCausalLM(T.Ernie4_5Config(**COMMON)), ALL_LINEAR,
+                     swiglu_family),
         "granite": (lambda: T.GraniteForCausalLM(T.GraniteConfig(
                         **COMMON, logits_scaling=3.0, embedding_multiplier=2.0,
                         residual_multiplier=0.5, attention_multiplier=0.1)),
@@ -173,7 +186,8 @@ def low_precision_errors(model32, inputs, dtype=torch.bfloat16, options=None):
             max(rel_err(loss_c, loss32), rel_err(flat(grads_c), ref)))
 
 
-@pytest.mark.parametrize("family", ["gemma2", "phi3", "cohere", "stablelm"])
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "cohere", "stablelm", "olmo2", "helium",
+                                    "ernie4_5"])
 def test_family_bf16_close_to_eager_bf16(family):
     model, expected = build(family)
     fastlora.clear_reports()
@@ -224,7 +238,9 @@ def expected_all_on(family) -> dict:
                 "linear_cross_entropy": 1, "rope": L}
     counts = {"lora_qkv": L, "lora_mlp": L, "lora_linear": 2 * L, "lora_mlp_block": L,
               "linear_cross_entropy": 1, "rope": L}
-    if "rms_norm" in FAMILIES[family][2]:  # the norm + LoRA fusions exist for RMSNorm only
+    # the norm + LoRA fusions exist for RMSNorm only, and need a norm before the projections
+    # (OLMo 2 normalizes their outputs)
+    if "rms_norm" in FAMILIES[family][2] and family != "olmo2":
         counts.update({"rms_norm_lora_qkv": L, "rms_norm_lora_mlp_block": L})
     return counts
 
