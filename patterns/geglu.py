@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlora.pattern import Pattern, Reject, register_pattern
-from fastlora.patterns.swiglu import check_gate_up
+from fastlora.patterns.swiglu import check_gate_up, explain_ungated
 
 
 def gelu_times_up(gate: torch.Tensor, up: torch.Tensor, approximate: str):
@@ -31,6 +31,7 @@ register_pattern(Pattern(
     check=check,
     replacement=replacement,
     anchor=F.gelu,
+    explain_near_miss=explain_ungated,
     description="GeGLU gelu(gate) * up, exact or tanh GELU (Gemma family)",
     builtin=True,
 ))

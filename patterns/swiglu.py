@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fastlora.pattern import Pattern, Reject, register_pattern
+from fastlora.pattern import Pattern, RefusalKind, Reject, register_pattern
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,6 +52,16 @@ def check(m):
     return {}
 
 
+def explain_ungated(anchor, refusal):
+    """The near miss at an activation left unfused (shared with geglu): none where no product
+    reads the activation, as in a plain MLP (GPT-NeoX, Falcon, StarCoder 2: ``fc2(gelu(fc1(x)))``),
+    which is no gated unit at all."""
+    if refusal.kind is RefusalKind.NO_SPELLING and not any(
+            u.op == "call_function" and u.target is torch.mul for u in anchor.users):
+        return None
+    return refusal.reason
+
+
 def replacement(gate=None, up=None, x=None):
     if x is not None:
         return torch.ops.fastlora.swiglu_packed(x)
@@ -64,6 +74,7 @@ register_pattern(Pattern(
     check=check,
     replacement=replacement,
     anchor=F.silu,
+    explain_near_miss=explain_ungated,
     description="SwiGLU silu(gate) * up (Llama, Mistral, Qwen; Phi-3's chunked gate_up_proj)",
     builtin=True,
 ))

@@ -237,6 +237,25 @@ def test_near_misses_are_left_alone_with_their_reason(kind, variant, reason):
     assert len(reasons) == 1 and reason in reasons[0], reasons
 
 
+class PlainMLP(torch.nn.Module):  # fc2(act(fc1(x))): GPT-NeoX, Falcon, StarCoder 2
+    def __init__(self, act, d=24, ffn=40):
+        super().__init__()
+        self.fc1, self.fc2, self.act = torch.nn.Linear(d, ffn), torch.nn.Linear(ffn, d), act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("kind", list(ACTS))
+def test_an_ungated_activation_is_no_near_miss(kind):
+    act, name = ACTS[kind]
+    report = _compile_and_compare(PlainMLP(act), torch.randn(3, 5, 24))
+    assert report.counts() == {} and report.near_misses == []
+    # an activation a product reads (here by a number, no GLU): still reported
+    report = _compile_and_compare(PlainMLP(lambda t: act(t) * 2.0), torch.randn(3, 5, 24))
+    assert [n["pattern"] for n in report.near_misses] == [name], report.near_misses
+
+
 # ---- GPU (run with `pytest -m gpu` on the H200) --------------------------------------------------
 
 
