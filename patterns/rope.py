@@ -8,7 +8,8 @@ Phi, StableLM, GPT-NeoX), where only the first ``rot`` features rotate and the r
 concatenated back; Cohere's interleaved rotation of pairs (2i, 2i + 1), computed in float32;
 GLM's interleaved partial rotation, in the model's dtype; Helium's full interleaved rotation in
 the model's dtype; ERNIE 4.5's, whose pairs are swapped in the model's dtype and multiplied in
-float32 by float32 cos/sin.
+float32 by float32 cos/sin; GPT-OSS's rotation of the two halves with cos/sin of one half
+(``rope_halves``: rotate_half written out, the replacement repeats cos/sin for the kernel).
 q and k become one call of ``torch.ops.fastlora.rope`` (src/fastlora/kernels/rope.py). cos/sin
 (already unsqueezed to [B, 1, T, R]) are read per (batch, token), so packed sequences (position
 ids restarting inside a row) are handled as they come.
@@ -72,6 +73,13 @@ def rope_interleaved_rotated_first(q: torch.Tensor, k: torch.Tensor, cos: torch.
             (k.float() * cos + k_rotated.float() * sin).to(k.dtype))
 
 
+def rope_halves(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    q1, q2 = torch.chunk(q, 2, dim=-1)
+    k1, k2 = torch.chunk(k, 2, dim=-1)
+    return (torch.cat((q1 * cos - q2 * sin, q2 * cos + q1 * sin), dim=-1),
+            torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin), dim=-1))
+
+
 INTERLEAVED = ("rope_interleaved", "rope_interleaved_partial", "rope_interleaved_model_dtype",
                "rope_interleaved_rotated_first")
 # Spellings that compute in float32 and cast back to q's and k's dtypes, whatever cos/sin's dtype
@@ -97,7 +105,9 @@ def check(m):
     rot = m["rot"] if "rot" in m.bindings else d
     if not _known(k.shape[-1] == d):
         raise Reject(f"q and k head sizes differ ({d} vs {k.shape[-1]})")
-    if not (_known(cos.shape[-1] == rot) and _known(sin.shape[-1] == rot)):
+    per_half = m.spelling == "rope_halves"  # cos/sin of one half, the same for both halves
+    features = rot // 2 if per_half else rot
+    if not (_known(cos.shape[-1] == features) and _known(sin.shape[-1] == features)):
         raise Reject(f"cos/sin have {cos.shape[-1]}/{sin.shape[-1]} features where {rot} rotate")
     if not (isinstance(rot, int) and 0 < rot <= d and rot % 2 == 0):
         raise Reject(f"{rot} rotated features of {d}: not an even count")
@@ -117,10 +127,13 @@ def check(m):
     cast_back = m.spelling in CAST_BACK and (torch.promote_types(q.dtype, promoted) != q.dtype or
                                              torch.promote_types(k.dtype, promoted) != k.dtype)
     return {"rot_dim": int(rot), "interleaved": m.spelling in INTERLEAVED,
-            "out_dtypes": (q.dtype, k.dtype) if cast_back else None}
+            "out_dtypes": (q.dtype, k.dtype) if cast_back else None, "per_half": per_half}
 
 
-def replacement(q, k, cos, sin, rot_dim, interleaved, out_dtypes=None, half=None, rot=None):
+def replacement(q, k, cos, sin, rot_dim, interleaved, out_dtypes=None, per_half=False,
+                half=None, rot=None):
+    if per_half:  # the kernel's cos/sin cover both halves (rotate_half's layout)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     out = torch.ops.fastlora.rope(q, k, cos, sin, rot_dim, interleaved)
     if out_dtypes is not None:
         cast = torch.ops.aten._to_copy.default  # a call_function node, as the rewriter records
@@ -133,7 +146,8 @@ register_pattern(Pattern(
     # GLM's partial rotation also contains a full interleaved one (of the rotated slice, float32
     # casts absent in an fp32 model), of the same size: listed first, it wins that tie.
     spellings=[rope_rotate_half, rope_partial_rotary, rope_interleaved_partial,
-               rope_interleaved, rope_interleaved_model_dtype, rope_interleaved_rotated_first],
+               rope_interleaved, rope_interleaved_model_dtype, rope_interleaved_rotated_first,
+               rope_halves],
     check=check,
     replacement=replacement,
     anchor=torch.neg,

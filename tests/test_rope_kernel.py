@@ -201,6 +201,37 @@ def test_rope_disabled_by_option():
     assert "rope" not in fastlora.last_report().counts()
 
 
+class RotateHalves(torch.nn.Module):
+    """GPT-OSS's rotation: each half of q and k with cos/sin of one half (rope_halves)."""
+
+    def forward(self, q, k, cos, sin):
+        def rotate(x):
+            x1, x2 = torch.chunk(x, 2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rotate(q), rotate(k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_of_two_halves_with_half_tables(dtype):
+    q = torch.randn(2, 4, 7, 10, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 7, 10, dtype=dtype, requires_grad=True)
+    cos, sin = (t.to(dtype) for t in rotary_tables(torch.arange(7)[None], 10))
+    cos, sin = cos[..., :5], sin[..., :5]  # one half: both halves use the same frequencies
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    compiled = torch.compile(RotateHalves(), backend="fastlora",
+                             options={"compiler": "aot_eager", "strict": True})
+    qo, ko = compiled(q, k, cos, sin)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), (dq_out, dk_out))
+    report = fastlora.last_report()
+    assert report.counts() == {"rope": 1}
+    assert report.matches[0]["spelling"] == "rope_halves"
+    full = lambda t: torch.cat((t, t), -1)  # noqa: E731
+    want = grads64(q.detach(), k.detach(), full(cos), full(sin), 10, dq_out, dk_out)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, ref in zip((qo, ko, dq, dk), want):
+        assert got.dtype == dtype and rel_err(got, ref) < tol
+
+
 def _rotate_half(x):
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), -1)
