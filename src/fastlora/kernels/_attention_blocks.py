@@ -284,7 +284,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def validate(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], window: int,
-              softcap: float, key_mask: Optional[Tensor] = None) -> None:
+              softcap: float, key_mask: Optional[Tensor] = None,
+              sinks: Optional[Tensor] = None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         require(t.dim() == 4, f"fastlora.flash_attention: {name} must be (batch, heads, seq, "
@@ -304,6 +305,11 @@ def validate(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], window:
             f"fastlora.flash_attention: {H} query heads cannot share {k.shape[1]} key/value "
             "heads evenly")
     require(D <= 256, f"fastlora.flash_attention: head dim {D} > 256 is not supported")
+    if sinks is not None:
+        check_float("sinks", sinks)
+        require(sinks.dim() == 1 and sinks.shape[0] == H, f"fastlora.flash_attention: sinks "
+                f"must have shape ({H},), one per query head, got {tuple(sinks.shape)}")
+        check_same_device(q=q, sinks=sinks)
     require(window >= 0, f"fastlora.flash_attention: window must be >= 0 (0 = none), got {window}")
     require(softcap >= 0.0, f"fastlora.flash_attention: softcap must be >= 0 (0 = none), got "
                             f"{softcap}")

@@ -43,10 +43,11 @@ def visible_mask(S_Q: int, S_K: int, causal: bool, window: int, doc_ids: Optiona
 
 
 def probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask=None,
-                   empty_rows_uniform=False):
+                   empty_rows_uniform=False, sinks=None):
     """float32 probabilities (B, H, S_Q, S_K), the capped scores' tanh (or None), and lse
     (-inf on rows with no visible key, whose probabilities are 0, or 1 / S_K on every key when
-    ``empty_rows_uniform``)."""
+    ``empty_rows_uniform``). ``sinks`` (H,): one more logit per head in each row's softmax,
+    without a value: it joins lse, and the probabilities of the keys sum to less than 1."""
     group = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(group, 1)
     s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
@@ -57,6 +58,8 @@ def probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask=None,
     vis = visible_mask(q.shape[2], k.shape[2], causal, window, doc_ids, q.device, key_mask)
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, -1)
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.float()[None, :, None].expand_as(lse))
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows that see nothing: all zero
     if empty_rows_uniform:
         p = torch.where(torch.isneginf(lse)[..., None], 1.0 / k.shape[2], p)

@@ -13,6 +13,12 @@ repeated k/v are never built), query row i, key column j, all in float32:
         and key_mask[b, j] != 0                      key_mask given: padding (HF attention_mask)
     lse_i = log sum_{visible j} exp(s_ij)            o_i = sum_{visible j} exp(s_ij - lse_i) v_j
 
+Sinks (GPT-OSS): a learned logit sink_h per query head joins every row's softmax as one more
+column with no value: lse_i = log(exp(sink_h) + sum_{visible j} exp(s_ij)), o_i as above with
+that lse (so the row's weights sum to less than 1). A row with no visible key then gives o_i = 0
+and lse_i = sink_h, as the model's eager attention does. The backward is unchanged given lse;
+d sink_h = -sum_{b, i} exp(sink_h - lse_i) delta_i (delta_i = dO_i . O_i), in PyTorch.
+
 A row with no visible key (a pad query under left padding and causal attention, say) gets
 lse_i = -inf and, as the model's own attention gives it:
     o_i = 0                          empty_rows_uniform False: SDPA with a boolean mask
@@ -123,7 +129,7 @@ if HAVE_TRITON:
         return total / S_K
 
     @triton.jit(do_not_specialize=["stride_db", "stride_kmb", "S_Q", "S_K"])
-    def _attn_fwd(Q, K, V, O, LSE, DS, DE, KM,
+    def _attn_fwd(Q, K, V, O, LSE, DS, DE, KM, SINKS,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_db,
                   stride_kmb, H, GROUP, S_Q, S_K, sm_scale, softcap, window,
@@ -131,7 +137,7 @@ if HAVE_TRITON:
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                   HAS_DOCS: tl.constexpr, HAS_PAD: tl.constexpr, EMPTY_UNIFORM: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                  EVEN_D: tl.constexpr):
+                  EVEN_D: tl.constexpr, HAS_SINKS: tl.constexpr):
         pid_bh, b, h, hk, m0 = query_block(H, GROUP, BLOCK_M, CAUSAL)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < S_Q
@@ -154,6 +160,10 @@ if HAVE_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         # A finite floor (not -inf) keeps rows whose first blocks are fully masked free of NaN.
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        if HAS_SINKS:  # the sink's column, already summed: exp2(m - m) = 1, no value
+            sink2 = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634  # log2 units
+            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink2
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, KM, stride_kn, stride_vn, rows,
                                     start_r, end_r, lo, mid_lo, S_K, window, sm_scale, softcap,
                                     offs_d, HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_WINDOW,
@@ -193,7 +203,8 @@ def _output_like(q: Tensor, dtype=None) -> Tensor:
 
 
 def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, softcap,
-                                   key_mask=None, empty_rows_uniform=False, out=None, lse=None):
+                                   key_mask=None, empty_rows_uniform=False, sinks=None, out=None,
+                                   lse=None):
     """Launch the forward; ``out`` / ``lse`` may be given (tests pass poisoned buffers)."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, S_Q, D = q.shape
@@ -208,7 +219,7 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
     km, stride_kmb = key_mask_args(key_mask, q)
     grid = (cdiv(S_Q, cfg["fwd_m"]), B * H)
     launch(_attn_fwd)[grid](
-        q, k, v, out, lse, ds, de, km,
+        q, k, v, out, lse, ds, de, km, sinks.contiguous() if sinks is not None else lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         stride_db, stride_kmb, H, H // H_KV, S_Q, S_K, float(scale), float(softcap) or 1.0,
@@ -216,7 +227,8 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
         CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_DOCS=doc_ids is not None,
         HAS_PAD=key_mask is not None, EMPTY_UNIFORM=bool(empty_rows_uniform),
         HAS_SOFTCAP=softcap > 0, UPCAST=not q.is_cuda, DOT_PREC=dot_precision(q.dtype),
-        EVEN_D=block_d(D) == D, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+        EVEN_D=block_d(D) == D, HAS_SINKS=sinks is not None, num_warps=cfg["fwd_warps"],
+        num_stages=cfg["fwd_stages"])
     return out, lse
 
 
@@ -224,9 +236,9 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
 
 
 def flash_attention_forward_reference(q, k, v, doc_ids, scale, causal, window, softcap,
-                                      key_mask=None, empty_rows_uniform=False):
+                                      key_mask=None, empty_rows_uniform=False, sinks=None):
     p, _t, lse = probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask,
-                                empty_rows_uniform)
+                                empty_rows_uniform, sinks)
     group = q.shape[1] // k.shape[1]
     o = torch.matmul(p, v.float().repeat_interleave(group, 1))
     out = _output_like(q)
@@ -240,38 +252,47 @@ def flash_attention_forward_reference(q, k, v, doc_ids, scale, causal, window, s
 @torch.library.custom_op("fastlora::flash_attention", mutates_args=())
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], scale: float,
                     causal: bool, window: int, softcap: float, key_mask: Optional[Tensor] = None,
-                    empty_rows_uniform: bool = False) -> tuple[Tensor, Tensor]:
+                    empty_rows_uniform: bool = False,
+                    sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Returns (out, lse): out (B, H, S, D) like q (stored as (B, S, H, D)), lse (B, H, S)
     float32, the per-row log-sum-exp the backward recomputes the probabilities from (-inf on a
     row with no visible key). ``window`` 0 and ``softcap`` 0 mean none; ``doc_ids`` None means
     one document per row; ``key_mask`` None means every key is kept; ``empty_rows_uniform``
-    picks what a row with no visible key gives (see the math above)."""
-    validate(q, k, v, doc_ids, window, softcap, key_mask)
-    args = (q, k, v, doc_ids, scale, causal, window, softcap, key_mask, empty_rows_uniform)
+    picks what a row with no visible key gives (see the math above); ``sinks`` (H,) one more
+    logit per head in every row's softmax (None: none)."""
+    validate(q, k, v, doc_ids, window, softcap, key_mask, sinks)
+    args = (q, k, v, doc_ids, scale, causal, window, softcap, key_mask,
+            empty_rows_uniform and sinks is None, sinks)
     if use_triton(q):
         return flash_attention_forward_triton(*args)
     return flash_attention_forward_reference(*args)
 
 
 @flash_attention.register_fake
-def _(q, k, v, doc_ids, scale, causal, window, softcap, key_mask=None, empty_rows_uniform=False):
-    validate(q, k, v, doc_ids, window, softcap, key_mask)
+def _(q, k, v, doc_ids, scale, causal, window, softcap, key_mask=None, empty_rows_uniform=False,
+      sinks=None):
+    validate(q, k, v, doc_ids, window, softcap, key_mask, sinks)
     B, H, S, _ = q.shape
     return _output_like(q), q.new_empty((B, H, S), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_ids, scale, causal, window, softcap, key_mask, empty_rows_uniform = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], doc_ids, key_mask)
+    q, k, v, doc_ids, scale, causal, window, softcap, key_mask, empty_rows_uniform, sinks = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], doc_ids, key_mask, sinks)
     ctx.params = (scale, causal, window, softcap)
-    ctx.empty_rows_uniform = empty_rows_uniform
+    ctx.empty_rows_uniform = empty_rows_uniform and sinks is None
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, doc_ids, key_mask = ctx.saved_tensors
+    q, k, v, out, lse, doc_ids, key_mask, sinks = ctx.saved_tensors
     dq, dk, dv = torch.ops.fastlora.flash_attention_backward(
-        dout, q, k, v, out, lse, doc_ids, *ctx.params, key_mask, ctx.empty_rows_uniform)
-    return dq, dk, dv, None, None, None, None, None, None, None
+        dout, q, k, v, out, lse, doc_ids, *ctx.params, key_mask, ctx.empty_rows_uniform, sinks)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[10]:  # -sum_{b,i} p_sink,bhi * delta_bhi
+        delta = (dout.float() * out.float()).sum(-1)
+        dsinks = -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum((0, 2))
+        dsinks = dsinks.to(sinks.dtype)
+    return dq, dk, dv, None, None, None, None, None, None, None, dsinks
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -347,12 +347,13 @@ def flash_attention_backward_triton(dout, q, k, v, out, lse, doc_ids, scale, cau
 
 
 def flash_attention_backward_reference(dout, q, k, v, out, lse, doc_ids, scale, causal, window,
-                                       softcap, key_mask=None, empty_rows_uniform=False):
+                                       softcap, key_mask=None, empty_rows_uniform=False,
+                                       sinks=None):
     B, H, S_Q, D = q.shape
     H_KV = k.shape[1]
     group = H // H_KV
     p, t, _lse = probabilities(q, k, scale, causal, window, softcap, doc_ids, key_mask,
-                                empty_rows_uniform)
+                                empty_rows_uniform, sinks)
     do = dout.float()
     vf = v.float().repeat_interleave(group, 1)
     dv = torch.matmul(p.transpose(-1, -2), do)
@@ -378,16 +379,19 @@ def flash_attention_backward_reference(dout, q, k, v, out, lse, doc_ids, scale, 
 def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                              lse: Tensor, doc_ids: Optional[Tensor], scale: float, causal: bool,
                              window: int, softcap: float, key_mask: Optional[Tensor] = None,
-                             empty_rows_uniform: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    validate(q, k, v, doc_ids, window, softcap, key_mask)
+                             empty_rows_uniform: bool = False,
+                             sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv. ``sinks`` only for the reference, which recomputes lse; the kernels read the
+    forward's lse, which already holds the sinks (flash_attention.py)."""
+    validate(q, k, v, doc_ids, window, softcap, key_mask, sinks)
     args = (dout, q, k, v, out, lse, doc_ids, scale, causal, window, softcap, key_mask,
             empty_rows_uniform)
     if use_triton(q):
         return flash_attention_backward_triton(*args)
-    return flash_attention_backward_reference(*args)
+    return flash_attention_backward_reference(*args, sinks)
 
 
 @flash_attention_backward.register_fake
 def _(dout, q, k, v, out, lse, doc_ids, scale, causal, window, softcap, key_mask=None,
-      empty_rows_uniform=False):
+      empty_rows_uniform=False, sinks=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
