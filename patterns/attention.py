@@ -69,11 +69,33 @@ EAGER = spelling_variants(make_eager, lambda capped, masked: "eager" + "_softcap
                           + "_masked" * masked, capped=(True, False), masked=(True, False))
 
 
+def make_eager_sinks(masked: bool):
+    """GPT-OSS's eager attention: the (masked) scores and one learned logit per head
+    (``sinks``) in one softmax, taken after subtracting the row max, in the softmax dtype the
+    model asks for; the sinks' column dropped, dropout, a cast to v's dtype, times v."""
+    def spelling(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                 sinks: torch.Tensor, scaling: float, d1: int, d2: int, rows, cols, sm_dtype,
+                 p: float, training: bool):
+        w = torch.matmul(query, key.transpose(d1, d2)) * scaling
+        if masked:
+            w = w + mask
+        logits = torch.cat([w, sinks.reshape(1, -1, 1, 1).expand(rows, -1, cols, -1)], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True)[0]
+        probs = softmax(logits, dim=-1, dtype=sm_dtype)
+        w = F.dropout(probs[..., :-1], p=p, training=training).to(value.dtype)
+        return torch.matmul(w, value)
+    return spelling
+
+
+EAGER_SINKS = spelling_variants(make_eager_sinks, lambda masked: "eager_sinks" + "_masked" *
+                                masked, masked=(True, False))
+
+
 # ---------------------------------------------------------------- dispatch
 
 
 def choose_kernel(causal: bool, window: int, softcap: float, documents: bool,
-                  padding: bool = False) -> tuple[str, str]:
+                  padding: bool = False, sinks: bool = False) -> tuple[str, str]:
     """Which kernel runs a proven attention: ("sdpa" | "triton" | "none", why).
 
     The rule, from the H200 measurements in docs/attention.md (GQA 32/8, head dim 128; rerun
@@ -84,7 +106,8 @@ def choose_kernel(causal: bool, window: int, softcap: float, documents: bool,
     - sliding window, softcap, packed documents or a padding mask: the Triton kernel. SDPA can
       express them only with an explicit S x S mask (3.0x / 2.7x slower than causal at 2k,
       measured), computes the blocks outside the window, document or padding anyway, and cannot
-      softcap at all.
+      softcap at all;
+    - sinks (GPT-OSS): the Triton kernel, SDPA has none.
     Causal + right padding would be exact for the real tokens under SDPA's ``is_causal`` alone,
     but only the pad rows differ and nothing in the graph proves they are ignored: the mask and
     the labels are run-time values (proving it on the device and branching would need a host
@@ -95,7 +118,7 @@ def choose_kernel(causal: bool, window: int, softcap: float, documents: bool,
     forced = os.environ.get(KERNEL_ENV, "auto")
     if forced not in ("auto", "triton", "sdpa"):
         raise Reject(f"{KERNEL_ENV}={forced!r} is not one of auto, triton, sdpa")
-    plain = not (window or softcap or documents or padding)
+    plain = not (window or softcap or documents or padding or sinks)
     if forced == "triton":
         return "triton", f"{KERNEL_ENV}=triton"
     if plain:
@@ -104,8 +127,10 @@ def choose_kernel(causal: bool, window: int, softcap: float, documents: bool,
     if forced == "sdpa":
         return "none", f"{KERNEL_ENV}=sdpa keeps masked attention as the model wrote it"
     needs = [n for n, on in (("sliding window", window), ("packed documents", documents),
-                             ("padding mask", padding), ("softcap", softcap)) if on]
-    why = ": SDPA cannot softcap" if softcap else ": SDPA would need an S x S mask"
+                             ("padding mask", padding), ("softcap", softcap), ("sinks", sinks))
+             if on]
+    why = ": SDPA cannot softcap" if softcap else ": SDPA has no sinks" if sinks else \
+        ": SDPA would need an S x S mask"
     if padding:
         why += ("; the kernel skips the padded keys (SDPA's is_causal alone would be exact only "
                 "for real tokens of right-padded rows, which the graph cannot prove)"
@@ -173,6 +198,16 @@ def check(m):
         if softcap <= 0.0 and "softcap" in m.bindings:
             raise Reject(f"softcap {softcap} is not positive")
         mask, causal, gqa_allowed = m.bindings.get("mask"), False, False
+    sinks = m.spelling.startswith("eager_sinks")
+    if sinks:
+        column = m.value("sinks")
+        if column.dim() != 1 or column.shape[0] != q.shape[1] or column.device != q.device:
+            raise Reject(f"sinks of shape {tuple(column.shape)} on {column.device} are not one "
+                         f"logit per query head ({q.shape[1]}) on the queries' device")
+        if column.dtype not in (torch.float32, torch.bfloat16, torch.float16) or \
+                m["sm_dtype"] not in (torch.float32, torch.bfloat16, torch.float16):
+            raise Reject(f"sinks in {column.dtype}, softmax in {m['sm_dtype']}: the kernel "
+                         "takes float32, bfloat16 or float16")
     k_src, group_k = unrepeated_kv(m["key"])
     v_src, group_v = unrepeated_kv(m["value"])
     heads, kv_heads = q.shape[1], example_value(k_src).shape[1]
@@ -187,7 +222,8 @@ def check(m):
         causal, window, docs, key_mask, key_rows, uniform = prove_mask(mask, q.shape, k.shape)
     if docs is not None and q.shape[2] != k.shape[2]:
         raise Reject("packed documents with queries and keys of different lengths")
-    kernel, why = choose_kernel(causal, window, softcap, docs is not None, key_mask is not None)
+    kernel, why = choose_kernel(causal, window, softcap, docs is not None, key_mask is not None,
+                                sinks)
     if kernel == "none":
         raise Reject(why)
     if kernel == "sdpa" and _flash_for_varying_lengths(q, cast_to):
@@ -205,7 +241,8 @@ def check(m):
     if key_mask is not None:
         m.add_input("key_mask", key_mask)
     kinds = [("causal" if causal else "full"), "window" * bool(window),
-             "documents" * (docs is not None), "padding" * (key_mask is not None)]
+             "documents" * (docs is not None), "padding" * (key_mask is not None),
+             "sinks" * sinks]
     params = {"kernel": kernel, "why": why, "mask": "+".join(k for k in kinds if k),
               "causal": causal, "window": window, "softcap": softcap, "sm_scale": scale,
               "gqa": kv_heads != heads, "cast_to": cast_to}
@@ -215,9 +252,9 @@ def check(m):
     return params
 
 
-def replacement(query, k_src, v_src, doc_ids=None, key_mask=None, *, kernel, causal, window,
-                softcap, sm_scale, gqa, cast_to=None, empty_rows=None, key_mask_rows="batch",
-                **_matched):
+def replacement(query, k_src, v_src, doc_ids=None, key_mask=None, sinks=None, *, kernel, causal,
+                window, softcap, sm_scale, gqa, cast_to=None, empty_rows=None,
+                key_mask_rows="batch", **_matched):
     if cast_to is not None:
         to = torch.ops.aten.to.dtype  # an op, not a method: the rewriter runs it on fakes
         query, k_src, v_src = to(query, cast_to), to(k_src, cast_to), to(v_src, cast_to)
@@ -235,7 +272,7 @@ def replacement(query, k_src, v_src, doc_ids=None, key_mask=None, *, kernel, cau
         return torch.ops.fastlora.sdpa_flash(query, k_src, v_src, causal, sm_scale)[0]
     return torch.ops.fastlora.flash_attention(query, k_src, v_src, doc_ids, sm_scale, causal,
                                               window, softcap, key_mask,
-                                              empty_rows == "uniform")[0]
+                                              empty_rows == "uniform", sinks)[0]
 
 
 def unrepeated_kv(node):
@@ -273,12 +310,12 @@ def _explain(node, refusal):
 
 register_pattern(Pattern(
     name="attention",
-    spellings=[sdpa] + EAGER,
+    spellings=[sdpa] + EAGER + EAGER_SINKS,
     check=check,
     replacement=replacement,
     anchor=(F.scaled_dot_product_attention, softmax),
     explain_near_miss=_explain,
     description="attention (SDPA and eager; causal, GQA, sliding window, softcap, packed "
-                "documents, padding masks) as flash attention",
+                "documents, padding masks, GPT-OSS's sinks) as flash attention",
     builtin=True,
 ))
