@@ -103,3 +103,23 @@ def test_bad_sinks_are_refused():
     with pytest.raises(ValueError, match=r"sinks must have shape \(4,\)"):
         torch.ops.fastlora.flash_attention(q, k, v, None, 0.25, True, 0, 0.0, None, False,
                                            torch.randn(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature", ["causal", "window", "pad_left"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_sinks_match_float64(feature, dtype):
+    """GPT-OSS's shape of head (64 features, 64 query heads over 8 kv heads), on the GPU."""
+    causal, window, pad = FEATURES[feature]
+    torch.manual_seed(0)
+    q, k, v = make(2, 64, 8, 300, 64, dtype, "cuda")
+    sinks = (torch.randn(64, device="cuda") * 2).to(dtype)
+    key_mask = pads_for(2, 300, pad, "cuda") if pad else None
+    dout = torch.randn_like(q)
+    want = attention_with_sinks64(q, k, v, sinks, dout, 0.125, causal, window, key_mask)
+    out, lse = K.flash_attention_forward_triton(q, k, v, None, 0.125, causal, window, 0.0,
+                                                key_mask, False, sinks)
+    grads = KB.flash_attention_backward_triton(dout, q, k, v, out, lse, None, 0.125, causal,
+                                               window, 0.0, key_mask, False)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), (out, *grads), want):
+        assert rel_err(g, w) < TOL[dtype], name
