@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import tuning
 from ._common import HAVE_TRITON, cdiv, check_float, next_power_of_2, require, use_triton
@@ -69,7 +70,9 @@ def _validate(ids: Tensor, table: Tensor, fake: bool = False) -> None:
             f"features), got shape {tuple(table.shape)}")
     require(not table.requires_grad, "fastlora.embedding_from_host: the table requires grad; "
             "only a frozen table is read from host memory (it has no backward)", RuntimeError)
-    # (a fake tensor does not know whether its memory is pinned)
+    # (a fake tensor does not know whether its memory is pinned: the fake kernel, and the
+    # launches warmup.py plans on fakes)
+    fake = fake or isinstance(table, FakeTensor)
     require(table.device == ids.device or (table.device.type == "cpu" and (
         fake or table.is_pinned())),
             f"fastlora.embedding_from_host: the table must be on the ids' device or in pinned "
