@@ -62,7 +62,7 @@ def test_lookups_through_the_op_train_as_eager(checkpointing, monkeypatch):
         monkeypatch.setattr(K, name, lambda ids, table, real=real:
                             lookups.append(ids.shape) or real(ids, table))
     torch.manual_seed(0)
-    model = _untied(layers=2)
+    model = _untied(layers=1)  # (reentrant checkpointing breaks the graph at each layer)
     if checkpointing:  # peft's recipe: the input hook makes the reentrant checkpoint's input
         model.enable_input_require_grads()  # require grad, else no LoRA gradient flows
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
