@@ -87,13 +87,13 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
     call = _traced_with_settings(
         model._compiled_call_impl, specialize_float=bool(dynamic),
-        note=lambda: (regions.why(model, bool(dynamic)) if marked else None) or note,
-        table_note=table_note, before_each_call=before_each_call)
+        notes=(lambda: (regions.why(model, bool(dynamic)) if marked else None) or note,
+               table_note), before_each_call=before_each_call)
     model._compiled_call_impl = unpad.wrap(call, model) if opts.remove_padding else call
     return model
 
 
-def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None, table_note=None,
+def _traced_with_settings(compiled, specialize_float: bool, notes=(),
                           before_each_call=lambda: None):
     """``compiled`` called with fastlora's Dynamo settings for this model, applied the way
     ``torch.compile``'s own ``dynamic=`` is: configuration patches around each call of this
@@ -103,8 +103,9 @@ def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None, t
     - ``specialize_float`` (with dynamic shapes): float constants stay constants.
     - under DDP, Dynamo's split at gradient buckets is left to the backend, after fusion
       (``distributed.fuse_before_ddp_split``).
-    - ``note()``: what each report says about the decoder layers (compiled once or why not),
-      computed only when a call traces; ``table_note`` the same for the input embeddings.
+    - ``notes``: what each report says about the decoder layers (compiled once or why not) and
+      the input embeddings (regions.noting: strings, or functions called only when a call
+      traces).
     - ``before_each_call()``: offload_embeddings' move of the table to host memory
       (host_embeddings.py), before Dynamo sees the call.
     """
@@ -115,7 +116,7 @@ def _traced_with_settings(compiled, specialize_float: bool, note=lambda: None, t
             if specialize_float:
                 stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
             stack.enter_context(distributed.fuse_before_ddp_split())
-            stack.enter_context(regions.noting(note, table_note))  # read only while tracing
+            stack.enter_context(regions.noting(*notes))  # read only while Dynamo traces
             return compiled(*args, **kwargs)
     return call
 
