@@ -105,11 +105,6 @@ def check(m):
     rot = m["rot"] if "rot" in m.bindings else d
     if not _known(k.shape[-1] == d):
         raise Reject(f"q and k head sizes differ ({d} vs {k.shape[-1]})")
-    if m.spelling == "rope_interleaved_rotated_first" and \
-            {t.dtype for t in (q, k, cos, sin)} == {torch.float32}:
-        # its casts are no-ops in float32, where it is the plain interleaved rotation and, being
-        # the largest spelling, would take GLM's rotated slice from its partial spelling
-        raise Reject("in float32 the interleaved spellings without casts match this rotation")
     per_half = m.spelling == "rope_halves"  # cos/sin of one half, the same for both halves
     features = rot // 2 if per_half else rot
     if not (_known(cos.shape[-1] == features) and _known(sin.shape[-1] == features)):

@@ -4,7 +4,7 @@ says where and why it stopped when it does not match."""
 import torch
 
 from fastlora.canonicalize import CAST, canonicalize
-from fastlora.matcher import attempts_at, output_targets, trace_spelling
+from fastlora.matcher import attempts_at, output_targets, precedence, trace_spelling
 from fx_graphs import graph_of, node_calling
 
 
@@ -107,3 +107,20 @@ def test_a_second_output_is_found_near_the_first():
     taken = {[n for n in graph.nodes if n.target is torch.mul][1]}  # an earlier match took it
     attempts = list(attempts_at(trace_spelling(pair), first, taken))
     assert [a.reason for a in attempts] == ["no partner found for output 1 of the pattern"]
+
+
+def test_precedence_counts_casts_only_to_break_ties():
+    """A cast may bind nothing (a no-op cast in a float32 graph), so a cast-heavy spelling must
+    not outrank one with more real ops; between otherwise equal spellings, the casts decide."""
+    def plain(x: torch.Tensor, w: torch.Tensor):
+        return x * w
+
+    def with_casts(x: torch.Tensor, w: torch.Tensor):
+        return (x.float() * w.float()).to(torch.bfloat16)
+
+    def more_ops(x: torch.Tensor, w: torch.Tensor):
+        return x * w + x
+
+    ranked = sorted((trace_spelling(f) for f in (plain, with_casts, more_ops)),
+                    key=precedence, reverse=True)
+    assert [s.name for s in ranked] == ["more_ops", "with_casts", "plain"]

@@ -77,8 +77,14 @@ def output_targets(spelling: SpellingGraph, i: int = 0) -> set:
     return targets
 
 
-def size(spelling: SpellingGraph) -> int:
-    return sum(1 for n in spelling.graph.nodes if n.op == "call_function")
+def precedence(spelling: SpellingGraph) -> tuple[int, int]:
+    """Which spelling of a pattern is tried first (larger first): the count of its ops that
+    always bind a graph node, then the count of all its ops. A cast may bind nothing (a no-op
+    cast in a float32 graph), so casts only break ties: a spelling that is another plus casts
+    wins where the graph has those casts, and cannot outrank a spelling with more real ops
+    (GLM's partial interleaved rotation against ERNIE's cast-heavy full one, in float32)."""
+    ops = [n for n in spelling.graph.nodes if n.op == "call_function"]
+    return sum(1 for n in ops if n.target is not CAST), len(ops)
 
 
 class _Fail(Exception):

@@ -28,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .bodies import bring_into, cannot_bring_into
 from .canonicalize import example_value
-from .matcher import Attempt, attempts_at, describe, output_targets, size, trace_spelling
+from .matcher import Attempt, attempts_at, describe, output_targets, precedence, trace_spelling
 from .pattern import Match, Pattern, Reject
 from .refusal import Refusal, RefusalKind
 from .report import Report
@@ -212,7 +212,8 @@ def apply_patterns(graph: fx.Graph, patterns: list[Pattern], report: Report,
                         best[n] = (progress, refusal)
 
         # Larger spellings first: Gemma's norm contains Llama's, and must win where both fit.
-        spellings = sorted((trace_spelling(fn) for fn in pattern.spellings), key=lambda s: -size(s))
+        spellings = sorted((trace_spelling(fn) for fn in pattern.spellings), key=precedence,
+                           reverse=True)
         for spelling in spellings:
             starts = output_targets(spelling)
             erased: set = set()
