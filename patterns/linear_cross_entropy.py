@@ -29,6 +29,14 @@ def causal_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
     return F.cross_entropy(flat, labels, ignore_index=ignore_index, reduction=reduction), logits
 
 
+def causal_lm_loss_biased(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          labels: torch.Tensor, vocab: int, ignore_index: int, reduction):
+    """Phi (phi-1.5, phi-2) and other lm_heads with a bias: the bias, frozen, joins the op."""
+    logits = F.linear(h, weight, bias)
+    flat = logits.float().view(-1, vocab)
+    return F.cross_entropy(flat, labels, ignore_index=ignore_index, reduction=reduction), logits
+
+
 def causal_lm_loss_softcapped(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                               vocab: int, ignore_index: int, reduction, cap: float):
     """Gemma 2/3: final-logit softcapping on the logits in the model's dtype, then the loss."""
@@ -111,6 +119,13 @@ def check(m):
                      "one integer per token")
     if len({h.device, w.device, labels.device}) != 1:
         raise Reject("hidden states, lm_head weight and labels are on different devices")
+    if "bias" in m.bindings:
+        bias = m.value("bias")
+        if bias.requires_grad:
+            raise Reject("the lm_head bias is trained; the fused loss computes no bias gradient")
+        if bias.dtype != w.dtype or tuple(bias.shape) != (w.shape[0],):
+            raise Reject(f"lm_head bias {bias.dtype} {tuple(bias.shape)} is not a {w.dtype} "
+                         f"vector of the vocabulary's {w.shape[0]}")
     if m["reduction"] not in ("mean", "sum"):
         raise Reject(f"reduction={m['reduction']!r}: the fused op computes 'mean' or 'sum' only")
     if not isinstance(m["ignore_index"], int):
@@ -141,15 +156,18 @@ def check(m):
     return params
 
 
-def replacement(h, weight, labels, vocab, ignore_index, reduction, cap=0.0, *, compute_dh,
-                compute_dw, logits_dtype, logits_ndim, logits_output, compute_dtype=None,
-                round_steps=False, scale=1.0, logit_scale=None, logits_scaling=None):
+def replacement(h, weight, labels, vocab, ignore_index, reduction, cap=0.0, bias=None, *,
+                compute_dh, compute_dw, logits_dtype, logits_ndim, logits_output,
+                compute_dtype=None, round_steps=False, scale=1.0, logit_scale=None,
+                logits_scaling=None):
     if compute_dtype is not None:
         h = torch.ops.aten._to_copy.default(h, dtype=compute_dtype)
         weight = torch.ops.aten._to_copy.default(weight, dtype=compute_dtype)
+        if bias is not None:
+            bias = torch.ops.aten._to_copy.default(bias, dtype=compute_dtype)
     loss = torch.ops.fastlora.linear_cross_entropy(h, weight, labels, ignore_index, reduction,
                                                    float(cap), round_steps, compute_dh,
-                                                   compute_dw, scale)[0]
+                                                   compute_dw, scale, bias)[0]
     sizes = [torch.ops.aten.sym_size.int(h, i) for i in range(logits_ndim - 1)] + [vocab]
     nan = torch.ops.aten.new_full.default(h, [], float("nan"), dtype=logits_dtype)
     return loss, torch.broadcast_to(nan, sizes)
@@ -157,12 +175,12 @@ def replacement(h, weight, labels, vocab, ignore_index, reduction, cap=0.0, *, c
 
 register_pattern(Pattern(
     name="linear_cross_entropy",
-    spellings=[causal_lm_loss, causal_lm_loss_softcapped, causal_lm_loss_softcapped_fp32,
+    spellings=[causal_lm_loss, causal_lm_loss_biased, causal_lm_loss_softcapped, causal_lm_loss_softcapped_fp32,
                causal_lm_loss_scaled, causal_lm_loss_divided],
     check=check,
     replacement=replacement,
     anchor=F.cross_entropy,
-    description="lm_head + cross-entropy (HF causal-LM loss, optional logit scale or "
-                "final-logit softcap)",
+    description="lm_head + cross-entropy (HF causal-LM loss, optional frozen bias, logit "
+                "scale or final-logit softcap)",
     builtin=True,
 ))

@@ -20,13 +20,13 @@ def _round_st(t, dtype):
 
 
 def reference64(h, w, labels, reduction="mean", cap=0.0, round_dtype=None, ignore_index=-100,
-                logit_scale=1.0):
+                logit_scale=1.0, bias=None):
     """Loss, dh, dw in float64 through autograd; the logits (and, with ``round_dtype``, each
     scale and softcap step) rounded like eager in the storage dtype. Mean over no valid label
     is 0."""
     h64 = h.double().requires_grad_()
     w64 = w.double().requires_grad_()
-    x = _round_st(h64 @ w64.T, h.dtype)
+    x = _round_st(h64 @ w64.T + (0 if bias is None else bias.double()), h.dtype)
     rnd = (lambda t: _round_st(t, round_dtype)) if round_dtype else (lambda t: t)
     if logit_scale != 1.0:
         x = rnd(x * logit_scale)
@@ -95,6 +95,42 @@ def test_logit_scale_matches_float64(shape, dtype, logit_scale, cap, impl):
     assert rel_err(unscaled, ref_loss) > 3 * TOL[dtype]  # the scale is not a no-op here
 
 
+# A frozen lm_head bias (Phi): added to the logits before the loss, no gradient of its own.
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_bias_matches_float64(shape, dtype, impl):
+    rows, hidden, vocab, chunk, block_v = shape
+    h, w, labels = _inputs(rows, hidden, vocab, dtype)
+    bias = (torch.randn(vocab) * 2).to(dtype)
+    loss, dh, dw = K.linear_cross_entropy_forward(
+        h, w, labels, -100, "mean", 0.0, False, True, True, 1.0, bias, impl=impl, chunk=chunk,
+        block_v=block_v, **_poisoned(rows, hidden, vocab, dtype, chunk))
+    ref_loss, ref_dh, ref_dw = reference64(h, w, labels, bias=bias)
+    assert rel_err(loss, ref_loss) < TOL[dtype]
+    assert rel_err(dh, ref_dh) < TOL[dtype] and rel_err(dw, ref_dw) < TOL[dtype]
+    unbiased, _, _ = K.linear_cross_entropy_forward(h, w, labels, -100, "mean", 0.0, False,
+                                                    False, False, impl=impl, chunk=chunk)
+    assert rel_err(unbiased, ref_loss) > 3 * TOL[dtype]  # the bias is not a no-op here
+
+
+def test_bias_checked_and_never_silently_untrained():
+    h, w, labels = _inputs(4, 8, 11, torch.float32)
+    op = torch.ops.fastlora.linear_cross_entropy
+    with pytest.raises(ValueError, match="bias must be a torch.float32 vector of 11"):
+        op(h, w, labels, -100, "mean", 0.0, False, True, False, 1.0, torch.zeros(10))
+    with pytest.raises(ValueError, match="bias must be"):
+        op(h, w, labels, -100, "mean", 0.0, False, True, False, 1.0,
+           torch.zeros(11, dtype=torch.bfloat16))
+    h.requires_grad_()
+    with pytest.raises(ValueError, match="computes no bias gradient"):
+        op(h, w, labels, -100, "mean", 0.0, False, True, False, 1.0,
+           torch.zeros(11, requires_grad=True))
+    loss = op(h, w, labels, -100, "mean", 0.0, False, True, False, 1.0, torch.zeros(11))[0]
+    loss.backward()
+    assert h.grad is not None
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_three_dim_hidden_states_and_dh_only(impl):
     h, w, labels = _inputs(2 * 9, 16, 53, torch.float32)
@@ -158,6 +194,8 @@ def test_custom_op_autograd_and_opcheck():
             torch.randint(0, 19, (10,)), -100, "sum", 2.0, True, True, False)
     torch.library.opcheck(torch.ops.fastlora.linear_cross_entropy.default, args)
     torch.library.opcheck(torch.ops.fastlora.linear_cross_entropy.default, args + (0.25,))
+    torch.library.opcheck(torch.ops.fastlora.linear_cross_entropy.default,
+                          args + (0.25, torch.randn(19)))
 
 
 def test_frozen_weight_gets_no_gradient():

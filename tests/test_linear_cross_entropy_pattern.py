@@ -191,7 +191,9 @@ class _Head(torch.nn.Module):
     def __init__(self, variant):
         super().__init__()
         self.variant = variant
-        self.lm = torch.nn.Linear(16, 23, bias=variant == "bias")
+        self.lm = torch.nn.Linear(16, 23, bias=variant in ("bias", "frozen_bias"))
+        if variant == "frozen_bias":
+            self.lm.bias.requires_grad_(False)
 
     def forward(self, h, labels):
         logits = self.lm(h)
@@ -207,7 +209,8 @@ class _Head(torch.nn.Module):
 @pytest.mark.parametrize("variant,reason", [
     ("label_smoothing", "expected the literal 0.0, found 0.1"),
     ("logits_used", "the logits are also used by"),
-    ("bias", "expected the literal None"),
+    ("bias", "the lm_head bias is trained; the fused loss computes no bias gradient"),
+    ("frozen_bias", None),
     # the spelling's .float() is verified by the matcher (a bf16 loss has no such cast)
     ("bf16_loss", "casts to torch.float32 where the graph has torch.bfloat16"),
     ("plain", None),
@@ -228,6 +231,28 @@ def test_hand_written_heads(variant, reason):
         assert NAME not in fastlora.last_report().counts()
         assert len(misses) == 1 and reason in misses[0], misses
     assert rel_err(loss_c, loss_e) < 1e-6
+
+
+def _tiny_phi():
+    from transformers import PhiConfig, PhiForCausalLM
+    return PhiForCausalLM(PhiConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=1, num_attention_heads=4,
+                                    max_position_embeddings=64, resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attention_dropout=0.0))
+
+
+def test_phi_lm_head_bias_joins_the_fused_loss():
+    model = with_lora(_tiny_phi(), targets=["q_proj", "k_proj", "v_proj", "dense"])
+    assert model.base_model.model.lm_head.bias is not None
+    with torch.no_grad():  # a bias that changes the loss, so it cannot be dropped unnoticed
+        model.base_model.model.lm_head.bias.normal_(0, 2)
+    loss_err, grad_errs, grads = compare_compiled(model, _inputs(), _opts())
+    assert _match()["spelling"] == "causal_lm_loss_biased"
+    assert loss_err < 1e-6 and max(grad_errs.values()) < 1e-5, grad_errs
+    assert len(grads) == 2 * 4
+    err_eager, err_compiled = compare_low_precision(model, _inputs(), options=_opts())
+    assert _match()["spelling"] == "causal_lm_loss_biased"
+    assert err_compiled <= 1.25 * err_eager + 1e-3, (err_eager, err_compiled)
 
 
 @pytest.mark.slow

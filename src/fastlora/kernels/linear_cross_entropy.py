@@ -2,7 +2,8 @@
 
 Math, for token i with hidden state h_i (H features), lm_head weight W (V x H) and label y_i:
 
-    x_i  = h_i W^T                        in the logits dtype, exactly what F.linear returns
+    x_i  = h_i W^T (+ b)                  in the logits dtype, exactly what F.linear returns
+                                          (b: a frozen lm_head bias, e.g. Phi's)
     u_i  = a * x_i                        (a logit scale: Cohere's logit_scale, Granite's
                                            1 / logits_scaling; a = 1 for every other model)
     z_i  = u_i, or c * tanh(u_i / c)      (final-logit softcapping, Gemma 2/3)
@@ -33,6 +34,7 @@ losses, and, only when W is trainable, dW (V x H, accumulated in float32 across 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -253,10 +255,15 @@ def _addmm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def _validate(h: Tensor, weight: Tensor, labels: Tensor, reduction: str, softcap: float,
-              logit_scale: float = 1.0):
+              logit_scale: float = 1.0, bias: Tensor | None = None):
     check_float("h", h)
     check_float("weight", weight)
     check_same_device(h=h, weight=weight, labels=labels)
+    if bias is not None:
+        check_same_device(weight=weight, bias=bias)
+        require(bias.shape == weight.shape[:1] and bias.dtype == weight.dtype,
+                f"fastlora.linear_cross_entropy: bias must be a {weight.dtype} vector of "
+                f"{weight.shape[0]}, got {bias.dtype} {tuple(bias.shape)}")
     require(weight.dim() == 2 and weight.shape[1] == h.shape[-1],
             f"fastlora.linear_cross_entropy: weight must have shape (vocab, {h.shape[-1]}) to "
             f"match the last dimension of h, got {tuple(weight.shape)}")
@@ -280,16 +287,16 @@ def _validate(h: Tensor, weight: Tensor, labels: Tensor, reduction: str, softcap
 
 def linear_cross_entropy_forward(h, weight, labels, ignore_index=-100, reduction="mean",
                                  softcap=0.0, round_steps=False, compute_dh=True,
-                                 compute_dw=False, logit_scale=1.0, *, impl="triton",
-                                 chunk=None, block_v=None, dh=None, dw=None, row_loss=None,
-                                 buffer=None):
+                                 compute_dw=False, logit_scale=1.0, bias=None, *,
+                                 impl="triton", chunk=None, block_v=None, dh=None, dw=None,
+                                 row_loss=None, buffer=None):
     """The chunked forward; returns (loss, dh, dw) (empty dh/dw where not computed).
 
     ``impl`` picks the row step ("triton" or "reference"); ``chunk`` the rows per chunk;
     ``dh`` (N x H), ``dw`` (V x H), ``row_loss`` (N) and ``buffer`` (chunk x V) may be given,
     e.g. poisoned with NaN by tests.
     """
-    _validate(h, weight, labels, reduction, softcap, logit_scale)
+    _validate(h, weight, labels, reduction, softcap, logit_scale, bias)
     step = ce_rows_triton if impl == "triton" else ce_rows_reference
     H, V = h.shape[-1], weight.shape[0]
     h2 = h.reshape(-1, H).contiguous()
@@ -314,7 +321,10 @@ def linear_cross_entropy_forward(h, weight, labels, ignore_index=-100, reduction
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         hc, x = h2[r0:r1], buffer[:r1 - r0]
-        torch.mm(hc, wt, out=x)
+        if bias is None:
+            torch.mm(hc, wt, out=x)
+        else:  # what F.linear runs with a bias
+            torch.addmm(bias, hc, wt, out=x)
         step(x, labels[r0:r1], row_loss[r0:r1], scale, ignore_index, softcap, round_steps,
              compute_dh or compute_dw, block_v, logit_scale)
         if compute_dh:
@@ -342,20 +352,21 @@ def linear_cross_entropy_forward(h, weight, labels, ignore_index=-100, reduction
 @torch.library.custom_op("fastlora::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor, ignore_index: int,
                          reduction: str, softcap: float, round_steps: bool, compute_dh: bool,
-                         compute_dw: bool, logit_scale: float = 1.0
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+                         compute_dw: bool, logit_scale: float = 1.0,
+                         bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (loss, dh, dw): the float32 loss and its gradients for an incoming gradient of 1
-    (dh only if compute_dh, dw only if compute_dw; empty otherwise)."""
+    (dh only if compute_dh, dw only if compute_dw; empty otherwise). ``bias`` is added to the
+    logits and gets no gradient: it must be frozen."""
     impl = "triton" if use_triton(h) else "reference"
     return linear_cross_entropy_forward(h, weight, labels, ignore_index, reduction, softcap,
-                                        round_steps, compute_dh, compute_dw, logit_scale,
+                                        round_steps, compute_dh, compute_dw, logit_scale, bias,
                                         impl=impl)
 
 
 @linear_cross_entropy.register_fake
 def _(h, weight, labels, ignore_index, reduction, softcap, round_steps, compute_dh, compute_dw,
-      logit_scale=1.0):
-    _validate(h, weight, labels, reduction, softcap, logit_scale)
+      logit_scale=1.0, bias=None):
+    _validate(h, weight, labels, reduction, softcap, logit_scale, bias)
     loss = h.new_empty((), dtype=torch.float32)
     dh = h.new_empty(h.shape) if compute_dh else h.new_empty(0)
     dw = weight.new_empty(weight.shape) if compute_dw else weight.new_empty(0)
@@ -375,6 +386,10 @@ def _(grad, dh, dw):
 
 def _setup_context(ctx, inputs, output):
     _loss, dh, dw = output
+    bias = inputs[10] if len(inputs) > 10 else None
+    require(bias is None or not bias.requires_grad,
+            "fastlora.linear_cross_entropy: the bias requires grad, but this op computes no "
+            "bias gradient (freeze the lm_head bias, or leave this loss unfused)")
     ctx.save_for_backward(dh, dw)
     ctx.mark_non_differentiable(dh, dw)
     ctx.compute_dh, ctx.compute_dw = inputs[7], inputs[8]
@@ -384,7 +399,7 @@ def _backward(ctx, grad, _ddh, _ddw):
     dh, dw = ctx.saved_tensors
     dh, dw = torch.ops.fastlora.linear_cross_entropy_backward(grad, dh, dw)
     return (dh if ctx.compute_dh else None), (dw if ctx.compute_dw else None), \
-        None, None, None, None, None, None, None, None
+        None, None, None, None, None, None, None, None, None
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
