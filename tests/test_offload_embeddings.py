@@ -105,6 +105,24 @@ def test_a_table_unfrozen_after_compiling_is_refused():
         run_step(model, token_batch())
 
 
+def test_auto_leaves_a_cpu_run_with_its_own_lookup(monkeypatch):
+    """The default ("auto", on) decides at the first call: a table on the CPU then keeps
+    nn.Embedding's lookup and the report says nothing of it (the GPU side:
+    tests/test_offload_embeddings_gpu.py)."""
+    monkeypatch.setattr(host_embeddings, "OFFLOAD_BY_DEFAULT", True)
+    model, inputs = _untied(), token_batch()
+    eager = copy.deepcopy(model)
+    fastlora.clear_reports()
+    torch._dynamo.reset()
+    fastlora.compile_for_trainer(model, strict=True)
+    loss_c, grads_c = run_step(model, inputs)
+    assert "forward" not in vars(model.get_input_embeddings())
+    assert not any("embedding" in n for r in fastlora.reports(model) for n in r.notes)
+    loss_e, grads_e = run_step(eager, inputs)
+    assert rel_err(loss_c, loss_e) < 1e-6
+    assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-5
+
+
 def test_a_table_on_the_cpu_is_not_moved():
     emb = torch.nn.Embedding(10, 4).requires_grad_(False)
     before = emb.weight.data_ptr()

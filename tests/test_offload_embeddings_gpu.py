@@ -69,3 +69,16 @@ def test_gpu_table_moves_to_host_and_trains_as_without():
     loss_again, _ = run_step(moved, inputs)  # the next call moves it out again
     assert weight.device.type == "cpu" and _allocated() <= after + 2**20
     assert rel_err(loss_again, loss_p) < 1e-6
+
+
+def test_gpu_default_moves_a_gpu_table_at_the_first_call():
+    """``"auto"`` (the default): a table on the GPU at the first call goes to host memory; a
+    CPU run keeps its table and nn.Embedding's own lookup (tests/test_offload_embeddings.py)."""
+    model = with_lora(tiny_llama(tie_word_embeddings=False, vocab=VOCAB, hidden=HIDDEN,
+                                 heads=4, kv_heads=2, inter=96))
+    fastlora.compile_for_trainer(model)
+    assert "forward" not in vars(model.get_input_embeddings())  # not decided yet
+    model.cuda()  # after compiling, as a Trainer moves the model when it is built
+    run_step(model, token_batch(vocab=VOCAB, seq=17, device="cuda", use_cache=False))
+    weight = model.get_input_embeddings().weight
+    assert weight.device.type == "cpu" and weight.is_pinned()

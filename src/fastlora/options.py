@@ -73,13 +73,14 @@ class Options:
     - ``warm_kernels``: compile the Triton kernels of the fused ops that Python launches in
       parallel, on a thread pool, while the graph is compiled, instead of one after another at
       their first launches in the first step (warmup.py; it only fills Triton's caches).
-      ``"auto"`` (default): as ``warmup.WARM_BY_DEFAULT`` says, for a graph on a GPU;
+      ``"auto"`` (default): as ``warmup.WARM_BY_DEFAULT`` says (on), for a graph on a GPU;
       ``True``: planned for every graph (compiled only for CUDA tensors); ``False``: off.
     - ``offload_embeddings``: in ``compile_for_trainer``, a frozen, untied input embedding
       table (a plain ``nn.Embedding``) moves to pinned host memory before the first step and
       the GPU reads each step's rows from there (host_embeddings.py): 0.98 GiB of GPU memory
       for Llama-3-8B. ``"auto"`` (default): as ``host_embeddings.OFFLOAD_BY_DEFAULT`` says
-      (off until measured on the H200), never under CUDA graphs; ``True``: on; ``False``: off.
+      (on, for a table on a GPU at the first call), never under CUDA graphs; ``True``: on;
+      ``False``: off.
       ``torch.compile(model, backend="fastlora")`` alone moves nothing.
     """
 

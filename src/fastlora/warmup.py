@@ -39,9 +39,10 @@ from .kernels._common import size_hint
 
 log = logging.getLogger("fastlora")
 
-# What ``warm_kernels="auto"`` does on a GPU: off until the first step is measured shorter with
-# it on the H200 (the thread pool competes with the compile for the host's CPU and the GIL).
-WARM_BY_DEFAULT = False
+# What ``warm_kernels="auto"`` does on a GPU: on. The first step from empty caches measured
+# 22.7-23.2 s with it against 39.6-45.3 s without (Llama-3.2-1B cut to 4 layers, one H100,
+# benchmarks/cold_first_step.py, 2 runs each; docs/options.md).
+WARM_BY_DEFAULT = True
 ALIGN = 16  # bytes: Triton specializes a pointer on whether it is a multiple of this
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
