@@ -133,23 +133,35 @@ def note(emb: torch.nn.Embedding, kept_because: str | None) -> str:
 def plan(model: torch.nn.Module, value, mode: str | None = None):
     """``(before_each_call, note)`` for ``offload_embeddings=value`` in compile_for_trainer:
     the function to call before each call of the compiled model, and the report's note (a
-    string, a function returning one, or None). ``True`` marks the table now; ``"auto"`` at
-    the first call, and only if the table is on a GPU then (a CPU run keeps nn.Embedding's
-    own lookup)."""
+    string, a function returning one, or None). ``True`` decides now; ``"auto"`` at the first
+    call, and only for a table on a GPU then: a CPU run keeps nn.Embedding's own lookup, and
+    its report says nothing of it."""
     if not wanted(value, mode):
         return (lambda: None), None
-    refused = why_not(model)
-    if refused is not None:
-        return (lambda: None), refused_note(refused)
-    emb = input_embeddings(model)
-    state = {"marked": value != "auto" and mark(model) is emb, "undecided": value == "auto",
-             "kept_because": None}
+    state = {"emb": None, "note": None, "kept_because": None}
+
+    def decide():
+        refused = why_not(model)
+        if refused is not None:
+            state["note"] = refused_note(refused)
+        else:
+            state["emb"] = mark(model)
+    undecided = [value == "auto"]
+    if not undecided[0]:
+        decide()
 
     def before_each_call():
-        if state["undecided"]:
-            state["undecided"] = False
-            state["marked"] = emb.weight.is_cuda and mark(model) is emb
-        if state["marked"]:
-            state["kept_because"] = keep_on_host(emb)
-    return before_each_call, lambda: note(emb, state["kept_because"]) if state["marked"] \
-        else None
+        if undecided[0]:
+            undecided[0] = False
+            emb = input_embeddings(model)
+            weight = getattr(emb, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.is_cuda:
+                decide()
+        if state["emb"] is not None:
+            state["kept_because"] = keep_on_host(state["emb"])
+
+    def report_note():
+        if state["emb"] is None:
+            return state["note"]
+        return note(state["emb"], state["kept_because"])
+    return before_each_call, report_note
