@@ -277,6 +277,21 @@ def test_cuda_matches_float64(dtype, rows, hidden, vocab, cap, scale):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_bias_matches_float64(dtype):
+    """Phi-2's head (hidden 2560, vocabulary 51200) with its frozen bias, several chunks."""
+    torch.manual_seed(0)
+    h, w, labels = (t.cuda() for t in _inputs(777, 2560, 51200, dtype, ignore_every=7))
+    bias = (torch.randn(51200, device="cuda") * 2).to(dtype)
+    loss, dh, dw = K.linear_cross_entropy_forward(
+        h, w, labels, -100, "mean", 0.0, False, True, True, 1.0, bias, impl="triton", chunk=300,
+        **{k: v.cuda() for k, v in _poisoned(777, 2560, 51200, dtype, 300).items()})
+    ref_loss, ref_dh, ref_dw = reference64(h, w, labels, bias=bias)
+    assert rel_err(loss, ref_loss) < TOL[dtype]
+    assert rel_err(dh, ref_dh) < TOL[dtype] and rel_err(dw, ref_dw) < TOL[dtype]
+
+
+@pytest.mark.gpu
 def test_cuda_bf16_matches_eager_bitwise_close_and_saves_memory():
     """1B-row shape (8192 tokens, hidden 2048, vocab 128256, bf16): the fused op against
     F.linear + float + F.cross_entropy in eager, and the peak memory of each."""
