@@ -138,7 +138,7 @@ def plan(model: torch.nn.Module, value, mode: str | None = None):
     its report says nothing of it."""
     if not wanted(value, mode):
         return (lambda: None), None
-    state = {"emb": None, "note": None, "kept_because": None}
+    state = {"undecided": value == "auto", "emb": None, "note": None, "kept_because": None}
 
     def decide():
         refused = why_not(model)
@@ -146,13 +146,12 @@ def plan(model: torch.nn.Module, value, mode: str | None = None):
             state["note"] = refused_note(refused)
         else:
             state["emb"] = mark(model)
-    undecided = [value == "auto"]
-    if not undecided[0]:
+    if not state["undecided"]:
         decide()
 
     def before_each_call():
-        if undecided[0]:
-            undecided[0] = False
+        if state["undecided"]:
+            state["undecided"] = False
             emb = input_embeddings(model)
             weight = getattr(emb, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.is_cuda:
