@@ -17,6 +17,7 @@ class RefusalKind(enum.Enum):
     ESCAPE = "escape"  # a value computed inside the region is also used outside it
     INPUT_INSIDE = "input_inside"  # an input of the pattern is computed inside the region
     INPUT_OUTSIDE = "input_outside"  # an added input cannot be passed into this subgraph
+    WRITTEN_INPUT = "written_input"  # an input is written in place between the region's reads
     CHECK = "check"  # the pattern's check refused (``Reject``)
     REPLACEMENT = "replacement"  # the replacement would return other shapes, dtypes or devices
     INTERNAL_ERROR = "internal_error"  # the pattern's code raised something other than Reject

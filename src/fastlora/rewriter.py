@@ -11,7 +11,9 @@ otherwise reported as a near miss with the first that failed:
    1. true of the final region, and every added input from a graph around this one can be
    passed in (bodies.py);
 4. the replacement, run on the recorded fake tensors, gives outputs of exactly the shapes and
-   dtypes the graph had there.
+   dtypes the graph had there;
+5. there is a place for the fused op at which every input holds the value the region read (no
+   in-place write to an input lies between that place and the region's reads; mutations.py).
 
 Only then is the graph changed: added outer inputs are passed into the body, the replacement
 function is called with ``torch.fx.Proxy`` arguments, which records its ops into the graph, the
@@ -29,6 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .bodies import bring_into, cannot_bring_into
 from .canonicalize import example_value
 from .matcher import Attempt, attempts_at, describe, output_targets, precedence, trace_spelling
+from .mutations import placement
 from .pattern import Match, Pattern, Reject
 from .refusal import Refusal, RefusalKind
 from .report import Report
@@ -124,20 +127,33 @@ def _check_replacement(match: Match) -> str | None:
     return None
 
 
-def _insert(match: Match, index: int) -> None:
+def _position(match: Match):
+    """The node the fused op is inserted before: right after its last input if that lies after
+    the first output, else before the first output; moved where an input is written in place
+    in between (mutations.py). A Refusal where no place keeps every input's value."""
+    graph = match.outputs[0].graph
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    inputs = [v for v in match.inputs().values() if isinstance(v, fx.Node) and v.graph is graph]
+    last_input = max((order[n] for n in inputs), default=-1)
+    first_out = min(order[n] for n in match.outputs)
+    preferred = last_input + 1 if last_input >= first_out else first_out
+    readers = [order[u] for out in match.outputs for u in out.users if u not in match.region]
+    latest = max(min(readers, default=len(nodes) - 1), preferred)
+    where = placement(match, graph, order, preferred, last_input, latest)
+    if isinstance(where, str):
+        return Refusal(RefusalKind.WRITTEN_INPUT, where)
+    return nodes[where]
+
+
+def _insert(match: Match, index: int, at: fx.Node) -> None:
     graph = match.outputs[0].graph
     # inputs from a graph around this body, passed in as new operands of its calls
     bound = {k: bring_into(v, graph) if isinstance(v, fx.Node) else v
              for k, v in match.inputs().items()}
     order = {n: i for i, n in enumerate(graph.nodes)}
     inputs = [v for v in bound.values() if isinstance(v, fx.Node)]
-    anchor = max(inputs, key=order.__getitem__) if inputs else None
-    first_out = min(match.outputs, key=order.__getitem__)
-    # Right after the last input if that lies after the first output, else before the first output.
-    if anchor is not None and order[anchor] >= order[first_out]:
-        ctx = graph.inserting_before(anchor.next)  # keeps the new nodes in program order
-    else:
-        ctx = graph.inserting_before(first_out)
+    ctx = graph.inserting_before(at)  # keeps the new nodes in program order
     meta_src = match.outputs[-1]
     tracer = fx.proxy.GraphAppendingTracer(graph)
     before = set(graph.nodes)
@@ -256,6 +272,9 @@ def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, 
             problem = _check_replacement(match) if refusal is None else None
             if problem is not None:
                 refusal = Refusal(RefusalKind.REPLACEMENT, problem)
+            at = _position(match) if refusal is None else None
+            if isinstance(at, Refusal):
+                refusal = at
         except Reject as e:
             refusal = Refusal(RefusalKind.CHECK, str(e))
         except Exception as e:  # a broken pattern must not break the user's compile
@@ -272,5 +291,5 @@ def _try_rewrite(pattern, attempt: Attempt, spelling, report, remember, erased, 
         if "fastlora_match" in node.meta:
             report.absorb(node.meta["fastlora_match"], pattern.name)
     erased.update(match.region)
-    _insert(match, index)
+    _insert(match, index, at)
     return True
