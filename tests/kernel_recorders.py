@@ -52,6 +52,7 @@ class Recorder:
     def __init__(self, kernel, name: str, calls: list, pointers: bool = False):
         self.name, self.calls, self.pointers = name, calls, pointers
         self.arg_names = kernel.arg_names
+        self.fn, self.kwargs = kernel.fn, kernel.kwargs  # the signature warmup.py reads
         self.unspecialized = set(kernel.kwargs.get("do_not_specialize") or ())
 
     def __getitem__(self, grid):

@@ -12,10 +12,11 @@ So, when the backend compiles a graph (the forward and the backward AOTAutograd 
 ``plan`` runs the launcher of each fused op the graph calls on fake tensors of the graph's
 example sizes, with ``launch()`` recording instead of launching (kernels/_launch.py): that
 gives each launch's kernel, constexprs, integers and pointer dtypes, what Triton specializes
-on, as the first step will ask for them. ``start`` hands them to Triton's ``run(...,
-warmup=True)`` (compile, no launch) on a thread pool, and to Triton's C launcher builder. The
-training step is not held back: a launch finds its kernel compiled, or compiles it itself as
-before.
+on, as the first step will ask for them. ``start`` hands one launch per distinct
+specialization (``compile_jobs``: constexprs by value, integers and pointers by what Triton
+specializes on) to Triton's ``run(..., warmup=True)`` (compile, no launch) on a thread pool,
+and to Triton's C launcher builder. The training step is not held back: a launch finds its
+kernel compiled, or compiles it itself as before.
 
 Exact by construction: this only fills Triton's caches (in memory and on disk). The fakes are
 made in a fake mode of their own with concrete sizes (a symbolic length's example value), so
@@ -111,22 +112,37 @@ def plan(gm: fx.GraphModule) -> list[tuple]:
 
 def start(launches: list[tuple]) -> list[concurrent.futures.Future]:
     """Compile the planned launches' kernels for their GPU on a thread pool, one compile per
-    specialization; returns the compiles' futures (nothing waits for them: a launch that
-    comes first compiles its kernel itself, as without warm-up). Only real Triton kernels of
-    CUDA tensors are compiled, not the interpreter's."""
-    jobs = {}
-    for kernel, grid, args, kwargs in launches:
-        job = _warm_job(kernel, grid, args, kwargs)
-        if job is not None:
-            jobs.setdefault(job[0], job)
+    specialization (``compile_jobs``); returns the compiles' futures (nothing waits for them:
+    a launch that comes first compiles its kernel itself, as without warm-up). Only real Triton
+    kernels are compiled, not the interpreter's."""
+    jobs = [job for job in compile_jobs(launches) if _compilable(job[0])]
     if not jobs:
         return []
     pool = _executor()
     futures = []
-    for _, kernel, device, grid, args, kwargs in jobs.values():
+    for kernel, device, grid, args, kwargs in jobs:
         kernel.device_caches[device]  # noqa: B018 - the per-device cache, made in this thread
         futures.append(pool.submit(_compile, kernel, device, grid, args, kwargs))
     return futures
+
+
+def compile_jobs(launches: list[tuple], device_type: str = "cuda") -> list[tuple]:
+    """``(kernel, device index, grid, args, kwargs)``, arguments mocked (``mock_arguments``),
+    for each distinct specialization (``specialization``) among the planned launches: what
+    ``start`` compiles. A launch is compiled for the one ``device_type`` device its tensors are
+    on; a tensor may also be in host memory (pinned, read by the kernel through its device
+    address: the embedding table of ``offload_embeddings``). A launch on no such device, or on
+    several, is left to its first launch."""
+    jobs = {}
+    for kernel, grid, args, kwargs in launches:
+        devices, args, kwargs = mock_arguments(args, kwargs)
+        on = {d.index or 0 for d in devices if d.type == device_type}
+        if len(on) != 1 or any(d.type not in (device_type, "cpu") for d in devices):
+            continue
+        device = on.pop()
+        jobs.setdefault((id(kernel), device, specialization(kernel, args, kwargs)),
+                        (kernel, device, grid, args, kwargs))
+    return list(jobs.values())
 
 
 def _body(target):
@@ -201,20 +217,11 @@ class _NestedBodies(torch.utils._python_dispatch.TorchDispatchMode):
             return body(*args, **(kwargs or {}))
 
 
-def _warm_job(kernel, grid, args, kwargs):
-    """``(key, kernel, device, grid, args, kwargs)`` for Triton's warm-up, or None where there
-    is nothing to compile (not a compiled Triton kernel, or not on one CUDA device)."""
+def _compilable(kernel) -> bool:
+    """Whether ``kernel`` is a Triton kernel compiled for a GPU (not the interpreter's)."""
     from triton.runtime.jit import JITFunction
 
-    if not isinstance(kernel, JITFunction) or os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    devices, args, kwargs = mock_arguments(args, kwargs)
-    if len(devices) != 1 or devices[0].type != "cuda":
-        return None
-    device = devices[0].index or 0
-    key = (id(kernel), device, tuple(_describe_mock(a) for a in args),
-           tuple((k, _describe_mock(v)) for k, v in sorted(kwargs.items())))
-    return key, kernel, device, grid, args, kwargs
+    return isinstance(kernel, JITFunction) and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def mock_arguments(args, kwargs):
@@ -242,12 +249,52 @@ def _unaligned_address() -> int:
     return ALIGN // 2
 
 
-def _describe_mock(value):
+def specialization(kernel, args, kwargs) -> tuple:
+    """What Triton compiles ``kernel`` once for, from a launch's mocked arguments (as Triton's
+    launch keys its cache): a constexpr's value; an integer's type and whether it equals 1 or
+    is a multiple of 16 (only its type where the kernel lists it in ``do_not_specialize``); a
+    float's and a bool's type; a pointer's dtype and alignment; the launch options
+    (``num_warps``) by value. Launches with the same specialization share one compile; a
+    constexpr described by its class alone made ``G=2, BLOCK_R=32`` and ``G=3, BLOCK_R=64``
+    one job, and the step compiled the other (lora_down's and lora_grad_x's on the H100)."""
+    params = _parameters(kernel)
+    if params is None:  # not a Triton kernel: every argument by value
+        params = [(i, True, True) for i in range(len(args))]
+    kinds = {name: (constexpr, specialized) for name, constexpr, specialized in params}
+    named = [(name, value) for (name, _, _), value in zip(params, args)]
+    return tuple((name, _specialized_as(value, *kinds.get(name, (True, True))))
+                 for name, value in named + sorted(kwargs.items()))
+
+
+def _specialized_as(value, constexpr: bool, specialized: bool):
     if type(value).__name__ == "MockTensor":
         return ("ptr", str(value.dtype), value.data_ptr() % ALIGN == 0)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return ("int", 1 if value == 1 else value % ALIGN == 0, -2**31 <= value < 2**31)
-    return repr(value)
+    if constexpr or not isinstance(value, (int, float)):  # a constexpr, an option, None
+        return ("value", type(value).__name__, repr(value))
+    if isinstance(value, bool):
+        return ("u1",)
+    if isinstance(value, float):
+        return ("fp32",)
+    width = "i32" if -2**31 <= value < 2**31 else "i64" if -2**63 <= value < 2**63 else "u64"
+    if not specialized:
+        return (width,)
+    return (width, "1" if value == 1 else "D" if value % ALIGN == 0 else "")
+
+
+def _parameters(kernel) -> list[tuple] | None:
+    """``(name, constexpr, specialized)`` for each parameter of Triton kernel ``kernel``, as
+    ``@triton.jit`` reads them (a constexpr is annotated ``tl.constexpr``; an integer is
+    specialized unless named in ``do_not_specialize``); None for anything else."""
+    params = getattr(kernel, "params", None)
+    if params is not None:  # a JITFunction
+        return [(p.name, bool(p.is_constexpr), not p.do_not_specialize) for p in params]
+    fn = getattr(kernel, "fn", None)  # the interpreter's kernels (and the tests' recorders)
+    if fn is None:
+        return None
+    unspecialized = set(getattr(kernel, "kwargs", {}).get("do_not_specialize") or ())
+    return [(p.name, "constexpr" in str(p.annotation),
+             i not in unspecialized and p.name not in unspecialized)
+            for i, p in enumerate(inspect.signature(fn).parameters.values())]
 
 
 def _executor() -> concurrent.futures.ThreadPoolExecutor:
