@@ -338,3 +338,19 @@ def test_moe_dynamic_shapes():
         assert rel_err(loss_c, loss_e) < 1e-5
         assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-5
     assert fastlora.reports().counts()["lora_moe_experts"] == 2 * 2 * LAYERS  # a compile a step
+
+
+@pytest.mark.parametrize("transposed", [True, False], ids=["out_in", "in_out"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=lambda c: f"{c[0]}")
+def test_opcheck_forward_and_backward(case, transposed):
+    """The fake kernels promise the real ones' shapes, dtypes and strides (inductor asserts
+    the strides of a custom op's outputs: a transposed d lhs failed there on the H100)."""
+    dtype, experts, d_in, d_out, r, counts = case
+    x, weight, lhs, rhs, offs = _operands(dtype, experts, d_in, d_out, r, counts, transposed)
+    torch.library.opcheck(torch.ops.fastlora.lora_moe_experts,
+                          (x, weight, lhs, rhs, offs, 1.5, transposed))
+    y, xa = torch.ops.fastlora.lora_moe_experts(x, weight, lhs, rhs, offs, 1.5, transposed)
+    grad = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastlora.lora_moe_experts_backward,
+                          (grad, x.detach(), weight, lhs.detach(), rhs.detach(), xa.detach(),
+                           offs, 1.5, transposed, True))

@@ -5,13 +5,12 @@ output of the cached ``lora_moe_experts`` spelling), then zeroes rows of the gat
 place, then multiplies: the fused op must be placed after that write. A write between two reads
 of the same input leaves no such place: the match is refused and the report says why.
 """
+import pytest
 import torch
 
 import fastlora
 from fastlora.refusal import RefusalKind
 from helpers import rel_err
-
-OPTIONS = {"compiler": "aot_eager"}
 
 
 def experts_masking_after_the_merge(tokens, perm, weight, lhs, rhs, offs, mask):
@@ -38,10 +37,10 @@ def _experts_operands(requires_grad: bool):
     return tokens, perm, weight, lhs, rhs, offs, mask
 
 
-def _compiled(fn):
+def _compiled(fn, compiler="aot_eager"):
     fastlora.clear_reports()
     torch._dynamo.reset()
-    return torch.compile(fn, backend="fastlora", options=OPTIONS)
+    return torch.compile(fn, backend="fastlora", options={"compiler": compiler})
 
 
 def test_experts_op_reads_the_rows_after_their_in_place_mask():
@@ -54,12 +53,13 @@ def test_experts_op_reads_the_rows_after_their_in_place_mask():
     assert rel_err(got, want) < 1e-2
 
 
-def test_experts_gradients_through_the_in_place_mask():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_experts_gradients_through_the_in_place_mask(compiler):
     args = _experts_operands(requires_grad=True)
     tokens, _, _, lhs, rhs, _, _ = args
     g = torch.randn(tokens.shape[0], 24, dtype=torch.bfloat16)
     want = torch.autograd.grad(experts_masking_after_the_merge(*args)[0], (tokens, lhs, rhs), g)
-    got = torch.autograd.grad(_compiled(experts_masking_after_the_merge)(*args)[0],
+    got = torch.autograd.grad(_compiled(experts_masking_after_the_merge, compiler)(*args)[0],
                               (tokens, lhs, rhs), g)
     assert [m["pattern"] for m in fastlora.last_report().matches] == ["lora_moe_experts"]
     for a, b in zip(got, want):

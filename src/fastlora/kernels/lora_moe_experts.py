@@ -130,9 +130,9 @@ def experts_backward(grad, x, weight, lhs, rhs, xa, offs, scale, transposed, nee
     xa = xa.to(adapter_dtype)
     da = experts_outer(x, gb, offs, grouped, adapter_dtype).float() * scale  # [E, in, r]
     db = experts_outer(xa, grad, offs, grouped, adapter_dtype).float() * scale  # [E, r, out]
-    if transposed:
-        return dx, db.transpose(-2, -1).to(lhs.dtype), da.transpose(-2, -1).to(rhs.dtype)
-    return dx, da.to(lhs.dtype), db.to(rhs.dtype)
+    if transposed:  # contiguous, as the fake kernel promises (inductor asserts the strides)
+        da, db = db.transpose(-2, -1), da.transpose(-2, -1)
+    return dx, da.to(lhs.dtype).contiguous(), db.to(rhs.dtype).contiguous()
 
 
 # ---------------------------------------------------------------- the custom ops
@@ -193,7 +193,7 @@ def lora_moe_experts_backward(grad: Tensor, x: Tensor, weight: Tensor, lhs: Tens
 
 @lora_moe_experts_backward.register_fake
 def _(grad, x, weight, lhs, rhs, xa, offs, scale, transposed, needs_dx):
-    return (torch.empty_like(x) if needs_dx else x.new_empty(0),
+    return (x.new_empty(x.shape) if needs_dx else x.new_empty(0),
             lhs.new_empty(lhs.shape), rhs.new_empty(rhs.shape))
 
 
