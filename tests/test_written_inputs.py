@@ -102,3 +102,26 @@ def test_a_write_after_every_read_still_fuses():
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-5
     assert [m["pattern"] for m in fastlora.last_report().matches] == ["rms_norm"]
+
+
+def test_the_writes_it_recognises():
+    """An in-place method, a mutable ATen overload, ``out=``, ``inplace=True`` and item
+    assignment each name the tensor they write; an out-of-place op names none."""
+    import operator
+
+    from torch import fx
+
+    from fastlora.mutations import _written
+
+    graph = fx.Graph()
+    x, y = graph.placeholder("x"), graph.placeholder("y")
+    cases = [
+        (graph.call_method("mul_", (x, 2.0)), [x]),
+        (graph.call_function(torch.ops.aten.add_.Tensor, (y, x)), [y]),
+        (graph.call_function(torch.add, (x, 1.0), {"out": y}), [y]),
+        (graph.call_function(torch.nn.functional.relu, (x,), {"inplace": True}), [x]),
+        (graph.call_function(operator.setitem, (x, 0, 1.0)), [x]),
+        (graph.call_function(torch.mul, (x, y)), []),
+    ]
+    for node, written in cases:
+        assert _written(node) == written, node
