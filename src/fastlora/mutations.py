@@ -114,8 +114,11 @@ def placement(match, graph: fx.Graph, order: dict, preferred: int, lo: int, hi: 
     for p in sorted(range(lo + 1, hi + 1), key=lambda q: (abs(q - preferred), q)):
         if kept(p):
             return p
-    n = next(n for n in inputs if writes[n])
-    writer = list(graph.nodes)[writes[n][0]]
+    # name a write that falls between two reads of its input where there is one
+    n, w = next(((n, w) for n in inputs for w in writes[n] if reads[n]
+                 and min(reads[n]) < w < max(reads[n])),
+                next((n, writes[n][0]) for n in inputs if writes[n]))
+    writer = list(graph.nodes)[w]
     return (f"the input {describe(n)} is written in place by {describe(writer)} "
             f"between the nodes of the region that read it, so no single place gives the "
             f"fused op the values the region read")
