@@ -354,3 +354,18 @@ def test_opcheck_forward_and_backward(case, transposed):
     torch.library.opcheck(torch.ops.fastlora.lora_moe_experts_backward,
                           (grad, x.detach(), weight, lhs.detach(), rhs.detach(), xa.detach(),
                            offs, 1.5, transposed, True))
+
+
+def test_aligning_a_fake_reads_no_address():
+    """warm_kernels runs the op's body on fake tensors to plan launches; reading a fake's data
+    pointer is deprecated in torch (a warning on the H100 run, an error to come)."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastlora.kernels.lora_moe_experts import _aligned
+    with FakeTensorMode():
+        fake = torch.empty(8, 16, dtype=torch.bfloat16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _aligned(fake) is fake
