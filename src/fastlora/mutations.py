@@ -95,11 +95,10 @@ def _reads(node: fx.Node, region: set, order: dict) -> list[int]:
     return [order[n] for n in seen]
 
 
-def placement(match, graph: fx.Graph, order: dict, preferred: int, lo: int, hi: int):
-    """The position to insert before (``lo < p <= hi``, nearest ``preferred``) at which no
-    input of ``match`` is written between the fused op and a region node reading it; or a
-    string saying which write leaves no such place."""
-    inputs = [v for v in match.inputs().values() if isinstance(v, fx.Node) and v.graph is graph]
+def placement(match, inputs: list, order: dict, preferred: int, lo: int, hi: int):
+    """The position to insert before (``lo < p <= hi``, nearest ``preferred``) at which none of
+    ``inputs`` (the match's input nodes in its graph) is written between the fused op and a
+    region node reading it; or a string saying which write leaves no such place."""
     writes = {n: _writes_to(n, match.region, order) for n in inputs}
     if not any(writes.values()):
         return preferred
@@ -118,7 +117,7 @@ def placement(match, graph: fx.Graph, order: dict, preferred: int, lo: int, hi: 
     n, w = next(((n, w) for n in inputs for w in writes[n] if reads[n]
                  and min(reads[n]) < w < max(reads[n])),
                 next((n, writes[n][0]) for n in inputs if writes[n]))
-    writer = list(graph.nodes)[w]
+    writer = next(node for node, position in order.items() if position == w)
     return (f"the input {describe(n)} is written in place by {describe(writer)} "
             f"between the nodes of the region that read it, so no single place gives the "
             f"fused op the values the region read")

@@ -140,7 +140,7 @@ def _position(match: Match):
     preferred = last_input + 1 if last_input >= first_out else first_out
     readers = [order[u] for out in match.outputs for u in out.users if u not in match.region]
     latest = max(min(readers, default=len(nodes) - 1), preferred)
-    where = placement(match, graph, order, preferred, last_input, latest)
+    where = placement(match, inputs, order, preferred, last_input, latest)
     if isinstance(where, str):
         return Refusal(RefusalKind.WRITTEN_INPUT, where)
     return nodes[where]
