@@ -141,7 +141,12 @@ def test_fastlora_model_step_dynamic_lengths_match_eager(dtype, reuse_layers):
                 code = "\n".join(code)
                 opaque = {f"fastlora::{o}" for o in re.findall(r"torch\.ops\.fastlora\.(\w+)",
                                                               code)}
-                assert not opaque & _launch.INDUCTOR_LAUNCHED, opaque
+                # embedding_from_host reads the table in host memory (compile_for_trainer's
+                # offload_embeddings): inductor cannot launch a kernel on a host operand, so
+                # that op stays opaque by design, and only while the table is on the host
+                on_host = compiled.get_input_embeddings().weight.device.type == "cpu"
+                by_design = {"fastlora::embedding_from_host"} if on_host else set()
+                assert not (opaque & _launch.INDUCTOR_LAUNCHED) - by_design, opaque
                 assert re.search(r"_(lora_down|rope)_kernel", code), "no fused kernel launched"
             else:
                 loss_c, grads_c = _model_step(compiled, ids)
