@@ -1,7 +1,10 @@
 """fastlora.compile_cache: inductor's caches in a lasting folder, and the portable bundle."""
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from fastlora import compile_cache
 
@@ -26,19 +29,28 @@ def _run(folder, tmp_path):
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_second_run_is_served_from_the_folder(tmp_path):
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory):
+    """A folder after one cold run (inductor compiled from nothing), made once for the tests
+    below: (the folder, what that run printed). Each test then runs in a copy of it."""
+    tmp_path = tmp_path_factory.mktemp("cold")
     folder = tmp_path / "cache"
-    first = _run(folder, tmp_path)
-    assert "fxgraph_cache_miss" in first and str(folder / "artifacts.bin") in first
-    assert any((folder / "inductor").iterdir())  # inductor wrote into our folder, not /tmp's
+    return folder, _run(folder, tmp_path)
+
+
+def test_second_run_is_served_from_the_folder(cold, tmp_path):
+    folder = tmp_path / "cache"
+    shutil.copytree(cold[0], folder)
+    first = cold[1]
+    assert "fxgraph_cache_miss" in first and str(cold[0] / "artifacts.bin") in first
+    assert any((cold[0] / "inductor").iterdir())  # inductor wrote into our folder, not /tmp's
     second = _run(folder, tmp_path)
     assert "fxgraph_cache_hit" in second and "fxgraph_cache_miss" not in second
 
 
-def test_the_bundle_alone_warms_a_new_folder(tmp_path):
+def test_the_bundle_alone_warms_a_new_folder(cold, tmp_path):
     """What another machine gets from a copied artifacts.bin: inductor's graph cache hits."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    _run(a, tmp_path)
+    a, b = cold[0], tmp_path / "b"
     b.mkdir()
     (b / "artifacts.bin").write_bytes((a / "artifacts.bin").read_bytes())
     assert "fxgraph_cache_hit" in _run(b, tmp_path)
