@@ -5,6 +5,7 @@ Threads: one per process by default (``FASTLORA_TEST_THREADS`` sets another coun
 tensors are tiny; on a busy 2-core machine two threads per op ran the suite about 6x slower
 than one (2026-12-03), and the results must not depend on how many cores the host has."""
 import contextlib
+import logging
 import os
 
 THREADS = os.environ.get("FASTLORA_TEST_THREADS", "1")
@@ -50,3 +51,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class Lines(logging.Handler):
+    """The ``fastlora`` logger's warnings (the suite runs with ``-p no:logging``: no caplog)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings_logged():
+    """The messages the ``fastlora`` logger warns during the test."""
+    lines = Lines()
+    logger = logging.getLogger("fastlora")
+    logger.addHandler(lines)
+    yield lines.lines
+    logger.removeHandler(lines)

@@ -4,7 +4,6 @@ padding, three widths in one compile, num_items_in_batch), the packed path's fus
 report, logits back in the padded layout, and every call that cannot be proven exact left
 padded: noted, logged once, still eager's."""
 import copy
-import logging
 import types
 
 import pytest
@@ -71,26 +70,6 @@ def pair(make, **options):
     fastlora.clear_reports()
     fastlora.compile_for_trainer(compiled, **{**OPTIONS, **options})
     return eager, compiled
-
-
-class Lines(logging.Handler):
-    """The ``fastlora`` logger's warnings (the suite runs with ``-p no:logging``: no caplog)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def warnings_logged():
-    lines = Lines()
-    logger = logging.getLogger("fastlora")
-    logger.addHandler(lines)
-    yield lines.lines
-    logger.removeHandler(lines)
 
 
 # ---------------------------------------------------------------- exact, one compile

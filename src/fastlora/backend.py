@@ -81,7 +81,7 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
                             "(gradient checkpointing off?), nothing to offload")
 
     # 6. Publish the report (logger `fastlora`, tlparse artifact, stdout when asked).
-    publish(report, example_inputs, opts.print_report)
+    publish(report, example_inputs, opts.print_report, graph=gm)
 
     # 5. Codegen of everything else; under DDP, split at gradient buckets first (distributed.py).
     def compile_graph(graph, inputs):

@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch import fx
 
-from . import distributed
+from . import distributed, repeats
 
 log = logging.getLogger("fastlora")
 try:  # TORCH_LOGS="+fastlora" turns the logger on
@@ -251,10 +251,17 @@ class Reports(list):
 _ALL: list[Report] = []
 
 
-def publish(report: Report, example_inputs, print_it: bool) -> None:
+def publish(report: Report, example_inputs, print_it: bool, graph: fx.GraphModule | None = None
+            ) -> None:
+    """Keep ``report`` (``graph``: what the backend received, to note a repeated compile)."""
     # Weak references, not bare ids: a freed model's ids get reused by later parameters.
     report._model_params = {id(t): weakref.ref(t)
                             for t in distributed.graph_parameters(example_inputs)}
+    if graph is not None:
+        report._graph_key = repeats.graph_key(graph, example_inputs)
+        repeated = repeats.note(report, _ALL, log)
+        if repeated:
+            report.notes.append(repeated)
     _ALL.append(report)
     log.info("%s", report)
     try:
@@ -287,3 +294,4 @@ def reports(model: torch.nn.Module | None = None) -> Reports:
 
 def clear_reports() -> None:
     _ALL.clear()
+    repeats.forget()
