@@ -309,6 +309,10 @@ def worker(args) -> dict:
         row["near_misses"] = sorted({f"{n['pattern']}: {n['reason']}"
                                      for n in fastlora.reports(model).near_misses()
                                      if n["pattern"] == "lora_moe_experts"})
+        # graphs the backend got again unchanged (repeats.py): peft's per-forward
+        # parametrization makes Dynamo recompile the experts' frames until recompile_limit
+        row["compiled_again"] = sum(any(n.startswith("compiled again") for n in r.notes)
+                                    for r in fastlora.reports(model))
     return row
 
 
@@ -377,7 +381,8 @@ def main(argv=None):
     print(h.table(rows, [("variant", 20)], columns))
     for r in rows:  # the fused ops and (model) Dynamo's frame counts, a line each
         if r.get("matches") or r.get("frames_compiled"):
-            print(f"{r['variant']:<20} {r.get('matches', '')} {r.get('frames_compiled', '')}")
+            print(f"{r['variant']:<20} {r.get('matches', '')} {r.get('frames_compiled', '')}"
+                  + (f" compiled again: {r['compiled_again']}" if r.get('compiled_again') else ''))
     for r in rows:  # (model) the LoRA on the experts and the forward that ran them
         if "experts_lora" in r:
             extra = {k: r[k] for k in ("moe_backend", "experts_lora_separated") if k in r}
