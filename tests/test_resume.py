@@ -52,10 +52,18 @@ def _signal_at(monkeypatch, step, signum):
     monkeypatch.setattr(fastlora.app.sft, "build_trainer", build)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(run, output folder) of the uninterrupted eager run the tests below compare with, trained
+    once for them (they only read it)."""
+    folder = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    return train(_config(folder, checkpoint_every=0), stream=io.StringIO()), folder
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_keeps_a_checkpoint_and_resume_continues_exactly(tmp_path, monkeypatch,
-                                                                   signum, code):
-    whole = train(_config(tmp_path / "whole", checkpoint_every=0), stream=io.StringIO())
+                                                                   signum, code, uninterrupted):
+    whole, whole_folder = uninterrupted
 
     out = tmp_path / "stopped"
     _signal_at(monkeypatch, 4, signum)
@@ -79,7 +87,7 @@ def test_interrupt_keeps_a_checkpoint_and_resume_continues_exactly(tmp_path, mon
                            if k not in ("output_dir", "checkpoint_every")}
     assert same(resumed["config"]) == same(whole["config"])  # the run's own settings
     assert _losses(resumed) == _losses(whole)  # every step, the first four included
-    after, reference = _adapter(out), _adapter(tmp_path / "whole")
+    after, reference = _adapter(out), _adapter(whole_folder)
     assert after.keys() == reference.keys()
     for name in after:
         torch.testing.assert_close(after[name], reference[name], rtol=0, atol=0)
@@ -116,7 +124,7 @@ def test_padding_free_and_padded_batches_train_the_same(tmp_path):
     assert free["tokens"] == padded["tokens"]  # non-padding tokens: the same examples
 
 
-def test_sigterm_to_a_compiled_run_then_resume(tmp_path):
+def test_sigterm_to_a_compiled_run_then_resume(tmp_path, uninterrupted):
     """The command as a user runs it (compiled, no Triton interpreter), stopped by SIGTERM
     once a step was logged, then resumed (uncompiled, which a resumed run may change; it keeps
     every other setting): the run finishes with every step's loss, equal to an uninterrupted
@@ -144,7 +152,7 @@ def test_sigterm_to_a_compiled_run_then_resume(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert f"resume   from {saved}" in proc.stdout
     run = json.loads((out / "fastlora_run.json").read_text())
-    eager = train(_config(tmp_path / "eager"), stream=io.StringIO())
+    eager, _ = uninterrupted  # the same settings, never stopped, eager
     assert [s for s, _ in run["loss_history"]] == list(range(1, 7))
     torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(eager)),
                                rtol=1e-4, atol=0)
