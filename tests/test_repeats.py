@@ -38,9 +38,11 @@ def test_the_same_graph_compiled_again_is_noted_and_warned_once(warnings_logged)
     model = with_lora(tiny_llama(layers=1))
     inputs = token_batch(seq=7, use_cache=False)
     fastlora.clear_reports()
-    for _ in range(3):  # Dynamo's cache dropped: each call compiles the same graph again
+    for calls in (1, 2, 3):  # Dynamo's cache dropped: each call compiles the same graph again
         torch._dynamo.reset()
         torch.compile(model, backend="fastlora", options={"compiler": "aot_eager"})(**inputs)
+        if calls == 2:  # one recompile can be a mode switch: noted, not warned
+            assert len(_again(fastlora.reports())) == 1 and warnings_logged == []
     notes = _again(fastlora.reports())
     assert len(notes) == 2 and "compiled 3 times" in notes[-1], notes
     assert sum(AGAIN in line for line in warnings_logged) == 1, warnings_logged

@@ -5,6 +5,7 @@ autocast state changes what the backend receives; anything else (a module whose 
 made anew at each call, an attribute that keeps changing) hands the backend the same graph
 again and again, and each time costs a full compile. When Dynamo's ``recompile_limit`` is
 reached the frame runs eagerly: unfused and uncompiled, with nothing said but one warning.
+The note comes from the second compile on; the `fastlora` logger warns at the third.
 
 peft's ``target_parameters`` do this at every forward (docs/lora.md, MoE experts), so the
 report is where a user learns why those steps are not faster. Two graphs are "the same" when
@@ -41,19 +42,24 @@ def _same_parameters(a: dict, b: dict) -> bool:
                                         a.items())
 
 
+WARN_AT = 3  # compiles of one graph before the warning: one recompile can be a mode switch
+#              (model.eval() with grad enabled), a third compile is a guard that keeps failing
+
+
 def note(report, earlier, log) -> str | None:
     """The report's note when ``earlier`` reports hold the same graph (``report._graph_key``),
-    or None. Warns once per graph on ``log``."""
+    or None. Warns once per graph on ``log``, at its ``WARN_AT``-th compile."""
     same = [r for r in earlier if getattr(r, "_graph_key", None) == report._graph_key
             and _same_parameters(r._model_params, report._model_params)]
     if not same:
         return None
     text = (f"compiled again: the same graph (code, input sizes, parameters) has now been "
             f"compiled {len(same) + 1} times (graphs {', '.join(str(r.index) for r in same)}); "
-            f"a Dynamo guard on something else keeps failing (TORCH_LOGS=recompiles names it), "
-            f"and after recompile_limit the frame runs eagerly, unfused. peft's "
-            f"target_parameters do this at every forward (docs/lora.md)")
-    if report._graph_key not in _WARNED:
+            f"a Dynamo guard on something else failed (TORCH_LOGS=recompiles names it). If it "
+            f"keeps failing, every call pays a compile, and after recompile_limit the frame "
+            f"runs eagerly, unfused. peft's target_parameters do this at every forward "
+            f"(docs/lora.md)")
+    if len(same) + 1 >= WARN_AT and report._graph_key not in _WARNED:
         _WARNED.add(report._graph_key)
         log.warning("fastlora: graph %d: %s", report.index, text)
     return text
