@@ -2,6 +2,7 @@
 
     python benchmarks/launcher_host_time.py                   # tiny Llama, 4 layers, 10 steps
     python benchmarks/launcher_host_time.py --layers 8 --steps 20 --hidden 128
+    python benchmarks/launcher_host_time.py --fresh-lengths 30     # then new lengths vs seen
 
 On the default route (``FASTLORA_LAUNCH=python``) every call of a fused op runs its Python
 launcher: checks, tile choices, grids, buffers, then the Triton launches. On the H200 that
@@ -85,6 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=128, help="batch 2 x tokens / 2")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--fresh-lengths", type=int, default=0, metavar="PAIRS",
+                    help="then PAIRS pairs of steps, a length never seen and the nearest seen "
+                         "one: does a new length cost the host more (issue 16)?")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
 
@@ -131,12 +135,50 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['op']:<42}{r['calls_per_step']:>11.0f}{r['us_per_call']:>9.1f}"
               f"{r['own_us_per_call']:>12.1f}{r['own_ms_per_step']:>12.2f}")
+    result = {"args": vars(args), "step_ms": step_ms, "fused_host_ms_per_step": total,
+              "launches_per_step": launches, "counts": counts, "ops": rows}
+    if args.fresh_lengths:
+        result["fresh_lengths"] = fresh_against_seen(compiled, args.tokens // 2,
+                                                     args.fresh_lengths)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "launcher_host_time.json").write_text(json.dumps(
-        {"args": vars(args), "step_ms": step_ms, "fused_host_ms_per_step": total,
-         "launches_per_step": launches, "counts": counts, "ops": rows}, indent=1))
+    (out / "launcher_host_time.json").write_text(json.dumps(result, indent=1))
     return 0
+
+
+def fresh_against_seen(compiled, seq: int, pairs: int) -> dict:
+    """Step times (ms) of lengths never seen against the nearest seen length, in pairs, after
+    the dynamic recompile (Dynamo's second shape); medians, and the compiles it took."""
+    import random
+    import statistics
+
+    import torch
+
+    import fastlora
+
+    def step_ms(n: int) -> float:
+        ids = torch.randint(0, 256, (2, n))
+        start = time.perf_counter()
+        compiled(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return 1000 * (time.perf_counter() - start)
+
+    random.seed(0)
+    lengths = random.sample(range(seq + 1, 3 * seq), pairs + 4)
+    graphs = len(fastlora.reports())
+    seen = lengths[:4]
+    for n in seen:  # the dynamic recompile, then lengths to compare with
+        step_ms(n)
+    fresh, again = [], []
+    for n in lengths[4:]:
+        fresh.append(step_ms(n))
+        again.append(step_ms(min(seen, key=lambda s: abs(s - n))))
+        seen.append(n)
+    row = {"pairs": pairs, "fresh_ms": statistics.median(fresh),
+           "seen_ms": statistics.median(again), "graphs": len(fastlora.reports()) - graphs}
+    print(f"lengths {min(lengths)}-{max(lengths)}: a new length {row['fresh_ms']:.1f} ms, the "
+          f"nearest seen {row['seen_ms']:.1f} ms (medians of {pairs} pairs; "
+          f"{row['graphs']} graph(s) compiled for them)")
+    return row
 
 
 if __name__ == "__main__":
