@@ -311,7 +311,8 @@ def worker(args) -> dict:
                                      if n["pattern"] == "lora_moe_experts"})
         # graphs the backend got again unchanged (repeats.py): peft's per-forward
         # parametrization makes Dynamo recompile the experts' frames until recompile_limit
-        row["compiled_again"] = sum(any(n.startswith("compiled again") for n in r.notes)
+        from fastlora.repeats import PREFIX
+        row["compiled_again"] = sum(any(n.startswith(PREFIX) for n in r.notes)
                                     for r in fastlora.reports(model))
     return row
 

@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 _WARNED: set[str] = set()  # keys already warned about on the `fastlora` logger
+PREFIX = "compiled again"  # how the note starts (benchmarks count the notes by it)
 
 
 def graph_key(gm: fx.GraphModule, example_inputs) -> str:
@@ -53,7 +54,7 @@ def note(report, earlier, log) -> str | None:
             and _same_parameters(r._model_params, report._model_params)]
     if not same:
         return None
-    text = (f"compiled again: the same graph (code, input sizes, parameters) has now been "
+    text = (f"{PREFIX}: the same graph (code, input sizes, parameters) has now been "
             f"compiled {len(same) + 1} times (graphs {', '.join(str(r.index) for r in same)}); "
             f"a Dynamo guard on something else failed (TORCH_LOGS=recompiles names it). If it "
             f"keeps failing, every call pays a compile, and after recompile_limit the frame "
