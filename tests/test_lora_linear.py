@@ -146,6 +146,71 @@ def test_grad_x_halves_its_tile_when_shared_memory_runs_out(monkeypatch):
         K.lora_grad_x_triton(x, da, a, seed, p, dx=torch.empty(M, Kd))
 
 
+def test_traced_tile_is_checked_and_halved_before_inductor_compiles_it(monkeypatch):
+    """Traced for inductor nothing is launched, so an OutOfResources would come only when
+    inductor compiles the graph: each tile is first checked (``_launch.fits``: Triton compiles
+    and loads it) and halved until it fits, the answer remembered per key. Simulated: tiles
+    above 32 do not fit."""
+    from fastlora.kernels import _common as C
+    from fastlora.kernels import _launch
+
+    monkeypatch.setattr(C, "_FITTED", {})
+    monkeypatch.setattr(_launch, "tracing", lambda: True)
+    checked, traced = [], []
+    monkeypatch.setattr(_launch, "fits", lambda launch, block: checked.append(block) or block <= 32)
+    trace = lambda block: traced.append(block) or f"traced {block}"  # noqa: E731
+    assert C.halve_until_it_fits(trace, 128, key="grad_x") == "traced 32"
+    assert checked == [128, 64, 32] and traced == [32]
+    checked.clear(), traced.clear()
+    assert C.halve_until_it_fits(trace, 128, key="grad_x") == "traced 32"
+    assert checked == [] and traced == [32]  # remembered: not checked again
+    assert C.halve_until_it_fits(trace, 64, key="other", smallest=64) == "traced 64"
+    assert checked == []  # nothing smaller to try: traced as tuned, inductor reports the error
+
+
+def test_fits_asks_triton_to_load_each_recorded_kernel(monkeypatch):
+    """``_launch.fits`` runs the launch function recording (nothing launched), compiles each
+    recorded CUDA kernel with Triton's warm-up and loads it: an OutOfResources there means the
+    tile does not fit; any other failure of the check leaves the tile as it was (True)."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime.errors import OutOfResources
+    from triton.runtime.jit import JITFunction
+
+    from fastlora.kernels import _launch
+
+    class Loaded:
+        def __init__(self, limit, block):
+            self.limit, self.block = limit, block
+
+        def _init_handles(self):
+            if self.block > self.limit:
+                raise OutOfResources(262168, 232448, "shared memory")
+
+    class Kernel(JITFunction):  # a compiled kernel's stand-in: warm-up returns what loads
+        def __init__(self, limit):
+            self.limit, self.calls = limit, []
+
+        def run(self, *args, grid, warmup, **kwargs):
+            self.calls.append((args, warmup, kwargs))
+            return Loaded(self.limit, kwargs["BLOCK_K"])
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    with FakeTensorMode():
+        x = torch.empty(5, 8, device="cuda", dtype=torch.bfloat16)
+    kernel = Kernel(limit=32)
+    body = lambda block: _launch.launch(kernel)[(2,)](x, 5, BLOCK_K=block)  # noqa: E731
+    assert _launch.fits(body, 64) is False and _launch.fits(body, 32) is True
+    (args, warmup, kwargs), _ = kernel.calls
+    assert warmup is True and args[0].dtype == torch.bfloat16 and args[1] == 5
+    assert type(args[0]).__name__ == "MockTensor"  # the fake tensor itself is not passed
+    cpu = lambda block: _launch.launch(kernel)[(2,)](torch.empty(3), BLOCK_K=block)  # noqa: E731
+    assert _launch.fits(cpu, 64) is True and len(kernel.calls) == 2  # no GPU: nothing to check
+    broken = lambda block: 1 / 0  # noqa: E731
+    assert _launch.fits(broken, 64) is True
+
+
 def test_launchers_build_no_tensor_from_host_data(monkeypatch):
     """CUDA graphs: a launcher must not make a device tensor from host data (``torch.tensor``):
     inside a capture the copy is not allowed, and a tensor cached on a warm-up call lives in

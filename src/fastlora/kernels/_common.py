@@ -120,7 +120,7 @@ def row_tile(n: int, element_size: int, table, override=None) -> tuple[int, int,
     return block_m, block_n, warps
 
 
-_FITTED: dict = {}  # (key, tuned block) -> the block that fitted
+_FITTED: dict = {}  # (key, tuned block) -> the block that fitted (or was checked to fit)
 
 
 def halve_until_it_fits(launch, block: int, key=None, smallest: int = 16):
@@ -129,11 +129,24 @@ def halve_until_it_fits(launch, block: int, key=None, smallest: int = 16):
     half the block, down to ``smallest``. Launch configurations are tuned at the common ranks;
     a large rank (r = 64 with dropout) can push a tuned tile past the limit. With a ``key``
     (what decides the kernel's resources), the block that fitted is remembered, so later calls
-    launch it directly."""
+    launch it directly.
+
+    Traced for inductor (kernels/_launch.py) nothing is launched now, and a tile past the limit
+    would fail only when inductor compiles the graph: there each block is first compiled and
+    loaded by Triton on its own (``_launch.fits``) and halved until it fits, then traced."""
     from triton.runtime.errors import OutOfResources
+
+    from . import _launch
 
     tuned = block
     block = _FITTED.get((key, tuned), tuned) if key is not None else tuned
+    if _launch.tracing():
+        if key is None or (key, tuned) not in _FITTED:
+            while block // 2 >= smallest and not _launch.fits(launch, block):
+                block //= 2
+            if key is not None:
+                _FITTED[(key, tuned)] = block
+        return launch(block)
     while True:
         try:
             result = launch(block)

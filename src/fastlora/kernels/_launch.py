@@ -27,10 +27,11 @@ dropout seed with ``int()`` (a data-dependent value). So the decomposition below
 The autograd formula (backward = another fused op) and ``register_fake`` are unchanged: dynamo
 uses the fake, AOTAutograd the formula, and only then is each op decomposed.
 
-Traced launches lose what the Python launchers do at run time: a tile that needs more shared
-memory than the GPU has is halved by ``_common.halve_until_it_fits`` when Python launches it,
-but fails when inductor compiles it (large ranks with dropout; that op can be routed to Python,
-below).
+Traced launches lose what the Python launchers do at run time, so where a launcher adapts to
+the GPU it checks at trace time instead: a tile that needs more shared memory than the GPU has
+(large ranks with dropout) is halved by ``_common.halve_until_it_fits`` when Python launches
+it, and is compiled and loaded once by Triton (:func:`fits`) and halved before inductor traces
+it.
 
 ``FASTLORA_LAUNCH=python`` (the default) keeps every op opaque (each call runs its Python
 launcher), the route before this setting existed: set it to compare, or where inductor fails on a kernel. It is
@@ -134,6 +135,44 @@ def recording(launches: list):
     """Within it, every ``launch(kernel)[grid](*args, **kwargs)`` of this thread appends
     ``(kernel, grid, args, kwargs)`` to ``launches`` and runs nothing (warmup.py)."""
     return _this_thread("recording", launches)
+
+
+def fits(launch_block, block: int) -> bool:
+    """Whether every Triton kernel that ``launch_block(block)`` launches can be loaded on its
+    GPU: each is recorded (not run), compiled by Triton's warm-up and loaded, which is where
+    Triton checks shared memory, tensor memory and threads (OutOfResources). Used while an op
+    body is traced for inductor, where a tile past those limits would otherwise fail only when
+    inductor compiles the graph (``_common.halve_until_it_fits``). Anything else that goes
+    wrong in this check answers True: the block is traced as before, unchecked."""
+    from triton.runtime.errors import OutOfResources
+    from triton.runtime.jit import JITFunction, MockTensor
+
+    def mock(value):  # Triton specializes a pointer on its dtype; sizes by their example value
+        if isinstance(value, torch.Tensor):
+            return MockTensor(value.dtype)
+        return size_hint(value) if isinstance(value, torch.SymInt) else value
+
+    launches: list = []
+    try:
+        with recording(launches):
+            launch_block(block)
+        for kernel, grid, args, kwargs in launches:
+            cuda = [a.device for a in (*args, *kwargs.values())
+                    if isinstance(a, torch.Tensor) and a.device.type == "cuda"]
+            if not isinstance(kernel, JITFunction) or not cuda:
+                continue
+            with torch.cuda.device(cuda[0]):
+                compiled = kernel.run(*map(mock, args), grid=grid, warmup=True,
+                                      **{k: mock(v) for k, v in kwargs.items()})
+                if compiled is not None:
+                    compiled._init_handles()  # what Triton's first launch does: the check
+    except OutOfResources as e:
+        log.info("fastlora: block %d does not fit (%s): halved before inductor traces it",
+                 block, e)
+        return False
+    except Exception as e:  # noqa: BLE001 - unchecked, traced as it was before this check
+        log.debug("fastlora: block %d not checked (%s: %s)", block, type(e).__name__, e)
+    return True
 
 
 class _Recorded:

@@ -376,9 +376,8 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
 
     key = ("grad_x", x2.device, x2.dtype, da.dtype, a_cat.dtype, br, bm, cfg["warps"], p > 0,
            len(ranks), dx is not None, need_da)
-    # Traced for inductor (kernels/_launch.py) nothing is compiled yet, so nothing can fail
-    # here: the tuned (or already fitted) block is used, and a tile past the shared memory
-    # fails when inductor compiles the kernel (FASTLORA_LAUNCH=inductor,lora_...=python).
+    # Traced for inductor (kernels/_launch.py) nothing is launched: halve_until_it_fits has
+    # Triton compile and load the tile first, and halves it there if it does not fit.
     part = halve_until_it_fits(run, cfg["block_k"], key)
     return dx, (part.sum(0) if need_da else None)
 
