@@ -125,10 +125,35 @@ def test_off_and_eager_compiler_leave_layers_unmarked():
             fastlora.compile_for_trainer(with_lora(tiny_llama()), reuse_layers=bad)
 
 
+def test_auto_marks_on_the_inductor_route_but_runs_regions_only_on_a_gpu(monkeypatch):
+    """reuse_layers="auto" on the inductor route (the default) marks the layers when the model
+    is compiled, possibly still on the CPU (a Trainer moves it to its GPU later), and decides
+    at each call: on the CPU the layers run unmarked (no shared body, no note about layers:
+    the same graph as reuse_layers=False), on a GPU as regions (the GPU tests)."""
+    monkeypatch.setattr(regions._launch, "LAUNCH", "inductor")
+    model = with_lora(tiny_llama(layers=LAYERS))
+    model.train()
+    inputs = token_batch()
+    loss_e, grads_e = run_step(model, inputs)
+    loss_a, grads_a, reports_a = _trained(model, inputs, reuse_layers="auto")
+    _, _, reports_off = _trained(model, inputs, reuse_layers=False)
+    compiled = copy.deepcopy(model)
+    fastlora.compile_for_trainer(compiled)
+    assert sum(getattr(m, regions._MARK, False) for m in compiled.modules()) == LAYERS
+    assert _shared_bodies(reports_a) == 0 and reports_a.counts() == reports_off.counts()
+    assert not any("reuse_layers" in n for r in reports_a for n in r.notes)
+    assert rel_err(loss_a, loss_e) < 1e-6
+    assert max(rel_err(grads_a[n], g) for n, g in grads_e.items()) < 1e-5
+    monkeypatch.setattr(regions._launch, "LAUNCH", "python")
+    python_route = copy.deepcopy(model)
+    fastlora.compile_for_trainer(python_route)
+    assert not any(getattr(m, regions._MARK, False) for m in python_route.modules())
+
+
 def test_auto_follows_the_launch_route_and_true_false_are_taken(monkeypatch):
     """reuse_layers="auto" (the default) marks the layers where inductor launches the kernels
-    (FASTLORA_LAUNCH=inductor), not on the default Python route; True/False are taken as they
-    are, on any device and route; compiler="eager" is refused (no AOTAutograd)."""
+    (FASTLORA_LAUNCH=inductor, the default), not on the Python route; True/False are taken as
+    they are, on any device and route; compiler="eager" is refused (no AOTAutograd)."""
     monkeypatch.setattr(regions._launch, "LAUNCH", "python")
     assert regions.resolve("auto") is False
     monkeypatch.setattr(regions._launch, "LAUNCH", "inductor")

@@ -114,11 +114,13 @@ def keyed_by_fastlora():
 @functools.lru_cache(maxsize=None)
 def code_key() -> str:
     """A hash of fastlora's Python sources (the package, with its kernels, and the pattern
-    library) and of ``FASTLORA_LAUNCH``, which decides how the ops are traced: what a
-    cached compile of a rewritten graph depends on besides the graph itself."""
+    library) and of the launch route (``FASTLORA_LAUNCH`` as read, defaults resolved), which
+    decides how the ops are traced: what a cached compile of a rewritten graph depends on
+    besides the graph itself."""
     from . import builtin_patterns
+    from .kernels import _launch
 
-    digest = hashlib.sha256(os.environ.get("FASTLORA_LAUNCH", "").encode())
+    digest = hashlib.sha256(f"{_launch.LAUNCH} {sorted(_launch.PER_OP.items())}".encode())
     roots = [pathlib.Path(__file__).parent, builtin_patterns._folder()]
     for root in dict.fromkeys(roots):
         for source in sorted(root.rglob("*.py")):

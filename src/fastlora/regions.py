@@ -48,11 +48,16 @@ def _checkpointed(layer) -> bool:
         and torch.is_grad_enabled()
 
 
-def _layer_forward(layer, dynamic: bool, *args, **kwargs):
-    """A marked layer's ``forward``: the region, except where it is not proven safe (``why``):
-    there the layer runs as it would unmarked. Dynamo traces this choice (and guards on it).
-    Decided at each call: a Trainer turns checkpointing on after the model was compiled."""
-    if dynamic and _checkpointed(layer):
+def on_gpu(module: torch.nn.Module) -> bool:
+    return any(p.is_cuda for p in module.parameters())
+
+
+def _layer_forward(layer, dynamic: bool, gpu_only: bool, *args, **kwargs):
+    """A marked layer's ``forward``: the region, except where it is not proven safe (``why``)
+    or, with ``gpu_only`` (``reuse_layers="auto"``), not on a GPU: there the layer runs as it
+    would unmarked. Dynamo traces this choice (and guards on it). Decided at each call: a
+    Trainer turns checkpointing on, and moves the model to its GPU, after it was compiled."""
+    if (dynamic and _checkpointed(layer)) or (gpu_only and not on_gpu(layer)):
         return _call_layer(layer, *args, **kwargs)
     return _LAYER_CALL(layer, *args, **kwargs)
 
@@ -89,9 +94,11 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def resolve(value) -> bool:
     """Whether ``reuse_layers=value`` asks to mark the layers. ``"auto"``: on where inductor
-    launches the fused ops' kernels (``FASTLORA_LAUNCH=inductor``), whose compile it shortens
-    (Llama-3.2-1B's first step 104.5 s against 176.9 s on the H200); off on the Python launch
-    route, where it saved nothing (65.0 s against 67.9 s), and so off by default."""
+    launches the fused ops' kernels (``FASTLORA_LAUNCH=inductor``, the default route), whose
+    compile it shortens (Llama-3.2-1B's first step 104.5 s against 176.9 s on the H200); off on
+    the Python launch route, where it saved nothing (65.0 s against 67.9 s). Marked layers
+    with ``"auto"`` run as regions only while on a GPU (``mark``'s ``gpu_only``): on the CPU
+    every op stays opaque and regions saved nothing either (docs/options.md)."""
     if value != "auto":
         return bool(value)
     return _launch.LAUNCH == "inductor"
@@ -120,15 +127,16 @@ def why_not(options, model: torch.nn.Module | None = None) -> str | None:
     return None
 
 
-def mark(model: torch.nn.Module, dynamic: bool = False) -> int:
+def mark(model: torch.nn.Module, dynamic: bool = False, gpu_only: bool = False) -> int:
     """Make each decoder layer's call a nested compile region; returns how many were marked.
-    ``dynamic``: whether the model is compiled with dynamic shapes (``why``)."""
+    ``dynamic``: whether the model is compiled with dynamic shapes (``why``); ``gpu_only``:
+    a layer not on a GPU at a call runs unmarked (``_layer_forward``)."""
     layers = decoder_layers(model)
     for layer in layers:
         if "forward" in vars(layer) and not getattr(layer, _MARK, False):
             raise RuntimeError(f"{type(layer).__name__} has a forward of its own on the instance "
                                "(set by another library); pass reuse_layers=False")
-        layer.forward = functools.partial(_layer_forward, layer, dynamic)
+        layer.forward = functools.partial(_layer_forward, layer, dynamic, gpu_only)
         setattr(layer, _MARK, True)
     return len(layers)
 

@@ -44,8 +44,9 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     (regions.py): each layer instance's call becomes a ``torch.compiler.nested_compile_region``,
     without editing the model's code. The report still counts each fusion once per layer; its
     notes say whether layers were marked, or why not. ``"auto"`` (the default) marks them where
-    inductor launches the kernels (``FASTLORA_LAUNCH=inductor``), whose compile it shortens, and
-    not on the default Python launch route, where it saved no compile time (docs/options.md).
+    inductor launches the kernels (the default ``FASTLORA_LAUNCH=inductor``, a model on a GPU),
+    whose compile it shortens, and not on the Python launch route or the CPU, where it saved no
+    compile time (docs/options.md).
 
     With gradient checkpointing on (``model.gradient_checkpointing_enable(
     gradient_checkpointing_kwargs={"use_reentrant": False})``, as the Trainer's
@@ -73,9 +74,11 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     opts.check_pattern_names({p.name for p in registered_patterns()})
     if getattr(model, "_compiled_call_impl", None) is not None:
         raise RuntimeError("this model is already compiled in place; compile it only once")
+    gpu_only = opts.reuse_layers == "auto"  # "auto": regions only while the model is on a GPU
     opts = dataclasses.replace(opts, reuse_layers=regions.resolve(opts.reuse_layers))
     refused = regions.why_not(opts, model)
-    marked = regions.mark(model, dynamic=bool(dynamic)) if refused is None else 0
+    marked = regions.mark(model, dynamic=bool(dynamic), gpu_only=gpu_only) \
+        if refused is None else 0
     if not opts.reuse_layers:  # off (or "auto" on the Python launch route): nothing to say
         note = None
     elif refused is None:
@@ -87,8 +90,9 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
     call = _traced_with_settings(
         model._compiled_call_impl, specialize_float=bool(dynamic),
-        notes=(lambda: (regions.why(model, bool(dynamic)) if marked else None) or note,
-               table_note), before_each_call=before_each_call)
+        notes=(lambda: None if gpu_only and not regions.on_gpu(model) else
+               (regions.why(model, bool(dynamic)) if marked else None) or note, table_note),
+        before_each_call=before_each_call)
     model._compiled_call_impl = unpad.wrap(call, model) if opts.remove_padding else call
     return model
 

@@ -1,6 +1,6 @@
 """Compile a graph's Triton kernels in parallel, before its first step (``warm_kernels``).
 
-Where the fused ops' Python launchers run the kernels (``FASTLORA_LAUNCH=python``, the default,
+Where the fused ops' Python launchers run the kernels (``FASTLORA_LAUNCH=python``,
 and every op inductor does not launch), Triton compiles each kernel specialization at its first
 launch: inside the first training step, one after another. On the H200 that was about 17 s of
 a 51 s cold first step (Llama-3.2-1B cut to 4 layers, 20 kernels: RESULTS.md, "Fifteenth
