@@ -152,7 +152,7 @@ def main(argv=None):
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    launch = os.environ.get("FASTLORA_LAUNCH", "python").replace(",", "+").replace("=", "-")
+    launch = os.environ.get("FASTLORA_LAUNCH", "inductor").replace(",", "+").replace("=", "-")
     tag = "".join(f"_{k}-{v}" for k, v in sorted(opts.items()) if k != "compiler")
     tag += "" if os.environ.get("FASTLORA_ACCESS_CACHE") != "0" else "_access-cache-off"
     stem = out / f"compile_profile_{args.shape}_L{cfg.num_hidden_layers}_{launch}{tag}"

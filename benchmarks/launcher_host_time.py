@@ -4,8 +4,8 @@
     python benchmarks/launcher_host_time.py --layers 8 --steps 20 --hidden 128
     python benchmarks/launcher_host_time.py --fresh-lengths 30     # then new lengths vs seen
 
-On the default route (``FASTLORA_LAUNCH=python``) every call of a fused op runs its Python
-launcher: checks, tile choices, grids, buffers, then the Triton launches. On the H200 that
+On the Python launch route (``FASTLORA_LAUNCH=python``, set here) every call of a fused op runs
+its Python launcher: checks, tile choices, grids, buffers, then the Triton launches. On the H200 that
 host work, not the GPU, set the step time of the 1B row (issue 17). This script runs training
 steps of a tiny peft Llama compiled by fastlora (every pattern, aot_eager) on the CPU with each
 Triton kernel of fastlora replaced by a stub that only counts its launches, so what is timed is

@@ -5,7 +5,7 @@ ptxas for an explicit target.
     python benchmarks/triton_compile_time.py                      # 4 variants, 1 and 2 threads
     python benchmarks/triton_compile_time.py --variants 8 --threads 1,4,8
 
-Why: on the default launch route (``FASTLORA_LAUNCH=python``) each kernel specialization is
+Why: on the Python launch route (``FASTLORA_LAUNCH=python``) each kernel specialization is
 compiled by Triton at its first launch, one after the other, inside the first training step.
 The variants here are the attention forward with different constexprs (causal, padding mask,
 sliding window, packed documents; bf16, head dim 64, the H200 tiles), each compiled from an
