@@ -4,6 +4,7 @@ fresh process, with and without ``reuse_layers``. Needs no GPU.
 
     python benchmarks/compile_depth.py                       # 2 and 8 layers, reuse on and off
     python benchmarks/compile_depth.py --layers 2,4,8 --reuse on --dynamic on,off --repeat 3
+    python benchmarks/compile_depth.py --dynamic on --gc on    # checkpointed layers (non-reentrant)
 
 Each process reports what its first step costs beyond a steady step (the compile), as CPU
 seconds (the process and its compiler subprocesses: robust on a shared machine) and wall
@@ -30,7 +31,7 @@ import _harness as h  # this folder is first on sys.path when a script of it run
 h.unshadow()  # benchmarks/kernels.py would shadow the `kernels` package transformers imports
 
 
-def _worker(layers: int, reuse: bool, dynamic: bool) -> None:
+def _worker(layers: int, reuse: bool, dynamic: bool, gc: bool = False) -> None:
     """One measurement in this (fresh) process; prints one JSON line."""
     os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     os.environ.setdefault("FASTLORA_CACHE", "off")
@@ -49,6 +50,8 @@ def _worker(layers: int, reuse: bool, dynamic: bool) -> None:
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
         r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False))
     model.train()
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fastlora.compile_for_trainer(model, dynamic=dynamic, compiler="inductor",
                                  reuse_layers=reuse)
     ids = torch.randint(0, 32, (2, 11))
@@ -60,14 +63,14 @@ def _worker(layers: int, reuse: bool, dynamic: bool) -> None:
         cpu.append(sum(after[:4]) - sum(before[:4]))
         wall.append(time.perf_counter() - start)
     traced = len(compilation_time_metrics.get("invoke_subgraph_trace", []))
-    print(json.dumps({"layers": layers, "reuse_layers": reuse, "dynamic": dynamic,
+    print(json.dumps({"layers": layers, "reuse_layers": reuse, "dynamic": dynamic, "gc": gc,
                       "compile_cpu_s": cpu[0] - min(cpu[1:]),
                       "compile_wall_s": wall[0] - min(wall[1:]), "bodies_traced": traced}))
 
 
-def measure(layers: int, reuse: bool, dynamic: bool) -> dict:
+def measure(layers: int, reuse: bool, dynamic: bool, gc: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(layers),
-           "on" if reuse else "off", "on" if dynamic else "off"]
+           "on" if reuse else "off", "on" if dynamic else "off", "on" if gc else "off"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
@@ -80,25 +83,28 @@ def _switches(text: str) -> list[bool]:
 
 
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) == 5 and sys.argv[1] == "--worker":
-        _worker(int(sys.argv[2]), sys.argv[3] == "on", sys.argv[4] == "on")
+    if argv is None and len(sys.argv) == 6 and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]), *(arg == "on" for arg in sys.argv[3:6]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="2,8", help="comma-separated depths")
     ap.add_argument("--reuse", default="on,off", help="reuse_layers: on, off or both")
     ap.add_argument("--dynamic", default="off", help="dynamic shapes: on, off or both")
+    ap.add_argument("--gc", default="off", help="gradient checkpointing: on, off or both")
     ap.add_argument("--repeat", type=int, default=1, help="processes per configuration")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     depths = [int(n) for n in args.layers.split(",")]
-    rows = [measure(n, reuse, dynamic) for dynamic in _switches(args.dynamic)
-            for reuse in _switches(args.reuse) for n in depths for _ in range(args.repeat)]
+    rows = [measure(n, reuse, dynamic, gc) for gc in _switches(args.gc)
+            for dynamic in _switches(args.dynamic) for reuse in _switches(args.reuse)
+            for n in depths for _ in range(args.repeat)]
     print(f"first step beyond a steady one (the compile), {os.cpu_count()} CPUs, one "
           f"process each")
-    print(f"{'dynamic':>7} {'reuse':>5} {'layers':>6} {'CPU s':>7} {'wall s':>7} "
+    print(f"{'gc':>5} {'dynamic':>7} {'reuse':>5} {'layers':>6} {'CPU s':>7} {'wall s':>7} "
           f"{'bodies traced':>13}")
     for r in rows:
-        print(f"{str(r['dynamic']):>7} {str(r['reuse_layers']):>5} {r['layers']:>6} "
+        print(f"{str(r['gc']):>5} {str(r['dynamic']):>7} {str(r['reuse_layers']):>5} "
+              f"{r['layers']:>6} "
               f"{r['compile_cpu_s']:>7.1f} {r['compile_wall_s']:>7.1f} {r['bodies_traced']:>13}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

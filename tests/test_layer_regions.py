@@ -102,10 +102,40 @@ def test_gradient_checkpointing(dynamic):
     assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-5
     assert reports.counts()["rms_norm_lora_qkv"] == LAYERS
     notes = " ".join(n for r in reports for n in r.notes)
-    if dynamic:  # not proven safe on torch 2.13: layers inlined, and the report says why
+    if dynamic and not regions.CHECKPOINTED_SHARED:  # older torch: inlined, the report says why
         assert _shared_bodies(reports) == 0 and regions.CHECKPOINT_DYNAMIC in notes
-    else:
-        assert _shared_bodies(reports) > 0
+    else:  # torch 2.13: one checkpointed body, batch and sequence sizes symbolic
+        assert _shared_bodies(reports) > 0 and regions.CHECKPOINT_DYNAMIC not in notes
+
+
+@pytest.mark.skipif(not regions.CHECKPOINTED_SHARED, reason="checked on torch 2.13 only")
+def test_checkpointed_layers_share_a_body_across_lengths():
+    """compile_for_trainer's default dynamic=True makes only the batch and sequence sizes
+    symbolic (trainer.mark_batch_dims): with gradient checkpointing on, the layers share one
+    compiled body, three lengths run on one compile, and the loss and every LoRA gradient are
+    eager's at each length."""
+    from fastlora.trainer import compile_count
+
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=LAYERS))
+    checkpointed(model, token_batch())
+    fastlora.clear_reports()
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(model)
+    fastlora.compile_for_trainer(compiled, reuse_layers=True, strict=True)
+    before = None
+    for seq in (33, 41, 57):
+        ids = torch.randint(0, 97, (2, seq))
+        inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+        loss_c, grads_c = run_step(compiled, inputs)
+        before = compile_count() if before is None else before
+        loss_e, grads_e = run_step(model, inputs)
+        assert rel_err(loss_c, loss_e) < 1e-6
+        assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-5
+    assert compile_count() == before  # the later lengths compiled nothing
+    reports = fastlora.reports(compiled)
+    assert _shared_bodies(reports) > 0
+    assert reports.counts()["rms_norm_lora_qkv"] == LAYERS
 
 
 def test_off_and_eager_compiler_leave_layers_unmarked():

@@ -31,12 +31,14 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     ``compiler``, ...), checked here, pattern names included, so a typo fails now with a
     one-line ``OptionsError`` rather than at the first step.
 
-    ``dynamic`` is ``torch.compile``'s. ``True`` (default): batch and sequence lengths are
-    symbolic from the first call, so one forward/backward pair serves every length a padding
-    or padding-free collator produces (``None`` compiles the first shape statically and
+    ``dynamic``: ``True`` (default): batch and sequence lengths are symbolic from the first
+    call, so one forward/backward pair serves every length a padding or padding-free collator
+    produces (every size symbolic, as ``torch.compile(dynamic=True)``; with checkpointed layers
+    compiled once, only those two, ``mark_batch_dims``). ``None`` and ``False`` are
+    ``torch.compile``'s (``None`` compiles the first shape statically and
     recompiles with dynamic shapes when a second length arrives: two full compiles; ``False``
     recompiles for every length). While Dynamo traces this model, Python floats stay
-    specialized (Dynamo's ``specialize_float``): with ``dynamic=True`` it would otherwise turn
+    specialized (Dynamo's ``specialize_float``): with dynamic shapes it would otherwise turn
     the model's float constants (norm eps, LoRA scaling, dropout p) into run-time values that
     no kernel can take as constants, and every fusion but a few would be lost.
 
@@ -79,6 +81,7 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     refused = regions.why_not(opts, model)
     marked = regions.mark(model, dynamic=bool(dynamic), gpu_only=gpu_only) \
         if refused is None else 0
+    layers = regions.decoder_layers(model) if marked else []
     if not opts.reuse_layers:  # off (or "auto" on the Python launch route): nothing to say
         note = None
     elif refused is None:
@@ -87,9 +90,14 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     else:
         note = f"decoder layers compiled one by one: {refused}"
     before_each_call, table_note = host_embeddings.plan(model, opts.offload_embeddings, opts.mode)
-    model.compile(backend="fastlora", options=options or None, dynamic=dynamic)
+    # dynamic=True is applied per call (_traced_with_settings): every size symbolic, as
+    # torch.compile(dynamic=True) makes them, except for checkpointed layers compiled once
+    model.compile(backend="fastlora", options=options or None,
+                  dynamic=None if dynamic is True else dynamic)
     call = _traced_with_settings(
         model._compiled_call_impl, specialize_float=bool(dynamic),
+        dynamic=(lambda: "batch" if regions.shares_checkpointed(layers, gpu_only) else "all")
+        if dynamic is True else None,
         notes=(lambda: None if gpu_only and not regions.on_gpu(model) else
                (regions.why(model, bool(dynamic)) if marked else None) or note, table_note),
         before_each_call=before_each_call)
@@ -98,13 +106,17 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
 
 
 def _traced_with_settings(compiled, specialize_float: bool, notes=(),
-                          before_each_call=lambda: None):
+                          before_each_call=lambda: None, dynamic=None):
     """``compiled`` called with fastlora's Dynamo settings for this model, applied the way
     ``torch.compile``'s own ``dynamic=`` is: configuration patches around each call of this
     compiled function only (Dynamo reads them while tracing; a call that traces nothing pays a
     few microseconds).
 
     - ``specialize_float`` (with dynamic shapes): float constants stay constants.
+    - ``dynamic()`` (``compile_for_trainer``'s ``dynamic=True``, asked at each call): ``"all"``,
+      every size symbolic, which is what ``torch.compile(dynamic=True)`` patches in; ``"batch"``,
+      only the first two dimensions (batch, sequence) of every tensor argument
+      (``mark_batch_dims``): what lets checkpointed decoder layers share one compiled body.
     - under DDP, Dynamo's split at gradient buckets is left to the backend, after fusion
       (``distributed.fuse_before_ddp_split``).
     - ``notes``: what each report says about the decoder layers (compiled once or why not) and
@@ -117,12 +129,33 @@ def _traced_with_settings(compiled, specialize_float: bool, notes=(),
     def call(*args, **kwargs):
         before_each_call()
         with contextlib.ExitStack() as stack:
+            if dynamic is not None and dynamic() == "batch":
+                mark_batch_dims(*args, *kwargs.values())
+            elif dynamic is not None:
+                stack.enter_context(torch._dynamo.config.patch(assume_static_by_default=False))
             if specialize_float:
                 stack.enter_context(torch._dynamo.config.patch(specialize_float=True))
             stack.enter_context(distributed.fuse_before_ddp_split())
             stack.enter_context(regions.noting(*notes))  # read only while Dynamo traces
             return compiled(*args, **kwargs)
     return call
+
+
+def mark_batch_dims(*values) -> None:
+    """Dimensions 0 and 1 of each tensor in ``values`` (batch and sequence: ``input_ids``,
+    ``attention_mask``, ``labels``, ``position_ids``, ``inputs_embeds``) become symbolic at
+    Dynamo's first trace, the weak form (``maybe_mark_dynamic``): a dimension the model's code
+    specializes (a size 1, a branch on it) stays static without an error. Every other size
+    (hidden, heads, vocabulary) stays static. With every size symbolic, as
+    ``torch.compile(dynamic=True)`` makes them, torch 2.13's Dynamo failed to reuse a
+    checkpointed decoder layer's body (KeyError in stamp_out_subgraph); with these marks the
+    checkpointed layers share one. Frames Dynamo resumes after a graph break (TRL's chunked
+    loss head) get intermediate tensors, not marked: static at their first compile, dynamic
+    after one recompile. So this is used only where layers are shared under checkpointing."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            for dim in range(min(2, value.dim())):
+                torch._dynamo.maybe_mark_dynamic(value, dim)
 
 
 def compile_count() -> int:
