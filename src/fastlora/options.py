@@ -63,8 +63,8 @@ class Options:
       in depth; every fusion is kept. ``"auto"`` (default): on where inductor launches the
       kernels (``FASTLORA_LAUNCH=inductor``, the default: first step 104.5 s against 176.9 s
       on the H200) for calls on a GPU, off on the Python launch route, which it did not speed
-      up (65.0 s against 67.9 s), and for calls on the CPU (docs/options.md). ``True`` marks the layers on either route; ``False`` inlines every
-      layer. ``torch.compile(model, backend="fastlora")`` alone marks no layers.
+      up (65.0 s against 67.9 s), and for calls on the CPU (docs/options.md). ``True`` marks
+      the layers on either route; ``False`` inlines every layer. ``torch.compile(model, backend="fastlora")`` alone marks no layers.
     - ``remove_padding``: in ``compile_for_trainer``, a padded batch (``attention_mask`` with
       zeros) is packed into one padding-free row before the compiled model runs, so no pad
       token goes through the norms, projections, MLP or loss; logits come back padded

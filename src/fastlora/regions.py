@@ -57,17 +57,25 @@ def _layer_forward(layer, dynamic: bool, gpu_only: bool, *args, **kwargs):
     or, with ``gpu_only`` (``reuse_layers="auto"``), not on a GPU: there the layer runs as it
     would unmarked. Dynamo traces this choice (and guards on it). Decided at each call: a
     Trainer turns checkpointing on, and moves the model to its GPU, after it was compiled."""
-    if (dynamic and not CHECKPOINTED_SHARED and _checkpointed(layer)) or \
-            (gpu_only and not on_gpu(layer)):
+    if _unmarked_now(layer, dynamic, gpu_only):
         return _call_layer(layer, *args, **kwargs)
     return _LAYER_CALL(layer, *args, **kwargs)
+
+
+def _checkpoint_refused(layer, dynamic: bool) -> bool:
+    return dynamic and not CHECKPOINTED_SHARED and _checkpointed(layer)
+
+
+def _unmarked_now(layer, dynamic: bool, gpu_only: bool) -> bool:
+    """Whether marked ``layer`` runs as it would unmarked in this call (``_layer_forward``)."""
+    return _checkpoint_refused(layer, dynamic) or (gpu_only and not on_gpu(layer))
 
 
 # Checkpointed layers with dynamic shapes share one body on torch 2.13, where compile_for_trainer
 # makes only the batch and sequence sizes symbolic (trainer.mark_batch_dims; with every size
 # symbolic, Dynamo failed to reuse the body: KeyError in stamp_out_subgraph). Not checked on
 # older torch: there they are compiled one by one.
-CHECKPOINTED_SHARED = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+CHECKPOINTED_SHARED = torch.__version__ >= (2, 13)
 CHECKPOINT_DYNAMIC = ("decoder layers compiled one by one: gradient checkpointing with dynamic "
                       f"shapes on torch {torch.__version__.split('+')[0]} (checked on 2.13 only, "
                       "where one checkpointed body serves every layer)")
@@ -77,14 +85,14 @@ def shares_checkpointed(layers: list[torch.nn.Module], gpu_only: bool) -> bool:
     """Whether the marked ``layers`` run checkpointed as regions in a call now
     (``_layer_forward``'s choice): then compile_for_trainer makes only the batch and sequence
     sizes symbolic (trainer.mark_batch_dims)."""
-    return CHECKPOINTED_SHARED and any(_checkpointed(m) for m in layers) and \
-        not (gpu_only and not any(on_gpu(m) for m in layers))
+    return CHECKPOINTED_SHARED and any(_checkpointed(m) and not _unmarked_now(m, True, gpu_only)
+                                       for m in layers)
 
 
 def why(model: torch.nn.Module, dynamic: bool) -> str | None:
     """Why ``model``'s marked layers run unmarked in a call now (``_layer_forward``), else None."""
     layers = [m for m in model.modules() if getattr(m, _MARK, False)]
-    if dynamic and not CHECKPOINTED_SHARED and any(_checkpointed(m) for m in layers):
+    if any(_checkpoint_refused(m, dynamic) for m in layers):
         return CHECKPOINT_DYNAMIC
     return None
 
