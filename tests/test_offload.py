@@ -232,22 +232,55 @@ def test_a_lower_memory_budget_saves_less_for_backward(no_cache):
 
 def test_compile_for_trainer_offloads_with_dynamic_shapes(no_cache):
     """compile_for_trainer's default dynamic=True: sizes are symbolic, the offload is the same
-    and the report stays plain data."""
+    and the report stays plain data. With reuse_layers=True too (the default on a GPU) the
+    offload wins: inside a shared layer body a layer's input cannot be offloaded, so the
+    checkpointed layers are compiled one by one and the report says why."""
+    import copy
+
+    from fastlora import regions
     from helpers import run_step
 
     fastlora.clear_reports()
     torch.manual_seed(0)
     model = with_lora(tiny_llama(layers=3))
     inputs = checkpointed(model, _inputs())
-    import copy
-    compiled = fastlora.compile_for_trainer(copy.deepcopy(model), compiler="inductor")
+    compiled = fastlora.compile_for_trainer(copy.deepcopy(model), compiler="inductor",
+                                            reuse_layers=True)
     loss_e, grads_e = run_step(model, inputs)
     loss_c, grads_c = run_step(compiled, inputs)
     assert torch.allclose(loss_c, loss_e, rtol=1e-5)
     assert all(torch.allclose(grads_c[k], grads_e[k], rtol=1e-4, atol=1e-6) for k in grads_e)
     offloaded = _offloaded()
     assert len(offloaded) == 1 and offloaded[0]["shape"][-1] == 40, offloaded
+    reports = fastlora.reports(compiled)
+    assert all(m.get("calls", 1) == 1 for r in reports for m in r.matches)  # no shared body
+    assert regions.OFFLOADED in " ".join(n for r in reports for n in r.notes)
     json.dumps([r.to_dict() for r in fastlora.reports()])
+
+
+@pytest.mark.parametrize("options,on_gpu,offloaded", [
+    ({}, True, True),                                  # the defaults: inductor on a GPU
+    ({}, False, False),                                # the CPU's aot_eager: no offload
+    ({"compiler": "inductor"}, False, True),
+    ({"compiler": "aot_eager"}, True, False),
+    ({"offload_activations": False}, True, False),
+    ({"offload_activations": True}, False, True),      # forces inductor
+    ({"offload_activations": 16}, True, False),        # a size: large tensors, not layer inputs
+    ({"mode": "reduce-overhead"}, True, False),        # CUDA graphs: "auto" stays off
+    ({"memory_budget": 0.5}, False, True),             # forces inductor
+])
+def test_whether_layer_inputs_are_offloaded_is_known_before_tracing(options, on_gpu, offloaded):
+    """offload.offloads_layer_inputs, which compile_for_trainer asks before Dynamo traces (a
+    checkpointed layer whose input is offloaded is not compiled once), agrees with what the
+    backend decides for a checkpointed graph (offload_mode on the resolved options)."""
+    from fastlora.options import backend_options
+
+    opts = fastlora.Options.parse(options)
+    assert offload.offloads_layer_inputs(opts, on_gpu) == offloaded
+    example = [torch.empty(0, device="meta" if on_gpu else "cpu")]  # meta: "not the CPU"
+    resolved = backend_options(options, {"rms_norm"}, example)
+    assert (offload_mode(resolved, _graph_with_checkpoint(), resolved.mode) == "layers") \
+        == offloaded
 
 
 @pytest.mark.gpu

@@ -37,6 +37,7 @@ Needs the inductor compiler (the passes are inductor's).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import fx
@@ -110,6 +111,14 @@ def offload_mode(opts, gm: fx.GraphModule, mode: str | None = None):
     checkpointed layers' inputs), a size in MiB, or ``None`` (off); see the module docstring.
     "auto" is off under CUDA graphs (``mode="reduce-overhead"``): a graph with host tensors is
     not captured."""
+    wanted = _wanted(opts, mode)
+    if wanted == "layers":
+        return "layers" if has_checkpoint_regions(gm) else None
+    return wanted
+
+
+def _wanted(opts, mode: str | None):
+    """``offload_mode`` for a graph with checkpointed regions (``opts.compiler`` resolved)."""
     value = opts.offload_activations
     if value in (False, None):
         return None
@@ -118,7 +127,21 @@ def offload_mode(opts, gm: fx.GraphModule, mode: str | None = None):
     if value == "auto" and not (OFFLOAD_WHEN_CHECKPOINTING and opts.compiler == "inductor"
                                 and mode != "reduce-overhead"):
         return None
-    return "layers" if has_checkpoint_regions(gm) else None
+    return "layers"
+
+
+def offloads_layer_inputs(opts, on_gpu: bool) -> bool:
+    """Whether a checkpointed graph compiled under the backend options ``opts`` offloads its
+    layers' inputs (``offload_mode``'s ``"layers"``), for a graph on a GPU or on the CPU
+    (``compiler="auto"`` resolved as the backend will). Known before Dynamo traces:
+    compile_for_trainer runs such layers unmarked, since a layer compiled once keeps its input
+    inside a shared body, where it cannot be offloaded (regions.Rules)."""
+    from .options import auto_compiler
+
+    if opts.compiler == "auto":
+        opts = dataclasses.replace(
+            opts, compiler="inductor" if on_gpu else auto_compiler(opts, (), opts.mode))
+    return _wanted(opts, opts.mode) == "layers"
 
 
 def _hint(n) -> int:

@@ -64,7 +64,8 @@ class Options:
       kernels (``FASTLORA_LAUNCH=inductor``, the default: first step 104.5 s against 176.9 s
       on the H200) for calls on a GPU, off on the Python launch route, which it did not speed
       up (65.0 s against 67.9 s), and for calls on the CPU (docs/options.md). ``True`` marks
-      the layers on either route; ``False`` inlines every layer. ``torch.compile(model, backend="fastlora")`` alone marks no layers.
+      the layers on either route; ``False`` inlines every layer. Checkpointed layers whose
+      inputs are offloaded (``offload_activations``) run unmarked either way. ``torch.compile(model, backend="fastlora")`` alone marks no layers.
     - ``remove_padding``: in ``compile_for_trainer``, a padded batch (``attention_mask`` with
       zeros) is packed into one padding-free row before the compiled model runs, so no pad
       token goes through the norms, projections, MLP or loss; logits come back padded

@@ -27,12 +27,32 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+from typing import NamedTuple
 
 import torch
 
 from .kernels import _launch
 
 _MARK = "_fastlora_region"  # set on a layer this module marked
+_RULES = "_fastlora_region_rules"  # its Rules
+
+
+class Rules(NamedTuple):
+    """What decides at each call whether a marked layer runs as a region (``_layer_forward``).
+
+    - ``dynamic``: the model is compiled with dynamic shapes (checkpointed layers are shared
+      then only on torch 2.13, ``CHECKPOINTED_SHARED``);
+    - ``gpu_only``: ``reuse_layers="auto"``: regions only while the layer is on a GPU;
+    - ``offload_on_gpu`` / ``offload_on_cpu``: whether a checkpointed layer's input is
+      offloaded to host memory (``offload_activations``, offload.py) in a graph on a GPU / on
+      the CPU. The offload needs each layer in the graph: inside a shared body a layer's input
+      is an item of the body's call, which PyTorch's partitioner does not offload, so a
+      checkpointed layer whose input is offloaded runs unmarked (``OFFLOADED``).
+    """
+    dynamic: bool = False
+    gpu_only: bool = False
+    offload_on_gpu: bool = False
+    offload_on_cpu: bool = False
 
 
 def _call_layer(layer, *args, **kwargs):
@@ -52,23 +72,31 @@ def on_gpu(module: torch.nn.Module) -> bool:
     return any(p.is_cuda for p in module.parameters())
 
 
-def _layer_forward(layer, dynamic: bool, gpu_only: bool, *args, **kwargs):
-    """A marked layer's ``forward``: the region, except where it is not proven safe (``why``)
-    or, with ``gpu_only`` (``reuse_layers="auto"``), not on a GPU: there the layer runs as it
-    would unmarked. Dynamo traces this choice (and guards on it). Decided at each call: a
-    Trainer turns checkpointing on, and moves the model to its GPU, after it was compiled."""
-    if _unmarked_now(layer, dynamic, gpu_only):
+def _layer_forward(layer, rules: Rules, *args, **kwargs):
+    """A marked layer's ``forward``: the region, except where it is not proven safe or would
+    cost the offload of its input (``why``) or, with ``rules.gpu_only`` (``reuse_layers=
+    "auto"``), not on a GPU: there the layer runs as it would unmarked. Dynamo traces this
+    choice (and guards on it). Decided at each call: a Trainer turns checkpointing on, and moves
+    the model to its GPU, after it was compiled."""
+    if _unmarked_now(layer, rules):
         return _call_layer(layer, *args, **kwargs)
     return _LAYER_CALL(layer, *args, **kwargs)
 
 
-def _checkpoint_refused(layer, dynamic: bool) -> bool:
-    return dynamic and not CHECKPOINTED_SHARED and _checkpointed(layer)
+def _checkpoint_refused(layer, rules: Rules) -> str | None:
+    """Why checkpointed ``layer`` runs unmarked in this call, else None."""
+    if not _checkpointed(layer):
+        return None
+    if rules.dynamic and not CHECKPOINTED_SHARED:
+        return CHECKPOINT_DYNAMIC
+    if rules.offload_on_gpu if on_gpu(layer) else rules.offload_on_cpu:
+        return OFFLOADED
+    return None
 
 
-def _unmarked_now(layer, dynamic: bool, gpu_only: bool) -> bool:
+def _unmarked_now(layer, rules: Rules) -> bool:
     """Whether marked ``layer`` runs as it would unmarked in this call (``_layer_forward``)."""
-    return _checkpoint_refused(layer, dynamic) or (gpu_only and not on_gpu(layer))
+    return (rules.gpu_only and not on_gpu(layer)) or _checkpoint_refused(layer, rules) is not None
 
 
 # Checkpointed layers with dynamic shapes share one body on torch 2.13, where compile_for_trainer
@@ -79,21 +107,25 @@ CHECKPOINTED_SHARED = torch.__version__ >= (2, 13)
 CHECKPOINT_DYNAMIC = ("decoder layers compiled one by one: gradient checkpointing with dynamic "
                       f"shapes on torch {torch.__version__.split('+')[0]} (checked on 2.13 only, "
                       "where one checkpointed body serves every layer)")
+OFFLOADED = ("decoder layers compiled one by one: their inputs are offloaded to host memory "
+             "under gradient checkpointing (offload_activations), which needs each layer in the "
+             "graph; offload_activations=False compiles them once")
 
 
-def shares_checkpointed(layers: list[torch.nn.Module], gpu_only: bool) -> bool:
+def shares_checkpointed(layers: list[torch.nn.Module]) -> bool:
     """Whether the marked ``layers`` run checkpointed as regions in a call now
     (``_layer_forward``'s choice): then compile_for_trainer makes only the batch and sequence
     sizes symbolic (trainer.mark_batch_dims)."""
-    return CHECKPOINTED_SHARED and any(_checkpointed(m) and not _unmarked_now(m, True, gpu_only)
-                                       for m in layers)
+    return CHECKPOINTED_SHARED and any(
+        _checkpointed(m) and not _unmarked_now(m, getattr(m, _RULES)) for m in layers)
 
 
-def why(model: torch.nn.Module, dynamic: bool) -> str | None:
+def why(model: torch.nn.Module) -> str | None:
     """Why ``model``'s marked layers run unmarked in a call now (``_layer_forward``), else None."""
-    layers = [m for m in model.modules() if getattr(m, _MARK, False)]
-    if any(_checkpoint_refused(m, dynamic) for m in layers):
-        return CHECKPOINT_DYNAMIC
+    for m in model.modules():
+        reason = _checkpoint_refused(m, getattr(m, _RULES)) if getattr(m, _MARK, False) else None
+        if reason:
+            return reason
     return None
 
 
@@ -119,7 +151,7 @@ def resolve(value) -> bool:
     launches the fused ops' kernels (``FASTLORA_LAUNCH=inductor``, the default route), whose
     compile it shortens (Llama-3.2-1B's first step 104.5 s against 176.9 s on the H200); off on
     the Python launch route, where it saved nothing (65.0 s against 67.9 s). Marked layers
-    with ``"auto"`` run as regions only while on a GPU (``mark``'s ``gpu_only``): on the CPU
+    with ``"auto"`` run as regions only while on a GPU (``Rules.gpu_only``): on the CPU
     every op stays opaque and regions saved nothing either (docs/options.md)."""
     if value != "auto":
         return bool(value)
@@ -149,17 +181,17 @@ def why_not(options, model: torch.nn.Module | None = None) -> str | None:
     return None
 
 
-def mark(model: torch.nn.Module, dynamic: bool = False, gpu_only: bool = False) -> int:
+def mark(model: torch.nn.Module, rules: Rules = Rules()) -> int:
     """Make each decoder layer's call a nested compile region; returns how many were marked.
-    ``dynamic``: whether the model is compiled with dynamic shapes (``why``); ``gpu_only``:
-    a layer not on a GPU at a call runs unmarked (``_layer_forward``)."""
+    ``rules``: when a marked layer runs unmarked instead (``Rules``, ``_layer_forward``)."""
     layers = decoder_layers(model)
     for layer in layers:
         if "forward" in vars(layer) and not getattr(layer, _MARK, False):
             raise RuntimeError(f"{type(layer).__name__} has a forward of its own on the instance "
                                "(set by another library); pass reuse_layers=False")
-        layer.forward = functools.partial(_layer_forward, layer, dynamic, gpu_only)
+        layer.forward = functools.partial(_layer_forward, layer, rules)
         setattr(layer, _MARK, True)
+        setattr(layer, _RULES, rules)
     return len(layers)
 
 
@@ -169,6 +201,7 @@ def unmark(model: torch.nn.Module) -> None:
         if getattr(layer, _MARK, False):
             del layer.forward
             delattr(layer, _MARK)
+            delattr(layer, _RULES)
 
 
 # What the report of a graph traced inside a compile_for_trainer call says about the layers and

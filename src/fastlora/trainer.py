@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from . import distributed, host_embeddings, regions, unpad
+from . import distributed, host_embeddings, offload, regions, unpad
 from .options import Options
 from .pattern import registered_patterns
 
@@ -55,7 +55,9 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     ``gradient_checkpointing=True`` does with those kwargs), the checkpointed layers' inputs go
     to pinned host memory between forward and backward on a GPU (``offload_activations``,
     "auto" by default: the backend sees the checkpointed regions in the graph it is given;
-    ``offload_activations=False`` turns it off; docs/options.md).
+    ``offload_activations=False`` turns it off; docs/options.md). Those layers then run
+    unmarked whatever ``reuse_layers`` says: inside a shared layer body an input cannot be
+    offloaded (``regions.Rules``).
 
     Wrapped in ``DistributedDataParallel`` afterwards (as a Trainer launched by ``torchrun`` or
     ``accelerate launch`` does), the model's graphs are fused whole and then split at DDP's
@@ -79,8 +81,10 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     gpu_only = opts.reuse_layers == "auto"  # "auto": regions only while the model is on a GPU
     opts = dataclasses.replace(opts, reuse_layers=regions.resolve(opts.reuse_layers))
     refused = regions.why_not(opts, model)
-    marked = regions.mark(model, dynamic=bool(dynamic), gpu_only=gpu_only) \
-        if refused is None else 0
+    rules = regions.Rules(dynamic=bool(dynamic), gpu_only=gpu_only,
+                          offload_on_gpu=offload.offloads_layer_inputs(opts, on_gpu=True),
+                          offload_on_cpu=offload.offloads_layer_inputs(opts, on_gpu=False))
+    marked = regions.mark(model, rules) if refused is None else 0
     layers = regions.decoder_layers(model) if marked else []
     if not opts.reuse_layers:  # off (or "auto" on the Python launch route): nothing to say
         note = None
@@ -96,10 +100,10 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
                   dynamic=None if dynamic is True else dynamic)
     call = _traced_with_settings(
         model._compiled_call_impl, specialize_float=bool(dynamic),
-        dynamic=(lambda: "batch" if regions.shares_checkpointed(layers, gpu_only) else "all")
+        dynamic=(lambda: "batch" if regions.shares_checkpointed(layers) else "all")
         if dynamic is True else None,
         notes=(lambda: None if gpu_only and not regions.on_gpu(model) else
-               (regions.why(model, bool(dynamic)) if marked else None) or note, table_note),
+               (regions.why(model) if marked else None) or note, table_note),
         before_each_call=before_each_call)
     model._compiled_call_impl = unpad.wrap(call, model) if opts.remove_padding else call
     return model
