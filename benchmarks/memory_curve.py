@@ -14,7 +14,10 @@ variant ``fastlora``; each point runs train_step.py's worker in its own process 
 - ``budget-<B>``: gradient checkpointing off, ``memory_budget=B``: a fraction (``budget-0.3``)
   or a size per graph (``budget-24GiB``); the partitioner chooses what to save and recompute;
 - ``no-gc``: gradient checkpointing off, ``memory_budget=1.0`` (PyTorch's default, given so
-  that the report records the plan): the partitioner's fastest plan.
+  that the report records the plan): the partitioner's fastest plan;
+- ``gc-budget-<size>``: gradient checkpointing on (inputs offloaded) with ``memory_budget=size``
+  (``gc-budget-30GiB``): the room the checkpointed plan leaves in the size keeps the last
+  layers that fit, not recomputed (memory_budget.py).
 
 Per point: tok/s, step ms (median of --steps), GPU ms (profiler, kernel time), peak GiB
 (``max_memory_allocated`` over the timed steps) and, for a budget, what the partitioner saved
@@ -48,12 +51,14 @@ def point_settings(point: str) -> tuple[bool, dict]:
         return True, {"offload_activations": False}
     if point == "no-gc":  # PyTorch's default fraction, given so the report records the plan
         return False, {"memory_budget": 1.0}
-    if point.startswith("budget-"):
-        budget = ts.budget_option(point[len("budget-"):])
-        import fastlora
-        fastlora.Options.parse({"memory_budget": budget})  # a bad one fails here, not per point
-        return False, {"memory_budget": budget}
-    raise SystemExit(f"unknown point {point!r}: gc-offload, gc, no-gc or budget-<fraction|size>")
+    for prefix, gc in (("budget-", False), ("gc-budget-", True)):
+        if point.startswith(prefix):
+            budget = ts.budget_option(point[len(prefix):])
+            import fastlora
+            fastlora.Options.parse({"memory_budget": budget})  # a bad one fails here
+            return gc, {"memory_budget": budget}
+    raise SystemExit(f"unknown point {point!r}: gc-offload, gc, no-gc, budget-<fraction|size> "
+                     "or gc-budget-<size>")
 
 
 def run_point(args, point: str) -> dict:
@@ -71,6 +76,10 @@ def run_point(args, point: str) -> dict:
     if graphs:
         row["saved_gib"] = sum(g["saved_bytes"] for g in graphs) / 2**30
         row["fractions"] = [round(g["fraction"], 3) for g in graphs]
+        kept = [g for g in graphs if g.get("checkpointed_layers")]
+        if kept:  # gc-budget points: layers kept of the checkpointed ones
+            row["kept_layers"] = "+".join(f"{g['kept_layers']}/{g['checkpointed_layers']}"
+                                          for g in kept)
     return row
 
 
@@ -80,6 +89,7 @@ def table(rows: list[dict]) -> str:
         ("GPU ms", 9, "gpu_ms", ".1f"), ("peak GiB", 10, "peak_gib", ".2f"),
         ("saved GiB", 11, "saved_gib", ".3f"),
         ("fraction", 10, lambda r: ",".join(map(str, r.get("fractions", []))) or None, ""),
+        ("layers kept", 12, "kept_layers", ""),
         ("warm-up s", 11, "warmup_s", ".1f")], missing="n/a")
 
 

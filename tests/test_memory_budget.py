@@ -8,7 +8,7 @@ from torch import fx
 
 import fastlora
 from fastlora import memory_budget
-from helpers import compare_compiled, tiny_llama, token_batch, with_lora
+from helpers import checkpointed, compare_compiled, tiny_llama, token_batch, with_lora
 
 
 @pytest.mark.parametrize("text,nbytes", [
@@ -153,3 +153,66 @@ def test_a_size_is_exact_reported_and_a_smaller_one_saves_less():
     none, [entry] = _step("0MiB")
     assert entry["fraction"] == 0.0 and entry["saved_bytes"] == 0
     assert none <= small, (none, small)
+
+
+# --- under gradient checkpointing: room in the size buys back layers
+
+class _Node:
+    def __init__(self, region, nbytes):
+        self.meta = {"recompute": "PREFER_RECOMPUTE", "ac_graph_id": region}
+        self.nbytes = nbytes
+
+
+def test_spare_room_keeps_the_last_layers_that_fit():
+    """_keep_layers on stand-in layers: the fastest plan saves 10 bytes plus every untagged
+    node's; the largest k of the last layers that fits is kept, their tags stay lifted, the
+    others' are put back."""
+    layers = [[_Node(r, 4), _Node(r, 6)] for r in range(5)]  # 10 bytes a layer
+    nodes = [n for layer in layers for n in layer]
+
+    def fastest():
+        return ["base"] + [n for n in nodes if "recompute" not in n.meta]
+
+    def activations(saved):
+        return 10 + sum(n.nbytes for n in saved if n != "base")
+
+    entry = {"saved_bytes": 10, "tries": 1}
+    saved = memory_budget._keep_layers(layers, fastest, activations, 37, ["base"], entry)
+    assert entry["kept_layers"] == 2 and entry["checkpointed_layers"] == 5
+    assert entry["saved_bytes"] == 30 and entry["recomputed_bytes"] == 10
+    assert saved == ["base"] + layers[3] + layers[4]
+    assert all("recompute" not in n.meta for layer in layers[3:] for n in layer)
+    assert all(n.meta["recompute"] == "PREFER_RECOMPUTE" for layer in layers[:3] for n in layer)
+    assert entry["tries"] <= 1 + 3  # bisection over 5: at most 3 calls
+
+    for layer in layers[3:]:  # put back, then a size with no room for a layer
+        for n in layer:
+            n.meta["recompute"] = "PREFER_RECOMPUTE"
+    entry = {"saved_bytes": 10, "tries": 1}
+    assert memory_budget._keep_layers(layers, fastest, activations, 19, ["base"], entry) \
+        == ["base"]
+    assert entry["kept_layers"] == 0 and entry["saved_bytes"] == 10
+    assert all(n.meta["recompute"] == "PREFER_RECOMPUTE" for n in nodes)
+
+
+def test_checkpointed_llama_with_room_keeps_its_layers_and_stays_exact():
+    """A checkpointed tiny Llama compiled with a size larger than any plan: every checkpointed
+    layer is kept (saved, not recomputed), the forward saves what the report says (more than
+    with every layer recomputed), and loss and every LoRA gradient are eager's."""
+    fastlora.clear_reports()
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=3))
+    inputs = checkpointed(model, token_batch(batch=2, seq=16))
+    recorder = _SavedBytes()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=recorder,
+                                      fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        loss_err, grad_errs, _ = compare_compiled(
+            model, inputs, {"compiler": "inductor", "memory_budget": "1GiB"})
+    assert loss_err < 1e-5 and max(grad_errs.values()) < 1e-4, grad_errs
+    [entry] = [e for r in fastlora.reports() for e in r.memory_budget if "kept_layers" in e]
+    assert entry["kept_layers"] == entry["checkpointed_layers"] == 3, entry
+    assert entry["saved_bytes"] > entry["recomputed_bytes"], entry
+    # the compiled forward saves that plan (its outputs beyond its inputs), not the recomputing one
+    assert max(recorder.saved) >= entry["saved_bytes"], (recorder.saved, entry)
+    assert "3 of 3 checkpointed layers kept, not recomputed" in str(fastlora.reports())

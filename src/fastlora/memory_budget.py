@@ -25,9 +25,19 @@ largest set that fits. Full recompute (fraction 0) always fits. The saved sets a
 so the result is at most the size asked, not equal to it; each try costs a few min-cut solves
 of the joint graph (compile time, never step time).
 
+Under gradient checkpointing the checkpointed layers are recomputed whatever the fraction (their
+nodes carry ``recompute`` tags the partitioner obeys), so a size that the fastest plan leaves
+room in would buy nothing: there the spare memory buys back layers. fastlora lifts the tags of
+the last k checkpointed layers (by ``ac_graph_id``, forward order) and asks for the fastest
+plan, searching k by bisection for the largest that fits (``_keep_layers``): those k layers are
+then saved as without checkpointing, the others recomputed. The last layers go first: their
+activations are the first the backward consumes, so they are held the shortest. Saving a value
+instead of recomputing it gives the same value: losses and gradients do not change.
+
 Each partitioned graph's outcome goes to its report (``report.memory_budget``: the size asked,
 the fraction used, the bytes saved, the fastest plan's bytes, the partitioner calls and their
-seconds) and to the ``fastlora`` logger.
+seconds, and under checkpointing the layers kept of the checkpointed ones) and to the
+``fastlora`` logger.
 A size also turns AOTAutograd's cache off for the graph: its key does not see the wrapper.
 """
 from __future__ import annotations
@@ -68,9 +78,15 @@ def describe(entry: dict) -> str:
     saved = f"saves {_gib(entry['saved_bytes'])} of activations for backward"
     if entry["budget_bytes"] is None:
         return f"memory_budget {entry['fraction']:g}: {saved}"
+    calls = f"{entry['tries']} partitioner call(s), {entry.get('seconds', 0):.1f} s"
+    if entry.get("checkpointed_layers"):
+        return (f"memory_budget {_gib(entry['budget_bytes'])}: {saved}, "
+                f"{entry['kept_layers']} of {entry['checkpointed_layers']} checkpointed layers "
+                f"kept, not recomputed (with all recomputed it saves "
+                f"{_gib(entry['recomputed_bytes'])}; {calls})")
     return (f"memory_budget {_gib(entry['budget_bytes'])}: {saved} at fraction "
             f"{entry['fraction']:.3g} (the fastest plan saves {_gib(entry['fastest_bytes'])}; "
-            f"{entry['tries']} partitioner call(s), {entry.get('seconds', 0):.1f} s)")
+            f"{calls})")
 
 
 def partition_with(budget, report) -> contextlib.AbstractContextManager:
@@ -102,6 +118,10 @@ def partition_with(budget, report) -> contextlib.AbstractContextManager:
         else:
             saved, entry = _fit(lambda f: original(joint_graph, node_info, f), activations,
                                 node_info.inputs, partitioners._size_of, size)
+            layers = checkpointed_layers(joint_graph, partitioners.must_recompute)
+            if layers and entry["fraction"] == 1.0:  # the fastest plan fits: room to spare
+                saved = _keep_layers(layers, lambda: original(joint_graph, node_info, 1.0),
+                                     activations, size, saved, entry)
         entry["seconds"] = round(time.perf_counter() - start, 3)
         if report is not None:
             report.memory_budget.append(entry)
@@ -154,3 +174,54 @@ def _fit(saved_at, activations, inputs, size_of, size: int):
         fraction = (low + high) / 2
     entry.update(fraction=best[0], saved_bytes=best[2])
     return best[1], entry
+
+
+def checkpointed_layers(graph, must_recompute) -> list[list]:
+    """The nodes the partitioner must recompute, one list per checkpointed region
+    (``ac_graph_id``), in forward order."""
+    regions: dict[int, list] = {}
+    for node in graph.nodes:
+        if must_recompute(node) and "ac_graph_id" in node.meta:
+            regions.setdefault(node.meta["ac_graph_id"], []).append(node)
+    return [regions[k] for k in sorted(regions)]
+
+
+def _lift(layers: list[list]) -> dict:
+    """Remove the recompute tags of ``layers``' nodes (the partitioner then treats them as nodes
+    outside any checkpointed region); returns them for ``_restore``."""
+    return {node: node.meta.pop("recompute") for nodes in layers for node in nodes}
+
+
+def _restore(tags: dict) -> None:
+    for node, tag in tags.items():
+        node.meta["recompute"] = tag
+
+
+def _keep_layers(layers: list[list], fastest, activations, size: int, saved, entry: dict):
+    """Under checkpointing, with the fastest plan fitting ``size``: the largest k such that the
+    fastest plan with the last k of ``layers`` not recomputed still fits (bisection; saving more
+    layers never saves fewer bytes). Leaves the chosen layers' tags lifted (the rest of the
+    partition, the rng functionalization included, must see the same plan) and returns that
+    plan's saved set (``saved`` when no layer fits). Records ``kept_layers``,
+    ``checkpointed_layers`` and ``recomputed_bytes`` (the plan with every layer recomputed) on
+    ``entry``."""
+    best, low, high = 0, 1, len(layers)
+    entry["recomputed_bytes"] = entry["saved_bytes"]
+    while low <= high:
+        k = (low + high) // 2
+        tags = _lift(layers[-k:])
+        try:
+            trial = fastest()
+        finally:
+            _restore(tags)
+        entry["tries"] += 1
+        nbytes = activations(trial)
+        if nbytes <= size:
+            best, saved, low = k, trial, k + 1
+            entry["saved_bytes"] = nbytes
+        else:
+            high = k - 1
+    if best:
+        _lift(layers[-best:])  # for the rest of this partition
+    entry.update(kept_layers=best, checkpointed_layers=len(layers))
+    return saved

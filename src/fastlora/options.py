@@ -55,8 +55,10 @@ class Options:
       (PyTorch's default), 0 only what cannot be recomputed, values between trade recompute
       for memory. Or a size, ``"14GiB"`` (GiB, MiB, GB, MB, any case): the bytes of
       activations each compiled graph may keep saved, turned into that graph's fraction by
-      the partitioner. ``None`` (default): PyTorch's setting. Forces inductor (the budget is
-      a setting of its partitioner). The report says what each graph saves.
+      the partitioner; under gradient checkpointing, room the checkpointed plan leaves in a
+      size keeps the last checkpointed layers that fit (not recomputed). ``None`` (default):
+      PyTorch's setting. Forces inductor (the budget is a setting of its partitioner). The
+      report says what each graph saves.
     - ``reuse_layers``: in ``compile_for_trainer`` (and ``fastlora train``), compile identical
       decoder layers once and reuse the compiled layer (each layer's call a
       ``torch.compiler.nested_compile_region``, regions.py), meant to keep compile time flat
