@@ -48,11 +48,15 @@ class Rules(NamedTuple):
       the CPU. The offload needs each layer in the graph: inside a shared body a layer's input
       is an item of the body's call, which PyTorch's partitioner does not offload, so a
       checkpointed layer whose input is offloaded runs unmarked (``OFFLOADED``).
+    - ``budget``: ``memory_budget`` is a size, which under checkpointing keeps the last layers
+      that fit (memory_budget.py): it counts the layers of one graph, so checkpointed layers
+      run unmarked (``BUDGETED``; in a shared body one layer's room would keep every layer).
     """
     dynamic: bool = False
     gpu_only: bool = False
     offload_on_gpu: bool = False
     offload_on_cpu: bool = False
+    budget: bool = False
 
 
 def _call_layer(layer, *args, **kwargs):
@@ -91,6 +95,8 @@ def _checkpoint_refused(layer, rules: Rules) -> str | None:
         return CHECKPOINT_DYNAMIC
     if rules.offload_on_gpu if on_gpu(layer) else rules.offload_on_cpu:
         return OFFLOADED
+    if rules.budget:
+        return BUDGETED
     return None
 
 
@@ -110,6 +116,8 @@ CHECKPOINT_DYNAMIC = ("decoder layers compiled one by one: gradient checkpointin
 OFFLOADED = ("decoder layers compiled one by one: their inputs are offloaded to host memory "
              "under gradient checkpointing (offload_activations), which needs each layer in the "
              "graph; offload_activations=False compiles them once")
+BUDGETED = ("decoder layers compiled one by one: memory_budget chooses which checkpointed "
+            "layers to keep, which needs each layer in the graph")
 
 
 def shares_checkpointed(layers: list[torch.nn.Module]) -> bool:

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from . import distributed, host_embeddings, offload, regions, unpad
+from . import distributed, host_embeddings, memory_budget, offload, regions, unpad
 from .options import Options
 from .pattern import registered_patterns
 
@@ -83,7 +83,8 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     refused = regions.why_not(opts, model)
     rules = regions.Rules(dynamic=bool(dynamic), gpu_only=gpu_only,
                           offload_on_gpu=offload.offloads_layer_inputs(opts, on_gpu=True),
-                          offload_on_cpu=offload.offloads_layer_inputs(opts, on_gpu=False))
+                          offload_on_cpu=offload.offloads_layer_inputs(opts, on_gpu=False),
+                          budget=memory_budget.size_in_bytes(opts.memory_budget) is not None)
     marked = regions.mark(model, rules) if refused is None else 0
     layers = regions.decoder_layers(model) if marked else []
     if not opts.reuse_layers:  # off (or "auto" on the Python launch route): nothing to say
