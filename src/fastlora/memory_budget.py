@@ -199,8 +199,9 @@ def _restore(tags: dict) -> None:
 
 def _keep_layers(layers: list[list], fastest, activations, size: int, saved, entry: dict):
     """Under checkpointing, with the fastest plan fitting ``size``: the largest k such that the
-    fastest plan with the last k of ``layers`` not recomputed still fits (bisection; saving more
-    layers never saves fewer bytes). Leaves the chosen layers' tags lifted (the rest of the
+    fastest plan with the last k of ``layers`` not recomputed still fits (bisection, which
+    assumes that keeping more layers never saves fewer bytes; a plan is taken only if it
+    fits, so the result fits either way). Leaves the chosen layers' tags lifted (the rest of the
     partition, the rng functionalization included, must see the same plan) and returns that
     plan's saved set (``saved`` when no layer fits). Records ``kept_layers``,
     ``checkpointed_layers`` and ``recomputed_bytes`` (the plan with every layer recomputed) on
