@@ -258,6 +258,33 @@ def test_compile_for_trainer_offloads_with_dynamic_shapes(no_cache):
     json.dumps([r.to_dict() for r in fastlora.reports()])
 
 
+@pytest.mark.gpu
+def test_cuda_compile_for_trainer_defaults_offload_checkpointed_layer_inputs(no_cache):
+    """compile_for_trainer with its defaults on a GPU (reuse_layers="auto" marks the layers on
+    the inductor route): with gradient checkpointing the layers run unmarked so that their
+    inputs are offloaded, the note says why, and loss and every LoRA gradient are eager's."""
+    import copy
+
+    from fastlora import regions
+    from helpers import rel_err, run_step
+
+    torch.manual_seed(0)
+    fastlora.clear_reports()
+    model = with_lora(tiny_llama(layers=4)).cuda()
+    inputs = checkpointed(model, token_batch(batch=2, seq=64, device="cuda"))
+    compiled = fastlora.compile_for_trainer(copy.deepcopy(model))
+    loss_e, grads_e = run_step(model, inputs)
+    loss_c, grads_c = run_step(compiled, inputs)
+    assert rel_err(loss_c, loss_e) < 1e-5
+    assert max(rel_err(grads_c[k], g) for k, g in grads_e.items()) < 1e-4
+    reports = fastlora.reports(compiled)
+    assert len([o for r in reports for o in r.offloaded]) == 2, [str(r) for r in reports]
+    assert all(m.get("calls", 1) == 1 for r in reports for m in r.matches)
+    # before torch 2.13 checkpointed layers with dynamic shapes run unmarked anyway
+    why = regions.OFFLOADED if regions.CHECKPOINTED_SHARED else regions.CHECKPOINT_DYNAMIC
+    assert why in " ".join(n for r in reports for n in r.notes)
+
+
 @pytest.mark.parametrize("options,on_gpu,offloaded", [
     ({}, True, True),                                  # the defaults: inductor on a GPU
     ({}, False, False),                                # the CPU's aot_eager: no offload
