@@ -272,16 +272,19 @@ def test_layer_bodies_traced_once_whatever_the_depth():
     ({"compiler": "inductor"}, regions.OFFLOADED),               # the offload, on by default
     ({"offload_activations": False, "memory_budget": "1GiB"}, regions.BUDGETED),
     ({"offload_activations": False, "compiler": "inductor"}, None),  # compiled once
+    ({"offload_activations": 16}, regions.OFFLOADED_SIZED),     # checkpointed or not
 ])
 def test_checkpointed_layers_run_unmarked_where_the_whole_graph_is_needed(options, reason):
     """Decided before any trace: a checkpointed layer whose input is offloaded, or whose
     recompute a memory_budget size may lift, runs unmarked (and the note says why); without
-    either it runs as the shared region. Checkpointing off: always the region."""
+    either it runs as the shared region. Checkpointing off: the region, except with an offload
+    by size, whose activations a shared body would keep."""
     model = with_lora(tiny_llama(layers=2))
     fastlora.compile_for_trainer(model, reuse_layers=True, dynamic=False, **options)
     layer = regions.decoder_layers(model)[0]
     rules = getattr(layer, regions._RULES)
-    assert not regions._unmarked_now(layer, rules)  # not checkpointed yet
+    sized = reason == regions.OFFLOADED_SIZED
+    assert regions._unmarked_now(layer, rules) == sized  # not checkpointed yet
     checkpointed(model, token_batch())
     assert regions._unmarked_now(layer, rules) == (reason is not None)
     assert regions.why(model) == reason

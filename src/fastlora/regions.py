@@ -51,12 +51,16 @@ class Rules(NamedTuple):
     - ``budget``: ``memory_budget`` is a size, which under checkpointing keeps the last layers
       that fit (memory_budget.py): it counts the layers of one graph, so checkpointed layers
       run unmarked (``BUDGETED``; in a shared body one layer's room would keep every layer).
+    - ``offload_sized``: ``offload_activations`` is a size (every saved activation of at least
+      that many MiB): what a shared body saves is an item of its call, never offloaded, so
+      every layer runs unmarked, checkpointed or not (``OFFLOADED_SIZED``).
     """
     dynamic: bool = False
     gpu_only: bool = False
     offload_on_gpu: bool = False
     offload_on_cpu: bool = False
     budget: bool = False
+    offload_sized: bool = False
 
 
 def _call_layer(layer, *args, **kwargs):
@@ -87,8 +91,11 @@ def _layer_forward(layer, rules: Rules, *args, **kwargs):
     return _LAYER_CALL(layer, *args, **kwargs)
 
 
-def _checkpoint_refused(layer, rules: Rules) -> str | None:
-    """Why checkpointed ``layer`` runs unmarked in this call, else None."""
+def _refused(layer, rules: Rules) -> str | None:
+    """Why ``layer`` runs unmarked in this call (checkpointed, or an offload by size), else
+    None."""
+    if rules.offload_sized:
+        return OFFLOADED_SIZED
     if not _checkpointed(layer):
         return None
     if rules.dynamic and not CHECKPOINTED_SHARED:
@@ -102,7 +109,7 @@ def _checkpoint_refused(layer, rules: Rules) -> str | None:
 
 def _unmarked_now(layer, rules: Rules) -> bool:
     """Whether marked ``layer`` runs as it would unmarked in this call (``_layer_forward``)."""
-    return (rules.gpu_only and not on_gpu(layer)) or _checkpoint_refused(layer, rules) is not None
+    return (rules.gpu_only and not on_gpu(layer)) or _refused(layer, rules) is not None
 
 
 # Checkpointed layers with dynamic shapes share one body on torch 2.13, where compile_for_trainer
@@ -116,6 +123,9 @@ CHECKPOINT_DYNAMIC = ("decoder layers compiled one by one: gradient checkpointin
 OFFLOADED = ("decoder layers compiled one by one: their inputs are offloaded to host memory "
              "under gradient checkpointing (offload_activations), which needs each layer in the "
              "graph; offload_activations=False compiles them once")
+OFFLOADED_SIZED = ("decoder layers compiled one by one: offload_activations is a size, and "
+                   "what a layer compiled once saves stays inside its shared body, where it "
+                   "cannot be offloaded")
 BUDGETED = ("decoder layers compiled one by one: memory_budget chooses which checkpointed "
             "layers to keep, which needs each layer in the graph")
 
@@ -131,7 +141,7 @@ def shares_checkpointed(layers: list[torch.nn.Module]) -> bool:
 def why(model: torch.nn.Module) -> str | None:
     """Why ``model``'s marked layers run unmarked in a call now (``_layer_forward``), else None."""
     for m in model.modules():
-        reason = _checkpoint_refused(m, getattr(m, _RULES)) if getattr(m, _MARK, False) else None
+        reason = _refused(m, getattr(m, _RULES)) if getattr(m, _MARK, False) else None
         if reason:
             return reason
     return None
