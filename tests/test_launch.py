@@ -183,13 +183,18 @@ def test_an_argument_with_gaps_keeps_the_op_opaque(monkeypatch):
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: records.append(record.getMessage())
     logger = logging.getLogger("fastlora")
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    # setLevel, not the attribute: the logger caches isEnabledFor per level, and an earlier
+    # test's log.info at the default level left INFO cached as off (the test failed after
+    # test_compile_cache.py in one process)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
         x = torch.randn(4, 5)
         y = torch.compile(lambda t: first_two_columns(t) * 2, backend=backend)(x)
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     assert torch.equal(y, x[:, :2] * 2)
     assert "fastlora_test.first_two_columns.default" in {str(n.target)
                                                         for n in graphs[0].graph.nodes}
