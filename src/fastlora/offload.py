@@ -130,6 +130,11 @@ def _wanted(opts, mode: str | None):
     return "layers"
 
 
+def offloads_by_size(opts) -> bool:
+    """Whether ``offload_activations`` is a size (every saved activation of at least N MiB)."""
+    return isinstance(_wanted(opts, opts.mode), float)
+
+
 def offloads_layer_inputs(opts, on_gpu: bool) -> bool:
     """Whether a checkpointed graph compiled under the backend options ``opts`` offloads its
     layers' inputs (``offload_mode``'s ``"layers"``), for a graph on a GPU or on the CPU
