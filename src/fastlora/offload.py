@@ -144,8 +144,8 @@ def offloads_layer_inputs(opts, on_gpu: bool) -> bool:
     from .options import auto_compiler
 
     if opts.compiler == "auto":
-        opts = dataclasses.replace(
-            opts, compiler="inductor" if on_gpu else auto_compiler(opts, (), opts.mode))
+        opts = dataclasses.replace(opts, compiler=auto_compiler(opts, mode=opts.mode,
+                                                                on_gpu=on_gpu))
     return _wanted(opts, opts.mode) == "layers"
 
 

@@ -188,17 +188,21 @@ def _needs_inductor(name: str, value) -> bool:
     return value is not None
 
 
-def auto_compiler(opts: Options, example_inputs=(), mode: str | None = None) -> str:
+def auto_compiler(opts: Options, example_inputs=(), mode: str | None = None,
+                  on_gpu: bool | None = None) -> str:
     """``compiler="auto"``: inductor where it pays or is needed (a tensor of the graph on a GPU,
     an inductor ``mode``, ``offload_activations`` asked for explicitly, ``memory_budget``);
     otherwise aot_eager. On the CPU the fused
     ops run their PyTorch reference kernels either way, and inductor's C++ build costs more
-    than it saves on the rest (docs/options.md, "On the CPU")."""
+    than it saves on the rest (docs/options.md, "On the CPU"). ``on_gpu``: whether the graph
+    is on a GPU, for a caller that asks before there is a graph (else read off
+    ``example_inputs``)."""
     if opts.mode or mode or _needs_inductor("offload_activations", opts.offload_activations) \
             or _needs_inductor("memory_budget", opts.memory_budget):
         return "inductor"
-    on_gpu = any(getattr(getattr(t, "device", None), "type", "cpu") != "cpu"
-                 for t in example_inputs)
+    if on_gpu is None:
+        on_gpu = any(getattr(getattr(t, "device", None), "type", "cpu") != "cpu"
+                     for t in example_inputs)
     return "inductor" if on_gpu else "aot_eager"
 
 

@@ -211,8 +211,8 @@ def why_not(options, model: torch.nn.Module | None = None) -> str | None:
     return None
 
 
-def mark(model: torch.nn.Module, rules: Rules = Rules()) -> int:
-    """Make each decoder layer's call a nested compile region; returns how many were marked.
+def mark(model: torch.nn.Module, rules: Rules = Rules()) -> list[torch.nn.Module]:
+    """Make each decoder layer's call a nested compile region; returns the layers marked.
     ``rules``: when a marked layer runs unmarked instead (``Rules``, ``_layer_forward``)."""
     layers = decoder_layers(model)
     for layer in layers:
@@ -222,7 +222,7 @@ def mark(model: torch.nn.Module, rules: Rules = Rules()) -> int:
         layer.forward = functools.partial(_layer_forward, layer, rules)
         setattr(layer, _MARK, True)
         setattr(layer, _RULES, rules)
-    return len(layers)
+    return layers
 
 
 def unmark(model: torch.nn.Module) -> None:

@@ -86,8 +86,8 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
                           offload_on_cpu=offload.offloads_layer_inputs(opts, on_gpu=False),
                           budget=memory_budget.size_in_bytes(opts.memory_budget) is not None,
                           offload_sized=offload.offloads_by_size(opts))
-    marked = regions.mark(model, rules) if refused is None else 0
-    layers = regions.decoder_layers(model) if marked else []
+    layers = regions.mark(model, rules) if refused is None else []
+    marked = len(layers)
     if not opts.reuse_layers:  # off (or "auto" on the Python launch route): nothing to say
         note = None
     elif refused is None:
