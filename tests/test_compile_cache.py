@@ -125,6 +125,7 @@ def test_compiles_are_keyed_by_fastlora_code(monkeypatch):
     import torch.compiler.config as cconfig
 
     monkeypatch.setattr(compile_cache, "code_key", lambda: "v1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # conftest interprets (settings_key)
     with cconfig.patch(cache_key_tag="mine"):
         with compile_cache.keyed_by_fastlora():
             assert cconfig.cache_key_tag == "mine+fastlora-v1"
@@ -132,6 +133,25 @@ def test_compiles_are_keyed_by_fastlora_code(monkeypatch):
     monkeypatch.undo()
     key = compile_cache.code_key()
     assert len(key) == 16 and key == compile_cache.code_key()
+
+
+def test_tuning_overrides_are_in_the_key(monkeypatch):
+    """A launcher reads the tuning overrides when AOTAutograd traces it into kernel launches:
+    a graph compiled under an override is keyed apart from one compiled without."""
+    import torch.compiler.config as cconfig
+
+    from fastlora.kernels import tuning
+
+    monkeypatch.setattr(compile_cache, "code_key", lambda: "v1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tags = []
+    for cfg in ({}, {"tile": (2, 8)}, {"tile": (4, 8)}, {}):
+        with tuning.override("rms_norm", **cfg), compile_cache.keyed_by_fastlora():
+            tags.append(cconfig.cache_key_tag)
+    assert tags[0] == tags[3] == "fastlora-v1"
+    assert len(set(tags)) == 3 and all(t.startswith("fastlora-v1-") for t in tags[1:3])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert compile_cache.settings_key() not in ("", tags[1][len("fastlora-v1"):])
 
 
 def test_rewritten_graphs_are_cacheable(monkeypatch):
@@ -157,3 +177,6 @@ def test_rewritten_graphs_are_cacheable(monkeypatch):
     assert seen and sum(fastlora.reports(model).counts().values()) > 3
     for gm in seen:
         check_cacheable(gm)
+    # the graphs call the fused ops as packets (torch.ops.fastlora.rms_norm): seen as fused, so
+    # inductor gets the settings for their kernels (backend.INDUCTOR_PATCHES and Triton typing)
+    assert all(backend.has_fused_ops(gm) for gm in seen)

@@ -169,7 +169,6 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
             nop = warmup.warming(debugging.boxed_nop, report)
             return debugging.aot_eager(gm, example_inputs, fw_compiler=nop, bw_compiler=nop)
         return lookup_backend("aot_eager")(gm, example_inputs)
-    import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     from .kernels._launch import INDUCTOR_PATCHES
@@ -197,13 +196,11 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
         from .memory_budget import partition_with
 
         partitioner.enter_context(partition_with(memory_budget, report))
-    # AOTAutograd's cache keys a graph before our ops are traced into their kernel launches: a
-    # change to a launcher (block sizes, grids) would not reach its key. Inductor's own cache,
-    # keyed on the traced graph (kernel sources and launch arguments), stays on.
-    aot_cache = functorch_config.patch(enable_autograd_cache=False) \
-        if fused and INDUCTOR_PATCHES else contextlib.nullcontext()
+    # AOTAutograd's cache keys a graph before our ops are traced into their kernel launches:
+    # what the launchers decide (block sizes, grids) reaches its key through keyed_by_fastlora
+    # (fastlora's sources, the launch route, tuning overrides; the GPU is in PyTorch's own key).
     inner = warmup.warming(compile_fx_inner, report) if warm else compile_fx_inner
-    with partitioner, aot_cache, compile_cache.keyed_by_fastlora():
+    with partitioner, compile_cache.keyed_by_fastlora():
         return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches or None)
 
 
@@ -264,7 +261,15 @@ def _calls(gm: fx.GraphModule, targets) -> bool:
 def has_fused_ops(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` calls a fastlora op: on CUDA, AOTAutograd traces those into launches of
     their Triton kernels that inductor's code makes (FASTLORA_LAUNCH, kernels/_launch.py)."""
-    return _calls(gm, lambda t: isinstance(t, torch._ops.OpOverload) and t.namespace == "fastlora")
+    return _calls(gm, is_fused_op)
+
+
+def is_fused_op(target) -> bool:
+    """Whether ``target`` is a fastlora op, as an overload (``torch.ops.fastlora.rope.default``)
+    or as the packet the rewritten graphs call (``torch.ops.fastlora.rope``)."""
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.startswith("fastlora::")
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "fastlora"
 
 
 def has_shared_bodies(gm: fx.GraphModule) -> bool:

@@ -16,7 +16,9 @@ on a CPU) compiles nothing that a cache could keep.
 Every compile of a rewritten graph is keyed by fastlora's own code as well
 (:func:`keyed_by_fastlora`): PyTorch keys a graph by its nodes, and a node of fastlora is an op
 name, whose autograd formula and fake (what AOTAutograd's cached backward was traced from)
-would otherwise be taken as unchanged after an upgrade of fastlora.
+would otherwise be taken as unchanged after an upgrade of fastlora. On a GPU AOTAutograd traces
+the ops into launches of their kernels, so the key also holds what the launchers read besides
+the code: the launch route and the tuning overrides (the GPU's name is in PyTorch's own key).
 
     from fastlora import compile_cache
     compile_cache.use()          # before the first compiled call
@@ -98,17 +100,28 @@ def save(path: str | os.PathLike | None = None) -> pathlib.Path | None:
 @contextlib.contextmanager
 def keyed_by_fastlora():
     """Within it, PyTorch's compile caches (AOTAutograd's, inductor's) key every graph also by
-    :func:`code_key`: ``torch.compiler.config.cache_key_tag``, a tag PyTorch adds to every
-    cache key, gets it appended to whatever the user set."""
+    :func:`code_key` and :func:`settings_key`: ``torch.compiler.config.cache_key_tag``, a tag
+    PyTorch adds to every cache key, gets them appended to whatever the user set."""
     import torch.compiler.config as cconfig
 
     if not hasattr(cconfig, "cache_key_tag"):  # pragma: no cover - torch before 2.6
         yield
         return
-    tag = cconfig.cache_key_tag
-    with cconfig.patch(cache_key_tag=f"{tag}+fastlora-{code_key()}" if tag else
-                       f"fastlora-{code_key()}"):
+    tag, ours = cconfig.cache_key_tag, f"fastlora-{code_key()}{settings_key()}"
+    with cconfig.patch(cache_key_tag=f"{tag}+{ours}" if tag else ours):
         yield
+
+
+def settings_key() -> str:
+    """What the launchers read at trace time besides fastlora's code: the tuning overrides in
+    force (block sizes, the LoRA dot precision) and whether Triton interprets. "" when neither
+    is set, else ``-`` and a short hash (read at each compile: overrides come and go)."""
+    from .kernels import tuning
+
+    settings = tuning.overrides(), os.environ.get("TRITON_INTERPRET", "")
+    if settings == ({}, ""):
+        return ""
+    return "-" + hashlib.sha256(repr(settings).encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=None)

@@ -70,6 +70,11 @@ def entries() -> dict[str, dict]:
     return {op: dict(d) for op, d in sorted(_DEFAULTS.items())}
 
 
+def overrides() -> dict[str, dict]:
+    """The overrides in force: ``{op: {key: value}}`` (a copy; the compile caches key by it)."""
+    return {op: dict(cfg) for op, cfg in sorted(_OVERRIDES.items()) if cfg}
+
+
 def set(op: str, **cfg) -> None:  # noqa: A001  (tuning.set reads as what it does)
     """Override keys of ``op`` until :func:`reset` (later calls add to earlier ones)."""
     _check(op, cfg)
