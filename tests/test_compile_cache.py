@@ -85,15 +85,18 @@ compile_cache.use(sys.argv[1])
 if sys.argv[2] == "changed":
     compile_cache.code_key = lambda: "another-version"
 torch.manual_seed(0)
-model = with_lora(tiny_llama(layers=1, hidden=32, heads=2, kv_heads=1, inter=64, vocab=64), r=4)
+model = with_lora(tiny_llama(layers=3, hidden=32, heads=2, kv_heads=1, inter=64, vocab=64), r=4)
+model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model.train()
-fastlora.compile_for_trainer(model, compiler="inductor")
+fastlora.compile_for_trainer(model, compiler="inductor")  # offloads checkpointed layer inputs
 ids = torch.randint(0, 64, (2, 24))
-loss = model(input_ids=ids, labels=ids).loss
+loss = model(input_ids=ids, labels=ids, use_cache=False).loss
 loss.backward()
 grads = [p.grad.double().sum().item() for n, p in model.named_parameters() if "lora_B" in n]
-assert fastlora.reports(model).counts().get("lora_qkv", 0) == 1, fastlora.reports(model).counts()
-print(repr((loss.item(), grads, dict(counters["aot_autograd"]))))
+reports = fastlora.reports(model)
+assert reports.counts().get("lora_qkv", 0) == 3, reports.counts()
+offloaded = [o for r in reports for o in r.offloaded]
+print(repr((loss.item(), grads, dict(counters["aot_autograd"]), offloaded)))
 """
 
 
@@ -109,14 +112,46 @@ def _run_model(folder, tmp_path, code="same"):
 
 
 def test_a_rewritten_model_is_served_from_aot_autograds_cache(tmp_path):
-    """The second run of a fused model skips AOTAutograd's trace of forward and backward (its
-    cache: a hit, with the same loss and gradients)."""
+    """The second run of a fused, checkpointed model skips AOTAutograd's trace of forward and
+    backward (its cache: a hit for every graph, the one that offloads its layer inputs too,
+    with the same loss and gradients), and its report still lists what was offloaded."""
     folder = tmp_path / "cache"
-    loss, grads, aot = _run_model(folder, tmp_path)
+    loss, grads, aot, offloaded = _run_model(folder, tmp_path)
     assert aot.get("autograd_cache_miss") and not aot.get("autograd_cache_bypass"), aot
-    loss2, grads2, aot2 = _run_model(folder, tmp_path)
-    assert aot2.get("autograd_cache_hit") and not aot2.get("autograd_cache_miss"), aot2
+    assert offloaded, "the checkpointed layers' inputs were not offloaded"
+    loss2, grads2, aot2, offloaded2 = _run_model(folder, tmp_path)
+    assert aot2.get("autograd_cache_hit") and not aot2.get("autograd_cache_miss") \
+        and not aot2.get("autograd_cache_bypass"), aot2
     assert (loss2, grads2) == (loss, grads)
+    assert offloaded2 == offloaded  # from the record kept beside the cache (offload.account)
+
+
+def test_an_offload_served_without_its_record_says_so(tmp_path, monkeypatch):
+    """offload.account: the pass ran (a compile): its record is kept; it did not (the code came
+    from a cache): the record is read back, or, when there is none, the report says so."""
+    import torch
+    from torch import fx
+
+    from fastlora import offload
+    from fastlora.report import Report
+
+    monkeypatch.setattr("torch._inductor.runtime.cache_dir_utils.cache_dir",
+                        lambda: str(tmp_path))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["example_value"] = torch.empty(2, 3)
+    graph.output(graph.call_function(torch.relu, (x,)))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    compiled = offload.OverlapCopies(Report(0, {}))
+    compiled.ran = True
+    compiled.report.offloaded.append({"tensor": "add", "dtype": "float32", "shape": [2, 3]})
+    offload.account(compiled, gm, "layers")
+    served = offload.OverlapCopies(Report(1, {}))
+    offload.account(served, gm, "layers")
+    assert served.report.offloaded == compiled.report.offloaded and not served.report.notes
+    other = offload.OverlapCopies(Report(2, {}))  # another mode: another record, none kept
+    offload.account(other, gm, 16.0)
+    assert other.report.offloaded == [] and other.report.notes == [offload.CACHED_NOTE]
 
 
 def test_compiles_are_keyed_by_fastlora_code(monkeypatch):

@@ -201,7 +201,13 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
     # (fastlora's sources, the launch route, tuning overrides; the GPU is in PyTorch's own key).
     inner = warmup.warming(compile_fx_inner, report) if warm else compile_fx_inner
     with partitioner, compile_cache.keyed_by_fastlora():
-        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches or None)
+        compiled = compile_fx(gm, example_inputs, inner_compile=inner,
+                              config_patches=patches or None)
+    if offload is not None:  # what moved, also when the code came from a compile cache
+        from .offload import account
+
+        account(offload_patches["post_grad_custom_pre_pass"], gm, offload)
+    return compiled
 
 
 # Inductor (torch 2.10+) launches a user Triton kernel's Python-float arguments as float64 where

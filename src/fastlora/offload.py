@@ -168,9 +168,10 @@ class OverlapCopies(CustomGraphPass):
     report."""
 
     def __init__(self, report):
-        self.report = report
+        self.report, self.ran = report, False
 
     def __call__(self, graph: fx.Graph) -> None:
+        self.ran = True  # False after the compile: its code came from a compile cache
         offloads = _copies(graph, "cpu_offload_")
         reloads = [n for n in _copies(graph, "gpu_reload_") if n.args[0].op == "placeholder"]
         if offloads:
@@ -224,8 +225,64 @@ class OverlapCopies(CustomGraphPass):
             waits.append(wait)
             anchor = wait
 
-    def uuid(self):  # None: a graph that records onto a report is never served from the cache
+    def uuid(self) -> str:  # what it records on the report is kept beside the cache (below)
+        return "fastlora-overlap-copies-1"
+
+
+# A graph served from PyTorch's compile caches skips the passes above, so the report of a rerun
+# would not say what moved. What OverlapCopies recorded is kept as a small JSON file beside
+# inductor's cache, keyed by what keys the compile (the graph's code, its inputs' sizes,
+# fastlora's code and settings, the offload mode), and read back when the pass did not run.
+def _record_file(gm: fx.GraphModule, mode):
+    """Where the record of this compile lives (None when PyTorch's caches are off). The inputs
+    are keyed by their placeholders' example values, symbolic sizes as symbols: a dynamic graph
+    served from the cache at another first length has the same record."""
+    import hashlib
+    import pathlib
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from . import compile_cache
+
+    if torch.compiler.config.force_disable_caches:
         return None
+    digest = hashlib.sha256(f"{torch.__version__} {mode!r} {compile_cache.code_key()}"
+                            f"{compile_cache.settings_key()}".encode())
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            digest.update(module.code.encode())
+    for node in gm.graph.find_nodes(op="placeholder"):
+        x = node.meta.get("example_value", node.meta.get("val"))
+        digest.update((f"{x.dtype} {x.device.type} {tuple(x.shape)} {x.stride()}"
+                       if isinstance(x, torch.Tensor) else repr(x)).encode())
+    return pathlib.Path(cache_dir()) / "fastlora_offload" / f"{digest.hexdigest()[:32]}.json"
+
+
+CACHED_NOTE = ("offload: this graph's code came from PyTorch's compile cache without fastlora's "
+               "record of what it offloads (a bundle copied alone?); the offload runs as "
+               "compiled, the list above is empty")
+
+
+def account(overlap: OverlapCopies, gm: fx.GraphModule, mode) -> None:
+    """After a compile with the offload: keep what the pass recorded, or, when the compiled code
+    came from a cache (the pass did not run), put the kept record on the report."""
+    import json
+
+    path = _record_file(gm, mode)
+    report = overlap.report
+    if overlap.ran:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{id(report)}.tmp")
+            tmp.write_text(json.dumps(report.offloaded))
+            tmp.replace(path)
+        return
+    if path is not None and path.is_file():
+        report.offloaded.extend(json.loads(path.read_text()))
+        log.info("fastlora: graph %d: served from the compile cache; %d saved activations "
+                 "offloaded to host memory", report.index, len(report.offloaded))
+    else:
+        report.notes.append(CACHED_NOTE)
 
 
 def offload_config(mode, report) -> tuple[dict, contextlib.AbstractContextManager]:
