@@ -171,9 +171,11 @@ class OverlapCopies(CustomGraphPass):
         self.report, self.ran = report, False
 
     def __call__(self, graph: fx.Graph) -> None:
-        self.ran = True  # False after the compile: its code came from a compile cache
         offloads = _copies(graph, "cpu_offload_")
         reloads = [n for n in _copies(graph, "gpu_reload_") if n.args[0].op == "placeholder"]
+        # the forward ran through here (a backward has reloads): False after the compile means
+        # its code came from a compile cache; with no copy at all, nothing was offloaded either way
+        self.ran = self.ran or bool(offloads) or not reloads
         if offloads:
             self._forward(graph, offloads)
         if reloads:
