@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import pathlib
 
@@ -122,6 +123,55 @@ def settings_key() -> str:
     if settings == ({}, ""):
         return ""
     return "-" + hashlib.sha256(repr(settings).encode()).hexdigest()[:12]
+
+
+class GraphRecord:
+    """A small JSON file beside inductor's cache: what fastlora learnt while compiling a graph
+    (for its report), read back when a later run is served that graph from the cache."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def write(self, value) -> None:
+        """Keep ``value``; a folder that cannot be written loses the record, not the compile
+        (a later hit then says the record is missing)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(value))
+            tmp.replace(self.path)
+        except OSError as e:
+            import logging
+
+            logging.getLogger("fastlora").info("fastlora: no record kept in %s (%s)",
+                                               self.path.parent, e)
+
+    def read(self):
+        """The value written, or None when there is none."""
+        return json.loads(self.path.read_text()) if self.path.is_file() else None
+
+
+def graph_record(gm, kind: str, *key) -> GraphRecord | None:
+    """The record ``kind`` of compiling ``gm`` (None when PyTorch's caches are off), keyed by
+    what keys the compile: the graph's code (nested graphs too), its placeholders' example
+    values (symbolic sizes as symbols: a dynamic graph served at another first length has the
+    same record), torch's version, fastlora's code and settings, and ``key``."""
+    import torch
+    from torch import fx
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    if torch.compiler.config.force_disable_caches:
+        return None
+    digest = hashlib.sha256(f"{torch.__version__} {key!r} {code_key()}{settings_key()}".encode())
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            digest.update(module.code.encode())
+    for node in gm.graph.find_nodes(op="placeholder"):
+        x = node.meta.get("example_value", node.meta.get("val"))
+        digest.update((f"{x.dtype} {x.device.type} {tuple(x.shape)} {x.stride()}"
+                       if isinstance(x, torch.Tensor) else repr(x)).encode())
+    folder = pathlib.Path(cache_dir()) / f"fastlora_{kind}"
+    return GraphRecord(folder / f"{digest.hexdigest()[:32]}.json")
 
 
 @functools.lru_cache(maxsize=None)

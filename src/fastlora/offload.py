@@ -232,34 +232,8 @@ class OverlapCopies(CustomGraphPass):
 
 
 # A graph served from PyTorch's compile caches skips the passes above, so the report of a rerun
-# would not say what moved. What OverlapCopies recorded is kept as a small JSON file beside
-# inductor's cache, keyed by what keys the compile (the graph's code, its inputs' sizes,
-# fastlora's code and settings, the offload mode), and read back when the pass did not run.
-def _record_file(gm: fx.GraphModule, mode):
-    """Where the record of this compile lives (None when PyTorch's caches are off). The inputs
-    are keyed by their placeholders' example values, symbolic sizes as symbols: a dynamic graph
-    served from the cache at another first length has the same record."""
-    import hashlib
-    import pathlib
-
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    from . import compile_cache
-
-    if torch.compiler.config.force_disable_caches:
-        return None
-    digest = hashlib.sha256(f"{torch.__version__} {mode!r} {compile_cache.code_key()}"
-                            f"{compile_cache.settings_key()}".encode())
-    for module in gm.modules():
-        if isinstance(module, fx.GraphModule):
-            digest.update(module.code.encode())
-    for node in gm.graph.find_nodes(op="placeholder"):
-        x = node.meta.get("example_value", node.meta.get("val"))
-        digest.update((f"{x.dtype} {x.device.type} {tuple(x.shape)} {x.stride()}"
-                       if isinstance(x, torch.Tensor) else repr(x)).encode())
-    return pathlib.Path(cache_dir()) / "fastlora_offload" / f"{digest.hexdigest()[:32]}.json"
-
-
+# would not say what moved. What OverlapCopies recorded is kept beside inductor's cache
+# (compile_cache.graph_record) and read back when the pass did not run.
 CACHED_NOTE = ("offload: this graph's code came from PyTorch's compile cache without fastlora's "
                "record of what it offloads (a bundle copied alone?); the offload runs as "
                "compiled, the list above is empty")
@@ -268,19 +242,17 @@ CACHED_NOTE = ("offload: this graph's code came from PyTorch's compile cache wit
 def account(overlap: OverlapCopies, gm: fx.GraphModule, mode) -> None:
     """After a compile with the offload: keep what the pass recorded, or, when the compiled code
     came from a cache (the pass did not run), put the kept record on the report."""
-    import json
+    from . import compile_cache
 
-    path = _record_file(gm, mode)
+    record = compile_cache.graph_record(gm, "offload", mode)
     report = overlap.report
     if overlap.ran:
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{id(report)}.tmp")
-            tmp.write_text(json.dumps(report.offloaded))
-            tmp.replace(path)
+        if record is not None:
+            record.write(report.offloaded)
         return
-    if path is not None and path.is_file():
-        report.offloaded.extend(json.loads(path.read_text()))
+    kept = record.read() if record is not None else None
+    if kept is not None:
+        report.offloaded.extend(kept)
         log.info("fastlora: graph %d: served from the compile cache; %d saved activations "
                  "offloaded to host memory", report.index, len(report.offloaded))
     else:
