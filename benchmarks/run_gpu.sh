@@ -41,7 +41,7 @@ group() {  # the GPU tests in three groups that each fit a 10-minute device call
     models) echo tests/test_gpu_spine.py tests/test_cli.py tests/test_trl.py tests/test_qlora.py tests/test_qlora_recipes.py \
               tests/test_linear_cross_entropy_pattern.py tests/test_options.py \
               tests/test_lora_moe_experts.py tests/test_launch_gpu.py tests/test_offload.py \
-              tests/test_offload_embeddings_gpu.py tests/test_warmup_gpu.py \
+              tests/test_offload_embeddings_gpu.py tests/test_offload_lm_head_gpu.py tests/test_warmup_gpu.py \
               tests/test_flash_attention_sinks.py ;;
   esac
 }

@@ -64,7 +64,8 @@ PEERS = ("liger", "unsloth")
 # "-nooffload": without; "-offload": every saved activation of 16 MiB or more instead;
 # "-offload-async" is "-offload" (fastlora's copies are on a side stream either way);
 # "-hostemb": the frozen input embeddings read from pinned host memory (offload_embeddings,
-# an option of compile_for_trainer, which compiles that variant).
+# an option of compile_for_trainer, which compiles that variant); "-host": the lm_head too
+# (offload_lm_head: in pinned host memory, copied to the GPU for the loss only).
 FASTLORA = {"fastlora": ({}, None),
             "fastlora-nooffload": ({"offload_activations": False}, None),
             "fastlora-cg": ({}, "reduce-overhead"),
@@ -73,7 +74,8 @@ FASTLORA = {"fastlora": ({}, None),
             "fastlora-nolora": ({"disable": ["lora_linear", "lora_mlp", "lora_qkv",
                                              "lora_mlp_block", "lora_linear_4bit"]}, None),
             "fastlora-noce": ({"disable": ["linear_cross_entropy"]}, None),
-            "fastlora-hostemb": ({"offload_embeddings": True}, None)}
+            "fastlora-hostemb": ({"offload_embeddings": True}, None),
+            "fastlora-host": ({"offload_embeddings": True, "offload_lm_head": True}, None)}
 
 
 def build_config(shape: str):
@@ -211,7 +213,7 @@ def worker(args) -> dict:
                    **(json.loads(args.fastlora_options) if args.fastlora_options else {})}
         if args.memory_budget is not None:
             options["memory_budget"] = budget_option(args.memory_budget)
-        if options.get("offload_embeddings") is True:  # moves a parameter: the model's own
+        if options.get("offload_embeddings") is True:  # moves parameters: the model's own
             step_model = fastlora.compile_for_trainer(model, dynamic=None, **options)
         else:
             step_model = torch.compile(model, backend="fastlora", options=options or None,

@@ -29,6 +29,15 @@ def causal_lm_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
     return F.cross_entropy(flat, labels, ignore_index=ignore_index, reduction=reduction), logits
 
 
+def causal_lm_loss_host_head(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             vocab: int, ignore_index: int, reduction):
+    """An lm_head kept in pinned host memory (``offload_lm_head``, host_lm_head.py): its product
+    is fastlora's ``linear_from_host``; the fused op reads the weight from host memory too."""
+    logits = torch.ops.fastlora.linear_from_host(h, weight)
+    flat = logits.float().view(-1, vocab)
+    return F.cross_entropy(flat, labels, ignore_index=ignore_index, reduction=reduction), logits
+
+
 def causal_lm_loss_biased(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                           labels: torch.Tensor, vocab: int, ignore_index: int, reduction):
     """Phi (phi-1.5, phi-2) and other lm_heads with a bias: the bias, frozen, joins the op."""
@@ -97,7 +106,9 @@ def check(m):
     h, w, labels = m.value("h"), m.value("weight"), m.value("labels")
     logits_node = m.outputs[1]
     logits = m.output_value(1)
-    linear = m.nodes_calling(F.linear)[0].meta["example_value"]
+    host_head = m.spelling == "causal_lm_loss_host_head"
+    product = torch.ops.fastlora.linear_from_host if host_head else F.linear
+    linear = m.nodes_calling(product)[0].meta["example_value"]
     flat = m.nodes_calling(F.cross_entropy)[0].args[0]
     if not m.top_level:
         raise Reject("the loss is inside the body of a higher-order op (e.g. a checkpointed "
@@ -117,7 +128,7 @@ def check(m):
     if labels.dim() != 1 or labels.is_floating_point():
         raise Reject(f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype} are not "
                      "one integer per token")
-    if len({h.device, w.device, labels.device}) != 1:
+    if h.device != labels.device or (w.device != h.device and not host_head):
         raise Reject("hidden states, lm_head weight and labels are on different devices")
     if "bias" in m.bindings:
         bias = m.value("bias")
@@ -175,7 +186,7 @@ def replacement(h, weight, labels, vocab, ignore_index, reduction, cap=0.0, bias
 
 register_pattern(Pattern(
     name="linear_cross_entropy",
-    spellings=[causal_lm_loss, causal_lm_loss_biased, causal_lm_loss_softcapped,
+    spellings=[causal_lm_loss, causal_lm_loss_host_head, causal_lm_loss_biased, causal_lm_loss_softcapped,
                causal_lm_loss_softcapped_fp32, causal_lm_loss_scaled, causal_lm_loss_divided],
     check=check,
     replacement=replacement,

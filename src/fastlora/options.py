@@ -85,6 +85,12 @@ class Options:
       (on, for a table on a GPU at the first call), never under CUDA graphs; ``True``: on;
       ``False``: off.
       ``torch.compile(model, backend="fastlora")`` alone moves nothing.
+    - ``offload_lm_head``: in ``compile_for_trainer``, a frozen, untied lm_head without bias
+      (a plain ``nn.Linear``) is kept in pinned host memory and copied to the GPU for the loss
+      only, on a side stream from the start of each call (host_lm_head.py): 0.98 GiB less
+      through the backward for Llama-3-8B. ``"auto"`` (default): as
+      ``host_lm_head.OFFLOAD_BY_DEFAULT`` says (off until measured on a GPU), never under CUDA
+      graphs; ``True``: on; ``False``: off. ``torch.compile`` alone moves nothing.
     """
 
     disable: tuple[str, ...] = ()
@@ -99,6 +105,7 @@ class Options:
     remove_padding: bool = False
     warm_kernels: bool | str = "auto"
     offload_embeddings: bool | str = "auto"
+    offload_lm_head: bool | str = "auto"
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -143,7 +150,7 @@ class Options:
             if _needs_inductor(name, value) and compiler not in ("auto", "inductor"):
                 raise OptionsError(f"options[{name!r}] needs compiler='inductor' (it is a "
                                    f"setting of inductor's partitioner), got {compiler!r}")
-        for name in ("reuse_layers", "warm_kernels", "offload_embeddings"):
+        for name in ("reuse_layers", "warm_kernels", "offload_embeddings", "offload_lm_head"):
             value = options.get(name, "auto")
             if not (isinstance(value, bool) or value == "auto"):
                 raise OptionsError(f"options[{name!r}] must be True, False or 'auto', got "

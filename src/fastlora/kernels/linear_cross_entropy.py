@@ -30,6 +30,8 @@ log-softmax saved for backward, then the float32 gradient and its cast (8192 tok
 vocab: 2 + 4 + 4 + 4 + 2 GiB). Here only one chunk of logits exists (chunk_rows x V in the
 logits dtype, by default about max(size of h, 256 MiB)), plus dh (the size of h), N float32 row
 losses, and, only when W is trainable, dW (V x H, accumulated in float32 across chunks).
+A frozen W may be in pinned host memory (``offload_lm_head``, host_lm_head.py): the op reads it
+only here, in the forward, through a GPU copy freed when the op returns (_host_weights.py).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from torch import Tensor
 from . import tuning
 from ._common import check_float, check_same_device, require, use_triton
 from ._cross_entropy_rows import ce_rows_reference, ce_rows_triton
+from ._host_weights import check_reachable, on_device
 
 # chunk_rows: rows per chunk (None: chunk_rows' rule below); ce_tile: (BLOCK_V, num_warps) of the
 # row kernel (None: _cross_entropy_rows.ce_config's rule). Tests and benchmarks/kernel_cases sweep chunk_rows.
@@ -87,9 +90,10 @@ def _validate(h: Tensor, weight: Tensor, labels: Tensor, reduction: str, softcap
               logit_scale: float = 1.0, bias: Tensor | None = None):
     check_float("h", h)
     check_float("weight", weight)
-    check_same_device(h=h, weight=weight, labels=labels)
+    check_same_device(h=h, labels=labels)
+    check_reachable("linear_cross_entropy", "weight", weight, h.device)
     if bias is not None:
-        check_same_device(weight=weight, bias=bias)
+        check_same_device(h=h, bias=bias)
         require(bias.shape == weight.shape[:1] and bias.dtype == weight.dtype,
                 f"fastlora.linear_cross_entropy: bias must be a {weight.dtype} vector of "
                 f"{weight.shape[0]}, got {bias.dtype} {tuple(bias.shape)}")
@@ -126,6 +130,10 @@ def linear_cross_entropy_forward(h, weight, labels, ignore_index=-100, reduction
     e.g. poisoned with NaN by tests.
     """
     _validate(h, weight, labels, reduction, softcap, logit_scale, bias)
+    require(not (compute_dw and weight.device != h.device),
+            "fastlora.linear_cross_entropy: a weight in host memory is frozen; compute_dw needs "
+            "it on h's device")
+    weight = on_device(weight, h.device)  # a frozen lm_head in pinned host memory: its GPU copy
     step = ce_rows_triton if impl == "triton" else ce_rows_reference
     H, V = h.shape[-1], weight.shape[0]
     h2 = h.reshape(-1, H).contiguous()

@@ -1,0 +1,154 @@
+"""A frozen lm_head kept in pinned host memory, on the GPU only for the loss (``offload_lm_head``).
+
+A LoRA fine-tune does not train the lm_head, yet its weight holds GPU memory through the whole
+step: 0.98 GiB for Llama-3-8B's 128256 x 4096 bfloat16 head. With the loss fused
+(patterns/linear_cross_entropy.py) the head is read once a step, in the forward: the fused op
+computes the hidden states' gradient there and never reads the head again. So the head can live
+in pinned host memory and come to the GPU for the loss alone. A checkpointed step peaks in the
+backward, where the head is then no longer on the GPU.
+
+How, without editing the model's code (as host_embeddings.py does for the input table):
+``compile_for_trainer`` gives the lm_head module *instance* a ``forward`` attribute that
+computes its product with ``torch.ops.fastlora.linear_from_host``; Dynamo traces that op, and
+the fused loss has a spelling for it (``causal_lm_loss_host_head``). Before each call of the
+compiled model, :func:`plan`'s hook moves the weight's data to pinned host memory if it is on a
+GPU (``host_embeddings.keep_on_host``: the same parameter object) and starts its copy to the GPU
+on a side stream (kernels/_host_weights.py), which the loss takes when it runs: the copy
+overlaps the decoder layers' forward, and the GPU copy is freed when the loss is computed. A
+product that is not fused (``return_logits=True``, evaluation, ``generate``) reads the head
+through ``linear_from_host`` too, copying it at each call (and again in its backward).
+
+Only where it is provably the same computation (:func:`why_not`): a plain ``nn.Linear`` without
+bias (a LoRA-wrapped head is trained), frozen, not tied to the input embeddings, in one process.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import host_embeddings
+from .kernels import _host_weights
+
+# "auto": off until measured on the GPU (the copy's cost beside the layers' forward, the peak
+# it saves): offload_lm_head=True turns it on.
+OFFLOAD_BY_DEFAULT = False
+
+_MARK = "_fastlora_host_head"
+
+
+def wanted(value, mode: str | None = None) -> bool:
+    """Whether ``offload_lm_head=value`` asks for it (``"auto"``: ``OFFLOAD_BY_DEFAULT``, and
+    never under CUDA graphs, which do not capture a host tensor input)."""
+    if value == "auto":
+        return OFFLOAD_BY_DEFAULT and mode != "reduce-overhead"
+    return bool(value)
+
+
+def lm_head(model: torch.nn.Module):
+    """``model.get_output_embeddings()``, or None where the model has none."""
+    try:
+        return model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def why_not(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s lm_head cannot be read from host memory, else None."""
+    head = lm_head(model)
+    if head is None:
+        return "the model has no lm_head (get_output_embeddings)"
+    if type(head) is not torch.nn.Linear:
+        return (f"the lm_head is a {type(head).__name__}, not a plain nn.Linear (a LoRA-wrapped "
+                "head is trained)")
+    if head.weight.requires_grad:
+        return "the lm_head is trained (requires_grad)"
+    if head.bias is not None:
+        return "the lm_head has a bias"
+    if sum(p is head.weight for _, p in model.named_parameters(remove_duplicate=False)) > 1:
+        return "the lm_head is tied to another weight (tie_word_embeddings)"
+    if host_embeddings._several_processes():
+        return host_embeddings.DISTRIBUTED
+    return None
+
+
+def _project(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A marked lm_head's ``forward``: its product, wherever its weight is."""
+    if head.weight.requires_grad:
+        raise RuntimeError("fastlora: the lm_head was frozen when compile_for_trainer moved it "
+                           "to linear_from_host and now requires grad; compile with "
+                           "offload_lm_head=False to train it")
+    if torch.is_autocast_enabled(x.device.type):
+        raise RuntimeError("fastlora: offload_lm_head does not run under autocast (its product "
+                           "would not be cast as nn.Linear's is); load the model in the "
+                           "training dtype or compile with offload_lm_head=False")
+    return torch.ops.fastlora.linear_from_host(x, head.weight)
+
+
+def mark(model: torch.nn.Module) -> torch.nn.Linear:
+    """Route the lm_head's product through ``linear_from_host`` (``why_not`` must be None);
+    returns the module. The weight moves at the next call of the compiled model."""
+    head = lm_head(model)
+    if "forward" in vars(head) and not getattr(head, _MARK, False):
+        raise RuntimeError(f"the lm_head ({type(head).__name__}) has a forward of its own on the "
+                           "instance (set by another library); pass offload_lm_head=False")
+    head.forward = functools.partial(_project, head)
+    setattr(head, _MARK, True)
+    return head
+
+
+def note(head: torch.nn.Linear, kept_because: str | None) -> str:
+    """What the report of a graph traced now says about the lm_head."""
+    weight = head.weight
+    if kept_because:
+        return refused_note(kept_because)
+    if _host_weights.is_on_host(weight):
+        return (f"lm_head kept in pinned host memory, copied to the GPU for the loss "
+                f"({weight.numel() * weight.element_size() / 2**30:.2f} GiB; offload_lm_head)")
+    return f"lm_head computed by linear_from_host on {weight.device} " \
+           "(offload_lm_head: the weight is not in pinned host memory)"
+
+
+def refused_note(reason: str) -> str:
+    return f"lm_head not moved to host memory: {reason} (offload_lm_head)"
+
+
+def plan(model: torch.nn.Module, value, mode: str | None = None):
+    """``(before_each_call, note)`` for ``offload_lm_head=value`` in compile_for_trainer, as
+    host_embeddings.plan: ``True`` decides now; ``"auto"`` at the first call, for a head on a
+    GPU only. Before each call the weight is kept in (or moved to) pinned host memory and its
+    copy to the GPU it came from is started."""
+    if not wanted(value, mode):
+        return (lambda: None), None
+    state = {"undecided": value == "auto", "head": None, "note": None, "kept_because": None,
+             "device": None}
+
+    def decide():
+        refused = why_not(model)
+        if refused is not None:
+            state["note"] = refused_note(refused)
+        else:
+            state["head"] = mark(model)
+    if not state["undecided"]:
+        decide()
+
+    def before_each_call():
+        if state["undecided"]:
+            state["undecided"] = False
+            weight = getattr(lm_head(model), "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.is_cuda:
+                decide()
+        head = state["head"]
+        if head is None:
+            return
+        if head.weight.is_cuda:
+            state["device"] = head.weight.device
+        state["kept_because"] = host_embeddings.keep_on_host(head)
+        if state["device"] is not None:
+            _host_weights.prefetch(head.weight, state["device"])
+
+    def report_note():
+        if state["head"] is None:
+            return state["note"]
+        return note(state["head"], state["kept_because"])
+    return before_each_call, report_note
