@@ -156,6 +156,20 @@ def test_off_and_refused_heads_are_left_alone():
     assert any("lm_head not moved to host memory: the lm_head is tied" in n for n in notes), notes
 
 
+def test_prefetched_only_without_checkpointing():
+    """The head's copy is started before the call only where no checkpointed layer's forward
+    would hold it (host_lm_head._checkpointed)."""
+    model = _untied()
+    state = {"model": model, "layer": None}
+    model.train()
+    assert not host_lm_head._checkpointed(state)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert host_lm_head._checkpointed(state)
+    model.eval()
+    assert not host_lm_head._checkpointed(state)
+    assert not host_lm_head._checkpointed({"model": torch.nn.Linear(2, 2), "layer": None})
+
+
 def test_a_head_unfrozen_after_compiling_or_under_autocast_is_refused():
     model = _untied(layers=1)
     torch._dynamo.reset()

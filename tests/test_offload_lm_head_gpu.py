@@ -49,11 +49,19 @@ def _allocated() -> int:
     return torch.cuda.memory_allocated()
 
 
-def test_gpu_head_moves_to_host_and_trains_as_without():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gpu_head_moves_to_host_and_trains_as_without(checkpointing, monkeypatch):
+    from fastlora import host_lm_head
+    prefetches = []
+    real = _host_weights.prefetch
+    monkeypatch.setattr(host_lm_head._host_weights, "prefetch",
+                        lambda w, d: prefetches.append(d) or real(w, d))
     torch.manual_seed(0)
     model = with_lora(tiny_llama(tie_word_embeddings=False, vocab=VOCAB, hidden=HIDDEN,
                                  heads=4, kv_heads=2, inter=96)).cuda()
     model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     inputs = token_batch(vocab=VOCAB, seq=33, device="cuda", use_cache=False)
     plain, moved = copy.deepcopy(model), copy.deepcopy(model)
     fastlora.compile_for_trainer(plain, offload_lm_head=False, offload_embeddings=False)
@@ -68,7 +76,8 @@ def test_gpu_head_moves_to_host_and_trains_as_without():
     loss_m, grads_m = run_step(moved, inputs)
     assert moved.get_output_embeddings().weight is weight
     assert weight.device.type == "cpu" and weight.is_pinned()
-    assert _host_weights.staged() == 0  # the loss took the prefetched copy
+    assert _host_weights.staged() == 0  # the loss took the prefetched copy (or none was made)
+    assert len(prefetches) == (0 if checkpointing else 1)
     assert rel_err(loss_m, loss_p) < 1e-6
     assert set(grads_m) == set(grads_p)
     errs = {n: rel_err(grads_m[n], g) for n, g in grads_p.items()}

@@ -87,10 +87,10 @@ class Options:
       ``torch.compile(model, backend="fastlora")`` alone moves nothing.
     - ``offload_lm_head``: in ``compile_for_trainer``, a frozen, untied lm_head without bias
       (a plain ``nn.Linear``) is kept in pinned host memory and copied to the GPU for the loss
-      only, on a side stream from the start of each call (host_lm_head.py): 0.98 GiB less
-      through the backward for Llama-3-8B. ``"auto"`` (default): as
-      ``host_lm_head.OFFLOAD_BY_DEFAULT`` says (off until measured on a GPU), never under CUDA
-      graphs; ``True``: on; ``False``: off. ``torch.compile`` alone moves nothing.
+      only (host_lm_head.py; prefetched on a side stream from the start of each call without
+      gradient checkpointing): 0.98 GiB less through the backward for Llama-3-8B. ``"auto"``
+      (default): as ``host_lm_head.OFFLOAD_BY_DEFAULT`` says (off until measured), never under
+      CUDA graphs; ``True``: on; ``False``: off. ``torch.compile`` alone moves nothing.
     """
 
     disable: tuple[str, ...] = ()
