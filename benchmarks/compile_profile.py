@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import logging
 import os
 import pathlib
 import pstats
@@ -97,6 +98,26 @@ def compile_calls(stats: pstats.Stats) -> dict[str, dict]:
     return found
 
 
+class _Bypasses(logging.Handler):
+    """Why AOTAutograd's or inductor's cache passed a graph by: PyTorch logs the reason at INFO
+    level only ("Bypassing autograd cache due to: ...", "Bypassing FX Graph Cache because ...")."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reasons: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "Bypassing" in message:
+            self.reasons.append(message[:300])
+
+
+BYPASSES = _Bypasses()
+for _name in ("torch._functorch._aot_autograd.autograd_cache", "torch._inductor.codecache"):
+    logging.getLogger(_name).addHandler(BYPASSES)
+    logging.getLogger(_name).setLevel(logging.INFO)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-1b", choices=sorted(ts.SHAPES))
@@ -105,6 +126,7 @@ def main(argv=None):
     ap.add_argument("--lengths", default="1500,1100", help="padded width of step 1, step 2")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--options", default="{}", help="JSON dict for compile_for_trainer")
+    ap.add_argument("--gc", action="store_true", help="gradient checkpointing (non-reentrant)")
     ap.add_argument("--no-cprofile", action="store_true",
                     help="time the compile without cProfile (its overhead is ~1.5x)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -120,7 +142,7 @@ def main(argv=None):
     if args.layers:
         cfg.num_hidden_layers = args.layers
     widths = [int(w) for w in args.lengths.split(",")]
-    args.variant, args.gc, args.cache = "fastlora", False, "/tmp/fastlora-bench"
+    args.variant, args.cache = "fastlora", "/tmp/fastlora-bench"  # (args.gc: build_model's)
     args.seq, args.load_4bit, args.kbit_recipe = max(widths), False, "bf16"
     model = ts.build_model(args, cfg)
     model.train()
@@ -170,6 +192,9 @@ def main(argv=None):
                "access_analysis": dict(_access_cache.stats),
                "aot_autograd_cache": {k: v for k, v in torch._dynamo.utils.counters[
                    "aot_autograd"].items() if "cache" in k},
+               "fx_graph_cache": {k: v for k, v in torch._dynamo.utils.counters[
+                   "inductor"].items() if k.startswith("fxgraph_cache")},
+               "cache_bypasses": BYPASSES.reasons,
                "access_cache": os.environ.get("FASTLORA_ACCESS_CACHE", "1") != "0"}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
 
@@ -180,7 +205,10 @@ def main(argv=None):
           f"first step {first_s:.1f} s, second step (new length) {second_s:.2f} s, "
           f"graphs {summary['graphs']}; Triton access analyses {summary['access_analysis']} "
           f"(cache {'on' if summary['access_cache'] else 'off'}); AOTAutograd's cache "
-          f"{summary['aot_autograd_cache']}")
+          f"{summary['aot_autograd_cache']}; inductor's FX graph cache "
+          f"{summary['fx_graph_cache']}")
+    for reason in summary["cache_bypasses"]:
+        print(f"  cache bypassed: {reason}")
     print("self time by place (s):")
     for name, secs in places.items():
         if secs >= 0.05:

@@ -19,7 +19,8 @@ import functools
 
 import torch
 
-from . import distributed, host_embeddings, host_lm_head, memory_budget, offload, regions, unpad
+from . import (distributed, hooked_embeddings, host_embeddings, host_lm_head, memory_budget,
+               offload, regions, unpad)
 from .options import Options
 from .pattern import registered_patterns
 
@@ -97,10 +98,12 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
         note = f"decoder layers compiled one by one: {refused}"
     before_table, table_note = host_embeddings.plan(model, opts.offload_embeddings, opts.mode)
     before_head, head_note = host_lm_head.plan(model, opts.offload_lm_head, opts.mode)
+    before_hooked, hooked_note = hooked_embeddings.plan(model)
 
     def before_each_call():
         before_table()
         before_head()
+        before_hooked()
     # dynamic=True is applied per call (_traced_with_settings): every size symbolic, as
     # torch.compile(dynamic=True) makes them, except for checkpointed layers compiled once
     model.compile(backend="fastlora", options=options or None,
@@ -110,7 +113,8 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
         dynamic=(lambda: "batch" if regions.shares_checkpointed(layers) else "all")
         if dynamic is True else None,
         notes=(lambda: None if gpu_only and not regions.on_gpu(model) else
-               (regions.why(model) if marked else None) or note, table_note, head_note),
+               (regions.why(model) if marked else None) or note, table_note, head_note,
+               hooked_note),
         before_each_call=before_each_call)
     model._compiled_call_impl = unpad.wrap(call, model) if opts.remove_padding else call
     return model
@@ -135,7 +139,8 @@ def _traced_with_settings(compiled, specialize_float: bool, notes=(),
       traces).
     - ``before_each_call()``: offload_embeddings' move of the table to host memory
       (host_embeddings.py) and offload_lm_head's of the head, whose copy to the GPU it starts
-      (host_lm_head.py), before Dynamo sees the call.
+      (host_lm_head.py); input embeddings with a forward hook called outside Dynamo
+      (hooked_embeddings.py); before Dynamo sees the call.
     """
     @functools.wraps(compiled)
     def call(*args, **kwargs):
