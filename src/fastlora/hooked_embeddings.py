@@ -34,14 +34,24 @@ NOTE = ("input embeddings called outside the compiled graph: a forward hook on t
         "Dynamo finds only after tracing the whole model, once per nested frame")
 
 
-def _eager_call(module: torch.nn.Module):
-    call = torch.compiler.disable(module._call_impl,
-                                  reason="fastlora: the input embeddings' forward hook")
+def _eager_call(module: torch.nn.Module, mark_batch_dims: bool):
+    """The module's call, outside Dynamo. ``mark_batch_dims``: its output's batch and sequence
+    dimensions become symbolic where Dynamo resumes with it (trainer.mark_batch_dims; with
+    compile_for_trainer's dynamic shapes only those two of the call's arguments are marked,
+    and the graph after the break starts from this output)."""
+    from .trainer import mark_batch_dims as mark
+
+    def call(*args, **kwargs):
+        out = module._call_impl(*args, **kwargs)
+        if mark_batch_dims:
+            mark(out)
+        return out
+    call = torch.compiler.disable(call, reason="fastlora: the input embeddings' forward hook")
     setattr(call, _MARK, True)
     return call
 
 
-def keep_eager(module: torch.nn.Module | None) -> bool:
+def keep_eager(module: torch.nn.Module | None, mark_batch_dims: bool = False) -> bool:
     """Before a call: ``module`` is called outside Dynamo while it has forward hooks, and as
     before once it has none. Returns whether it is called outside Dynamo now."""
     if module is None:
@@ -49,7 +59,7 @@ def keep_eager(module: torch.nn.Module | None) -> bool:
     ours = getattr(module._compiled_call_impl, _MARK, False)
     if module._forward_hooks:
         if module._compiled_call_impl is None:
-            module._compiled_call_impl = _eager_call(module)
+            module._compiled_call_impl = _eager_call(module, mark_batch_dims)
             return True
         return ours
     if ours:
@@ -57,13 +67,14 @@ def keep_eager(module: torch.nn.Module | None) -> bool:
     return False
 
 
-def plan(model: torch.nn.Module):
-    """``(before_each_call, note)`` for compile_for_trainer."""
+def plan(model: torch.nn.Module, dynamic: bool):
+    """``(before_each_call, note)`` for compile_for_trainer (``dynamic``: its ``dynamic=True``,
+    whose batch and sequence sizes the embeddings' output keeps symbolic)."""
     state = {"module": None, "eager": False}
 
     def before_each_call():
         if state["module"] is None:
             state["module"] = host_embeddings.input_embeddings(model) or False
-        state["eager"] = keep_eager(state["module"] or None)
+        state["eager"] = keep_eager(state["module"] or None, dynamic)
 
     return before_each_call, (lambda: NOTE if state["eager"] else None)

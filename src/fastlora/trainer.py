@@ -98,7 +98,7 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
         note = f"decoder layers compiled one by one: {refused}"
     before_table, table_note = host_embeddings.plan(model, opts.offload_embeddings, opts.mode)
     before_head, head_note = host_lm_head.plan(model, opts.offload_lm_head, opts.mode)
-    before_hooked, hooked_note = hooked_embeddings.plan(model)
+    before_hooked, hooked_note = hooked_embeddings.plan(model, dynamic is True)
 
     def before_each_call():
         before_table()
