@@ -6,6 +6,9 @@ fresh process, with and without ``reuse_layers``. Needs no GPU.
     python benchmarks/compile_depth.py --layers 2,4,8 --reuse on --dynamic on,off --repeat 3
     python benchmarks/compile_depth.py --dynamic on --gc on    # checkpointed layers (non-reentrant,
                                                                # their inputs not offloaded)
+    python benchmarks/compile_depth.py --reuse off --dynamic on --gc on --hooked-embeddings on,off
+        # with checkpointing, transformers' requires_grad_() hook on the embeddings: called
+        # outside Dynamo (compile_for_trainer's default, hooked_embeddings.py) or traced
 
 Each process reports what its first step costs beyond a steady step (the compile), as CPU
 seconds (the process and its compiler subprocesses: robust on a shared machine) and wall
@@ -32,7 +35,8 @@ import _harness as h  # this folder is first on sys.path when a script of it run
 h.unshadow()  # benchmarks/kernels.py would shadow the `kernels` package transformers imports
 
 
-def _worker(layers: int, reuse: bool, dynamic: bool, gc: bool = False) -> None:
+def _worker(layers: int, reuse: bool, dynamic: bool, gc: bool = False,
+            hooked: bool = True) -> None:
     """One measurement in this (fresh) process; prints one JSON line."""
     os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     os.environ.setdefault("FASTLORA_CACHE", "off")
@@ -43,6 +47,9 @@ def _worker(layers: int, reuse: bool, dynamic: bool, gc: bool = False) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import fastlora
+    if not hooked:  # what Dynamo did before: trace the hook, then throw the traces away
+        from fastlora import hooked_embeddings
+        hooked_embeddings.keep_eager = lambda *args, **kwargs: False
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16,
@@ -69,13 +76,15 @@ def _worker(layers: int, reuse: bool, dynamic: bool, gc: bool = False) -> None:
         wall.append(time.perf_counter() - start)
     traced = len(compilation_time_metrics.get("invoke_subgraph_trace", []))
     print(json.dumps({"layers": layers, "reuse_layers": reuse, "dynamic": dynamic, "gc": gc,
+                      "hooked_embeddings_eager": hooked,
                       "compile_cpu_s": cpu[0] - min(cpu[1:]),
                       "compile_wall_s": wall[0] - min(wall[1:]), "bodies_traced": traced}))
 
 
-def measure(layers: int, reuse: bool, dynamic: bool, gc: bool = False) -> dict:
+def measure(layers: int, reuse: bool, dynamic: bool, gc: bool = False,
+            hooked: bool = True) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(layers),
-           "on" if reuse else "off", "on" if dynamic else "off", "on" if gc else "off"]
+           *("on" if flag else "off" for flag in (reuse, dynamic, gc, hooked))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
@@ -88,27 +97,32 @@ def _switches(text: str) -> list[bool]:
 
 
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) == 6 and sys.argv[1] == "--worker":
-        _worker(int(sys.argv[2]), *(arg == "on" for arg in sys.argv[3:6]))
+    if argv is None and len(sys.argv) == 7 and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]), *(arg == "on" for arg in sys.argv[3:7]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="2,8", help="comma-separated depths")
     ap.add_argument("--reuse", default="on,off", help="reuse_layers: on, off or both")
     ap.add_argument("--dynamic", default="off", help="dynamic shapes: on, off or both")
     ap.add_argument("--gc", default="off", help="gradient checkpointing: on, off or both")
+    ap.add_argument("--hooked-embeddings", default="on",
+                    help="with --gc on: the embeddings' hook called outside Dynamo (on, as "
+                         "compile_for_trainer does), traced (off) or both")
     ap.add_argument("--repeat", type=int, default=1, help="processes per configuration")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args(argv)
     depths = [int(n) for n in args.layers.split(",")]
-    rows = [measure(n, reuse, dynamic, gc) for gc in _switches(args.gc)
+    rows = [measure(n, reuse, dynamic, gc, hooked) for gc in _switches(args.gc)
+            for hooked in _switches(args.hooked_embeddings)
             for dynamic in _switches(args.dynamic) for reuse in _switches(args.reuse)
             for n in depths for _ in range(args.repeat)]
     print(f"first step beyond a steady one (the compile), {os.cpu_count()} CPUs, one "
           f"process each")
-    print(f"{'gc':>5} {'dynamic':>7} {'reuse':>5} {'layers':>6} {'CPU s':>7} {'wall s':>7} "
-          f"{'bodies traced':>13}")
+    print(f"{'gc':>5} {'hook eager':>10} {'dynamic':>7} {'reuse':>5} {'layers':>6} {'CPU s':>7} "
+          f"{'wall s':>7} {'bodies traced':>13}")
     for r in rows:
-        print(f"{str(r['gc']):>5} {str(r['dynamic']):>7} {str(r['reuse_layers']):>5} "
+        print(f"{str(r['gc']):>5} {str(r['hooked_embeddings_eager']):>10} "
+              f"{str(r['dynamic']):>7} {str(r['reuse_layers']):>5} "
               f"{r['layers']:>6} "
               f"{r['compile_cpu_s']:>7.1f} {r['compile_wall_s']:>7.1f} {r['bodies_traced']:>13}")
     out = pathlib.Path(args.out)
