@@ -13,7 +13,7 @@ import fastlora
 from fastlora import hooked_embeddings
 from helpers import checkpointed, rel_err, run_step, tiny_llama, token_batch, with_lora
 
-LEAKED = "requires_grad_() intermediate leaked as output"
+LEAKED = hooked_embeddings.LEAKED
 
 
 def _graph_breaks() -> dict[str, int]:
@@ -69,3 +69,21 @@ def test_a_slot_filled_by_someone_else_is_left_alone():
     emb.register_forward_hook(lambda m, i, o: None)
     theirs = emb._compiled_call_impl = emb._call_impl
     assert not hooked_embeddings.keep_eager(emb) and emb._compiled_call_impl is theirs
+
+
+def test_plain_torch_compile_pays_the_retraces_and_the_report_says_so():
+    """torch.compile(model, backend="fastlora") cannot change the embeddings: Dynamo still
+    throws traces away, and the first graph's report says so and what to use instead."""
+    from torch._dynamo.utils import counters
+    model = with_lora(tiny_llama(layers=1))
+    inputs = checkpointed(model, token_batch())
+    fastlora.clear_reports()
+    torch._dynamo.reset()
+    counters.clear()
+    hooked_embeddings.retraced_note()  # counted from here
+    compiled = torch.compile(model, backend="fastlora", options={"compiler": "aot_eager"})
+    run_step(compiled, inputs, params_of=model)
+    assert any(LEAKED in k for k in _graph_breaks())
+    notes = [n for r in fastlora.reports(model) for n in r.notes]
+    assert sum("compile_for_trainer calls such embeddings outside Dynamo" in n
+               for n in notes) == 1, notes

@@ -16,7 +16,7 @@ import traceback
 import torch
 from torch import fx
 
-from . import compile_cache, distributed, dynamo_settings, regions, warmup
+from . import compile_cache, distributed, dynamo_settings, hooked_embeddings, regions, warmup
 from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
 from .canonicalize import canonicalize, restore_method_calls, sizes_from_inputs
 from .options import backend_options
@@ -38,6 +38,9 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         report.notes.append(piece_note)
     # compile_for_trainer: layers compiled once or why not; remove_padding packed this call or not
     report.notes.extend(regions.notes())
+    retraced = hooked_embeddings.retraced_note()  # plain torch.compile under checkpointing
+    if retraced:
+        report.notes.append(retraced)
 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.
     rewritten = _copy(gm)

@@ -67,6 +67,26 @@ def keep_eager(module: torch.nn.Module | None, mark_batch_dims: bool = False) ->
     return False
 
 
+LEAKED = "requires_grad_() intermediate leaked as output"  # Dynamo's graph break, first line
+_leaks_seen = 0
+
+
+def retraced_note() -> str | None:
+    """For the backend, at each graph: a note when Dynamo threw traces away for a
+    ``requires_grad_()`` leak since the last graph (a model compiled with plain
+    ``torch.compile``, whose embeddings this module cannot change), else None."""
+    global _leaks_seen
+    from torch._dynamo.utils import counters
+    leaks = sum(n for reason, n in counters["graph_break"].items() if LEAKED in reason)
+    new, _leaks_seen = leaks - _leaks_seen, leaks
+    if new <= 0:
+        return None
+    return (f"Dynamo traced this model {new} more time(s) and threw the traces away: "
+            f"requires_grad_() on an intermediate (transformers' enable_input_require_grads hook "
+            f"on the input embeddings, with gradient checkpointing); "
+            f"fastlora.compile_for_trainer calls such embeddings outside Dynamo")
+
+
 def plan(model: torch.nn.Module, dynamic: bool):
     """``(before_each_call, note)`` for compile_for_trainer (``dynamic``: its ``dynamic=True``,
     whose batch and sequence sizes the embeddings' output keeps symbolic)."""
