@@ -16,7 +16,9 @@ call of the compiled model, a module whose forward hooks are not empty gets a
 ``nn.Module.compile`` fills; ``nn.Module.__call__`` calls it, hooks included). Dynamo then
 breaks the graph at the embedding's call as soon as it reaches it: the lookup and its hooks run
 eagerly, as they would have after the restarts, and the rest of the model is one graph whose
-input is the embedding's output. Nothing is computed differently. A module without hooks (or
+input is the embedding's output (with compile_for_trainer's dynamic shapes, its batch and
+sequence sizes marked symbolic, as the call's own arguments are). Nothing is computed
+differently. A module without hooks (or
 whose hooks were removed) is left or put back as it was; a slot someone else filled (the
 embedding compiled on its own) is left alone. ``nn.Module.__getstate__`` drops the slot, so a
 copy or pickle of the model does not carry it.

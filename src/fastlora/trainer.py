@@ -58,7 +58,9 @@ def compile_for_trainer(model: torch.nn.Module, *, dynamic: bool | None = True, 
     "auto" by default: the backend sees the checkpointed regions in the graph it is given;
     ``offload_activations=False`` turns it off; docs/options.md). Those layers then run
     unmarked whatever ``reuse_layers`` says: inside a shared layer body an input cannot be
-    offloaded (``regions.Rules``).
+    offloaded (``regions.Rules``). The ``requires_grad_()`` hook that checkpointing puts on the
+    input embeddings made Dynamo trace the whole model again once per nested frame: input
+    embeddings with a forward hook are called outside Dynamo (hooked_embeddings.py).
 
     Wrapped in ``DistributedDataParallel`` afterwards (as a Trainer launched by ``torchrun`` or
     ``accelerate launch`` does), the model's graphs are fused whole and then split at DDP's
