@@ -41,12 +41,13 @@ def _several_processes() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def wanted(value, mode: str | None = None) -> bool:
-    """Whether ``offload_embeddings=value`` asks for it. ``"auto"`` follows
-    ``OFFLOAD_BY_DEFAULT`` and is off under CUDA graphs (a graph with a host tensor input is not
-    captured)."""
+def wanted(value, mode: str | None = None, by_default: bool | None = None) -> bool:
+    """Whether ``offload_embeddings=value`` asks for it. ``"auto"`` follows ``by_default``
+    (``OFFLOAD_BY_DEFAULT`` if None) and is off under CUDA graphs (a graph with a host tensor
+    input is not captured)."""
     if value == "auto":
-        return OFFLOAD_BY_DEFAULT and mode != "reduce-overhead"
+        by_default = OFFLOAD_BY_DEFAULT if by_default is None else by_default
+        return by_default and mode != "reduce-overhead"
     return bool(value)
 
 
@@ -138,29 +139,44 @@ def plan(model: torch.nn.Module, value, mode: str | None = None):
     its report says nothing of it."""
     if not wanted(value, mode):
         return (lambda: None), None
-    state = {"undecided": value == "auto", "emb": None, "note": None, "kept_because": None}
+    return plan_move(value, lambda: input_embeddings(model), lambda: why_not(model),
+                     lambda: mark(model), note, refused_note)
+
+
+def plan_move(value, module_of, why_not_now, mark_now, note_of, refused_note_of,
+              after_move=lambda module, was_on: None):
+    """The plan of a frozen weight moved to pinned host memory, shared by the input table
+    (here) and the lm_head (host_lm_head.py): ``(before_each_call, note)``. ``True`` decides
+    (``why_not_now()``, then ``mark_now()`` returns the module) now; ``"auto"`` at the first
+    call, and only where ``module_of()``'s weight is on a GPU then. Before each call a marked
+    module's weight is kept in (or moved to) pinned host memory (:func:`keep_on_host`), then
+    ``after_move(module, the device its weight was on)`` runs. ``note_of(module, kept_because)``
+    and ``refused_note_of(reason)`` give the report's note."""
+    state = {"undecided": value == "auto", "module": None, "note": None, "kept_because": None}
 
     def decide():
-        refused = why_not(model)
+        refused = why_not_now()
         if refused is not None:
-            state["note"] = refused_note(refused)
+            state["note"] = refused_note_of(refused)
         else:
-            state["emb"] = mark(model)
+            state["module"] = mark_now()
     if not state["undecided"]:
         decide()
 
     def before_each_call():
         if state["undecided"]:
             state["undecided"] = False
-            emb = input_embeddings(model)
-            weight = getattr(emb, "weight", None)
+            weight = getattr(module_of(), "weight", None)
             if isinstance(weight, torch.Tensor) and weight.is_cuda:
                 decide()
-        if state["emb"] is not None:
-            state["kept_because"] = keep_on_host(state["emb"])
+        module = state["module"]
+        if module is not None:
+            was_on = module.weight.device
+            state["kept_because"] = keep_on_host(module)
+            after_move(module, was_on)
 
     def report_note():
-        if state["emb"] is None:
+        if state["module"] is None:
             return state["note"]
-        return note(state["emb"], state["kept_because"])
+        return note_of(state["module"], state["kept_because"])
     return before_each_call, report_note

@@ -41,9 +41,7 @@ _MARK = "_fastlora_host_head"
 def wanted(value, mode: str | None = None) -> bool:
     """Whether ``offload_lm_head=value`` asks for it (``"auto"``: ``OFFLOAD_BY_DEFAULT``, and
     never under CUDA graphs, which do not capture a host tensor input)."""
-    if value == "auto":
-        return OFFLOAD_BY_DEFAULT and mode != "reduce-overhead"
-    return bool(value)
+    return host_embeddings.wanted(value, mode, by_default=OFFLOAD_BY_DEFAULT)
 
 
 def lm_head(model: torch.nn.Module):
@@ -132,42 +130,19 @@ def _checkpointed(state: dict) -> bool:
 
 
 def plan(model: torch.nn.Module, value, mode: str | None = None):
-    """``(before_each_call, note)`` for ``offload_lm_head=value`` in compile_for_trainer, as
-    host_embeddings.plan: ``True`` decides now; ``"auto"`` at the first call, for a head on a
-    GPU only. Before each call the weight is kept in (or moved to) pinned host memory and,
+    """``(before_each_call, note)`` for ``offload_lm_head=value`` in compile_for_trainer
+    (host_embeddings.plan_move): ``True`` decides now; ``"auto"`` at the first call, for a head
+    on a GPU only. Before each call the weight is kept in (or moved to) pinned host memory and,
     without gradient checkpointing, its copy to the GPU it came from is started
     (:func:`_checkpointed` says why not with it)."""
     if not wanted(value, mode):
         return (lambda: None), None
-    state = {"undecided": value == "auto", "head": None, "note": None, "kept_because": None,
-             "device": None, "model": model, "layer": None}
+    state = {"device": None, "model": model, "layer": None}
 
-    def decide():
-        refused = why_not(model)
-        if refused is not None:
-            state["note"] = refused_note(refused)
-        else:
-            state["head"] = mark(model)
-    if not state["undecided"]:
-        decide()
-
-    def before_each_call():
-        if state["undecided"]:
-            state["undecided"] = False
-            weight = getattr(lm_head(model), "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.is_cuda:
-                decide()
-        head = state["head"]
-        if head is None:
-            return
-        if head.weight.is_cuda:
-            state["device"] = head.weight.device
-        state["kept_because"] = host_embeddings.keep_on_host(head)
+    def prefetch(head: torch.nn.Linear, was_on: torch.device):
+        if was_on.type == "cuda":
+            state["device"] = was_on
         if state["device"] is not None and not _checkpointed(state):
             _host_weights.prefetch(head.weight, state["device"])
-
-    def report_note():
-        if state["head"] is None:
-            return state["note"]
-        return note(state["head"], state["kept_because"])
-    return before_each_call, report_note
+    return host_embeddings.plan_move(value, lambda: lm_head(model), lambda: why_not(model),
+                                     lambda: mark(model), note, refused_note, after_move=prefetch)
