@@ -65,7 +65,10 @@ PEERS = ("liger", "unsloth")
 # "-offload-async" is "-offload" (fastlora's copies are on a side stream either way);
 # "-hostemb": the frozen input embeddings read from pinned host memory (offload_embeddings,
 # an option of compile_for_trainer, which compiles that variant); "-host": the lm_head too
-# (offload_lm_head: in pinned host memory, copied to the GPU for the loss only).
+# (offload_lm_head: in pinned host memory, copied to the GPU for the loss only);
+# "-trainer": compile_for_trainer with its defaults (as a Trainer is compiled; with --gc on it
+# calls the embeddings' requires_grad_() hook outside Dynamo, which plain torch.compile traces
+# and retraces: compare the two warm-ups).
 FASTLORA = {"fastlora": ({}, None),
             "fastlora-nooffload": ({"offload_activations": False}, None),
             "fastlora-cg": ({}, "reduce-overhead"),
@@ -75,7 +78,9 @@ FASTLORA = {"fastlora": ({}, None),
                                              "lora_mlp_block", "lora_linear_4bit"]}, None),
             "fastlora-noce": ({"disable": ["linear_cross_entropy"]}, None),
             "fastlora-hostemb": ({"offload_embeddings": True}, None),
-            "fastlora-host": ({"offload_embeddings": True, "offload_lm_head": True}, None)}
+            "fastlora-host": ({"offload_embeddings": True, "offload_lm_head": True}, None),
+            "fastlora-trainer": ({}, None)}
+TRAINER = {"fastlora-hostemb", "fastlora-host", "fastlora-trainer"}  # compile_for_trainer
 
 
 def build_config(shape: str):
@@ -213,7 +218,7 @@ def worker(args) -> dict:
                    **(json.loads(args.fastlora_options) if args.fastlora_options else {})}
         if args.memory_budget is not None:
             options["memory_budget"] = budget_option(args.memory_budget)
-        if options.get("offload_embeddings") is True:  # moves parameters: the model's own
+        if args.variant in TRAINER:  # moves parameters, calls hooked embeddings eagerly
             step_model = fastlora.compile_for_trainer(model, dynamic=None, **options)
         else:
             step_model = torch.compile(model, backend="fastlora", options=options or None,
