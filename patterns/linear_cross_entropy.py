@@ -186,8 +186,9 @@ def replacement(h, weight, labels, vocab, ignore_index, reduction, cap=0.0, bias
 
 register_pattern(Pattern(
     name="linear_cross_entropy",
-    spellings=[causal_lm_loss, causal_lm_loss_host_head, causal_lm_loss_biased, causal_lm_loss_softcapped,
-               causal_lm_loss_softcapped_fp32, causal_lm_loss_scaled, causal_lm_loss_divided],
+    spellings=[causal_lm_loss, causal_lm_loss_host_head, causal_lm_loss_biased,
+               causal_lm_loss_softcapped, causal_lm_loss_softcapped_fp32, causal_lm_loss_scaled,
+               causal_lm_loss_divided],
     check=check,
     replacement=replacement,
     anchor=F.cross_entropy,

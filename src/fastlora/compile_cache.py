@@ -31,8 +31,11 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import pathlib
+
+log = logging.getLogger("fastlora")
 
 ENV = "FASTLORA_CACHE"
 _BUNDLE = "artifacts.bin"
@@ -141,10 +144,7 @@ class GraphRecord:
             tmp.write_text(json.dumps(value))
             tmp.replace(self.path)
         except OSError as e:
-            import logging
-
-            logging.getLogger("fastlora").info("fastlora: no record kept in %s (%s)",
-                                               self.path.parent, e)
+            log.info("fastlora: no record kept in %s (%s)", self.path.parent, e)
 
     def read(self):
         """The value written, or None when there is none."""

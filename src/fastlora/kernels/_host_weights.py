@@ -75,18 +75,15 @@ def staged() -> int:
     return len(_STAGED)
 
 
-def drop() -> None:
-    """Forget every prefetched copy (their memory is freed once their copies are done)."""
-    _STAGED.clear()
-
-
-def check_reachable(op: str, name: str, weight: Tensor, device: torch.device) -> None:
+def check_reachable(op: str, name: str, weight: Tensor, device: torch.device,
+                    assume_pinned: bool = False) -> None:
     """Raise unless ``weight`` is on ``device`` or in pinned host memory (a fake tensor cannot
-    say whether its memory is pinned: a CPU fake passes)."""
+    say whether its memory is pinned: a CPU fake passes, as any CPU tensor with
+    ``assume_pinned``)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
     if weight.device == device or (weight.device.type == "cpu" and (
-            isinstance(weight, FakeTensor) or weight.is_pinned())):
+            assume_pinned or isinstance(weight, FakeTensor) or weight.is_pinned())):
         return
     raise RuntimeError(f"fastlora.{op}: {name} must be on {device} or in pinned host memory, got "
                        f"{weight.device} (not pinned)")

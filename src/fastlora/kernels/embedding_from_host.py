@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
 
 from . import tuning
 from ._common import HAVE_TRITON, cdiv, check_float, next_power_of_2, require, use_triton
+from ._host_weights import check_reachable
 from ._launch import fused_op, launch
 
 # (BLOCK_T, BLOCK_D, num_warps); None: the rule of tile_config (not yet tuned on the H200).
@@ -72,12 +72,7 @@ def _validate(ids: Tensor, table: Tensor, fake: bool = False) -> None:
             "only a frozen table is read from host memory (it has no backward)", RuntimeError)
     # (a fake tensor does not know whether its memory is pinned: the fake kernel, and the
     # launches warmup.py plans on fakes)
-    fake = fake or isinstance(table, FakeTensor)
-    require(table.device == ids.device or (table.device.type == "cpu" and (
-        fake or table.is_pinned())),
-            f"fastlora.embedding_from_host: the table must be on the ids' device or in pinned "
-            f"host memory; ids on {ids.device}, table on {table.device} (not pinned)",
-            RuntimeError)
+    check_reachable("embedding_from_host", "the table", table, ids.device, assume_pinned=fake)
 
 
 # ---------------------------------------------------------------- launcher
