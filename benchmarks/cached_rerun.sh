@@ -15,7 +15,7 @@ status=0
 for run in cold cached; do
   echo "== $run (TORCHINDUCTOR_CACHE_DIR=$cache)"
   TORCHINDUCTOR_CACHE_DIR=$cache python3 benchmarks/compile_profile.py --no-cprofile \
-    --out "$out/$run" "$@" 2>&1 | grep -E "first step|cache bypassed|^Traceback|Error" || status=$?
+    --out "$out/$run" "$@" 2>&1 | grep -E "first step|cache bypassed|unable to load|^Traceback|Error" || status=$?
 done
 rm -rf "$cache"
 exit $status

@@ -42,7 +42,7 @@ group() {  # the GPU tests in three groups that each fit a 10-minute device call
               tests/test_linear_cross_entropy_pattern.py tests/test_options.py \
               tests/test_lora_moe_experts.py tests/test_launch_gpu.py tests/test_offload.py \
               tests/test_offload_embeddings_gpu.py tests/test_offload_lm_head_gpu.py tests/test_warmup_gpu.py \
-              tests/test_flash_attention_sinks.py ;;
+              tests/test_flash_attention_sinks.py tests/test_compile_cache.py ;;
   esac
 }
 case "$mode" in

@@ -74,7 +74,7 @@ def test_a_folder_the_user_chose_is_kept(monkeypatch, tmp_path):
 
 # A rewritten model, compiled by inductor, in a fresh process: its loss and LoRA gradients, and
 # what AOTAutograd's cache did. argv: the cache folder, "same" (or "changed": another code key,
-# as another version of fastlora has), the tests folder.
+# as another version of fastlora has), the tests folder, the device.
 RUN_MODEL = """
 import sys, torch, fastlora
 from fastlora import compile_cache
@@ -86,10 +86,11 @@ if sys.argv[2] == "changed":
     compile_cache.code_key = lambda: "another-version"
 torch.manual_seed(0)
 model = with_lora(tiny_llama(layers=3, hidden=32, heads=2, kv_heads=1, inter=64, vocab=64), r=4)
+model = model.to(sys.argv[4])
 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 model.train()
 fastlora.compile_for_trainer(model, compiler="inductor")  # offloads checkpointed layer inputs
-ids = torch.randint(0, 64, (2, 24))
+ids = torch.randint(0, 64, (2, 24), device=sys.argv[4])
 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
 loss.backward()
 grads = [p.grad.double().sum().item() for n, p in model.named_parameters() if "lora_B" in n]
@@ -100,26 +101,30 @@ print(repr((loss.item(), grads, dict(counters["aot_autograd"]), offloaded)))
 """
 
 
-def _run_model(folder, tmp_path, code="same"):
+def _run_model(folder, tmp_path, code="same", device="cpu"):
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     script = tmp_path / "run_model.py"
     script.write_text(RUN_MODEL)
     tests = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, str(script), str(folder), code, tests],
+    out = subprocess.run([sys.executable, str(script), str(folder), code, tests, device],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own script's repr
 
 
-def test_a_rewritten_model_is_served_from_aot_autograds_cache(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_rewritten_model_is_served_from_aot_autograds_cache(tmp_path, device):
     """The second run of a fused, checkpointed model skips AOTAutograd's trace of forward and
     backward (its cache: a hit for every graph, the one that offloads its layer inputs too,
-    with the same loss and gradients), and its report still lists what was offloaded."""
+    with the same loss and gradients), and its report still lists what was offloaded.
+    On a GPU inductor launches the kernels: their launchers' bodies are in the backward graph
+    the cache keeps, and torch 2.11 rebuilds that graph from its source when it reads the entry
+    (kernels/_buffers.py; an entry that cannot be rebuilt was a miss in every rerun)."""
     folder = tmp_path / "cache"
-    loss, grads, aot, offloaded = _run_model(folder, tmp_path)
+    loss, grads, aot, offloaded = _run_model(folder, tmp_path, device=device)
     assert aot.get("autograd_cache_miss") and not aot.get("autograd_cache_bypass"), aot
     assert offloaded, "the checkpointed layers' inputs were not offloaded"
-    loss2, grads2, aot2, offloaded2 = _run_model(folder, tmp_path)
+    loss2, grads2, aot2, offloaded2 = _run_model(folder, tmp_path, device=device)
     assert aot2.get("autograd_cache_hit") and not aot2.get("autograd_cache_miss") \
         and not aot2.get("autograd_cache_bypass"), aot2
     assert (loss2, grads2) == (loss, grads)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import tuning
+from . import _buffers, tuning
 from ._common import HAVE_TRITON, cdiv, next_power_of_2, require, rows2d
 from ._launch import launch
 
@@ -103,7 +103,7 @@ def launch_forward(kernel, flat: tuple[int, int], gate: Tensor, up: Tensor,
     g2, u2 = rows2d(gate), rows2d(up)
     M, N = g2.shape
     if y is None:
-        y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        y = _buffers.empty(gate.shape, gate.dtype, gate.device)
     y2 = y.view(M, N)
     M, N, bm, bn, warps = config((g2, u2, y2), flat)
     if (M, N) != tuple(g2.shape):  # the flat stream: the same memory as [M * N / w, w]
@@ -121,9 +121,9 @@ def launch_backward(kernel, flat: tuple[int, int], dy: Tensor, gate: Tensor, up:
     g2, u2, dy2 = rows2d(gate), rows2d(up), rows2d(dy)
     M, N = g2.shape
     if dgate is None:
-        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        dgate = _buffers.empty(gate.shape, gate.dtype, gate.device)
     if dup is None:
-        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+        dup = _buffers.empty(up.shape, up.dtype, up.device)
     dg2, du2 = dgate.view(M, N), dup.view(M, N)  # views: the kernel must write into them
     require(dg2.stride(-1) == 1 and du2.stride(-1) == 1,
             "fastlora: gradient buffers must be contiguous along the last dimension")

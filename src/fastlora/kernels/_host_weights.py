@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _buffers
+
 _STAGED: dict[tuple, tuple[Tensor, "torch.cuda.Event"]] = {}
 _STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
 
@@ -46,7 +48,7 @@ def prefetch(weight: Tensor, device: torch.device | str) -> None:
     current = torch.cuda.current_stream(device)
     # Allocated on the current stream, which frees it: the side stream first waits for the
     # work queued there, which may still be using the memory the allocator hands out.
-    copy = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+    copy = _buffers.empty(weight.shape, weight.dtype, device)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
         copy.copy_(weight, non_blocking=True)

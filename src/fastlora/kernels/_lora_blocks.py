@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import tuning
+from . import _buffers, tuning
 from ._common import (HAVE_TRITON, cdiv, halve_until_it_fits, next_power_of_2, require, size_hint,
                       sm_count)
 from ._launch import launch
@@ -279,15 +279,15 @@ def lora_down_triton(x2, a_cat, seed, p, ranks=None, xa=None):
     R = a_cat.shape[0]
     ranks = ranks or [R]
     if xa is None:
-        xa = torch.empty((M, R), dtype=torch.float32, device=x2.device)
+        xa = _buffers.empty((M, R), torch.float32, x2.device)
     a_cat = a_cat if a_cat.stride(-1) == 1 else a_cat.contiguous()
     cfg = tuning.get("lora_down")
     bm, bk = cfg["block_m"], cfg["block_k"]
     if M == 0:
         return xa
     splits, per = split_extent(K, bk, cdiv(M, bm), cfg["per_sm"], x2)
-    out = xa if splits == 1 else torch.empty((splits, M, R), dtype=torch.float32,
-                                             device=x2.device)
+    out = xa if splits == 1 else _buffers.empty((splits, M, R), torch.float32,
+                                               x2.device)
     launch(_lora_down_kernel)[(cdiv(M, bm), splits)](
         x2, a_cat, out, seed if seed is not None else xa, *_bounds(ranks, R), M, K, R,
         x2.stride(0), a_cat.stride(0), xa.stride(0) if splits == 1 else R, M * R, per,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import tuning
+from . import _buffers, tuning
 from ._common import HAVE_TRITON, cdiv, check_float, next_power_of_2, require, use_triton
 from ._host_weights import check_reachable
 from ._launch import fused_op, launch
@@ -83,7 +83,7 @@ def embedding_from_host_triton(ids: Tensor, table: Tensor, out: Tensor | None = 
     flat = ids.reshape(-1).contiguous()
     vocab, dim = table.shape
     if out is None:
-        out = torch.empty((flat.numel(), dim), dtype=table.dtype, device=ids.device)
+        out = _buffers.empty((flat.numel(), dim), table.dtype, ids.device)
     if table.stride(1) != 1:
         table = table.contiguous()
     block_t, block_d, warps = tile_config(dim)

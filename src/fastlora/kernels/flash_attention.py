@@ -57,6 +57,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _buffers
 from ._attention_blocks import (LN2, LOG2E, doc_args, key_mask_args,  # noqa: F401
                                 last_dim_contiguous, probabilities, validate, block_d,
                                 document_bounds, dot_precision, kernel_config, visible_mask)
@@ -199,7 +200,7 @@ def _output_like(q: Tensor, dtype=None) -> Tensor:
     """An empty (B, H, S, D) tensor laid out as (B, S, H, D): the layout the model's next
     ``transpose(1, 2).contiguous()`` wants, so that copy becomes free."""
     B, H, S, D = q.shape
-    return q.new_empty((B, S, H, D), dtype=dtype).transpose(1, 2)
+    return _buffers.empty((B, S, H, D), dtype or q.dtype, q.device).transpose(1, 2)
 
 
 def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, softcap,
@@ -212,7 +213,7 @@ def flash_attention_forward_triton(q, k, v, doc_ids, scale, causal, window, soft
     if out is None:
         out = _output_like(q)
     if lse is None:
-        lse = torch.empty((B, H, S_Q), dtype=torch.float32, device=q.device)
+        lse = _buffers.empty((B, H, S_Q), torch.float32, q.device)
     require(out.stride(-1) == 1 and lse.is_contiguous(), "fastlora: bad output buffers")
     cfg = kernel_config(D, q.dtype, q.is_cuda)
     ds, de, stride_db = doc_args(doc_ids, q)

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _buffers
 from ._common import HAVE_TRITON, cdiv, use_triton
 from ._launch import launch
 from ._attention_blocks import (doc_args, key_mask_args, last_dim_contiguous,
@@ -313,10 +314,10 @@ def flash_attention_backward_triton(dout, q, k, v, out, lse, doc_ids, scale, cau
     lse = lse.contiguous()
     B, H, S_Q, D = q.shape
     S_K, H_KV = k.shape[2], k.shape[1]
-    dq = torch.empty_like(q) if dq is None else dq
-    dk = torch.empty_like(k) if dk is None else dk
-    dv = torch.empty_like(v) if dv is None else dv
-    delta = torch.empty((B, H, S_Q), dtype=torch.float32, device=q.device)
+    dq = _buffers.empty_like(q) if dq is None else dq
+    dk = _buffers.empty_like(k) if dk is None else dk
+    dv = _buffers.empty_like(v) if dv is None else dv
+    delta = _buffers.empty((B, H, S_Q), torch.float32, q.device)
     cfg = kernel_config(D, q.dtype, q.is_cuda)
     ds, de, stride_db = doc_args(doc_ids, q)
     km, stride_kmb = key_mask_args(key_mask, q)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import tuning
+from . import _buffers, tuning
 from ._common import (HAVE_TRITON, cdiv, check_float, check_same_device, persistent_programs,
                       require, row_tile, rows2d, use_triton)
 from ._launch import launch
@@ -178,11 +178,11 @@ def layer_norm_forward_triton(x, weight, bias, eps, y=None, mean=None, rstd=None
     x2 = rows2d(x, dense=True)
     M, N = x2.shape
     if y is None:
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        y = _buffers.empty((M, N), x.dtype, x.device)
     if mean is None:
-        mean = torch.empty(M, dtype=torch.float32, device=x.device)
+        mean = _buffers.empty((M,), torch.float32, x.device)
     if rstd is None:
-        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        rstd = _buffers.empty((M,), torch.float32, x.device)
     block_m, block_n, warps = tile_config(N, x.element_size(), "fwd")
     if M:
         launch(_layer_norm_fwd)[(cdiv(M, block_m),)](
@@ -198,7 +198,7 @@ def layer_norm_backward_triton(dy, x, weight, mean, rstd, compute_dw, compute_db
     x2, dy2 = rows2d(x, dense=True), rows2d(dy, dense=True)
     M, N = x2.shape
     if dx is None:
-        dx = torch.empty_like(x2)
+        dx = _buffers.empty_like(x2)
     compute_dw = compute_dw and weight is not None
     per_head = _w_rows(weight) > 1
     kernel_dw = compute_dw and not per_head  # a per-head dw is summed below
@@ -207,8 +207,8 @@ def layer_norm_backward_triton(dy, x, weight, mean, rstd, compute_dw, compute_db
     tiles = cdiv(M, block_m)
     programs = persistent_programs(x2, tiles, _dw_programs_per_sm()) if reduce else max(tiles, 1)
     shape = (programs, N)
-    dw_part = torch.empty(shape if kernel_dw else (1, 1), dtype=torch.float32, device=x.device)
-    db_part = torch.empty(shape if compute_db else (1, 1), dtype=torch.float32, device=x.device)
+    dw_part = _buffers.empty(shape if kernel_dw else (1, 1), torch.float32, x.device)
+    db_part = _buffers.empty(shape if compute_db else (1, 1), torch.float32, x.device)
     if M:
         launch(_layer_norm_bwd)[(programs,)](
             dy2, x2, weight.contiguous() if weight is not None else x2, mean.contiguous(),

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import tuning
+from . import _buffers, tuning
 from ._common import check_float, check_same_device, require, use_triton
 from ._cross_entropy_rows import ce_rows_reference, ce_rows_triton
 from ._host_weights import check_reachable, on_device
@@ -145,15 +145,15 @@ def linear_cross_entropy_forward(h, weight, labels, ignore_index=-100, reduction
         (), dtype=torch.float32, device=h.device)
     rows = chunk or chunk_rows(N, H, V, h.element_size())
     if buffer is None:
-        buffer = torch.empty((min(rows, N), V), dtype=h.dtype, device=h.device)
+        buffer = _buffers.empty((min(rows, N), V), h.dtype, h.device)
     if row_loss is None:
-        row_loss = torch.empty(N, dtype=torch.float32, device=h.device)
+        row_loss = _buffers.empty((N,), torch.float32, h.device)
     if compute_dh:
-        dh = torch.empty((N, H), dtype=h.dtype, device=h.device) if dh is None else dh.view(N, H)
+        dh = _buffers.empty((N, H), h.dtype, h.device) if dh is None else dh.view(N, H)
     if compute_dw:
-        dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if dw is None else dw
-        acc = dw if (weight.dtype == torch.float32 or N <= rows) else torch.zeros(
-            weight.shape, dtype=torch.float32, device=h.device)
+        dw = _buffers.empty(weight.shape, weight.dtype, weight.device) if dw is None else dw
+        acc = dw if (weight.dtype == torch.float32 or N <= rows) else _buffers.zeros(
+            weight.shape, torch.float32, h.device)
     wt = weight.t()
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _buffers
 from ._common import check_float, check_same_device, require, rows2d, use_triton
 from ._launch import fused_op
 from ._lora_blocks import (lora_down_reference, lora_down_triton, lora_grad_b_reference,
@@ -62,7 +63,7 @@ def lora_forward(x2, weight, bias, base2, a, b, seed, scale, p, out_dtype):
     if use_triton(x2):
         xa = lora_down_triton(x2, a, seed, p)
         owned = base2 is None and y.dtype == out_dtype  # our own buffer: write y over it
-        out = y if owned else torch.empty(y.shape, dtype=out_dtype, device=y.device)
+        out = y if owned else _buffers.empty(y.shape, out_dtype, y.device)
         return lora_up_triton(y, xa, b, scale, out), xa
     xa = lora_down_reference(x2, a, seed, p)
     return lora_up_reference(y, xa, b, scale, out_dtype), xa
@@ -75,11 +76,11 @@ def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, 
     dx = None
     if needs_dx:
         dx = (gw @ weight if weight is not None
-              else torch.zeros((M, K), dtype=x2.dtype, device=x2.device))
+              else _buffers.zeros((M, K), x2.dtype, x2.device))
         dx = dx if dx.dtype == x2.dtype else dx.to(x2.dtype)  # the backward of x.to(w.dtype)
     if use_triton(x2):
-        da = lora_grad_down_triton(g2, b, scale, torch.empty((M, a.shape[0]), dtype=torch.float32,
-                                                             device=x2.device))
+        da = lora_grad_down_triton(g2, b, scale, _buffers.empty((M, a.shape[0]), torch.float32,
+                                                               x2.device))
         db_ = lora_grad_b_triton(g2, xa, scale, b.dtype)
         dx, da_ = lora_grad_x_triton(x2, da, a, seed, p, dx=dx, accumulate=True)
     else:

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _buffers
 from ._common import HAVE_TRITON, cdiv, check_float, require, rows2d, use_triton
 from ._launch import launch
 from ._dot_precision import fix_bf16
@@ -119,7 +120,7 @@ def dequantize_4bit_triton(qweight, absmax, absmax2, code2, offset, n, k, blocks
     """W [n, k] in ``dtype``; ``out`` may be given (tests poison it)."""
     q = qweight.reshape(-1).view(torch.uint8)
     if out is None:
-        out = torch.empty((n, k), dtype=dtype, device=q.device)
+        out = _buffers.empty((n, k), dtype, q.device)
     nested = absmax2 is not None
     block = 1024
     n_out = n * k

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import tuning
+from . import _buffers, tuning
 from ._common import HAVE_TRITON, cdiv, check_float, require, rows2d, use_triton
 from ._launch import fused_op, launch
 from ._dot_precision import dot_mode, fix_bf16
@@ -160,7 +160,7 @@ def glu_forward_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, out_dty
     M, N = base_g.shape
     rg, ru = b_g.shape[1], b_u.shape[1]
     if h is None:
-        h = torch.empty((M, N), dtype=out_dtype, device=base_g.device)
+        h = _buffers.empty((M, N), out_dtype, base_g.device)
     cfg = tuning.get("lora_glu_fwd")
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M and N:
@@ -181,15 +181,15 @@ def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dt
     M, N = base_g.shape
     rg, ru = b_g.shape[1], b_u.shape[1]
     dev = base_g.device
-    dg = dg if dg is not None else torch.empty((M, N), dtype=dtype, device=dev)
-    du = du if du is not None else torch.empty((M, N), dtype=dtype, device=dev)
-    da = da if da is not None else torch.empty((M, rg + ru), dtype=torch.float32, device=dev)
+    dg = dg if dg is not None else _buffers.empty((M, N), dtype, dev)
+    du = du if du is not None else _buffers.empty((M, N), dtype, dev)
+    da = da if da is not None else _buffers.empty((M, rg + ru), torch.float32, dev)
     cfg = tuning.get("lora_glu_bwd")
     bm, bn = cfg["block_m"], cfg["block_n"]
     if M == 0:
         return dg, du, da
     splits, per = split_extent(N, bn, cdiv(M, bm), cfg["per_sm"], base_g)
-    part = torch.empty((splits, M, rg + ru), dtype=torch.float32, device=dev)
+    part = _buffers.empty((splits, M, rg + ru), torch.float32, dev)
     launch(_lora_glu_bwd_kernel)[(cdiv(M, bm), splits)](
         dh, base_g, base_u, xa, b_g, b_u, dg, du, part, M, N, rg, ru, dh.stride(0),
         base_g.stride(0), base_u.stride(0), xa.stride(0), b_g.stride(0), b_u.stride(0),

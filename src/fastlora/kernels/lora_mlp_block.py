@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _buffers
 from ._common import require, rows2d, use_triton
 from ._launch import fused_op
 from ._lora_grouped import grouped_down
@@ -47,8 +48,9 @@ def _validate(x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, seed, dropo
             and down_weight.shape[1] == n_ffn,
             f"fastlora.lora_mlp_block: down_weight must be [N, {n_ffn}]")
     # lora_linear's own checks, on an empty stand-in for h (same width, dtype and device)
-    validate_linear(x.new_empty((0, n_ffn), dtype=hidden_dtype), down_weight, down_bias, None,
-                    down_A, down_B, down_seed, down_dropout_p, out_dtype)
+    stand_in = _buffers.empty((0, n_ffn), hidden_dtype, x.device)
+    validate_linear(stand_in, down_weight, down_bias, None, down_A, down_B, down_seed,
+                    down_dropout_p, out_dtype)
 
 
 def _glu(x2):

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from . import _buffers
 from ._common import check_float, check_same_device, require
 
 
@@ -58,7 +59,8 @@ def _aligned(t: Tensor) -> Tensor:
             or (second == 1 and last * t.element_size() % 16 == 0)):
         t = t.contiguous()
     if not is_fake(t) and t.data_ptr() % 16:  # warm-up plans on fakes: no address to read
-        t = torch.empty_like(t).copy_(t)  # the same strides in fresh (aligned) storage
+        # the same strides in fresh (aligned) storage
+        t = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
     return t
 
 
@@ -74,7 +76,7 @@ def rows_times_experts(a: Tensor, b: Tensor, offs: Tensor, grouped: bool,
     (grouped: the dtype of a, rows past offs[-1] left unwritten as by ``torch._grouped_mm``)."""
     if grouped:
         return torch._grouped_mm(_aligned(a), _aligned(b), offs=offs.to(torch.int32))
-    out = torch.zeros((a.shape[0], b.shape[-1]), dtype=dtype, device=a.device)
+    out = _buffers.zeros((a.shape[0], b.shape[-1]), dtype, a.device)
     for e, start, end in _bounds(offs):
         if end > start:
             out[start:end] = a[start:end].to(dtype) @ b[e].to(dtype)
@@ -89,7 +91,7 @@ def experts_outer(a: Tensor, b: Tensor, offs: Tensor, grouped: bool,
         out = torch._grouped_mm(_aligned(a.t()), _aligned(b), offs=offs.to(torch.int32))
         counts = torch.diff(offs, prepend=offs.new_zeros(1))
         return torch.where((counts == 0)[:, None, None], 0, out)
-    out = torch.zeros((offs.shape[0], a.shape[1], b.shape[1]), dtype=dtype, device=a.device)
+    out = _buffers.zeros((offs.shape[0], a.shape[1], b.shape[1]), dtype, a.device)
     for e, start, end in _bounds(offs):
         if end > start:
             out[e] = a[start:end].to(dtype).t() @ b[start:end].to(dtype)

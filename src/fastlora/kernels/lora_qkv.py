@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _buffers
 from ._common import check_float, require, rows2d, use_triton
 from ._launch import fused_op
 from ._lora_blocks import (lora_grad_b_reference, lora_grad_b_triton, lora_grad_down_reference,
@@ -51,8 +52,8 @@ def lora_qkv(x: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], q_A: Tensor,
     for w, bias, b, s, r in zip(weights, biases, b_list, (q_scale, k_scale, v_scale), ranks):
         y = F.linear(x2, w, bias)
         if use_triton(x2):
-            out = y if y.dtype == out_dtype else torch.empty(y.shape, dtype=out_dtype,
-                                                             device=y.device)
+            out = y if y.dtype == out_dtype else _buffers.empty(y.shape, out_dtype,
+                                                               y.device)
             outs.append(lora_up_triton(y, xa[:, lo:lo + r].contiguous(), b, s, out))
         else:
             outs.append(lora_up_reference(y, xa[:, lo:lo + r], b, s, out_dtype))
@@ -91,8 +92,8 @@ def lora_qkv_backward(dq: Tensor, dk: Tensor, dv: Tensor, x: Tensor, q_weight: T
     for g, b, s, r in zip(grads, b_list, (q_scale, k_scale, v_scale), ranks):
         xa_j = xa2[:, lo:lo + r].contiguous()
         if triton_path:
-            da_parts.append(lora_grad_down_triton(g, b, s, torch.empty(
-                (x2.shape[0], r), dtype=torch.float32, device=x2.device)))
+            da_parts.append(lora_grad_down_triton(g, b, s, _buffers.empty(
+                (x2.shape[0], r), torch.float32, x2.device)))
             out_b.append(lora_grad_b_triton(g, xa_j, s, b.dtype))
         else:
             da_parts.append(lora_grad_down_reference(g, b, s))
@@ -136,7 +137,7 @@ def _qkv_backward(ctx, dq, dk, dv, _dxa):
     require(not (n[1] or n[5] or n[9]), "fastlora.lora_qkv: the base weights must be frozen",
             RuntimeError)
     needs_dbias = bool(n[2] or n[6] or n[10])
-    dq, dk, dv = (g if g is not None else xa.new_zeros(shape, dtype=dtype)
+    dq, dk, dv = (g if g is not None else _buffers.zeros(shape, dtype, xa.device)
                   for g, (shape, dtype) in zip((dq, dk, dv), ctx.outputs))
     res = torch.ops.fastlora.lora_qkv_backward(dq, dk, dv, x, qw, qa, qb, kw, ka, kb, vw, va, vb,
                                                xa, seed, *ctx.args, n[0], needs_dbias)

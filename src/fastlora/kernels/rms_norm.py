@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import tuning
+from . import _buffers, tuning
 from ._common import (HAVE_TRITON, cdiv, check_float, check_same_device, persistent_programs,
                       require, row_tile, rows2d, use_triton)
 from ._launch import fused_op, launch
@@ -123,10 +123,9 @@ def rms_norm_forward_triton(x, weight, eps, offset, cast_before_weight, y=None, 
     x2 = rows2d(x, dense=True)
     M, N = x2.shape
     if y is None:
-        y = torch.empty((M, N), dtype=_output_dtype(x, weight, cast_before_weight),
-                        device=x.device)
+        y = _buffers.empty((M, N), _output_dtype(x, weight, cast_before_weight), x.device)
     if rstd is None:
-        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        rstd = _buffers.empty((M,), torch.float32, x.device)
     block_m, block_n, warps = tile_config(N, x.element_size(), "fwd")
     launch(_rms_norm_fwd)[(cdiv(M, block_m),)](
         x2, weight.contiguous(), y, rstd, x2.stride(0), y.stride(0), M, N, eps, offset,
@@ -140,15 +139,15 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, co
     x2, dy2 = rows2d(x, dense=True), rows2d(dy, dense=True)
     M, N = x2.shape
     if dx is None:
-        dx = torch.empty_like(x2)
+        dx = _buffers.empty_like(x2)
     kind = "bwd_dw" if compute_dw else "bwd"
     block_m, block_n, warps = tile_config(N, x.element_size(), kind)
     tiles = cdiv(M, block_m)
     # Without dw every program takes one tile; with dw a persistent grid keeps the partial sums
     # few (one float32 row per program).
     programs = persistent_programs(x2, tiles, per_sm=4) if compute_dw else tiles
-    partial = torch.empty((programs, N) if compute_dw else (1, 1), dtype=torch.float32,
-                          device=x.device)
+    partial = _buffers.empty((programs, N) if compute_dw else (1, 1), torch.float32,
+                              x.device)
     launch(_rms_norm_bwd)[(programs,)](
         dy2, x2, weight.contiguous(), rstd.contiguous(), dx, partial, dy2.stride(0),
         x2.stride(0), dx.stride(0), M, N, offset, cdiv(tiles, programs),

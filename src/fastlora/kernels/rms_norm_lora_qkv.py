@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _buffers
 from ._common import require
 from ._launch import fused_op
 from .rms_norm import norm_backward, norm_forward
@@ -111,7 +112,7 @@ def _qkv_backward(ctx, dq, dk, dv, _dxa):
     n = ctx.needs_input_grad
     require(not (n[5] or n[9] or n[13]), "fastlora.rms_norm_lora_qkv: the base weights must be "
                                          "frozen", RuntimeError)
-    dq, dk, dv = (g if g is not None else xa.new_zeros(shape, dtype=dtype)
+    dq, dk, dv = (g if g is not None else _buffers.zeros(shape, dtype, xa.device)
                   for g, (shape, dtype) in zip((dq, dk, dv), ctx.outputs))
     dx, dw, dqa, dqb, dka, dkb, dva, dvb, dbq, dbk, dbv = _ops.rms_norm_lora_qkv_backward(
         dq, dk, dv, x, nw, *ctx.norm_args, qw, qa, qb, kw, ka, kb, vw, va, vb, xa, seed,

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import tuning
+from . import _buffers, tuning
 from ._common import (HAVE_TRITON, cdiv, check_float, check_same_device, next_power_of_2, require,
                       use_triton)
 
@@ -242,9 +242,9 @@ def _launch(xq, xk, cos, sin, rot_dim, interleaved, oq, ok_, backward):
 def rope_forward_triton(q, k, cos, sin, rot_dim, interleaved=False, q_out=None, k_out=None):
     """Rotate q and k; ``q_out``/``k_out`` may be given (tests poison them; may alias q/k)."""
     if q_out is None:
-        q_out = torch.empty_like(q, dtype=_out_dtype(q, cos, sin))
+        q_out = _buffers.empty_like(q, _out_dtype(q, cos, sin))
     if k_out is None:
-        k_out = torch.empty_like(k, dtype=_out_dtype(k, cos, sin))
+        k_out = _buffers.empty_like(k, _out_dtype(k, cos, sin))
     _launch(q, k, cos, sin, rot_dim, interleaved, q_out, k_out, backward=False)
     return q_out, k_out
 
@@ -252,9 +252,9 @@ def rope_forward_triton(q, k, cos, sin, rot_dim, interleaved=False, q_out=None, 
 def rope_backward_triton(dq_out, dk_out, cos, sin, rot_dim, interleaved, q_dtype, k_dtype,
                          dq=None, dk=None):
     if dq is None:
-        dq = torch.empty_like(dq_out, dtype=q_dtype)
+        dq = _buffers.empty_like(dq_out, q_dtype)
     if dk is None:
-        dk = torch.empty_like(dk_out, dtype=k_dtype)
+        dk = _buffers.empty_like(dk_out, k_dtype)
     _launch(dq_out, dk_out, cos, sin, rot_dim, interleaved, dq, dk, backward=True)
     return dq, dk
 
@@ -338,8 +338,8 @@ def _(dq_out, dk_out, cos, sin, rot_dim, interleaved, q_dtype, k_dtype):
 
 def _trig_grads(dq_out, dk_out, q, k, cos, sin, rot_dim, interleaved):
     """d cos, d sin (only when they require grad, e.g. a learned rotary table): plain PyTorch."""
-    dcos = torch.zeros(cos.shape, dtype=torch.float32, device=cos.device)
-    dsin = torch.zeros(sin.shape, dtype=torch.float32, device=sin.device)
+    dcos = _buffers.zeros(cos.shape, torch.float32, cos.device)
+    dsin = _buffers.zeros(sin.shape, torch.float32, sin.device)
     for dy, x in ((dq_out, q), (dk_out, k)):
         dy, x = dy[..., :rot_dim].float(), x[..., :rot_dim].float()
         x1, x2 = _pairs(x, rot_dim, interleaved)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _buffers
 from ._common import check_float, require, use_triton
 from .swiglu import (swiglu_backward_reference, swiglu_backward_triton, swiglu_forward_reference,
                      swiglu_forward_triton)
@@ -38,7 +39,7 @@ def swiglu_packed_forward_triton(x, y=None):
 
 def swiglu_packed_backward_triton(dy, x, dx=None):
     if dx is None:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dx = _buffers.empty(x.shape, x.dtype, x.device)
     g, u = _halves(x)
     dg, du = _halves(dx)
     swiglu_backward_triton(dy, g, u, dg, du)
