@@ -36,9 +36,9 @@ def test_which_heads_qualify():
 
 
 def test_auto_follows_the_default_and_never_under_cuda_graphs(monkeypatch):
-    assert not host_lm_head.wanted("auto")  # off until measured on a GPU
-    monkeypatch.setattr(host_lm_head, "OFFLOAD_BY_DEFAULT", True)
     assert host_lm_head.wanted("auto") and not host_lm_head.wanted("auto", "reduce-overhead")
+    monkeypatch.setattr(host_lm_head, "OFFLOAD_BY_DEFAULT", False)
+    assert not host_lm_head.wanted("auto")
     assert host_lm_head.wanted(True, "reduce-overhead") and not host_lm_head.wanted(False)
     with pytest.raises(fastlora.OptionsError, match="offload_lm_head"):
         fastlora.compile_for_trainer(_untied(), offload_lm_head="yes")
@@ -142,9 +142,37 @@ def test_an_unfused_head_trains_through_the_ops_backward(monkeypatch):
     assert set(grads_c) == set(grads_e) and max(errs.values()) < 1e-5, errs
 
 
+@pytest.mark.parametrize("value", ["auto", True])
+def test_auto_moves_the_head_of_a_checkpointed_model_only(value, monkeypatch):
+    """What plan() decides at the first call on a GPU (the decision itself, on the CPU): "auto"
+    takes a qualifying head only while the model trains with gradient checkpointing, and says
+    nothing otherwise; True takes it either way."""
+    from fastlora import host_embeddings
+    seen = {}
+    monkeypatch.setattr(host_embeddings, "plan_move",
+                        lambda value, module_of, why_not_now, mark_now, note_of, refused_of,
+                        after_move: seen.update(why=why_not_now, refused=refused_of))
+    model = _untied(layers=1)
+    model.train()
+    host_lm_head.plan(model, value)
+    if value == "auto":
+        assert seen["why"]() == host_lm_head.NOT_CHECKPOINTED
+        assert seen["refused"](host_lm_head.NOT_CHECKPOINTED) is None  # no note
+    else:
+        assert seen["why"]() is None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    host_lm_head.plan(model, value)
+    assert seen["why"]() is None
+    tied = with_lora(tiny_llama(layers=1, tie_word_embeddings=True))
+    tied.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tied.train()
+    host_lm_head.plan(tied, value)
+    assert "tied" in seen["why"]() and "tied" in seen["refused"](seen["why"]())
+
+
 def test_off_and_refused_heads_are_left_alone():
     model = _untied(layers=1)
-    fastlora.compile_for_trainer(model)  # "auto": off until measured
+    fastlora.compile_for_trainer(model)  # "auto": decided at the first call, on a GPU only
     assert "forward" not in vars(model.get_output_embeddings())
     tied = with_lora(tiny_llama(layers=1, tie_word_embeddings=True))
     fastlora.clear_reports()

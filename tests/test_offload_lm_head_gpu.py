@@ -95,3 +95,25 @@ def test_gpu_head_moves_to_host_and_trains_as_without(checkpointing, monkeypatch
     loss_again, _ = run_step(moved, inputs)  # the next call moves it out again
     assert weight.device.type == "cpu" and _allocated() <= after + 2**20
     assert rel_err(loss_again, loss_p) < 1e-6
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gpu_auto_moves_the_head_under_checkpointing_only(checkpointing):
+    """offload_lm_head="auto" (the default): the head of a checkpointed model goes to host
+    memory at the first call; without checkpointing (no saving: the step peaks at the loss)
+    it stays on the GPU and the report says nothing about it."""
+    model = with_lora(tiny_llama(tie_word_embeddings=False, vocab=VOCAB, hidden=HIDDEN,
+                                 heads=4, kv_heads=2, inter=96)).cuda()
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fastlora.clear_reports()
+    fastlora.compile_for_trainer(model, offload_embeddings=False)
+    run_step(model, token_batch(vocab=VOCAB, seq=33, device="cuda", use_cache=False))
+    weight = model.get_output_embeddings().weight
+    notes = [n for r in fastlora.reports(model) for n in r.notes if "lm_head" in n]
+    if checkpointing:
+        assert weight.device.type == "cpu" and weight.is_pinned(), weight.device
+        assert any("lm_head kept in pinned host memory" in n for n in notes), notes
+    else:
+        assert weight.is_cuda and not notes, notes

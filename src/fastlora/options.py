@@ -88,9 +88,10 @@ class Options:
     - ``offload_lm_head``: in ``compile_for_trainer``, a frozen, untied lm_head without bias
       (a plain ``nn.Linear``) is kept in pinned host memory and copied to the GPU for the loss
       only (host_lm_head.py; prefetched on a side stream from the start of each call without
-      gradient checkpointing): 0.98 GiB less through the backward for Llama-3-8B. ``"auto"``
-      (default): as ``host_lm_head.OFFLOAD_BY_DEFAULT`` says (off until measured), never under
-      CUDA graphs; ``True``: on; ``False``: off. ``torch.compile`` alone moves nothing.
+      gradient checkpointing): 0.98 GiB less for Llama-3-8B. ``"auto"`` (default): on for a
+      model on a GPU that trains with gradient checkpointing at the first call (as
+      ``host_lm_head.OFFLOAD_BY_DEFAULT`` allows), never under CUDA graphs; ``True``: on;
+      ``False``: off. ``torch.compile`` alone moves nothing.
     """
 
     disable: tuple[str, ...] = ()
