@@ -67,12 +67,18 @@ def test_buffers_rebuild(fn):
 
 
 @pytest.mark.parametrize("shape,dims", [((3, 37, 72), None), ((2, 5, 3, 4), (0, 2, 1, 3)),
-                                        ((4, 1, 6), (2, 0, 1)), ((), None), ((0, 3), None)])
+                                        ((4, 1, 6), (2, 0, 1)), ((), None), ((0, 3), None),
+                                        ((2, 7, 3, 16), "slice")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_buffers_match_the_factory_calls(shape, dims, dtype):
-    """Shape, dtype, device and strides as torch.empty / zeros / empty_like give them."""
+    """Shape, dtype, device and strides as torch.empty / zeros / empty_like give them (a
+    transposed tensor, and one with gaps: q of a packed qkv, heads first)."""
     base = torch.randn(shape)
-    t = base.permute(dims) if dims else base
+    if dims == "slice":
+        t = base[..., :8].transpose(1, 2)  # not dense: empty_like infers a dense order
+        assert not t.is_contiguous()
+    else:
+        t = base.permute(dims) if dims else base
     for ours, theirs in ((_buffers.empty(t.shape, dtype, t.device), torch.empty(t.shape, dtype=dtype)),
                          (_buffers.zeros(t.shape, dtype, t.device), torch.zeros(t.shape, dtype=dtype)),
                          (_buffers.empty_like(t, dtype), torch.empty_like(t, dtype=dtype)),
