@@ -218,6 +218,9 @@ def worker(args) -> dict:
                    **(json.loads(args.fastlora_options) if args.fastlora_options else {})}
         if args.memory_budget is not None:
             options["memory_budget"] = budget_option(args.memory_budget)
+        from fastlora.kernels import tuning
+        for op, keys in (json.loads(args.tuning) if args.tuning else {}).items():
+            tuning.set(op, **keys)  # read when the launchers are traced: before compiling
         if args.variant in TRAINER:  # moves parameters, calls hooked embeddings eagerly
             step_model = fastlora.compile_for_trainer(model, dynamic=None, **options)
         else:
@@ -256,6 +259,7 @@ def worker(args) -> dict:
     if args.variant in FASTLORA:
         row["memory_budget"] = budget_option(args.memory_budget) \
             if args.memory_budget is not None else None
+        row["tuning"] = json.loads(args.tuning) if args.tuning else None
         row["matches"] = fastlora.reports(model).counts()
         misses = fastlora.reports(model).near_misses()
         row["near_misses"] = len(misses)
@@ -290,6 +294,8 @@ def run_one(args, shape: str, variant: str) -> dict:
         cmd += ["--fastlora-options", args.fastlora_options]
     if args.memory_budget is not None:
         cmd += ["--memory-budget", str(args.memory_budget)]
+    if args.tuning:
+        cmd += ["--tuning", args.tuning]
     # the worker's stderr (its phases, warnings, TORCH_LOGS output) is kept beside the results
     return h.run_worker(cmd, {"shape": shape, "variant": variant, "gc": gc}, args.timeout,
                         pathlib.Path(args.out) / f"worker_{shape}_{variant}.log",
@@ -351,6 +357,10 @@ def main(argv=None):
     ap.add_argument("--memory-budget", default=None,
                     help="fastlora variants: options['memory_budget'] (a fraction in [0, 1] or a "
                          "size such as 24GiB)")
+    ap.add_argument("--tuning", default="",
+                    help='fastlora variants: launch configurations, JSON {op: {key: value}} for '
+                         'fastlora.kernels.tuning.set, e.g. \'{"linear_cross_entropy": '
+                         '{"chunk_rows": 256}}\'')
     ap.add_argument("--timeout", type=int, default=900, help="seconds per (shape, variant)")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--cache", default="/tmp/fastlora-bench", help="random checkpoints for peers")
