@@ -79,9 +79,13 @@ def test_buffers_match_the_factory_calls(shape, dims, dtype):
         assert not t.is_contiguous()
     else:
         t = base.permute(dims) if dims else base
+    flat = _buffers._flat_empty(tuple(t.shape), dtype, t.device)  # the forms traced graphs get
+    permuted = _buffers._permuted_empty_like(t, dtype)
     for ours, theirs in ((_buffers.empty(t.shape, dtype, t.device), torch.empty(t.shape, dtype=dtype)),
+                         (flat, torch.empty(t.shape, dtype=dtype)),
                          (_buffers.zeros(t.shape, dtype, t.device), torch.zeros(t.shape, dtype=dtype)),
                          (_buffers.empty_like(t, dtype), torch.empty_like(t, dtype=dtype)),
+                         (permuted, torch.empty_like(t, dtype=dtype)),
                          (_buffers.empty_like(t), torch.empty_like(t))):
         assert (ours.shape, ours.dtype, ours.device) == (theirs.shape, theirs.dtype, theirs.device)
         assert all(a == b for a, b, n in zip(ours.stride(), theirs.stride(), ours.shape) if n > 1)

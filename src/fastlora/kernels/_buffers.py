@@ -13,6 +13,8 @@ rerun with every cache full took 54.9 s against 68.5 s cold (2026-12-06, torch 2
 A size list of one element, the element count, always rebuilds (the count is a traced value
 or a plain int); ``view`` / ``permute`` then take a tensor first, which the tracer sees. The
 result is the same tensor as the factory call's: the same shape, dtype, device and strides.
+Sizes that are all plain ints (every call of the Python launch route, static graphs) need no
+detour and take the factory call itself (no extra view on the host's path).
 Every buffer a launcher allocates goes through these functions
 (tests/test_buffers.py checks the kernel files for direct calls).
 """
@@ -23,27 +25,47 @@ import math
 import torch
 
 
+def _plain(shape) -> bool:
+    return all(type(d) is int for d in shape)
+
+
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype, device=device)``, contiguous."""
     shape = tuple(shape)
-    return torch.empty(math.prod(shape), dtype=dtype, device=device).view(shape)
+    if _plain(shape):
+        return torch.empty(shape, dtype=dtype, device=device)
+    return _flat_empty(shape, dtype, device)
 
 
 def zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """``torch.zeros(shape, dtype=dtype, device=device)``, contiguous."""
     shape = tuple(shape)
+    if _plain(shape):
+        return torch.zeros(shape, dtype=dtype, device=device)
     return torch.zeros(math.prod(shape), dtype=dtype, device=device).view(shape)
 
 
 def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.empty_like(t, dtype=dtype)``: the same shape and dimension order in memory (a
-    transposed ``t`` gives a transposed buffer), as PyTorch's own decomposition lays it out."""
+    transposed ``t`` gives a transposed buffer)."""
+    if _plain(t.shape):
+        return torch.empty_like(t, dtype=dtype)
+    return _permuted_empty_like(t, dtype)
+
+
+def _flat_empty(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.empty(math.prod(shape), dtype=dtype, device=device).view(shape)
+
+
+def _permuted_empty_like(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """empty_like's layout as PyTorch's own decomposition computes it (the dimensions ordered
+    by stride, dense), from a flat allocation."""
     from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 
     perm = compute_elementwise_output_logical_to_physical_perm(t)
     if isinstance(perm, tuple):  # torch 2.13 also returns whether the order was ambiguous
         perm = perm[0]
-    physical = empty([t.shape[d] for d in perm], dtype or t.dtype, t.device)
+    physical = _flat_empty(tuple(t.shape[d] for d in perm), dtype or t.dtype, t.device)
     inverse = [0] * len(perm)
     for position, d in enumerate(perm):
         inverse[d] = position
