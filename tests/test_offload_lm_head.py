@@ -170,6 +170,39 @@ def test_auto_moves_the_head_of_a_checkpointed_model_only(value, monkeypatch):
     assert "tied" in seen["why"]() and "tied" in seen["refused"](seen["why"]())
 
 
+def _trl_fused_head(model):
+    """TRL's fused LM head, as SFTTrainer installs it (on the causal LM under peft): the
+    model's forward replaced on the instance, reading ``lm_head.weight`` itself."""
+    from trl.trainer.utils import add_fused_lm_head
+    add_fused_lm_head(model.get_base_model())
+    return model
+
+
+def test_a_head_trl_reads_itself_stays_on_the_gpu(monkeypatch):
+    """TRL's fused LM head computes log-probabilities from ``lm_head.weight`` directly, on
+    whatever device that weight is: the head is not moved ("auto" and True decided with TRL's
+    head in place), and a head moved before TRL patched the model stops the call with an error
+    instead of running the loss on the CPU."""
+    patched = _trl_fused_head(_untied(layers=1))
+    assert "TRL's fused LM head" in host_lm_head.why_not(patched)
+    from fastlora import host_embeddings
+    seen = {}
+    monkeypatch.setattr(host_embeddings, "plan_move",
+                        lambda value, module_of, why_not_now, mark_now, note_of, refused_of,
+                        after_move: seen.update(why=why_not_now))
+    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patched.train()
+    host_lm_head.plan(patched, "auto")
+    assert "TRL's fused LM head" in seen["why"]()
+    monkeypatch.undo()
+
+    model = _untied(layers=1)
+    fastlora.compile_for_trainer(model, offload_lm_head=True)  # marked now, TRL's head later
+    _trl_fused_head(model)
+    with pytest.raises(RuntimeError, match="offload_lm_head=False"):
+        run_step(model, token_batch())
+
+
 def test_off_and_refused_heads_are_left_alone():
     model = _untied(layers=1)
     fastlora.compile_for_trainer(model)  # "auto": decided at the first call, on a GPU only

@@ -74,6 +74,33 @@ def why_not(model: torch.nn.Module) -> str | None:
         return "the lm_head is tied to another weight (tie_word_embeddings)"
     if host_embeddings._several_processes():
         return host_embeddings.DISTRIBUTED
+    replaced = _replaced_forward(model)
+    if replaced is not None:
+        return replaced
+    return None
+
+
+def _holders(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that hold the lm_head: ``model`` and each module on the path down to it."""
+    head = lm_head(model)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if module is head:
+            parts = name.split(".") if name else []
+            return [model] + [model.get_submodule(".".join(parts[:i]))
+                              for i in range(1, len(parts))]
+    return [model]
+
+
+def _replaced_forward(model: torch.nn.Module) -> str | None:
+    """Why the head may be read outside its own forward, else None: a module holding it whose
+    ``forward`` was replaced on the instance. TRL's trainers do that (``add_fused_lm_head``:
+    the model's forward computes log-probabilities from ``lm_head.weight`` itself, and would
+    compute them wherever that weight is, on the CPU from host memory)."""
+    for module in _holders(model):
+        if "forward" in vars(module):
+            return (f"the {type(module).__name__} holding the lm_head has a forward of its own on "
+                    "the instance (TRL's fused LM head, for one), which may read the head's "
+                    "weight itself")
     return None
 
 
@@ -154,7 +181,12 @@ def plan(model: torch.nn.Module, value, mode: str | None = None):
     def refused(reason):  # "auto" on a model without checkpointing: nothing to say
         return None if reason == NOT_CHECKPOINTED else refused_note(reason)
 
+    holders = _holders(model)
+
     def prefetch(head: torch.nn.Linear, was_on: torch.device):
+        if any("forward" in vars(module) for module in holders):  # replaced after compiling
+            raise RuntimeError(f"fastlora: {_replaced_forward(model)}; the head is in host memory "
+                               "(offload_lm_head): compile with offload_lm_head=False")
         if was_on.type == "cuda":
             state["device"] = was_on
         if state["device"] is not None and not _checkpointed(state):
