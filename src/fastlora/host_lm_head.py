@@ -74,10 +74,7 @@ def why_not(model: torch.nn.Module) -> str | None:
         return "the lm_head is tied to another weight (tie_word_embeddings)"
     if host_embeddings._several_processes():
         return host_embeddings.DISTRIBUTED
-    replaced = _replaced_forward(model)
-    if replaced is not None:
-        return replaced
-    return None
+    return _replaced_forward(_holders(model))
 
 
 def _holders(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -91,12 +88,12 @@ def _holders(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [model]
 
 
-def _replaced_forward(model: torch.nn.Module) -> str | None:
-    """Why the head may be read outside its own forward, else None: a module holding it whose
-    ``forward`` was replaced on the instance. TRL's trainers do that (``add_fused_lm_head``:
+def _replaced_forward(holders: list[torch.nn.Module]) -> str | None:
+    """Why the head may be read outside its own forward, else None: one of its ``holders``
+    (:func:`_holders`) has a ``forward`` replaced on the instance. TRL's trainers do that (``add_fused_lm_head``:
     the model's forward computes log-probabilities from ``lm_head.weight`` itself, and would
     compute them wherever that weight is, on the CPU from host memory)."""
-    for module in _holders(model):
+    for module in holders:
         if "forward" in vars(module):
             return (f"the {type(module).__name__} holding the lm_head has a forward of its own on "
                     "the instance (TRL's fused LM head, for one), which may read the head's "
@@ -183,13 +180,16 @@ def plan(model: torch.nn.Module, value, mode: str | None = None):
 
     holders = _holders(model)
 
-    def prefetch(head: torch.nn.Linear, was_on: torch.device):
-        if any("forward" in vars(module) for module in holders):  # replaced after compiling
-            raise RuntimeError(f"fastlora: {_replaced_forward(model)}; the head is in host memory "
+    def after_move(head: torch.nn.Linear, was_on: torch.device):
+        """Each call, the head in host memory: still read only through its forward (a forward
+        replaced after compiling stops the call), then prefetched where that pays."""
+        replaced = _replaced_forward(holders)
+        if replaced is not None:
+            raise RuntimeError(f"fastlora: {replaced}; the head is in host memory "
                                "(offload_lm_head): compile with offload_lm_head=False")
         if was_on.type == "cuda":
             state["device"] = was_on
         if state["device"] is not None and not _checkpointed(state):
             _host_weights.prefetch(head.weight, state["device"])
     return host_embeddings.plan_move(value, lambda: lm_head(model), why_not_now,
-                                     lambda: mark(model), note, refused, after_move=prefetch)
+                                     lambda: mark(model), note, refused, after_move=after_move)

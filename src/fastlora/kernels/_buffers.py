@@ -42,7 +42,7 @@ def zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
     shape = tuple(shape)
     if _plain(shape):
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.zeros(math.prod(shape), dtype=dtype, device=device).view(shape)
+    return _flat_empty(shape, dtype, device, torch.zeros)
 
 
 def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -53,8 +53,9 @@ def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return _permuted_empty_like(t, dtype)
 
 
-def _flat_empty(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.empty(math.prod(shape), dtype=dtype, device=device).view(shape)
+def _flat_empty(shape: tuple, dtype: torch.dtype, device, factory=torch.empty) -> torch.Tensor:
+    """``factory(shape)`` (torch.empty or torch.zeros) as one flat allocation, viewed."""
+    return factory(math.prod(shape), dtype=dtype, device=device).view(shape)
 
 
 def _permuted_empty_like(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
