@@ -90,9 +90,10 @@ def _holders(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _replaced_forward(holders: list[torch.nn.Module]) -> str | None:
     """Why the head may be read outside its own forward, else None: one of its ``holders``
-    (:func:`_holders`) has a ``forward`` replaced on the instance. TRL's trainers do that (``add_fused_lm_head``:
-    the model's forward computes log-probabilities from ``lm_head.weight`` itself, and would
-    compute them wherever that weight is, on the CPU from host memory)."""
+    (:func:`_holders`) has a ``forward`` replaced on the instance. TRL's trainers do that
+    (``add_fused_lm_head``: the model's forward computes log-probabilities from
+    ``lm_head.weight`` itself, and would compute them wherever that weight is, on the CPU from
+    host memory)."""
     for module in holders:
         if "forward" in vars(module):
             return (f"the {type(module).__name__} holding the lm_head has a forward of its own on "
