@@ -5,8 +5,10 @@
 # compile_profile.py; --no-cprofile is always given (cProfile slows the compile ~1.5x).
 #   benchmarks/cached_rerun.sh --shape llama-1b --layers 0           # on the GPU
 #   benchmarks/cached_rerun.sh --shape tiny --layers 2 --options '{"compiler": "inductor"}'
-# Prints each run's summary line (first step s, second step s, AOTAutograd's cache counters) and
-# writes compile_profile_*.json per run under $OUT/cached_rerun/{cold,cached}.
+# Prints each run's summary lines (first step s and by phase, second step s, AOTAutograd's cache
+# counters) and writes compile_profile_*.json per run under $OUT/cached_rerun/{cold,cached}.
+# PROFILE_CACHED=1: a third run from the same caches under cProfile (where a cached first step
+# goes, function by function; ~1.5x slower), its report in $OUT/cached_rerun/profiled.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}/cached_rerun
@@ -17,5 +19,12 @@ for run in cold cached; do
   TORCHINDUCTOR_CACHE_DIR=$cache python3 benchmarks/compile_profile.py --no-cprofile \
     --out "$out/$run" "$@" 2>&1 | grep -E "first step|cache bypassed|unable to load|^Traceback|Error" || status=$?
 done
+if [ "${PROFILE_CACHED:-0}" = 1 ]; then
+  echo "== cached, under cProfile"
+  mkdir -p "$out/profiled"
+  TORCHINDUCTOR_CACHE_DIR=$cache python3 benchmarks/compile_profile.py --out "$out/profiled" "$@" \
+    > "$out/profiled.log" 2>&1 || status=$?
+  sed -n '/^self time by place/,$p' "$out/profiled.log"
+fi
 rm -rf "$cache"
 exit $status

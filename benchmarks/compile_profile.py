@@ -8,7 +8,9 @@ with ``--layers`` decoder layers, compiles it with ``fastlora.compile_for_traine
 lengths, the TRL route) and runs one padded training step under cProfile, then a second step at
 another length (timed, not profiled: it must not compile again). Prints, by wall time of the
 first step:
-- the phases Dynamo records (``torch._dynamo.utils.compile_times``);
+- the phases Dynamo records (``torch._dynamo.utils.compile_times``; fastlora's rewrite is
+  ``fastlora_rewrite``), and the first step's seconds by phase: the compile, its trace, the
+  backend, fastlora's rewrite, a cache load, the guards, and what ran outside the compile;
 - the profile's own time summed by where the code lives (dynamo, aot autograd, inductor,
   triton's compiler, fastlora, the mutation analysis of user Triton kernels, ...);
 - the 30 functions with the most cumulative time under ``torch``/``triton``/``fastlora``;
@@ -95,6 +97,23 @@ def compile_calls(stats: pstats.Stats) -> dict[str, dict]:
             if key in filename and name == func:
                 calls, cum = calls + ncalls, cum + cumtime
         found[label] = {"calls": calls, "cumulative_s": cum}
+    return found
+
+
+# Dynamo's compile-time phases worth a column: the whole compile of a frame, its bytecode trace,
+# the backend (fastlora's rewrite inside it, then AOTAutograd and inductor), the guards.
+PHASES = ["_compile.compile_inner", "bytecode_tracing", "OutputGraph.call_user_compiler",
+          "fastlora_rewrite", "AOTAutogradCache.inductor_load", "build_guards"]
+
+
+def phases(first_s: float) -> dict[str, float]:
+    """Seconds per phase of ``torch._dynamo.utils.compilation_time_metrics`` (summed over calls),
+    and what the first step spent outside Dynamo's compiles: running the step, loading and
+    launching kernels the first time, lazy imports."""
+    import torch._dynamo.utils
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    found = {name: round(sum(metrics.get(name, [])), 3) for name in PHASES}
+    found["outside_compile"] = round(first_s - found["_compile.compile_inner"], 3)
     return found
 
 
@@ -185,6 +204,7 @@ def main(argv=None):
     summary = {"shape": args.shape, "layers": cfg.num_hidden_layers, "launch": launch,
                "options": opts, "cprofile": not args.no_cprofile,
                "first_step_s": first_s, "second_step_s": second_s,
+               "phases_s": phases(first_s),
                "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
                "matches": fastlora.reports(model).counts(), "self_time_by_place": places,
                "unplaced_top": unplaced(stats) if stats else [],
@@ -207,6 +227,8 @@ def main(argv=None):
           f"(cache {'on' if summary['access_cache'] else 'off'}); AOTAutograd's cache "
           f"{summary['aot_autograd_cache']}; inductor's FX graph cache "
           f"{summary['fx_graph_cache']}")
+    print("first step by phase (s): " + ", ".join(
+        f"{name} {secs:.1f}" for name, secs in summary["phases_s"].items()))
     for reason in summary["cache_bypasses"]:
         print(f"  cache bypassed: {reason}")
     print("self time by place (s):")

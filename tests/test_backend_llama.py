@@ -40,6 +40,19 @@ def test_report_contents_and_api():
     assert fastlora.reports(torch.nn.Linear(2, 2)).counts() == {}
 
 
+def test_the_rewrite_is_timed_among_dynamos_compile_phases():
+    """torch._dynamo.utils.compile_times() (and tlparse) list fastlora's rewrite beside Dynamo's,
+    AOTAutograd's and inductor's phases: one more entry per graph the backend receives."""
+    from torch._dynamo.utils import compilation_time_metrics
+    before = len(compilation_time_metrics.get("fastlora_rewrite", []))
+    model = with_lora(tiny_llama(layers=1))
+    compiled = torch.compile(model, backend="fastlora", options={"compiler": "aot_eager"})
+    compiled(**_inputs()).loss.backward()
+    timed = compilation_time_metrics.get("fastlora_rewrite", [])[before:]
+    assert len(timed) == 1 and timed[0] > 0
+    assert "fastlora_rewrite" in torch._dynamo.utils.compile_times(repr="str")
+
+
 def test_disable_option_and_print(capsys):
     model = with_lora(tiny_llama(layers=1))
     compiled = torch.compile(model, backend="fastlora",

@@ -44,37 +44,38 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
 
     # 1-2. Receive and canonicalize a copy, so the original survives a failed rewrite.
     rewritten = _copy(gm)
-    try:
-        active = [p for p in patterns if p.name not in opts.disable]
-        modules = list(_graph_modules(rewritten))
-        # Every graph is canonical before any is rewritten: a pattern in a body may look out
-        # into the graph that calls it (the attention mask prover does, see _link_callers).
-        for module in modules:
-            canonicalize(module.graph)
-            sizes_from_inputs(module.graph)
-        _link_callers(modules)
-        sites = call_sites(modules)
-        shared = [len(sites[m]) for m in modules if len(sites[m]) > 1]
-        if shared:
-            report.notes.append(f"{len(shared)} compiled bodies run {sum(shared)} times per step "
-                                f"(decoder layers compiled once)")
-        # Subgraphs first (bodies of activation checkpointing and other higher-order ops). A
-        # body that several calls share (a decoder layer compiled once) is rewritten once.
-        for module in modules:
-            # 3-4. Match and rewrite.
-            apply_patterns(module.graph, active, report, strict=opts.strict, options=opts,
-                           top_level=module is rewritten, call_sites=sites[module])
-        for module in modules:  # Dynamo's spelling again, which compile caches can key
-            restore_method_calls(module.graph)
-            module.recompile()
-    except Exception as e:
-        if opts.strict:
-            raise
-        report.fallback = f"an internal error occurred ({type(e).__name__}: {e})"
-        report.errors.append(traceback.format_exc())
-        report.matches.clear()
-        log.warning("fastlora: compiling graph %d without rewrites: %s", report.index, e)
-        rewritten = gm
+    with _timed("fastlora_rewrite"):  # Dynamo's compile-time metrics list it
+        try:
+            active = [p for p in patterns if p.name not in opts.disable]
+            modules = list(_graph_modules(rewritten))
+            # Every graph is canonical before any is rewritten: a pattern in a body may look out
+            # into the graph that calls it (the attention mask prover does, see _link_callers).
+            for module in modules:
+                canonicalize(module.graph)
+                sizes_from_inputs(module.graph)
+            _link_callers(modules)
+            sites = call_sites(modules)
+            shared = [len(sites[m]) for m in modules if len(sites[m]) > 1]
+            if shared:
+                report.notes.append(f"{len(shared)} compiled bodies run {sum(shared)} times per "
+                                    f"step (decoder layers compiled once)")
+            # Subgraphs first (bodies of activation checkpointing and other higher-order ops). A
+            # body that several calls share (a decoder layer compiled once) is rewritten once.
+            for module in modules:
+                # 3-4. Match and rewrite.
+                apply_patterns(module.graph, active, report, strict=opts.strict, options=opts,
+                               top_level=module is rewritten, call_sites=sites[module])
+            for module in modules:  # Dynamo's spelling again, which compile caches can key
+                restore_method_calls(module.graph)
+                module.recompile()
+        except Exception as e:
+            if opts.strict:
+                raise
+            report.fallback = f"an internal error occurred ({type(e).__name__}: {e})"
+            report.errors.append(traceback.format_exc())
+            report.matches.clear()
+            log.warning("fastlora: compiling graph %d without rewrites: %s", report.index, e)
+            rewritten = gm
 
     from .offload import offload_mode  # imports inductor's pass API: only when compiling
 
@@ -102,6 +103,16 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         report.notes.append(note)
         log.info("fastlora: graph %d: %s", report.index, note)
     return compiled
+
+
+def _timed(key: str):
+    """Dynamo's timer (``torch._dynamo.utils.dynamo_timed``): the time is listed under ``key`` in
+    ``torch._dynamo.utils.compile_times()`` and tlparse, beside Dynamo's, AOTAutograd's and
+    inductor's phases. A plain context where a PyTorch release lacks it."""
+    import torch._dynamo.utils
+
+    timer = getattr(torch._dynamo.utils, "dynamo_timed", None)
+    return timer(key) if timer is not None else contextlib.nullcontext()
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
