@@ -9,6 +9,7 @@
 #   benchmarks/run_gpu.sh exec python3 benchmarks/compile_profile.py   # any command, same set-up
 #   benchmarks/run_gpu.sh curve [--points gc-offload,gc,no-gc]      # benchmarks/memory_curve.py
 #   benchmarks/run_gpu.sh parts [--load-4bit --kbit-recipe bf16 --variants fastlora]  # memory_parts.py
+#   benchmarks/run_gpu.sh probe                      # versions and what this torch can do (seconds)
 #   benchmarks/run_gpu.sh all                        # tests, kernels, then train with defaults
 # Installs carried wheels from .whl/ (shared/gpu/wheels.sh), uses fastlora from src/ without
 # installing it, and writes logs and results under $OUT (default benchmarks/results).
@@ -57,12 +58,13 @@ case "$mode" in
   train)   run python3 benchmarks/train_step.py --out "$OUT" "$@" ;;
   varlen)  run python3 benchmarks/train_varlen.py --out "$OUT" "$@" ;;
   exec)    run "$@" ;;  # any command, in this environment (wheels installed, src on the path)
+  probe)   run python3 benchmarks/probe.py ;;
   curve)   run python3 benchmarks/memory_curve.py --out "$OUT" "$@" ;;
   parts)   run python3 benchmarks/memory_parts.py --out "$OUT" "$@" ;;
   all)     run python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log"
            run python3 benchmarks/kernels.py --out "$OUT"
            run python3 benchmarks/train_step.py --out "$OUT" ;;
-  *) echo "usage: $0 tests|tests-attention|tests-kernels|tests-models|kernels|train|varlen|exec|curve|parts|all [args]"
+  *) echo "usage: $0 tests|tests-attention|tests-kernels|tests-models|kernels|train|varlen|exec|probe|curve|parts|all [args]"
      exit 2 ;;
 esac
 exit $status
