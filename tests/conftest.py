@@ -19,6 +19,9 @@ torch.set_num_threads(int(THREADS))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FASTLORA_TEST_PLAIN_INTERPRETER") != "1":
+    import interpreter_patching  # noqa: E402
+    interpreter_patching.install()
 
 from fastlora import builtin_patterns  # noqa: E402  (after TRITON_INTERPRET)
 
