@@ -73,12 +73,17 @@ def test_report_names_every_layer_of_a_shared_body():
     assert "one compiled body" in str(reports)
 
 
-def test_padding_mask_and_dropout():
-    model = with_lora(tiny_llama(layers=LAYERS), dropout=0.1)
-    ids = token_batch()
-    mask = torch.ones_like(ids["input_ids"])
+def _padded_inputs() -> dict:
+    inputs = token_batch()
+    mask = torch.ones_like(inputs["input_ids"])
     mask[0, :3] = 0
-    inputs = {**ids, "attention_mask": mask}
+    return {**inputs, "attention_mask": mask}
+
+
+# The padding mask and dropout (two compiles): two tests, which xdist can run side by side.
+def test_padding_mask_in_a_shared_body():
+    model = with_lora(tiny_llama(layers=LAYERS), dropout=0.1)
+    inputs = _padded_inputs()
     model.eval()  # dropout off: comparable with eager
     loss_e, grads_e = run_step(model, inputs)
     loss_c, grads_c, reports = _trained(model, inputs)
@@ -86,6 +91,11 @@ def test_padding_mask_and_dropout():
     assert reports.counts()["attention"] == LAYERS
     assert rel_err(loss_c, loss_e) < 1e-6
     assert max(rel_err(grads_c[n], g) for n, g in grads_e.items()) < 1e-5
+
+
+def test_dropout_in_a_shared_body():
+    model = with_lora(tiny_llama(layers=LAYERS), dropout=0.1)
+    inputs = _padded_inputs()
     model.train()  # dropout on: the shared body draws its masks and trains
     loss_t, grads_t, reports = _trained(model, inputs)
     assert torch.isfinite(loss_t) and all(torch.isfinite(g).all() for g in grads_t.values())
