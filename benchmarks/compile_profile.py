@@ -144,6 +144,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lengths", default="1500,1100", help="padded width of step 1, step 2")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--batch-mode", default="padded", choices=("padded", "padfree", "plain"),
+                    help="right-padded rows with a mask, packed rows, or full rows, no mask")
     ap.add_argument("--options", default="{}", help="JSON dict for compile_for_trainer")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing (non-reentrant)")
     ap.add_argument("--no-cprofile", action="store_true",
@@ -173,7 +175,11 @@ def main(argv=None):
 
     def batch(width):
         lengths = [width] + [max(1, width - 97 * i) for i in range(1, args.batch)]
-        return varlen.make_batch(lengths, "padded", cfg.vocab_size, gen, 1)[0]
+        if args.batch_mode == "plain":
+            ids = torch.randint(0, cfg.vocab_size, (args.batch, width), device=device,
+                                generator=gen)
+            return {"input_ids": ids, "labels": ids}
+        return varlen.make_batch(lengths, args.batch_mode, cfg.vocab_size, gen, 1)[0]
 
     def step(inputs):
         step_model(**inputs, use_cache=False).loss.backward()
@@ -190,6 +196,14 @@ def main(argv=None):
     t = time.perf_counter()
     step(batch(widths[1]))
     second_s = time.perf_counter() - t
+    # TORCH_CACHING_PRECOMPILE=1 (Dynamo's experimental precompile): the traced code and guards
+    # are written at save_cache_artifacts(); a later run with the same caches loads them and
+    # skips Dynamo's trace (and fastlora's rewrite: no report then).
+    precompile = bool(getattr(torch._dynamo.config, "caching_precompile", False))
+    timers = torch._dynamo.utils.compilation_time_metrics
+    loaded = any(k.startswith("precompile_") for k in timers)
+    if precompile:
+        torch.compiler.save_cache_artifacts()
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +229,8 @@ def main(argv=None):
                "fx_graph_cache": {k: v for k, v in torch._dynamo.utils.counters[
                    "inductor"].items() if k.startswith("fxgraph_cache")},
                "cache_bypasses": BYPASSES.reasons,
-               "access_cache": os.environ.get("FASTLORA_ACCESS_CACHE", "1") != "0"}
+               "access_cache": os.environ.get("FASTLORA_ACCESS_CACHE", "1") != "0",
+               "dynamo_precompile": {"on": precompile, "loaded": loaded}}
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
 
     print(torch._dynamo.utils.compile_times(repr="str"))
@@ -226,7 +241,7 @@ def main(argv=None):
           f"graphs {summary['graphs']}; Triton access analyses {summary['access_analysis']} "
           f"(cache {'on' if summary['access_cache'] else 'off'}); AOTAutograd's cache "
           f"{summary['aot_autograd_cache']}; inductor's FX graph cache "
-          f"{summary['fx_graph_cache']}")
+          f"{summary['fx_graph_cache']}; Dynamo's precompile {summary['dynamo_precompile']}")
     print("first step by phase (s): " + ", ".join(
         f"{name} {secs:.1f}" for name, secs in summary["phases_s"].items()))
     for reason in summary["cache_bypasses"]:

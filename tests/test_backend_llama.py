@@ -175,6 +175,22 @@ def test_graph_copy_keeps_module_meta():
     assert copied.body is not body
 
 
+def test_graph_copy_keeps_dynamos_backend_id():
+    """Dynamo names each graph's compiled code (``gm._backend_id``); AOTAutograd records the
+    compiled graph under that name for Dynamo's precompile (``torch._dynamo.config.
+    caching_precompile``), which finds nothing to save ("Backend not found") when the rewritten
+    copy drops it."""
+    from torch import fx
+
+    from fastlora.backend import _copy
+
+    gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity()))
+    gm._backend_id = "__compiled_fn_3"
+    assert _copy(gm)._backend_id == "__compiled_fn_3"
+    plain = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity()))
+    assert not hasattr(_copy(plain), "_backend_id")
+
+
 def test_graphs_with_user_triton_kernels_get_tritons_float_typing(monkeypatch):
     """A graph that launches a user Triton kernel (TRL's chunked log-prob, captured inside its
     autograd.Function) goes to inductor with float arguments typed float32, as Triton launches

@@ -122,6 +122,8 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(out)
     copy = fx.GraphModule(gm, graph)
     copy.meta = dict(gm.meta)  # e.g. a checkpointed body's _checkpoint_context_fn (selective AC)
+    if hasattr(gm, "_backend_id"):  # Dynamo's name for this graph's compiled code (precompile)
+        copy._backend_id = gm._backend_id
     for name, child in gm.named_children():
         if isinstance(child, fx.GraphModule):
             setattr(copy, name, _copy(child))
