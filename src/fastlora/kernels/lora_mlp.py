@@ -270,19 +270,22 @@ def _(x, gate_weight, gate_bias, gate_A, gate_B, up_weight, up_bias, up_A, up_B,
             x.new_empty((*lead, gate_A.shape[0] + up_A.shape[0]), dtype=torch.float32))
 
 
-@fused_op("fastlora::lora_mlp_backward")
-def lora_mlp_backward(dh: Tensor, x: Tensor, gate_weight: Tensor, gate_A: Tensor, gate_B: Tensor,
-                      up_weight: Tensor, up_A: Tensor, up_B: Tensor, base_gate: Tensor,
-                      base_up: Tensor, xa: Tensor, seed: Optional[Tensor], gate_scale: float,
-                      up_scale: float, dropout_p: float, activation: str, needs_dx: bool,
-                      needs_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                  Tensor]:
-    """(dx, d gate_A, d gate_B, d up_A, d up_B, d gate_bias, d up_bias); empty where unneeded."""
+def mlp_backward(dh, x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, base_gate, base_up,
+                 xa, seed, gate_scale, up_scale, dropout_p, activation, needs_dx, needs_dbias,
+                 dg=None, du=None):
+    """lora_mlp's backward (the op below). ``dg`` / ``du``: [M, F] buffers, in dh's dtype, to
+    write d gate / d up into on the Triton path; ``du`` may be ``dh`` itself (each tile of dh is
+    read before the same tile of d up is written), which lora_mlp_block's backward uses to keep
+    one [M, F] buffer fewer alive."""
     x2, dh2, bg, bu, xa2 = rows2d(x), rows2d(dh), rows2d(base_gate), rows2d(base_up), rows2d(xa)
     rg = gate_A.shape[0]
     triton_path = use_triton(x2)
-    fn = glu_backward_triton if triton_path else glu_backward_reference
-    dg, du, da = fn(dh2, bg, bu, xa2, gate_B, up_B, gate_scale, up_scale, activation, dh.dtype)
+    if triton_path:
+        dg, du, da = glu_backward_triton(dh2, bg, bu, xa2, gate_B, up_B, gate_scale, up_scale,
+                                         activation, dh.dtype, dg=dg, du=du)
+    else:
+        dg, du, da = glu_backward_reference(dh2, bg, bu, xa2, gate_B, up_B, gate_scale,
+                                            up_scale, activation, dh.dtype)
     grad_b = lora_grad_b_triton if triton_path else lora_grad_b_reference
     d_gate_B = grad_b(dg, xa2[:, :rg].contiguous(), gate_scale, gate_B.dtype)  # dense:
     d_up_B = grad_b(du, xa2[:, rg:].contiguous(), up_scale, up_B.dtype)  # kernels/_launch.py
@@ -296,6 +299,19 @@ def lora_mlp_backward(dh: Tensor, x: Tensor, gate_weight: Tensor, gate_A: Tensor
     return (dx.view(x.shape) if dx is not None else e, d_gate_A, d_gate_B, d_up_A, d_up_B,
             dg.sum(0) if needs_dbias else x.new_empty(0),
             du.sum(0) if needs_dbias else x.new_empty(0))
+
+
+@fused_op("fastlora::lora_mlp_backward")
+def lora_mlp_backward(dh: Tensor, x: Tensor, gate_weight: Tensor, gate_A: Tensor, gate_B: Tensor,
+                      up_weight: Tensor, up_A: Tensor, up_B: Tensor, base_gate: Tensor,
+                      base_up: Tensor, xa: Tensor, seed: Optional[Tensor], gate_scale: float,
+                      up_scale: float, dropout_p: float, activation: str, needs_dx: bool,
+                      needs_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                  Tensor]:
+    """(dx, d gate_A, d gate_B, d up_A, d up_B, d gate_bias, d up_bias); empty where unneeded."""
+    return mlp_backward(dh, x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, base_gate,
+                        base_up, xa, seed, gate_scale, up_scale, dropout_p, activation, needs_dx,
+                        needs_dbias)
 
 
 @lora_mlp_backward.register_fake
