@@ -14,8 +14,9 @@ Math (x [M, K] rows; gate/up/down are peft LoRA linears, see the two op files):
 Backward: h is recomputed by the same GLU forward kernel from the saved base outputs and xa
 (the same inputs through the same deterministic kernel: bit-identical to the forward's h); then
 lora_linear's backward gives dh, dA_down, dB_down (and d b_down); then lora_mlp's backward runs
-on dh, writing d gate into h's buffer (its values dead by then) and d up over dh itself. The gradients are those of the two unfused ops: the same functions on
-the same values (bit for bit in the CPU tests). Dropout draws from two seeds, exactly as the two ops would.
+on dh, writing d gate into h's buffer (its values dead by then) and d up over dh itself. The
+gradients are those of the two unfused ops: the same functions on the same values (bit for bit
+in the CPU tests). Dropout draws from two seeds, exactly as the two ops would.
 
 Memory saved for backward per layer (M tokens, F = ffn width, e = bytes of the model dtype):
 2 M F e (base_gate, base_up) + 4 M (r_g + r_u + r_d) (the float32 xa's) + x (kept anyway: it is
