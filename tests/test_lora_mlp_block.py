@@ -296,3 +296,48 @@ def test_report_marks_the_matches_fused_further():
     assert absorbed == [("lora_linear", "down_proj")] * 2 + [("lora_mlp", "mlp")] * 2, absorbed
     assert all("absorbed_into" not in m for m in matches if m["module"].endswith("o_proj"))
     assert "lora_mlp (in lora_mlp_block)" in str(fastlora.reports()[0])
+
+
+# ---- GPU (run with `pytest -m gpu` on the H200) --------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_backward_keeps_two_new_hidden_sized_buffers_cuda():
+    """The op's backward makes two [M, F] buffers (h recomputed, dh) and writes d gate / d up
+    into them: at its highest point it holds at most 2 [M, F] buffers more than its inputs (3
+    when d up had a buffer of its own), and the gradients are those of float32 autograd. The
+    caching allocator is filled with NaN first, so a buffer read before written shows."""
+    m, k, f, r, dt, dev = 4096, 256, 4096, 8, torch.bfloat16, "cuda"
+    torch.manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return (torch.randn(*shape, device=dev) * 0.05).to(dtype)
+    x, gw, uw, dw = rand(m, k, dtype=dt), rand(f, k, dtype=dt), rand(f, k, dtype=dt), \
+        rand(k, f, dtype=dt)
+    ga, gb, ua, ub, da, db = rand(r, k), rand(f, r), rand(r, k), rand(f, r), rand(r, f), rand(k, r)
+    y, bg, bu, xa, xa_d = torch.ops.fastlora.lora_mlp_block(
+        x, gw, None, ga, gb, uw, None, ua, ub, None, 0.5, 0.7, 0.0, "silu", dt, dw, None, da, db,
+        None, 1.5, 0.0, dt)
+    dy = torch.randn_like(y)
+    poison = torch.full((4 * m * f,), float("nan"), dtype=dt, device=dev)
+    del poison
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = torch.ops.fastlora.lora_mlp_block_backward(
+        dy, x, gw, ga, gb, uw, ua, ub, bg, bu, xa, None, 0.5, 0.7, 0.0, "silu", dt, dw, da, db,
+        xa_d, None, 1.5, 0.0, True, False, False)
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - start) / (m * f * 2)
+    assert extra < 2.5, f"{extra:.2f} [M, F] buffers above the inputs"
+
+    leaves = [t.float().requires_grad_() for t in (x, ga, gb, ua, ub, da, db)]
+    xf, gaf, gbf, uaf, ubf, daf, dbf = leaves
+    gate = xf @ gw.float().T + 0.5 * (xf @ gaf.T) @ gbf.T
+    up = xf @ uw.float().T + 0.7 * (xf @ uaf.T) @ ubf.T
+    h = F.silu(gate) * up
+    y32 = h @ dw.float().T + 1.5 * (h @ daf.T) @ dbf.T
+    want = torch.autograd.grad(y32, leaves, dy.float())
+    names = ("dx", "d gate_A", "d gate_B", "d up_A", "d up_B", "d down_A", "d down_B")
+    for name, g, w in zip(names, [got[i] for i in (0, 1, 2, 3, 4, 7, 8)], want):
+        assert torch.isfinite(g).all() and rel_err(g.float(), w) < 2e-2, name
