@@ -5,7 +5,6 @@ Threads: one per process by default (``FASTLORA_TEST_THREADS`` sets another coun
 tensors are tiny; on a busy 2-core machine two threads per op ran the suite about 6x slower
 than one (2026-12-03), and the results must not depend on how many cores the host has."""
 import contextlib
-import gc
 import logging
 import os
 
@@ -28,11 +27,9 @@ if os.environ.get("TRITON_INTERPRET") == "1" and not PLAIN_INTERPRETER:
 
 from fastlora import builtin_patterns  # noqa: E402  (after TRITON_INTERPRET)
 
-# Python's cyclic garbage collector less often: tracing a model allocates millions of small
-# objects, and at the default threshold (700) the collector ran often enough to take ~10% of a
-# compile-heavy test file's time (test_families.py, 2026-12-06). Garbage is still collected; a
-# test that needs a collection at a point calls gc.collect() itself.
-gc.set_threshold(50_000, 20, 20)
+import collector  # noqa: E402  (tests/collector.py)
+
+collector.collect_less_often()
 
 # Tests import fastlora.patterns.* directly; from a source tree (PYTHONPATH=src, as on the GPU
 # machine) that package is the top-level patterns/ folder, which this makes importable.

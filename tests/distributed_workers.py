@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import copy
 import datetime
-import gc
 import os
 import pathlib
 import time
 
 import torch
+
+import collector
 
 WORLD = 2
 OPTIONS = {"compiler": "aot_eager", "strict": True}
@@ -56,7 +57,7 @@ def launch(worker: str, out_dir: pathlib.Path, timeout_s: float = 480) -> list[d
 def _entry(rank: int, worker: str, init: str, out_dir: str) -> None:
     os.environ.pop("TRITON_INTERPRET", None)  # the CPU reference kernels (see the docstring)
     torch.set_num_threads(1)
-    gc.set_threshold(50_000, 20, 20)  # as tests/conftest.py: less collector time while tracing
+    collector.collect_less_often()
     import torch.distributed as dist
 
     started = time.perf_counter()

@@ -7,7 +7,6 @@ bash commands in a shell. Between pages Dynamo is reset and patterns a page regi
 removed, as if each page ran in a fresh interpreter. The results hold, per page, what each
 Python block printed and the first error, if any."""
 import contextlib
-import gc
 import io
 import json
 import os
@@ -15,6 +14,8 @@ import subprocess
 import sys
 import traceback
 import types
+
+import collector  # tests/collector.py (this script's folder is on sys.path)
 
 
 def _shell_env() -> dict:
@@ -61,7 +62,7 @@ def run_page(page: dict) -> dict:
 
 
 def main(plan_file: str, results_file: str) -> None:
-    gc.set_threshold(50_000, 20, 20)  # as tests/conftest.py: less collector time while tracing
+    collector.collect_less_often()
     with open(plan_file) as f:
         plan = json.load(f)
     results = {page["page"]: run_page(page) for page in plan}
