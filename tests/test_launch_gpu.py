@@ -161,3 +161,47 @@ def test_fastlora_model_step_dynamic_lengths_match_eager(dtype, reuse_layers):
     assert counts.get("rope", 0) == 2 and counts.get("rms_norm", 0) >= 1, counts
     marked = any("marked to be compiled once" in n for n in report.notes)
     assert marked == reuse_layers, report.notes
+
+
+@needs_inductor_route
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_inductor_route_mlp_block_backward_reuses_h_and_dh(dynamic):
+    """lora_mlp_block_backward writes d gate into recomputed h's buffer and d up over dh
+    (kernels/lora_mlp_block.py). Traced for inductor, those writes are functionalized and only
+    reinplaced where inductor proves the buffers dead: compiled, the op must hold no more [M, F]
+    buffers above its inputs than its Python launcher does (at most 2, not 3 or 4), and give
+    the eager op's gradients. Dynamic sizes as compile_for_trainer compiles (the op's buffers are
+    then flat allocations viewed, kernels/_buffers.py) and static ones."""
+    m, k, f, r, dt = 4096, 256, 4096, 8, torch.bfloat16
+    torch.manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return (torch.randn(*shape, device="cuda") * 0.05).to(dtype)
+    x, gw, uw, dw = rand(m, k, dtype=dt), rand(f, k, dtype=dt), rand(f, k, dtype=dt), \
+        rand(k, f, dtype=dt)
+    ga, gb, ua, ub, da, db = rand(r, k), rand(f, r), rand(r, k), rand(f, r), rand(r, f), rand(k, r)
+    _, bg, bu, xa, xa_d = torch.ops.fastlora.lora_mlp_block(
+        x, gw, None, ga, gb, uw, None, ua, ub, None, 0.5, 0.7, 0.0, "silu", dt, dw, None, da, db,
+        None, 1.5, 0.0, dt)
+    dy = rand(m, k, dtype=dt)
+
+    def backward(dy, x, bg, bu, xa, xa_d):
+        return torch.ops.fastlora.lora_mlp_block_backward(
+            dy, x, gw, ga, gb, uw, ua, ub, bg, bu, xa, None, 0.5, 0.7, 0.0, "silu", dt, dw, da,
+            db, xa_d, None, 1.5, 0.0, True, False, False)
+
+    want = backward(dy, x, bg, bu, xa, xa_d)
+    compiled = torch.compile(backward, backend="inductor", dynamic=dynamic)
+    _, code = run_and_get_code(compiled, dy, x, bg, bu, xa, xa_d)  # compiles
+    code = "\n".join(code)
+    assert "torch.ops.fastlora" not in code
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    got = compiled(dy, x, bg, bu, xa, xa_d)
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - start) / (m * f * 2)
+    allocs = len(re.findall(r"empty_strided_cuda\(", code))
+    assert extra < 2.5, f"{extra:.2f} [M, F] buffers above the inputs ({allocs} allocations)"
+    for i in (0, 1, 2, 3, 4, 7, 8):
+        assert rel_err(got[i].float(), want[i].float()) < 1e-2, i

@@ -11,12 +11,13 @@ Math (x [M, K] rows; gate/up/down are peft LoRA linears, see the two op files):
     xa_down = dropout_{down_seed, slot 0}(h) @ A_down^T / (1 - p_down)           [M, r_d]
     y       = cast(h @ W_down^T + b_down + s_d xa_down @ B_down^T)               [M, N]
 
-Backward: h is recomputed by the same GLU forward kernel from the saved base outputs and xa
-(the same inputs through the same deterministic kernel: bit-identical to the forward's h); then
-lora_linear's backward gives dh, dA_down, dB_down (and d b_down); then lora_mlp's backward runs
-on dh, writing d gate into h's buffer (its values dead by then) and d up over dh itself. The
-gradients are those of the two unfused ops: the same functions on the same values (bit for bit
-in the CPU tests). Dropout draws from two seeds, exactly as the two ops would.
+Backward: dB_down first (it reads only dy and the saved xa_down, see below); h is recomputed
+by the same GLU forward kernel from the saved base outputs and xa (the same inputs through the
+same deterministic kernel: bit-identical to the forward's h); then lora_linear's backward gives
+dh, dA_down (and d b_down); then lora_mlp's backward runs on dh, writing d gate into h's buffer
+(its values dead by then) and d up over dh itself. The gradients are those of the two unfused
+ops: the same functions on the same values (bit for bit in the CPU tests). Dropout draws from
+two seeds, exactly as the two ops would.
 
 Memory saved for backward per layer (M tokens, F = ffn width, e = bytes of the model dtype):
 2 M F e (base_gate, base_up) + 4 M (r_g + r_u + r_d) (the float32 xa's) + x (kept anyway: it is
@@ -24,7 +25,11 @@ the MLP's input). The two unfused ops keep M F e more (h, for dA_down = da^T @ h
 one GLU forward kernel in backward: reads 2 x [M, F], writes 1 x [M, F]. At the backward's
 highest point 4 [M, F] buffers are alive (base_gate, base_up, h, dh), where the two ops'
 backwards have 5 (fresh d gate and d up beside dh): one M F e less (Llama-3-8B at 8192 tokens:
-224 MiB), in the recompute of a checkpointed layer too.
+224 MiB). In a checkpointed layer the forward is recomputed in backward, and AOTAutograd's
+partitioner runs each recomputed value just before its first use: xa_down, made from the
+forward's own h, is first read by dB_down, which is therefore computed before this op's h and
+dh exist (after them, the forward's h made a fifth [M, F] buffer: the 8B row's peak, 2026-12-06;
+tests/test_block_buffers.py follows the buffers in the graph).
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from ._common import require, rows2d, use_triton
 from ._launch import fused_op
 from ._lora_grouped import grouped_down
 from .lora_mlp import glu_forward_reference, glu_forward_triton, mlp_backward, validate_mlp
-from .lora_linear import lora_backward, lora_forward, validate as validate_linear
+from .lora_linear import lora_backward, lora_forward, lora_grad_b, validate as validate_linear
 
 
 def _validate(x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, seed, dropout_p,
@@ -115,13 +120,19 @@ def lora_mlp_block_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, d gate_A, d gate_B, d up_A, d up_B, d gate_bias, d up_bias, d down_A, d down_B,
     d down_bias); empty where unneeded."""
-    bg, bu, xa2 = rows2d(base_gate), rows2d(base_up), rows2d(xa)
+    bg, bu, xa2, dy2, xa_d2 = (rows2d(t) for t in (base_gate, base_up, xa, dy, xa_down))
+    # 0. dB_down first: it reads only dy and xa_down. In a checkpointed layer xa_down is
+    # recomputed from the forward's own h, and AOTAutograd's partitioner runs that recompute
+    # just before the first use of xa_down; first, the forward's h is made and freed before this
+    # op's h and dh exist (after them: 5 [M, F] buffers at once, base gate, base up, both h's
+    # and dh; tests/test_block_buffers.py)
+    d_down_B = lora_grad_b(dy2, xa_d2, down_scale, down_B.dtype)
     # 1. h again: the forward's kernel on the forward's inputs (bit-identical)
     h = _glu(bg)(bg, bu, xa2, gate_B, up_B, gate_scale, up_scale, activation, hidden_dtype)
-    # 2. down's backward (lora_linear): dh = dy @ W_down + adapter part, dA_down, dB_down
+    # 2. the rest of down's backward (lora_linear): dh = dy @ W_down + adapter part, dA_down
     dh, d_down_A, d_down_B, _, d_down_bias = lora_backward(
-        rows2d(dy), h, down_weight, down_A, down_B, rows2d(xa_down), down_seed, down_scale,
-        down_dropout_p, True, False, needs_down_dbias)
+        dy2, h, down_weight, down_A, down_B, xa_d2, down_seed, down_scale, down_dropout_p, True,
+        False, needs_down_dbias, db=d_down_B)
     # 3. gate/up's backward (lora_mlp) on dh. h's values are dead: d gate goes into its buffer,
     # d up into dh's (read tile by tile before written): [M, F] buffers alive at most 4 (base
     # gate, base up, h, dh), where fresh d gate / d up buffers made 5 in this step

@@ -1,0 +1,96 @@
+"""How many [M, F] buffers lora_mlp_block's backward holds, called eagerly and compiled by
+inductor (the inductor launch route traces the op's body; its kernel writes into h and dh
+stay in place only where inductor's reinplacing pass proves them dead).
+
+    benchmarks/run_gpu.sh exec python3 benchmarks/block_buffers.py     # GPU
+
+Prints the peak above the inputs in [M, F] buffers (M = 4096 rows, F = 4096, bf16; the
+inputs and outputs are [M, 256]) called eagerly, compiled with static sizes and compiled with
+dynamic ones (the token count symbolic, as ``compile_for_trainer`` compiles: the op's buffers
+are then flat allocations viewed, kernels/_buffers.py); for each compile inductor's verdicts on
+the kernel writes (its reinplacing log) and the [M, F] allocations of its generated code; the
+dynamic compile's code goes to $OUT/block_backward_code.py.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import fastlora  # noqa: F401  (registers torch.ops.fastlora)
+
+M, K, F, R, DT = 4096, 256, 4096, 8, torch.bfloat16
+
+
+def _inputs():
+    torch.manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return (torch.randn(*shape, device="cuda") * 0.05).to(dtype)
+    x, gw, uw, dw = rand(M, K, dtype=DT), rand(F, K, dtype=DT), rand(F, K, dtype=DT), \
+        rand(K, F, dtype=DT)
+    ga, gb, ua, ub, da, db = rand(R, K), rand(F, R), rand(R, K), rand(F, R), rand(R, F), \
+        rand(K, R)
+    _, bg, bu, xa, xa_d = torch.ops.fastlora.lora_mlp_block(
+        x, gw, None, ga, gb, uw, None, ua, ub, None, 0.5, 0.7, 0.0, "silu", DT, dw, None, da, db,
+        None, 1.5, 0.0, DT)
+    weights = (gw, ga, gb, uw, ua, ub, dw, da, db)
+    return weights, (rand(M, K, dtype=DT), x, bg, bu, xa, xa_d)
+
+
+def _backward_of(weights):
+    gw, ga, gb, uw, ua, ub, dw, da, db = weights
+
+    def backward(dy, x, bg, bu, xa, xa_d):
+        return torch.ops.fastlora.lora_mlp_block_backward(
+            dy, x, gw, ga, gb, uw, ua, ub, bg, bu, xa, None, 0.5, 0.7, 0.0, "silu", DT, dw, da,
+            db, xa_d, None, 1.5, 0.0, True, False, False)
+    return backward
+
+
+def _peak_buffers(fn, args) -> float:
+    fn(*args)
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(*args)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - start) / (M * F * DT.itemsize)
+
+
+def main():
+    verdicts = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            verdicts.append(record.getMessage())
+    reinplace_log = logging.getLogger("torch._inductor.fx_passes.reinplace")
+    reinplace_log.setLevel(logging.DEBUG)
+    reinplace_log.addHandler(Keep())
+
+    weights, args = _inputs()
+    backward = _backward_of(weights)
+    result = {"eager_buffers": _peak_buffers(backward, args)}
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        verdicts.clear()
+        compiled = torch.compile(backward, backend="inductor", dynamic=dynamic)
+        _, code = run_and_get_code(compiled, *args)
+        code = "\n".join(code)
+        name = "dynamic" if dynamic else "static"
+        result[name] = {"buffers": _peak_buffers(compiled, args),
+                        "reinplace_log": list(verdicts),
+                        "allocations": [line.strip()[:160] for line in code.splitlines()
+                                        if "empty_strided_cuda" in line]}
+    out = os.environ.get("OUT", "benchmarks/results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "block_backward_code.py"), "w") as f:
+        f.write(code)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
