@@ -5,10 +5,8 @@ and the most [M, F] buffers that graph holds at once.
     python tests/block_buffer_graph.py --layers 2 [--no-checkpoint]
 
 The inductor route traces an op's body into its Triton kernel calls only for CUDA tensors
-(kernels/_launch.py). Here a pretend GPU stands in for one: Triton's driver reports an sm90
-target (PyTorch's analysis of what a kernel writes compiles it to Triton IR, which needs no
-GPU), the launchers read given device properties, and fastlora's device checks take CPU tensors
-for GPU ones. Nothing is launched: Dynamo and AOTAutograd trace and partition, the two graphs
+(kernels/_launch.py); tests/pretend_gpu.py stands in for a GPU. Nothing is launched: Dynamo
+and AOTAutograd trace and partition, the two graphs
 are captured, inductor's reinplacing pass is applied to the backward as inductor applies it,
 and the backward's buffers are followed node by node in its order (the order inductor keeps
 for extern and user-kernel calls). Its inputs (saved activations, weights) are not counted.
@@ -18,41 +16,12 @@ Prints one JSON line: {"peak": n, "alive_at_peak": [...], "kernels": [...]}.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import operator
-import pkgutil
-import types
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
 
-
-class _PretendDriver:
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-
-def pretend_gpu() -> None:
-    triton.runtime.driver.set_active(_PretendDriver())
-    props = types.SimpleNamespace(multi_processor_count=132, major=9, minor=0,
-                                  name="pretend sm90", total_memory=80 << 30,
-                                  shared_memory_per_block_optin=232448)
-    torch.cuda.get_device_properties = lambda *args, **kwargs: props
-    torch.cuda.get_device_capability = lambda *args, **kwargs: (9, 0)
-    torch.cuda.current_device = lambda: 0
-    import fastlora.kernels as kernels
-    from fastlora.kernels import _launch
-
-    _launch._decomposes = lambda args: True  # every op call is traced into its kernels
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"fastlora.kernels.{info.name}")
-        if hasattr(module, "use_triton"):
-            module.use_triton = lambda t: True  # the Triton path, not the PyTorch reference
+from pretend_gpu import pretend_gpu
 
 
 def capture_graphs(layers: int, checkpoint: bool, m: int, k: int, f: int, r: int):

@@ -92,6 +92,29 @@ def test_buffers_match_the_factory_calls(shape, dims, dtype):
     assert not _buffers.zeros(t.shape, dtype, t.device).any()
 
 
+@pytest.mark.parametrize("dynamic", [(0,), (1,), (0, 1), (0, 2)])
+def test_symbolic_buffers_have_pytorchs_storage_expression(dynamic):
+    """With symbolic sizes a buffer's storage size is the expression PyTorch gives a strided
+    tensor (empty_strided, a graph's inputs: ``28*s1*(s0 - 1) + 28*s1``), not the product of the
+    sizes that ``torch.empty(shape)`` or a rows-first buffer viewed gives (``28*s0*s1``).
+    torch.compile compares the two as metadata: a layer body shared by nested_compile_region
+    (reuse_layers) had its backward traced once more for the last layer, whose gradient came
+    from a buffer of ours, than for the others (_buffers._storage_length;
+    tests/test_shared_body_backward.py)."""
+    mode, x = _fake((3, 5, 7), dynamic)
+    with mode:
+        pairs = [(_buffers.empty(x.shape, torch.float32, x.device), x),
+                 (_buffers.empty_like(x), x),
+                 (_buffers.zeros(x.shape, torch.bfloat16, x.device),
+                  torch.empty_strided(x.shape, x.stride(), dtype=torch.bfloat16))]
+        for ours, theirs in pairs:
+            assert str(ours.untyped_storage().nbytes()) == str(theirs.untyped_storage().nbytes())
+            assert ours.shape == theirs.shape and ours.stride() == theirs.stride()
+        if len(dynamic) > 1:  # where the two forms differ: a product of two symbols
+            product = torch.empty(x.shape).untyped_storage().nbytes()
+            assert str(product) != str(pairs[0][0].untyped_storage().nbytes())
+
+
 # Factory calls the launchers must not make with a shape (an int or () is fine: no list to
 # rebuild). register_fake functions and the CPU references are not traced into a graph.
 FACTORIES = {"empty", "zeros", "full", "empty_like", "zeros_like", "full_like", "new_empty",

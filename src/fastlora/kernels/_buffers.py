@@ -55,7 +55,25 @@ def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
 
 def _flat_empty(shape: tuple, dtype: torch.dtype, device, factory=torch.empty) -> torch.Tensor:
     """``factory(shape)`` (torch.empty or torch.zeros) as one flat allocation, viewed."""
-    return factory(math.prod(shape), dtype=dtype, device=device).view(shape)
+    return factory(_storage_length(shape), dtype=dtype, device=device).view(shape)
+
+
+def _storage_length(shape: tuple):
+    """The element count of a dense ``shape``, written as PyTorch writes a strided tensor's
+    storage size: 1 + sum of (size - 1) * stride. The same number as the product of the sizes,
+    but with symbolic sizes the same *expression* too (``64*s1*(s0 - 1) + 64*s1`` where the
+    product is ``64*s0*s1``; sympy does not expand it). A tensor's storage size is part of the
+    metadata that torch.compile compares: a layer body shared by nested_compile_region
+    (reuse_layers) has its backward traced again for every distinct metadata of the gradients
+    it receives, and one made in a buffer of ours met one made by PyTorch in the other form
+    (tests/test_buffers.py)."""
+    if any(type(d) is int and d == 0 for d in shape):
+        return 0  # (symbolic sizes are 2 or more: torch.compile specializes 0 and 1)
+    length, stride = 1, 1
+    for size in reversed(shape):
+        length = length + (size - 1) * stride
+        stride = stride * size
+    return length
 
 
 def _permuted_empty_like(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -138,8 +138,8 @@ def rms_norm_backward_triton(dy, x, weight, rstd, offset, cast_before_weight, co
                              dx=None):
     x2, dy2 = rows2d(x, dense=True), rows2d(dy, dense=True)
     M, N = x2.shape
-    if dx is None:
-        dx = _buffers.empty_like(x2)
+    if dx is None:  # allocated in x's shape: a layer's gradient (_buffers._storage_length)
+        dx = _buffers.empty(x.shape, x2.dtype, x.device).view(M, N)
     kind = "bwd_dw" if compute_dw else "bwd"
     block_m, block_n, warps = tile_config(N, x.element_size(), kind)
     tiles = cdiv(M, block_m)

@@ -1,0 +1,67 @@
+"""A script (tests/test_shared_body_backward.py starts it in a process of its own): how many
+times the backward of a decoder layer body shared by ``reuse_layers`` is traced, for a tiny
+Llama compiled by ``compile_for_trainer`` on the inductor launch route (tests/pretend_gpu.py:
+no GPU, nothing launched; inductor's own compile of the graphs is replaced by a capture).
+
+    python tests/shared_body_backward.py --layers 4
+
+torch.compile traces a shared body's backward once per distinct metadata of the gradients the
+body receives (shapes, strides, storage size, aliasing). Every layer's output gradient should
+look alike; one variant more is one more trace of the layer's backward in a cold compile.
+Prints one JSON line: {"backward_variants": n, "graphs": [...]}.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+import torch
+
+from pretend_gpu import pretend_gpu
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    pretend_gpu()
+    import torch._inductor.compile_fx as compile_fx
+
+    import fastlora
+    from helpers import tiny_llama, with_lora
+
+    captured = []
+
+    def capture(gm, example_inputs, **kwargs):  # instead of inductor's codegen: no GPU
+        captured.append(type(gm).__name__)
+
+        def not_run(*inputs):
+            raise RuntimeError("captured, not compiled")
+        return not_run
+    compile_fx.compile_fx_inner = capture
+    variants = {}
+    hop = importlib.import_module("torch._higher_order_ops.invoke_subgraph")
+    record = hop.warn_and_trace_duplicate_backward
+
+    def count(identifier, suffix, *rest):
+        variants[identifier] = max(variants.get(identifier, 0), suffix + 1)
+        return record(identifier, suffix, *rest)
+    hop.warn_and_trace_duplicate_backward = count
+
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(layers=args.layers, hidden=64, inter=128))
+    compiled = fastlora.compile_for_trainer(model, dynamic=True, compiler="inductor",
+                                            reuse_layers=True)
+    ids = torch.randint(0, 97, (2, 24))
+    try:
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    except RuntimeError as e:
+        if "captured, not compiled" not in str(e):
+            raise
+    print(json.dumps({"backward_variants": max(variants.values(), default=0),
+                      "graphs": captured}))
+
+
+if __name__ == "__main__":
+    main()
