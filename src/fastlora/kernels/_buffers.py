@@ -20,8 +20,6 @@ Every buffer a launcher allocates goes through these functions
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 
