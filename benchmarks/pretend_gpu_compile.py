@@ -32,6 +32,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--bf16", action="store_true",
+                        help="the model in bfloat16, the LoRA weights in float32 (the GPU rows)")
+    parser.add_argument("--padded", action="store_true",
+                        help="a right-padded batch with an attention mask, labels -100 on pads")
     args = parser.parse_args()
     from pretend_gpu import pretend_gpu
     pretend_gpu()
@@ -59,15 +63,26 @@ def main():
 
     torch.manual_seed(0)
     model = with_lora(tiny_llama(layers=args.layers, hidden=64, inter=128))
+    if args.bf16:
+        model.to(torch.bfloat16)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
     compiled = fastlora.compile_for_trainer(model, dynamic=True, compiler="inductor",
                                             reuse_layers=True)
     ids = torch.randint(0, 97, (2, 48))
+    batch = {"input_ids": ids, "labels": ids}
+    if args.padded:
+        mask = torch.ones_like(ids)
+        mask[1, 30:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "labels": ids.masked_fill(mask == 0, -100)}
     profile = cProfile.Profile() if args.profile else None
     start = time.perf_counter()
     if profile:
         profile.enable()
     try:
-        compiled(input_ids=ids, labels=ids).loss.backward()
+        compiled(**batch).loss.backward()
     except RuntimeError as e:
         if "captured, not compiled" not in str(e):
             raise
