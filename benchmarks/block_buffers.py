@@ -16,39 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
+import sys
 
 import torch
 from torch._inductor.utils import run_and_get_code
 
 import fastlora  # noqa: F401  (registers torch.ops.fastlora)
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+from helpers import mlp_block_case  # noqa: E402  (the GPU tests' case, tests/helpers.py)
+
 M, K, F, R, DT = 4096, 256, 4096, 8, torch.bfloat16
-
-
-def _inputs():
-    torch.manual_seed(0)
-
-    def rand(*shape, dtype=torch.float32):
-        return (torch.randn(*shape, device="cuda") * 0.05).to(dtype)
-    x, gw, uw, dw = rand(M, K, dtype=DT), rand(F, K, dtype=DT), rand(F, K, dtype=DT), \
-        rand(K, F, dtype=DT)
-    ga, gb, ua, ub, da, db = rand(R, K), rand(F, R), rand(R, K), rand(F, R), rand(R, F), \
-        rand(K, R)
-    _, bg, bu, xa, xa_d = torch.ops.fastlora.lora_mlp_block(
-        x, gw, None, ga, gb, uw, None, ua, ub, None, 0.5, 0.7, 0.0, "silu", DT, dw, None, da, db,
-        None, 1.5, 0.0, DT)
-    weights = (gw, ga, gb, uw, ua, ub, dw, da, db)
-    return weights, (rand(M, K, dtype=DT), x, bg, bu, xa, xa_d)
-
-
-def _backward_of(weights):
-    gw, ga, gb, uw, ua, ub, dw, da, db = weights
-
-    def backward(dy, x, bg, bu, xa, xa_d):
-        return torch.ops.fastlora.lora_mlp_block_backward(
-            dy, x, gw, ga, gb, uw, ua, ub, bg, bu, xa, None, 0.5, 0.7, 0.0, "silu", DT, dw, da,
-            db, xa_d, None, 1.5, 0.0, True, False, False)
-    return backward
 
 
 def _peak_buffers(fn, args) -> float:
@@ -71,8 +50,11 @@ def main():
     reinplace_log.setLevel(logging.DEBUG)
     reinplace_log.addHandler(Keep())
 
-    weights, args = _inputs()
-    backward = _backward_of(weights)
+    torch.manual_seed(0)
+    case = mlp_block_case(M, K, F, R, DT)
+    backward = case.backward
+    args = ((torch.randn(M, K, device="cuda") * 0.05).to(DT), case.x, case.bg, case.bu, case.xa,
+            case.xa_d)
     result = {"eager_buffers": _peak_buffers(backward, args)}
     for dynamic in (False, True):
         torch._dynamo.reset()

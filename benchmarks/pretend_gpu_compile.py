@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib
 import io
 import pathlib
 import pstats
@@ -37,29 +36,18 @@ def main():
     parser.add_argument("--padded", action="store_true",
                         help="a right-padded batch with an attention mask, labels -100 on pads")
     args = parser.parse_args()
-    from pretend_gpu import pretend_gpu
+    from pretend_gpu import (capture_instead_of_codegen, count_backward_variants, pretend_gpu,
+                             step_until_captured)
     pretend_gpu()
     import torch
-    import torch._inductor.compile_fx as compile_fx
     from torch._dynamo.utils import compile_times
 
     import fastlora
     from fastlora.kernels import _access_cache
     from helpers import tiny_llama, with_lora
 
-    def capture(gm, example_inputs, **kwargs):
-        def not_run(*inputs):
-            raise RuntimeError("captured, not compiled")
-        return not_run
-    compile_fx.compile_fx_inner = capture
-    variants = {}
-    hop = importlib.import_module("torch._higher_order_ops.invoke_subgraph")
-    record = hop.warn_and_trace_duplicate_backward
-
-    def count(identifier, suffix, *rest):
-        variants[identifier] = max(variants.get(identifier, 0), suffix + 1)
-        return record(identifier, suffix, *rest)
-    hop.warn_and_trace_duplicate_backward = count
+    capture_instead_of_codegen()
+    variants = count_backward_variants()
 
     torch.manual_seed(0)
     model = with_lora(tiny_llama(layers=args.layers, hidden=64, inter=128))
@@ -81,11 +69,7 @@ def main():
     start = time.perf_counter()
     if profile:
         profile.enable()
-    try:
-        compiled(**batch).loss.backward()
-    except RuntimeError as e:
-        if "captured, not compiled" not in str(e):
-            raise
+    step_until_captured(lambda: compiled(**batch).loss.backward())
     if profile:
         profile.disable()
     print(f"first step up to inductor's codegen: {time.perf_counter() - start:.1f} s, "

@@ -68,6 +68,33 @@ def tiny_llama(layers=2, hidden=40, heads=4, kv_heads=2, inter=56, vocab=97, **k
     return LlamaForCausalLM(cfg)
 
 
+def mlp_block_case(m, k, f, r, dtype, device="cuda"):
+    """``torch.ops.fastlora.lora_mlp_block`` on random [m, k] rows (width f, rank r, gate / up /
+    down scales 0.5 / 0.7 / 1.5, SiLU, no bias, no dropout). Returns a namespace: the input
+    ``x``; the frozen weights ``gw, uw, dw``; the adapters ``ga, gb, ua, ub, da, db`` (float32);
+    the op's outputs ``y, bg, bu, xa, xa_d``; and ``backward(dy, x, bg, bu, xa, xa_d)``, the
+    op's backward with those weights (dx and every adapter gradient)."""
+    import types
+
+    def rand(*shape, dtype=torch.float32):
+        return (torch.randn(*shape, device=device) * 0.05).to(dtype)
+    c = types.SimpleNamespace()
+    c.x, c.gw, c.uw, c.dw = rand(m, k, dtype=dtype), rand(f, k, dtype=dtype), \
+        rand(f, k, dtype=dtype), rand(k, f, dtype=dtype)
+    c.ga, c.gb, c.ua, c.ub, c.da, c.db = rand(r, k), rand(f, r), rand(r, k), rand(f, r), \
+        rand(r, f), rand(k, r)
+    c.y, c.bg, c.bu, c.xa, c.xa_d = torch.ops.fastlora.lora_mlp_block(
+        c.x, c.gw, None, c.ga, c.gb, c.uw, None, c.ua, c.ub, None, 0.5, 0.7, 0.0, "silu", dtype,
+        c.dw, None, c.da, c.db, None, 1.5, 0.0, dtype)
+
+    def backward(dy, x, bg, bu, xa, xa_d):
+        return torch.ops.fastlora.lora_mlp_block_backward(
+            dy, x, c.gw, c.ga, c.gb, c.uw, c.ua, c.ub, bg, bu, xa, None, 0.5, 0.7, 0.0, "silu",
+            dtype, c.dw, c.da, c.db, xa_d, None, 1.5, 0.0, True, False, False)
+    c.backward = backward
+    return c
+
+
 def lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()
             if p.requires_grad and p.grad is not None}

@@ -13,12 +13,12 @@ Prints one JSON line: {"backward_variants": n, "graphs": [...]}.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
 import torch
 
-from pretend_gpu import pretend_gpu
+from pretend_gpu import (capture_instead_of_codegen, count_backward_variants, pretend_gpu,
+                         step_until_captured)
 
 
 def main():
@@ -26,41 +26,19 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
     pretend_gpu()
-    import torch._inductor.compile_fx as compile_fx
-
     import fastlora
     from helpers import tiny_llama, with_lora
 
-    captured = []
-
-    def capture(gm, example_inputs, **kwargs):  # instead of inductor's codegen: no GPU
-        captured.append(type(gm).__name__)
-
-        def not_run(*inputs):
-            raise RuntimeError("captured, not compiled")
-        return not_run
-    compile_fx.compile_fx_inner = capture
-    variants = {}
-    hop = importlib.import_module("torch._higher_order_ops.invoke_subgraph")
-    record = hop.warn_and_trace_duplicate_backward
-
-    def count(identifier, suffix, *rest):
-        variants[identifier] = max(variants.get(identifier, 0), suffix + 1)
-        return record(identifier, suffix, *rest)
-    hop.warn_and_trace_duplicate_backward = count
-
+    graphs = capture_instead_of_codegen()
+    variants = count_backward_variants()
     torch.manual_seed(0)
     model = with_lora(tiny_llama(layers=args.layers, hidden=64, inter=128))
     compiled = fastlora.compile_for_trainer(model, dynamic=True, compiler="inductor",
                                             reuse_layers=True)
     ids = torch.randint(0, 97, (2, 24))
-    try:
-        compiled(input_ids=ids, labels=ids).loss.backward()
-    except RuntimeError as e:
-        if "captured, not compiled" not in str(e):
-            raise
+    step_until_captured(lambda: compiled(input_ids=ids, labels=ids).loss.backward())
     print(json.dumps({"backward_variants": max(variants.values(), default=0),
-                      "graphs": captured}))
+                      "graphs": [type(gm).__name__ for gm in graphs]}))
 
 
 if __name__ == "__main__":

@@ -10,29 +10,15 @@ benchmarks/RESULTS.md, twenty-eighth run); read first, four. Four is what the GL
 itself needs (base gate, base up, dh with d up written over it, d gate in h's buffer).
 Without checkpointing the base outputs are saved inputs of the graph (not counted): the backward
 makes two, h and dh."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-SCRIPT = pathlib.Path(__file__).with_name("block_buffer_graph.py")
-
-
-def _graph_facts(*args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLORA_LAUNCH")}
-    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+from pretend_gpu import run_script
 
 
 @pytest.mark.parametrize("args,most", [(["--layers", "2"], 4), (["--layers", "3"], 4),
                                        (["--layers", "2", "--no-checkpoint"], 2)])
 def test_mlp_block_backward_buffers(args, most):
-    facts = _graph_facts(*args)
+    facts = run_script("block_buffer_graph.py", *args)
     # the op bodies were traced into their kernels (else there is nothing to count)
     assert {"_lora_glu_fwd_kernel", "_lora_glu_bwd_kernel", "_lora_grad_b_kernel"} <= set(
         facts["kernels"]), facts

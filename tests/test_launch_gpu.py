@@ -12,7 +12,7 @@ from torch._inductor.utils import run_and_get_code
 
 import fastlora
 from fastlora.kernels import _launch
-from helpers import rel_err, tiny_llama, with_lora
+from helpers import mlp_block_case, rel_err, tiny_llama, with_lora
 
 pytestmark = pytest.mark.gpu
 needs_inductor_route = pytest.mark.skipif(_launch.LAUNCH != "inductor",
@@ -174,21 +174,9 @@ def test_inductor_route_mlp_block_backward_reuses_h_and_dh(dynamic):
     then flat allocations viewed, kernels/_buffers.py) and static ones."""
     m, k, f, r, dt = 4096, 256, 4096, 8, torch.bfloat16
     torch.manual_seed(0)
-
-    def rand(*shape, dtype=torch.float32):
-        return (torch.randn(*shape, device="cuda") * 0.05).to(dtype)
-    x, gw, uw, dw = rand(m, k, dtype=dt), rand(f, k, dtype=dt), rand(f, k, dtype=dt), \
-        rand(k, f, dtype=dt)
-    ga, gb, ua, ub, da, db = rand(r, k), rand(f, r), rand(r, k), rand(f, r), rand(r, f), rand(k, r)
-    _, bg, bu, xa, xa_d = torch.ops.fastlora.lora_mlp_block(
-        x, gw, None, ga, gb, uw, None, ua, ub, None, 0.5, 0.7, 0.0, "silu", dt, dw, None, da, db,
-        None, 1.5, 0.0, dt)
-    dy = rand(m, k, dtype=dt)
-
-    def backward(dy, x, bg, bu, xa, xa_d):
-        return torch.ops.fastlora.lora_mlp_block_backward(
-            dy, x, gw, ga, gb, uw, ua, ub, bg, bu, xa, None, 0.5, 0.7, 0.0, "silu", dt, dw, da,
-            db, xa_d, None, 1.5, 0.0, True, False, False)
+    c = mlp_block_case(m, k, f, r, dt)
+    x, bg, bu, xa, xa_d, backward = c.x, c.bg, c.bu, c.xa, c.xa_d, c.backward
+    dy = (torch.randn(m, k, device="cuda") * 0.05).to(dt)
 
     want = backward(dy, x, bg, bu, xa, xa_d)
     compiled = torch.compile(backward, backend="inductor", dynamic=dynamic)

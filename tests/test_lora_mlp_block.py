@@ -13,8 +13,8 @@ from torch import nn
 
 import fastlora
 from fastlora.kernels import _lora_blocks as K
-from helpers import (checkpointed, compare_compiled, rel_err, run_step, saved_activations,
-                     saved_of_shape, tiny_llama, with_lora)
+from helpers import (checkpointed, compare_compiled, mlp_block_case, rel_err, run_step,
+                     saved_activations, saved_of_shape, tiny_llama, with_lora)
 from helpers import token_batch
 from test_lora_grouped import GroupSeededDropout, _SharedSeed
 from lora_models import SeededDropout, errors_vs, mixed_dtypes
@@ -309,24 +309,16 @@ def test_backward_keeps_two_new_hidden_sized_buffers_cuda():
     caching allocator is filled with NaN first, so a buffer read before written shows."""
     m, k, f, r, dt, dev = 4096, 256, 4096, 8, torch.bfloat16, "cuda"
     torch.manual_seed(0)
-
-    def rand(*shape, dtype=torch.float32):
-        return (torch.randn(*shape, device=dev) * 0.05).to(dtype)
-    x, gw, uw, dw = rand(m, k, dtype=dt), rand(f, k, dtype=dt), rand(f, k, dtype=dt), \
-        rand(k, f, dtype=dt)
-    ga, gb, ua, ub, da, db = rand(r, k), rand(f, r), rand(r, k), rand(f, r), rand(r, f), rand(k, r)
-    y, bg, bu, xa, xa_d = torch.ops.fastlora.lora_mlp_block(
-        x, gw, None, ga, gb, uw, None, ua, ub, None, 0.5, 0.7, 0.0, "silu", dt, dw, None, da, db,
-        None, 1.5, 0.0, dt)
-    dy = torch.randn_like(y)
+    c = mlp_block_case(m, k, f, r, dt, dev)
+    x, gw, uw, dw, ga, gb, ua, ub, da, db = (c.x, c.gw, c.uw, c.dw, c.ga, c.gb, c.ua, c.ub, c.da,
+                                              c.db)
+    dy = torch.randn_like(c.y)
     poison = torch.full((4 * m * f,), float("nan"), dtype=dt, device=dev)
     del poison
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    got = torch.ops.fastlora.lora_mlp_block_backward(
-        dy, x, gw, ga, gb, uw, ua, ub, bg, bu, xa, None, 0.5, 0.7, 0.0, "silu", dt, dw, da, db,
-        xa_d, None, 1.5, 0.0, True, False, False)
+    got = c.backward(dy, x, c.bg, c.bu, c.xa, c.xa_d)
     torch.cuda.synchronize()
     extra = (torch.cuda.max_memory_allocated() - start) / (m * f * 2)
     assert extra < 2.5, f"{extra:.2f} [M, F] buffers above the inputs"

@@ -8,20 +8,10 @@ rows-first [B*S, N] buffer viewed as [B, S, N], whose storage size is the produc
 (``N*s0*s1``); the other layers' gradients have the strided form (``N*s1*(s0 - 1) + N*s1``).
 Two backward variants: the layer's backward traced (and compiled) twice. Measured on this CPU,
 16 layers, up to inductor's codegen: 40.7 s before, 36.5 s after."""
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
-SCRIPT = pathlib.Path(__file__).with_name("shared_body_backward.py")
+from pretend_gpu import run_script
 
 
 def test_a_shared_layer_body_has_one_backward():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLORA_LAUNCH")}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--layers", "4"], capture_output=True,
-                          text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    facts = run_script("shared_body_backward.py", "--layers", "4")
     assert len(facts["graphs"]) == 2, facts  # forward and backward reached inductor
     assert facts["backward_variants"] == 1, facts

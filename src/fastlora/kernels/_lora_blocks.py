@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _buffers, tuning
 from ._common import (HAVE_TRITON, cdiv, halve_until_it_fits, next_power_of_2, require, size_hint,
-                      sm_count)
+                      sm_count, use_triton)
 from ._launch import launch
 from ._dot_precision import dot_mode, fix_bf16
 # the references are re-exported: the op files and tests take every block from this module
@@ -343,6 +343,12 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
             MODE=dot_mode(g2.device, g2.dtype), BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_R=block_r(R), num_warps=cfg["warps"])
     return (part.sum(0) * scale).to(out_dtype)
+
+
+def lora_grad_b(g2, xa, scale, out_dtype):
+    """dB [N, r] = scale * g^T @ xa: the Triton kernel, or the PyTorch reference off the GPU."""
+    fn = lora_grad_b_triton if use_triton(g2) else lora_grad_b_reference
+    return fn(g2, xa, scale, out_dtype)
 
 
 def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_da=True,

@@ -40,8 +40,8 @@ from torch import Tensor
 from . import _buffers
 from ._common import check_float, check_same_device, require, rows2d, use_triton
 from ._launch import fused_op
-from ._lora_blocks import (lora_down_reference, lora_down_triton, lora_grad_b_reference,
-                           lora_grad_b_triton, lora_grad_down_reference, lora_grad_down_triton,
+from ._lora_blocks import (lora_down_reference, lora_down_triton, lora_grad_b,
+                           lora_grad_down_reference, lora_grad_down_triton,
                            lora_grad_x_reference, lora_grad_x_triton, lora_up_reference,
                            lora_up_triton)
 
@@ -72,7 +72,7 @@ def lora_forward(x2, weight, bias, base2, a, b, seed, scale, p, out_dtype):
 def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, needs_dbias,
                   db=None):
     """Returns (dx, dA, dB, dW, dbias), None where not needed. g2 [M, N] is d out. ``db``: dB
-    already computed by the caller (:func:`lora_grad_b`), returned as it is."""
+    already computed by the caller (``_lora_blocks.lora_grad_b``), returned as it is."""
     M, K = x2.shape
     gw = g2 if weight is None or g2.dtype == weight.dtype else g2.to(weight.dtype)
     dx = None
@@ -80,24 +80,17 @@ def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, 
         dx = (gw @ weight if weight is not None
               else _buffers.zeros((M, K), x2.dtype, x2.device))
         dx = dx if dx.dtype == x2.dtype else dx.to(x2.dtype)  # the backward of x.to(w.dtype)
+    db_ = db if db is not None else lora_grad_b(g2, xa, scale, b.dtype)
     if use_triton(x2):
         da = lora_grad_down_triton(g2, b, scale, _buffers.empty((M, a.shape[0]), torch.float32,
                                                                x2.device))
-        db_ = db if db is not None else lora_grad_b_triton(g2, xa, scale, b.dtype)
         dx, da_ = lora_grad_x_triton(x2, da, a, seed, p, dx=dx, accumulate=True)
     else:
         da = lora_grad_down_reference(g2, b, scale)
-        db_ = db if db is not None else lora_grad_b_reference(g2, xa, scale, b.dtype)
         dx, da_ = lora_grad_x_reference(x2, da, a, seed, p, dx=dx, accumulate=True)
     dw = gw.T @ x2 if needs_dw else None
     dbias = gw.sum(0) if needs_dbias else None
     return dx, da_.to(a.dtype), db_, dw, dbias
-
-
-def lora_grad_b(g2, xa, scale, out_dtype):
-    """dB [N, r] = scale * g^T @ xa: lora_backward's dB alone (it reads only g and xa)."""
-    fn = lora_grad_b_triton if use_triton(g2) else lora_grad_b_reference
-    return fn(g2, xa, scale, out_dtype)
 
 
 # ---------------------------------------------------------------- the custom ops

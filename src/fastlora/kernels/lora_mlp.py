@@ -32,8 +32,8 @@ from . import _buffers, tuning
 from ._common import HAVE_TRITON, cdiv, check_float, require, rows2d, use_triton
 from ._launch import fused_op, launch
 from ._dot_precision import dot_mode, fix_bf16
-from ._lora_blocks import (block_r, lora_grad_b_reference, lora_grad_b_triton,
-                           lora_grad_down_reference, lora_up_reference, split_extent)
+from ._lora_blocks import (block_r, lora_grad_b, lora_grad_down_reference, lora_up_reference,
+                           split_extent)
 from ._lora_grouped import grouped_down, grouped_dx, split_ranks
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
@@ -286,9 +286,8 @@ def mlp_backward(dh, x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, base
     else:
         dg, du, da = glu_backward_reference(dh2, bg, bu, xa2, gate_B, up_B, gate_scale,
                                             up_scale, activation, dh.dtype)
-    grad_b = lora_grad_b_triton if triton_path else lora_grad_b_reference
-    d_gate_B = grad_b(dg, xa2[:, :rg].contiguous(), gate_scale, gate_B.dtype)  # dense:
-    d_up_B = grad_b(du, xa2[:, rg:].contiguous(), up_scale, up_B.dtype)  # kernels/_launch.py
+    d_gate_B = lora_grad_b(dg, xa2[:, :rg].contiguous(), gate_scale, gate_B.dtype)  # dense:
+    d_up_B = lora_grad_b(du, xa2[:, rg:].contiguous(), up_scale, up_B.dtype)  # kernels/_launch.py
     wd = gate_weight.dtype
     dx, da_cat = grouped_dx([dg.to(wd), du.to(wd)], x2, [gate_weight, up_weight], da,
                             torch.cat([gate_A, up_A], 0), [rg, up_A.shape[0]], seed, dropout_p,

@@ -42,9 +42,10 @@ from torch import Tensor
 from . import _buffers
 from ._common import require, rows2d, use_triton
 from ._launch import fused_op
+from ._lora_blocks import lora_grad_b
 from ._lora_grouped import grouped_down
 from .lora_mlp import glu_forward_reference, glu_forward_triton, mlp_backward, validate_mlp
-from .lora_linear import lora_backward, lora_forward, lora_grad_b, validate as validate_linear
+from .lora_linear import lora_backward, lora_forward, validate as validate_linear
 
 
 def _validate(x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, seed, dropout_p,
