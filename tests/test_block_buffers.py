@@ -23,3 +23,14 @@ def test_mlp_block_backward_buffers(args, most):
     assert {"_lora_glu_fwd_kernel", "_lora_glu_bwd_kernel", "_lora_grad_b_kernel"} <= set(
         facts["kernels"]), facts
     assert facts["peak"] == most, facts
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_mlp_block_backward_is_traced_into_its_kernels(dynamic):
+    """With every size dynamic (torch.compile(dynamic=True)) the op's widths include a
+    difference of sizes whose contiguous row stride is Max(1, s1 - s0): still traced into its
+    kernels, not left opaque (tests/block_backward_route.py)."""
+    facts = run_script("block_backward_route.py", *(["--dynamic"] if dynamic else []))
+    assert facts["route"] == "kernels", facts
+    assert {"_lora_glu_bwd_kernel", "_lora_grad_b_kernel", "_lora_grad_x_kernel"} <= set(
+        facts["kernels"]), facts

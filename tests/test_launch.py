@@ -82,6 +82,22 @@ def test_dense_on_symbolic_sizes_adds_no_guard():
     assert env.guards == []
 
 
+def test_dense_on_a_difference_of_symbolic_sizes_adds_no_guard():
+    """A width of s1 - s0 (a slice's extent made contiguous) has strides (Max(1, s1 - s0), 1):
+    dense, and proven so without a guard on the width being positive."""
+    env, m = _symbolic(300)
+    lo = env.create_symintnode(env.create_symbol(8, ConstantSource("lo")), hint=8)
+    hi = env.create_symintnode(env.create_symbol(24, ConstantSource("hi")), hint=24)
+    with FakeTensorMode(shape_env=env):
+        x = torch.empty(m, hi - lo)
+        slices = torch.empty(m, hi)[:, lo:], torch.empty(m, 2 * (hi - lo))[:, : hi - lo]
+        made = len(env.guards)  # making the tensors guards the sizes (hi - lo >= 0, ...)
+        assert "Max" in str(x.stride(0))
+        assert _launch.dense(x) and _launch.dense(x.t())
+        assert not any(_launch.dense(t) for t in slices)
+    assert len(env.guards) == made
+
+
 def test_launch_choices_on_a_symbolic_length_add_no_guard():
     """Splits and programs come from the length's example value; the rows per split stay
     symbolic, so one compiled graph serves every length."""

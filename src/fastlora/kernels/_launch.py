@@ -226,7 +226,10 @@ def dense(t: torch.Tensor) -> bool:
                   key=lambda d: size_hint(d[0]))
     expected = 1
     for stride, size in dims:
-        if not statically_known_true(stride == expected):
+        # PyTorch gives a contiguous tensor the strides max(1, size) * ...: a width it cannot
+        # prove positive (s1 - s0) keeps the max; equal to the width whenever any element exists
+        if not (statically_known_true(stride == expected)
+                or statically_known_true(stride == torch.sym_max(1, expected))):
             return False
         expected = expected * size
     return True
