@@ -128,14 +128,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--no-checkpoint", action="store_true")
+    parser.add_argument("--no-reuse", action="store_true", help="without reuse_dead_inputs.py")
     args = parser.parse_args()
     torch.manual_seed(0)
     pretend_gpu()
     import fastlora  # noqa: F401  (the ops)
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 
+    from fastlora.reuse_dead_inputs import ReuseDeadInputs
+
     m, k, f, r = 64, 32, 96, 4
     _, backward = capture_graphs(args.layers, not args.no_checkpoint, m, k, f, r)
+    if not args.no_reuse:  # as fastlora's backend has inductor run it, before reinplacing
+        ReuseDeadInputs()(backward.graph)
     reinplace_inplaceable_ops_core(backward.graph)
     peak, at_peak = peak_buffers(backward.graph, m * f)
     kernels = sorted({_kernel_name(n) for n in backward.graph.nodes if _is_user_kernel(n)})

@@ -91,6 +91,27 @@ def test_glu_kernels_write_every_element(impl, split, tuned):
     assert rel_err(da[:, rg:], 2.0 * du.double() @ wu.double()) < 1e-5
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_glu_backward_written_over_its_declared_inputs_gives_the_same_bits(split, tuned):
+    """_launch.WRITES_OVER: d gate over base gate, d up over base up (reuse_dead_inputs.py
+    gives them those buffers in inductor's graphs): each tile is read before it is written."""
+    from fastlora.kernels._launch import WRITES_OVER
+
+    assert WRITES_OVER[G._lora_glu_bwd_kernel] == {"DG": "BG", "DU": "BU"}
+    if split:
+        tuned("lora_glu_bwd", block_m=32, block_n=32, warps=4, per_sm=8)
+    M, N, rg, ru = 37, 72, 4, 8
+    bg, bu, dh = (torch.randn(M, N, dtype=torch.bfloat16) for _ in range(3))
+    xa, wg, wu = torch.randn(M, rg + ru), torch.randn(N, rg), torch.randn(N, ru)
+    args = (xa, wg, wu, 0.5, 2.0, "silu", torch.bfloat16)
+    want = G.glu_backward_triton(dh, bg, bu, *args)
+    over_g, over_u = bg.clone(), bu.clone()
+    got = G.glu_backward_triton(dh, over_g, over_u, *args, dg=over_g, du=over_u)
+    assert got[0].data_ptr() == over_g.data_ptr() and got[1].data_ptr() == over_u.data_ptr()
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 def test_lora_mlp_opcheck_and_errors():
     args = (torch.randn(2, 3, 16), torch.randn(24, 16), None, torch.randn(4, 16),
             torch.randn(24, 4), torch.randn(24, 16), None, torch.randn(4, 16), torch.randn(24, 4),

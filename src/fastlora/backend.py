@@ -192,7 +192,12 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, compiler: str, mode: str 
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     fused = has_fused_ops(gm)
     if fused:
+        from .reuse_dead_inputs import ReuseDeadInputs
+
         patches.update(INDUCTOR_PATCHES)
+        # outputs of fastlora's kernels onto inputs dead after them (reuse_dead_inputs.py)
+        patches["post_grad_custom_post_pass"] = ReuseDeadInputs(
+            then=torch._inductor.config.post_grad_custom_post_pass)
     if (has_user_triton_kernels(gm) or fused) and USER_TRITON_KERNEL_PATCHES:
         log.info("fastlora: this graph launches user Triton kernels; inductor passes their float "
                  "arguments as float32, as Triton does (%s)", USER_TRITON_KERNEL_PATCHES)

@@ -101,6 +101,19 @@ OPS: set[str] = set()  # every op made by fused_op
 INDUCTOR_LAUNCHED: set[str] = set()  # ops whose kernels inductor launches on CUDA ("fastlora::rope")
 
 
+# kernel -> {output argument: input argument}: the kernel writes every element of the output and
+# never reads it, and each program reads its tile of the input before it writes the same tile of
+# the output; so the output may share the input's buffer where the input is dead after the
+# kernel. fastlora/reuse_dead_inputs.py does that in inductor's graphs.
+WRITES_OVER: dict = {}
+
+
+def may_write_over(kernel, pairs: dict):
+    """Declare ``kernel``'s outputs that may be written over its inputs (``WRITES_OVER``)."""
+    WRITES_OVER[kernel] = dict(pairs)
+    return kernel
+
+
 def tracing() -> bool:
     """True while an op body is being traced for inductor (launches are recorded, not run)."""
     return bool(getattr(_state, "tracing", False))

@@ -93,6 +93,32 @@ def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, 
     return dx, da_.to(a.dtype), db_, dw, dbias
 
 
+def lora_grad_a(g2, x2, a, b, seed, scale, p):
+    """The half of :func:`lora_backward` that reads x: (da [M, r] float32 = s * g @ B, dA).
+    With :func:`lora_grad_input` after it, x can be freed before dx exists (lora_mlp_block's
+    backward: its h is dead before dh is made)."""
+    if use_triton(x2):
+        da = lora_grad_down_triton(g2, b, scale, _buffers.empty((x2.shape[0], a.shape[0]),
+                                                                torch.float32, x2.device))
+        _, da_ = lora_grad_x_triton(x2, da, a, seed, p)
+    else:
+        da = lora_grad_down_reference(g2, b, scale)
+        _, da_ = lora_grad_x_reference(x2, da, a, seed, p)
+    return da, da_.to(a.dtype)
+
+
+def lora_grad_input(g2, da, weight, a, seed, p, dtype):
+    """The other half: dx = g @ W + dropout-backward(da @ A) in ``dtype`` (x's), the same
+    values as :func:`lora_backward`'s dx. The kernel reads x only for dA (not asked here); dx
+    stands in for it (its shape and dtype)."""
+    gw = g2 if g2.dtype == weight.dtype else g2.to(weight.dtype)
+    dx = gw @ weight
+    dx = dx if dx.dtype == dtype else dx.to(dtype)
+    if use_triton(dx):
+        return lora_grad_x_triton(dx, da, a, seed, p, dx=dx, accumulate=True, need_da=False)[0]
+    return lora_grad_x_reference(dx, da, a, seed, p, dx=dx, accumulate=True, need_da=False)[0]
+
+
 # ---------------------------------------------------------------- the custom ops
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _buffers, tuning
 from ._common import HAVE_TRITON, cdiv, check_float, require, rows2d, use_triton
-from ._launch import fused_op, launch
+from ._launch import fused_op, launch, may_write_over
 from ._dot_precision import dot_mode, fix_bf16
 from ._lora_blocks import (block_r, lora_grad_b, lora_grad_down_reference, lora_up_reference,
                            split_extent)
@@ -141,6 +141,9 @@ if HAVE_TRITON:
         part = DA_PART + (split * M + rows[:, None]) * (RG + RU)
         tl.store(part + rg[None, :], acc_g * sg, mask=row_ok[:, None] & (rg < RG)[None, :])
         tl.store(part + RG + ru[None, :], acc_u * su, mask=row_ok[:, None] & (ru < RU)[None, :])
+
+    # each tile of d gate / d up is stored after the same tile of base gate / base up was loaded
+    may_write_over(_lora_glu_bwd_kernel, {"DG": "BG", "DU": "BU"})
 
 
 def _act_reference(g: Tensor, activation: str):

@@ -13,23 +13,26 @@ Math (x [M, K] rows; gate/up/down are peft LoRA linears, see the two op files):
 
 Backward: dB_down first (it reads only dy and the saved xa_down, see below); h is recomputed
 by the same GLU forward kernel from the saved base outputs and xa (the same inputs through the
-same deterministic kernel: bit-identical to the forward's h); then lora_linear's backward gives
-dh, dA_down (and d b_down); then lora_mlp's backward runs on dh, writing d gate into h's buffer
-(its values dead by then) and d up over dh itself. The gradients are those of the two unfused
-ops: the same functions on the same values (bit for bit in the CPU tests). Dropout draws from
-two seeds, exactly as the two ops would.
+same deterministic kernel: bit-identical to the forward's h); then lora_linear's backward in
+two halves: dA_down, the last read of h, then dh = dy @ W_down + adapter part (h and dh are
+never alive together); then lora_mlp's backward runs on dh, writing d up over dh itself. The
+gradients are those of the two unfused ops: the same functions on the same values (bit for bit
+in the CPU tests). Dropout draws from two seeds, exactly as the two ops would.
 
 Memory saved for backward per layer (M tokens, F = ffn width, e = bytes of the model dtype):
 2 M F e (base_gate, base_up) + 4 M (r_g + r_u + r_d) (the float32 xa's) + x (kept anyway: it is
 the MLP's input). The two unfused ops keep M F e more (h, for dA_down = da^T @ h). The price is
 one GLU forward kernel in backward: reads 2 x [M, F], writes 1 x [M, F]. At the backward's
-highest point 4 [M, F] buffers are alive (base_gate, base_up, h, dh), where the two ops'
-backwards have 5 (fresh d gate and d up beside dh): one M F e less (Llama-3-8B at 8192 tokens:
-224 MiB). In a checkpointed layer the forward is recomputed in backward, and AOTAutograd's
-partitioner runs each recomputed value just before its first use: xa_down, made from the
-forward's own h, is first read by dB_down, which is therefore computed before this op's h and
-dh exist (after them, the forward's h made a fifth [M, F] buffer: the 8B row's peak, 2026-12-06;
-tests/test_block_buffers.py follows the buffers in the graph).
+highest point 4 [M, F] buffers are alive (base_gate, base_up, dh, d gate), where the two ops'
+backwards have 5. Compiled by inductor in a checkpointed layer, 3: base gate is recomputed for
+this backward and dead after the GLU backward kernel, which may write d gate over it
+(``_launch.may_write_over``; fastlora/reuse_dead_inputs.py gives it that buffer where the
+graph proves base gate dead). Llama-3-8B at 8192 tokens: 224 MiB per buffer. In a checkpointed
+layer the forward is recomputed in backward, and AOTAutograd's partitioner runs each recomputed
+value just before its first use: xa_down, made from the forward's own h, is first read by
+dB_down, which is therefore computed before this op's h and dh exist (after them, the forward's
+h made a fifth [M, F] buffer: the 8B row's peak, 2026-12-06; tests/test_block_buffers.py
+follows the buffers in the graph).
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ from ._launch import fused_op
 from ._lora_blocks import lora_grad_b
 from ._lora_grouped import grouped_down
 from .lora_mlp import glu_forward_reference, glu_forward_triton, mlp_backward, validate_mlp
-from .lora_linear import lora_backward, lora_forward, validate as validate_linear
+from .lora_linear import (lora_forward, lora_grad_a, lora_grad_input,
+                          validate as validate_linear)
 
 
 def _validate(x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, seed, dropout_p,
@@ -130,20 +134,24 @@ def lora_mlp_block_backward(
     d_down_B = lora_grad_b(dy2, xa_d2, down_scale, down_B.dtype)
     # 1. h again: the forward's kernel on the forward's inputs (bit-identical)
     h = _glu(bg)(bg, bu, xa2, gate_B, up_B, gate_scale, up_scale, activation, hidden_dtype)
-    # 2. the rest of down's backward (lora_linear): dh = dy @ W_down + adapter part, dA_down
-    dh, d_down_A, d_down_B, _, d_down_bias = lora_backward(
-        dy2, h, down_weight, down_A, down_B, xa_d2, down_seed, down_scale, down_dropout_p, True,
-        False, needs_down_dbias, db=d_down_B)
-    # 3. gate/up's backward (lora_mlp) on dh. h's values are dead: d gate goes into its buffer,
-    # d up into dh's (read tile by tile before written): [M, F] buffers alive at most 4 (base
-    # gate, base up, h, dh), where fresh d gate / d up buffers made 5 in this step
-    reuse = h.dtype == dh.dtype and h.shape == dh.shape and h.is_contiguous() \
-        and dh.is_contiguous()
+    # 2. down's backward (lora_linear's) in two halves: dA_down reads h for the last time, then
+    # dh = dy @ W_down + adapter part is made: h and dh are never alive together
+    da_down, d_down_A = lora_grad_a(dy2, h, down_A, down_B, down_seed, down_scale,
+                                    down_dropout_p)
+    del h
+    dh = lora_grad_input(dy2, da_down, down_weight, down_A, down_seed, down_dropout_p,
+                         hidden_dtype)
+    d_down_bias = (dy2 if dy2.dtype == down_weight.dtype else dy2.to(down_weight.dtype)).sum(0) \
+        if needs_down_dbias else None
+    # 3. gate/up's backward (lora_mlp) on dh: d up over dh itself (each tile read before it is
+    # written), d gate into a new buffer. Compiled by inductor, reuse_dead_inputs.py points
+    # d gate at base gate's buffer where base gate has no later reader (recomputed in a
+    # checkpointed layer): [M, F] buffers alive at most 3 (base gate, base up, dh), else 4
     dx, dga, dgb, dua, dub, dgbias, dubias = mlp_backward(
         dh, x, gate_weight, gate_A, gate_B, up_weight, up_A, up_B, bg, bu, xa2, seed,
         gate_scale, up_scale, dropout_p, activation, needs_dx, needs_dbias,
-        dg=h if reuse else None, du=dh if reuse else None)
-    del h, dh
+        du=dh if dh.is_contiguous() else None)
+    del dh
     return (dx, dga, dgb, dua, dub, dgbias, dubias, d_down_A, d_down_B,
             d_down_bias if d_down_bias is not None else x.new_empty(0))
 
