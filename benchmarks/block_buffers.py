@@ -1,13 +1,13 @@
 """How many [M, F] buffers lora_mlp_block's backward holds, called eagerly and compiled by
-inductor (the inductor launch route traces the op's body; its kernel writes into h and dh
-stay in place only where inductor's reinplacing pass proves them dead).
+inductor (the inductor launch route traces the op's body; its kernel's write of d up over dh
+stays in place only where inductor's reinplacing pass proves dh dead).
 
     benchmarks/run_gpu.sh exec python3 benchmarks/block_buffers.py     # GPU
 
 Prints the peak above the inputs in [M, F] buffers (M = 4096 rows, F = 4096, bf16; the
 inputs and outputs are [M, 256]) called eagerly, compiled with static sizes and compiled with
-dynamic ones (the token count symbolic, as ``compile_for_trainer`` compiles: the op's buffers
-are then flat allocations viewed, kernels/_buffers.py); for each compile inductor's verdicts on
+dynamic ones (every size symbolic; ``compile_for_trainer`` marks only the token count; the
+op's buffers are then flat allocations viewed, kernels/_buffers.py); for each compile inductor's verdicts on
 the kernel writes (its reinplacing log) and the [M, F] allocations of its generated code; the
 dynamic compile's code goes to $OUT/block_backward_code.py.
 """

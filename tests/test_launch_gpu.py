@@ -166,12 +166,13 @@ def test_fastlora_model_step_dynamic_lengths_match_eager(dtype, reuse_layers):
 @needs_inductor_route
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_inductor_route_mlp_block_backward_reuses_h_and_dh(dynamic):
-    """lora_mlp_block_backward writes d gate into recomputed h's buffer and d up over dh
-    (kernels/lora_mlp_block.py). Traced for inductor, those writes are functionalized and only
-    reinplaced where inductor proves the buffers dead: compiled, the op must hold no more [M, F]
-    buffers above its inputs than its Python launcher does (at most 2, not 3 or 4), and give
-    the eager op's gradients. Dynamic sizes as compile_for_trainer compiles (the op's buffers are
-    then flat allocations viewed, kernels/_buffers.py) and static ones."""
+    """lora_mlp_block_backward frees its recomputed h before it makes dh and writes d up over
+    dh (kernels/lora_mlp_block.py). Traced for inductor, that write is functionalized and only
+    reinplaced where inductor proves the buffer dead: compiled, the op must hold no more [M, F]
+    buffers above its inputs than its Python launcher does (at most 2: dh and d gate; base gate
+    is a graph input here, which reuse_dead_inputs.py does not write over), and give the eager
+    op's gradients. Static sizes, and every size dynamic (the op's buffers are then flat
+    allocations viewed, kernels/_buffers.py; a width of s1 - s0 once left the op opaque)."""
     m, k, f, r, dt = 4096, 256, 4096, 8, torch.bfloat16
     torch.manual_seed(0)
     c = mlp_block_case(m, k, f, r, dt)
