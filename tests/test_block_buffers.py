@@ -28,22 +28,26 @@ def test_mlp_block_backward_buffers(args, most):
     assert facts["peak"] == most, facts
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_mlp_block_backward_is_traced_into_its_kernels(dynamic):
+@pytest.fixture(scope="module")
+def routes():
+    return run_script("block_backward_route.py")  # five variants, one process
+
+
+@pytest.mark.parametrize("variant", ["inputs", "inputs-dynamic", "made", "made-dynamic"])
+def test_mlp_block_backward_is_traced_into_its_kernels(routes, variant):
     """With every size dynamic (torch.compile(dynamic=True)) the op's widths include a
     difference of sizes whose contiguous row stride is Max(1, s1 - s0): still traced into its
     kernels, not left opaque (tests/block_backward_route.py)."""
-    facts = run_script("block_backward_route.py", *(["--dynamic"] if dynamic else []))
+    facts = routes[variant]
     assert facts["route"] == "kernels", facts
     assert {"_lora_glu_bwd_kernel", "_lora_grad_b_kernel", "_lora_grad_x_kernel"} <= set(
         facts["kernels"]), facts
 
 
-@pytest.mark.parametrize("args,over", [([], False), (["--bases", "made"], True),
-                                       (["--bases", "made", "--dynamic"], True),
-                                       (["--bases", "made", "--read-after"], False)])
-def test_d_gate_goes_over_base_gate_only_where_base_gate_is_dead(args, over):
+@pytest.mark.parametrize("variant,over", [("inputs", False), ("inputs-dynamic", False),
+                                          ("made", True), ("made-dynamic", True),
+                                          ("made-read-after", False)])
+def test_d_gate_goes_over_base_gate_only_where_base_gate_is_dead(routes, variant, over):
     """reuse_dead_inputs.py: not over a graph input (a tensor saved by the forward), not over a
     value read after the kernel; over a base gate made in the graph and read by nothing after."""
-    facts = run_script("block_backward_route.py", *args)
-    assert facts["route"] == "kernels" and facts["dg_over_bg"] is over, facts
+    assert routes[variant]["dg_over_bg"] is over, routes[variant]
