@@ -11,7 +11,8 @@ are captured, inductor's reinplacing pass is applied to the backward as inductor
 and the backward's buffers are followed node by node in its order (the order inductor keeps
 for extern and user-kernel calls). Its inputs (saved activations, weights) are not counted.
 
-Prints one JSON line: {"peak": n, "alive_at_peak": [...], "kernels": [...]}.
+Prints one JSON line: {"peak": n, "alive_at_peak": [...], "kernels": [...], "analyses": n}
+(analyses: the kernel calls whose access analysis ran, kernels/_access_cache.py).
 """
 from __future__ import annotations
 
@@ -144,7 +145,9 @@ def main():
     reinplace_inplaceable_ops_core(backward.graph)
     peak, at_peak = peak_buffers(backward.graph, m * f)
     kernels = sorted({_kernel_name(n) for n in backward.graph.nodes if _is_user_kernel(n)})
-    print(json.dumps({"peak": peak, "alive_at_peak": at_peak, "kernels": kernels}))
+    from fastlora.kernels import _access_cache
+    print(json.dumps({"peak": peak, "alive_at_peak": at_peak, "kernels": kernels,
+                      "analyses": _access_cache.stats["misses"]}))
 
 
 if __name__ == "__main__":

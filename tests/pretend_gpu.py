@@ -94,10 +94,13 @@ def count_backward_variants() -> dict:
     return variants
 
 
-def run_script(name: str, *args: str) -> dict:
+def run_script(name: str, *args: str, env: dict | None = None) -> dict:
     """Run tests/<name> in a process of its own (no Triton interpreter: the real kernels are
-    traced; the default launch route) and return the JSON object of its last line."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTLORA_LAUNCH")}
+    traced; the default launch route; ``env`` added to the environment) and return the JSON
+    object of its last line."""
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("TRITON_INTERPRET", "FASTLORA_LAUNCH", "FASTLORA_FAKE_METADATA")},
+           **(env or {})}
     script = pathlib.Path(__file__).with_name(name)
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
                           timeout=600, env=env)

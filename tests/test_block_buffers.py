@@ -28,6 +28,19 @@ def test_mlp_block_backward_buffers(args, most):
     assert facts["peak"] == most, facts
 
 
+def test_fake_metadata_traces_the_same_backward():
+    """FASTLORA_FAKE_METADATA=1 (kernels/_launch.py): AOTAutograd's metadata pass takes the ops'
+    fakes instead of tracing their bodies; the joint trace still traces them into their
+    kernels, and the backward graph holds the same buffers."""
+    facts = run_script("block_buffer_graph.py", "--layers", "2",
+                       env={"FASTLORA_FAKE_METADATA": "1"})
+    assert {"_lora_glu_fwd_kernel", "_lora_glu_bwd_kernel", "_lora_grad_b_kernel"} <= set(
+        facts["kernels"]), facts
+    assert facts["peak"] == 3, facts
+    traced_twice = run_script("block_buffer_graph.py", "--layers", "2")
+    assert facts["analyses"] < traced_twice["analyses"], (facts, traced_twice)
+
+
 @pytest.fixture(scope="module")
 def routes():
     return run_script("block_backward_route.py")  # five variants, one process
