@@ -26,6 +26,7 @@ and only from a fresh allocation used by nothing but the kernel.
 from __future__ import annotations
 
 import hashlib
+import logging
 import pathlib
 from collections import defaultdict
 
@@ -36,6 +37,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .kernels._launch import WRITES_OVER
 
+log = logging.getLogger("fastlora")
 aten = torch.ops.aten
 ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default}
 
@@ -76,7 +78,11 @@ class ReuseDeadInputs(CustomGraphPass):
         self.then = then
 
     def __call__(self, graph: fx.Graph) -> None:
-        self._reuse(graph)
+        try:
+            self._reuse(graph)
+        except Exception as e:  # noqa: BLE001 - each move leaves a valid graph: keep what is done
+            log.warning("fastlora: reuse_dead_inputs stopped (%s: %s); the graph keeps its "
+                        "buffers from there on", type(e).__name__, e)
         if self.then is not None:
             self.then(graph)
 
