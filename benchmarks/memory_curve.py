@@ -5,8 +5,10 @@ options["memory_budget"] as points of one curve.
     python benchmarks/memory_curve.py --shape tiny --steps 2 --warmup 1      # a CPU smoke run
 
 Workload: train_step.py's (LoRA r16 on q,k,v,o,gate,up,down, bf16, batch 4 x 2048, fused AdamW),
-variant ``fastlora``; each point runs train_step.py's worker in its own process (its
-``run_one``), so each peak is clean. Points (``--points``, in order):
+variant ``fastlora-trainer`` (``compile_for_trainer``, the product's path and train_step.py's
+8B row; ``--variant fastlora`` for ``torch.compile`` on the model, which keeps the embeddings
+and lm_head on the GPU: 1.96 GiB more at 8B); each point runs train_step.py's worker in its own
+process (its ``run_one``), so each peak is clean. Points (``--points``, in order):
 
 - ``gc-offload``: gradient checkpointing on, default options (checkpointed layer inputs
   offloaded to host memory);
@@ -72,8 +74,9 @@ def run_point(args, point: str) -> dict:
         gc="on" if gc else "off", batch=args.batch, seq=args.seq, rank=args.rank,
         steps=args.steps, warmup=args.warmup, cache=args.cache, load_4bit=args.load_4bit,
         kbit_recipe=args.kbit_recipe, fastlora_options=json.dumps(options) if options else "",
-        memory_budget=None, timeout=args.timeout, out=str(pathlib.Path(args.out) / point))
-    row = ts.run_one(worker_args, args.shape, "fastlora")
+        memory_budget=None, tuning=None, timeout=args.timeout,
+        out=str(pathlib.Path(args.out) / point))
+    row = ts.run_one(worker_args, args.shape, args.variant)
     row.update(point=point, gc=gc, options=options)
     graphs = row.get("budget_graphs") or []
     if graphs:
@@ -127,6 +130,9 @@ def main(argv=None):
     ap.add_argument("--points", default=DEFAULT_POINTS,
                     help="comma-separated: gc-offload, gc, budget-<fraction|size>, no-gc")
     ts.add_workload_args(ap)  # --batch --seq --rank --load-4bit --kbit-recipe (each point sets gc)
+    ap.add_argument("--variant", default="fastlora-trainer", choices=["fastlora-trainer", "fastlora"],
+                    help="compile_for_trainer (the product's path: embeddings and lm_head as "
+                         "train_step.py's row) or torch.compile on the model")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (and profiled steps)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=170, help="seconds per point")

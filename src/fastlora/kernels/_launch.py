@@ -286,9 +286,14 @@ def fused_op(name: str):
 
             def decompose(mode, func, types, args, kwargs):
                 known = (torch.Tensor, FunctionalTensor, FakeTensor)
-                if (FAKE_METADATA and get_proxy_mode() is None) or not _decomposes(
-                        list(args) + list(kwargs.values())) or any(
-                        not issubclass(t, known) for t in types):
+                why = ("metadata pass (FASTLORA_FAKE_METADATA)"
+                       if FAKE_METADATA and get_proxy_mode() is None else
+                       "not every tensor argument on CUDA" if not _decomposes(
+                           list(args) + list(kwargs.values())) else
+                       f"tensor types {sorted(t.__name__ for t in types)}"
+                       if any(not issubclass(t, known) for t in types) else None)
+                if why is not None:
+                    log.debug("fastlora: %s not traced into its kernels here: %s", name, why)
                     return mode.__torch_dispatch__(func, types, args, kwargs)
                 try:
                     with mode, _traced():
