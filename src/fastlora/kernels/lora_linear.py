@@ -81,30 +81,34 @@ def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, 
               else _buffers.zeros((M, K), x2.dtype, x2.device))
         dx = dx if dx.dtype == x2.dtype else dx.to(x2.dtype)  # the backward of x.to(w.dtype)
     db_ = db if db is not None else lora_grad_b(g2, xa, scale, b.dtype)
-    if use_triton(x2):
-        da = lora_grad_down_triton(g2, b, scale, _buffers.empty((M, a.shape[0]), torch.float32,
-                                                               x2.device))
-        dx, da_ = lora_grad_x_triton(x2, da, a, seed, p, dx=dx, accumulate=True)
-    else:
-        da = lora_grad_down_reference(g2, b, scale)
-        dx, da_ = lora_grad_x_reference(x2, da, a, seed, p, dx=dx, accumulate=True)
+    da = _grad_down(g2, x2, a, b, scale)
+    grad_x = lora_grad_x_triton if use_triton(x2) else lora_grad_x_reference
+    dx, da_ = grad_x(x2, da, a, seed, p, dx=dx, accumulate=True)  # one pass: dx += .., dA
     dw = gw.T @ x2 if needs_dw else None
-    dbias = gw.sum(0) if needs_dbias else None
+    dbias = grad_bias(gw, weight) if needs_dbias else None  # gw: already in W's dtype
     return dx, da_.to(a.dtype), db_, dw, dbias
+
+
+def _grad_down(g2, x2, a, b, scale):
+    """da [M, r] float32 = s * g @ B: the adapter's part of d(x dropped) before A."""
+    if use_triton(x2):
+        return lora_grad_down_triton(g2, b, scale, _buffers.empty((x2.shape[0], a.shape[0]),
+                                                                  torch.float32, x2.device))
+    return lora_grad_down_reference(g2, b, scale)
+
+
+def grad_bias(g2, weight):
+    """d bias = column sums of g, in the base weight's dtype (the bias is added in it)."""
+    return (g2 if weight is None or g2.dtype == weight.dtype else g2.to(weight.dtype)).sum(0)
 
 
 def lora_grad_a(g2, x2, a, b, seed, scale, p):
     """The half of :func:`lora_backward` that reads x: (da [M, r] float32 = s * g @ B, dA).
     With :func:`lora_grad_input` after it, x can be freed before dx exists (lora_mlp_block's
     backward: its h is dead before dh is made)."""
-    if use_triton(x2):
-        da = lora_grad_down_triton(g2, b, scale, _buffers.empty((x2.shape[0], a.shape[0]),
-                                                                torch.float32, x2.device))
-        _, da_ = lora_grad_x_triton(x2, da, a, seed, p)
-    else:
-        da = lora_grad_down_reference(g2, b, scale)
-        _, da_ = lora_grad_x_reference(x2, da, a, seed, p)
-    return da, da_.to(a.dtype)
+    da = _grad_down(g2, x2, a, b, scale)
+    grad_x = lora_grad_x_triton if use_triton(x2) else lora_grad_x_reference
+    return da, grad_x(x2, da, a, seed, p)[1].to(a.dtype)
 
 
 def lora_grad_input(g2, da, weight, a, seed, p, dtype):

@@ -48,7 +48,7 @@ from ._launch import fused_op
 from ._lora_blocks import lora_grad_b
 from ._lora_grouped import grouped_down
 from .lora_mlp import glu_forward_reference, glu_forward_triton, mlp_backward, validate_mlp
-from .lora_linear import (lora_forward, lora_grad_a, lora_grad_input,
+from .lora_linear import (grad_bias, lora_forward, lora_grad_a, lora_grad_input,
                           validate as validate_linear)
 
 
@@ -141,8 +141,7 @@ def lora_mlp_block_backward(
     del h
     dh = lora_grad_input(dy2, da_down, down_weight, down_A, down_seed, down_dropout_p,
                          hidden_dtype)
-    d_down_bias = (dy2 if dy2.dtype == down_weight.dtype else dy2.to(down_weight.dtype)).sum(0) \
-        if needs_down_dbias else None
+    d_down_bias = grad_bias(dy2, down_weight) if needs_down_dbias else None
     # 3. gate/up's backward (lora_mlp) on dh: d up over dh itself (each tile read before it is
     # written), d gate into a new buffer. Compiled by inductor, reuse_dead_inputs.py points
     # d gate at base gate's buffer where base gate has no later reader (recomputed in a
