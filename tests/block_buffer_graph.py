@@ -12,7 +12,8 @@ and the backward's buffers are followed node by node in its order (the order ind
 for extern and user-kernel calls). Its inputs (saved activations, weights) are not counted.
 
 Prints one JSON line: {"peak": n, "alive_at_peak": [...], "kernels": [...], "analyses": n}
-(analyses: the kernel calls whose access analysis ran, kernels/_access_cache.py).
+(analyses: how many times PyTorch asked what a traced kernel call reads and writes, answered
+or served from kernels/_access_cache.py: one question per traced call and phase).
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def main():
     kernels = sorted({_kernel_name(n) for n in backward.graph.nodes if _is_user_kernel(n)})
     from fastlora.kernels import _access_cache
     print(json.dumps({"peak": peak, "alive_at_peak": at_peak, "kernels": kernels,
-                      "analyses": _access_cache.stats["misses"]}))
+                      "analyses": sum(_access_cache.stats.values())}))
 
 
 if __name__ == "__main__":

@@ -89,3 +89,42 @@ def test_install_wraps_the_analysis_once():
     finally:
         for n, f in saved.items():
             setattr(wrap, n, f)
+
+
+def _autotuned(fn, first_config: dict, num_warps: int):
+    """What PyTorch's triton_kernel_wrap makes of a launch given num_warps: the kernel wrapped
+    in a new one-config Autotuner, at every call."""
+    from triton import Config
+    from triton.runtime.autotuner import autotune
+
+    return autotune(configs=[Config(dict(first_config), num_warps=num_warps)], key=[])(fn)
+
+
+def _jit_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy(x, out, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(out + i, tl.load(x + i, mask=i < n), mask=i < n)
+    return copy
+
+
+def test_equal_autotune_wrappers_of_one_kernel_are_one_key():
+    """A new Autotuner per launch (num_warps, num_stages given) is not a new kind of call: the
+    analysis reads the wrapped kernel and its first config's constexprs only."""
+    pytest.importorskip("triton")
+    calls, analysis = _counting()
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    with mode:
+        x = torch.empty(4, 8)
+    fn = _jit_kernel()
+    args = {"x": x, "out": x, "n": 8}
+    analysis(_autotuned(fn, {"BLOCK": 64}, 4), args, {})
+    analysis(_autotuned(fn, {"BLOCK": 64}, 8), args, {})  # another wrapper, another num_warps
+    assert len(calls) == 1
+    analysis(_autotuned(fn, {"BLOCK": 128}, 4), args, {})  # another constexpr: another key
+    analysis(_autotuned(_jit_kernel(), {"BLOCK": 64}, 4), args, {})  # another kernel
+    analysis(fn, {**args, "BLOCK": 64}, {})  # the bare kernel is a key of its own
+    assert len(calls) == 4

@@ -51,6 +51,25 @@ def _kind(value):
     raise _Uncacheable
 
 
+def _kernel_key(kernel):
+    """What the analysis reads of the kernel. A launch given ``num_warps`` or ``num_stages``
+    reaches it wrapped in a new one-config ``Autotuner`` at every call (PyTorch's
+    triton_kernel_wrap): the analysis reads only the wrapped kernel and its first config's
+    constexprs (launch options such as num_warps do not change what is read or written), so
+    equal wrappers are one key, not one key per call."""
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner):
+        first = kernel.configs[0].kwargs if kernel.configs else {}
+        try:
+            constexprs = tuple(sorted(first.items()))
+            hash(constexprs)
+        except TypeError as exc:
+            raise _Uncacheable from exc
+        return ("autotuner", kernel.fn, constexprs)
+    return kernel
+
+
 def key(kernel, kwargs: dict, *rest):
     """The cache key of one analysis call (raises _Uncacheable)."""
     parts = tuple((name, _kind(value)) for name, value in sorted(kwargs.items()))
@@ -58,7 +77,7 @@ def key(kernel, kwargs: dict, *rest):
         extra = repr(rest)
     except Exception as exc:  # pragma: no cover - metadata without a repr
         raise _Uncacheable from exc
-    return kernel, parts, extra
+    return _kernel_key(kernel), parts, extra
 
 
 def cached(analysis):
