@@ -124,7 +124,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shape", default="llama-8b", help=f"from {sorted(ts.SHAPES)}")
     ap.add_argument("--points", default=DEFAULT_POINTS,
@@ -138,7 +138,11 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=170, help="seconds per point")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--cache", default="/tmp/fastlora-bench", help="random checkpoints (4-bit)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     points = [p for p in args.points.split(",") if p]
     for point in points:
         point_settings(point)  # every name checked before the first worker starts
