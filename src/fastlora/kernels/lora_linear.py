@@ -90,7 +90,7 @@ def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, 
 
 
 def _grad_down(g2, x2, a, b, scale):
-    """da [M, r] float32 = s * g @ B: the adapter's part of d(x dropped) before A."""
+    """da [M, r] float32 = s * g @ B: the gradient at xa = dropout(x) @ A^T."""
     if use_triton(x2):
         return lora_grad_down_triton(g2, b, scale, _buffers.empty((x2.shape[0], a.shape[0]),
                                                                   torch.float32, x2.device))
