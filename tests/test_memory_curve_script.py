@@ -5,6 +5,7 @@ command is built and checked without starting a worker."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -32,8 +33,6 @@ def memory_curve(monkeypatch):
     ("budget-0.3", "off", {"memory_budget": 0.3}), ("no-gc", "off", {"memory_budget": 1.0})])
 def test_each_point_builds_train_steps_worker_command(memory_curve, monkeypatch, tmp_path,
                                                        point, gc, options):
-    import json
-
     commands = []
 
     def run_worker(cmd, row, *rest):

@@ -269,6 +269,22 @@ def _decomposes(args) -> bool:
     return HAVE_TRITON and bool(tensors) and all(t.is_cuda for t in tensors)
 
 
+def _not_traced(types, args, kwargs):
+    """Why an op call seen by FunctionalTensorMode is left to the op's fake (opaque), or None
+    where its body is traced into its kernels."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if FAKE_METADATA and get_proxy_mode() is None:
+        return "metadata pass (FASTLORA_FAKE_METADATA)"
+    if not _decomposes(list(args) + list(kwargs.values())):
+        return "not every tensor argument on CUDA"
+    if any(not issubclass(t, (torch.Tensor, FunctionalTensor, FakeTensor)) for t in types):
+        return f"tensor types {sorted(t.__name__ for t in types)}"
+    return None
+
+
 def fused_op(name: str):
     """``torch.library.custom_op(name, mutates_args=())`` whose body inductor traces into its
     kernels on CUDA (see the module's docstring); use :func:`launch` for every kernel call in
@@ -280,18 +296,10 @@ def fused_op(name: str):
         if route(name) == "inductor" and HAVE_TRITON:
             INDUCTOR_LAUNCHED.add(name)
             _access_cache.install()  # the kernels' access analysis, once per kind of call
-            from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
-            from torch._subclasses.fake_tensor import FakeTensor
-            from torch.fx.experimental.proxy_tensor import get_proxy_mode
+            from torch._subclasses.functional_tensor import FunctionalTensorMode
 
             def decompose(mode, func, types, args, kwargs):
-                known = (torch.Tensor, FunctionalTensor, FakeTensor)
-                why = ("metadata pass (FASTLORA_FAKE_METADATA)"
-                       if FAKE_METADATA and get_proxy_mode() is None else
-                       "not every tensor argument on CUDA" if not _decomposes(
-                           list(args) + list(kwargs.values())) else
-                       f"tensor types {sorted(t.__name__ for t in types)}"
-                       if any(not issubclass(t, known) for t in types) else None)
+                why = _not_traced(types, args, kwargs)
                 if why is not None:
                     log.debug("fastlora: %s not traced into its kernels here: %s", name, why)
                     return mode.__torch_dispatch__(func, types, args, kwargs)

@@ -74,7 +74,7 @@ def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, 
     """Returns (dx, dA, dB, dW, dbias), None where not needed. g2 [M, N] is d out. ``db``: dB
     already computed by the caller (``_lora_blocks.lora_grad_b``), returned as it is."""
     M, K = x2.shape
-    gw = g2 if weight is None or g2.dtype == weight.dtype else g2.to(weight.dtype)
+    gw = _in_weight_dtype(g2, weight)
     dx = None
     if needs_dx:
         dx = (gw @ weight if weight is not None
@@ -82,11 +82,20 @@ def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, 
         dx = dx if dx.dtype == x2.dtype else dx.to(x2.dtype)  # the backward of x.to(w.dtype)
     db_ = db if db is not None else lora_grad_b(g2, xa, scale, b.dtype)
     da = _grad_down(g2, x2, a, b, scale)
-    grad_x = lora_grad_x_triton if use_triton(x2) else lora_grad_x_reference
-    dx, da_ = grad_x(x2, da, a, seed, p, dx=dx, accumulate=True)  # one pass: dx += .., dA
+    dx, da_ = _grad_x(x2)(x2, da, a, seed, p, dx=dx, accumulate=True)  # one pass: dx += .., dA
     dw = gw.T @ x2 if needs_dw else None
-    dbias = grad_bias(gw, weight) if needs_dbias else None  # gw: already in W's dtype
+    dbias = gw.sum(0) if needs_dbias else None
     return dx, da_.to(a.dtype), db_, dw, dbias
+
+
+def _in_weight_dtype(g2, weight):
+    """g in the base weight's dtype (its GEMMs and the bias run in it); as it is without one."""
+    return g2 if weight is None or g2.dtype == weight.dtype else g2.to(weight.dtype)
+
+
+def _grad_x(t):
+    """The kernel (Triton or its PyTorch reference) of dx += dropout-backward(da @ A), dA."""
+    return lora_grad_x_triton if use_triton(t) else lora_grad_x_reference
 
 
 def _grad_down(g2, x2, a, b, scale):
@@ -99,7 +108,7 @@ def _grad_down(g2, x2, a, b, scale):
 
 def grad_bias(g2, weight):
     """d bias = column sums of g, in the base weight's dtype (the bias is added in it)."""
-    return (g2 if weight is None or g2.dtype == weight.dtype else g2.to(weight.dtype)).sum(0)
+    return _in_weight_dtype(g2, weight).sum(0)
 
 
 def lora_grad_a(g2, x2, a, b, seed, scale, p):
@@ -107,20 +116,16 @@ def lora_grad_a(g2, x2, a, b, seed, scale, p):
     With :func:`lora_grad_input` after it, x can be freed before dx exists (lora_mlp_block's
     backward: its h is dead before dh is made)."""
     da = _grad_down(g2, x2, a, b, scale)
-    grad_x = lora_grad_x_triton if use_triton(x2) else lora_grad_x_reference
-    return da, grad_x(x2, da, a, seed, p)[1].to(a.dtype)
+    return da, _grad_x(x2)(x2, da, a, seed, p)[1].to(a.dtype)
 
 
 def lora_grad_input(g2, da, weight, a, seed, p, dtype):
     """The other half: dx = g @ W + dropout-backward(da @ A) in ``dtype`` (x's), the same
     values as :func:`lora_backward`'s dx. The kernel reads x only for dA (not asked here); dx
     stands in for it (its shape and dtype)."""
-    gw = g2 if g2.dtype == weight.dtype else g2.to(weight.dtype)
-    dx = gw @ weight
+    dx = _in_weight_dtype(g2, weight) @ weight
     dx = dx if dx.dtype == dtype else dx.to(dtype)
-    if use_triton(dx):
-        return lora_grad_x_triton(dx, da, a, seed, p, dx=dx, accumulate=True, need_da=False)[0]
-    return lora_grad_x_reference(dx, da, a, seed, p, dx=dx, accumulate=True, need_da=False)[0]
+    return _grad_x(dx)(dx, da, a, seed, p, dx=dx, accumulate=True, need_da=False)[0]
 
 
 # ---------------------------------------------------------------- the custom ops
