@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _buffers
+from . import tuning
 from ._common import HAVE_TRITON, cdiv, check_float, require, rows2d, use_triton
 from ._launch import launch
 from ._dot_precision import fix_bf16
@@ -42,6 +43,9 @@ FP4 = [0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25,
        -0.0, -1 / 192, -2 / 3, -1.0, -1 / 3, -0.5, -1 / 6, -0.25]
 NESTED_BLOCK = 256
 _CODES: dict = {}
+# packed bytes per program and warps of the dequantization (benchmarks/dequant_4bit.py sweeps
+# them against bitsandbytes' own kernel on the GPU)
+tuning.register("dequant_4bit", block=1024, num_warps=4)
 
 if HAVE_TRITON:
     import triton
@@ -122,14 +126,15 @@ def dequantize_4bit_triton(qweight, absmax, absmax2, code2, offset, n, k, blocks
     if out is None:
         out = _buffers.empty((n, k), dtype, q.device)
     nested = absmax2 is not None
-    block = 1024
+    cfg = tuning.get("dequant_4bit")
+    block = cfg["block"]
     n_out = n * k
     dummy = absmax
     if n_out:
         launch(_dequant_4bit_kernel)[(cdiv(q.numel(), block),)](
             q, absmax, absmax2 if nested else dummy, code2 if nested else dummy,
             offset if nested else dummy, code_table(quant_type, q.device), out, q.numel(), n_out,
-            blocksize, NESTED=nested, FIX_BF16=fix_bf16(out), BLOCK=block, num_warps=4,
+            blocksize, NESTED=nested, FIX_BF16=fix_bf16(out), BLOCK=block, num_warps=cfg["num_warps"],
             enable_fp_fusion=False)
     return out
 
