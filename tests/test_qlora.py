@@ -13,6 +13,7 @@ import torch
 
 import fastlora
 from fastlora.kernels import _lora_blocks as K
+from fastlora.kernels import tuning
 from fastlora.kernels import lora_linear_4bit as Q
 from fastlora.patterns import qlora as QP
 from helpers import rel_err, run_step, tiny_llama, token_batch, with_lora
@@ -37,14 +38,21 @@ def quantized(n, k, quant_type, double, blocksize=64, device="cpu"):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double", [False, True])
 @pytest.mark.parametrize("n,k,blocksize", [(40, 72, 64), (37, 33, 128), (300, 256, 64)])
-@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("impl", ["triton-flat", "triton-rows", "triton-rows-small",
+                                  "reference"])
 def test_dequant_is_bitwise_bitsandbytes(quant_type, double, n, k, blocksize, impl):
+    """Both layouts of the Triton kernel (tuning entry dequant_4bit; -small: one quantization
+    block per program and a 64-byte flat block, so many programs and a partial last one)."""
     packed, qs, args = quantized(n, k, quant_type, double, blocksize)
+    layout = {"layout": impl.split("-")[1]} if impl != "reference" else {}
+    if impl.endswith("-small"):
+        layout["block"] = 64
     for dtype in (torch.bfloat16, torch.float32):
         expected = BF.dequantize_4bit(packed, qs).to(dtype)
-        if impl == "triton":
-            out = Q.dequantize_4bit_triton(*args, dtype,
-                                           out=torch.full((n, k), float("nan"), dtype=dtype))
+        if impl != "reference":
+            with tuning.override("dequant_4bit", **layout):
+                out = Q.dequantize_4bit_triton(
+                    *args, dtype, out=torch.full((n, k), float("nan"), dtype=dtype))
         else:
             out = Q.dequantize_4bit_reference(*args, dtype)
         assert torch.equal(out, expected)
@@ -221,10 +229,12 @@ def test_4bit_disabled_adapter_still_fused_on_bnb_output():
 def test_cuda_dequant_is_bitwise_bitsandbytes(quant_type, double):
     packed, qs, args = quantized(4096, 14336 // 4, quant_type, double, device="cuda")
     expected = BF.dequantize_4bit(packed, qs).to(torch.bfloat16)
-    out = Q.dequantize_4bit_triton(*args, torch.bfloat16,
-                                   out=torch.full(expected.shape, float("nan"),
-                                                  dtype=torch.bfloat16, device="cuda"))
-    assert torch.equal(out, expected)
+    for layout in ("flat", "rows"):
+        with tuning.override("dequant_4bit", layout=layout):
+            out = Q.dequantize_4bit_triton(*args, torch.bfloat16,
+                                           out=torch.full(expected.shape, float("nan"),
+                                                          dtype=torch.bfloat16, device="cuda"))
+        assert torch.equal(out, expected), layout
 
 
 @pytest.mark.gpu

@@ -43,9 +43,11 @@ FP4 = [0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25,
        -0.0, -1 / 192, -2 / 3, -1.0, -1 / 3, -0.5, -1 / 6, -0.25]
 NESTED_BLOCK = 256
 _CODES: dict = {}
-# packed bytes per program and warps of the dequantization (benchmarks/dequant_4bit.py sweeps
-# them against bitsandbytes' own kernel on the GPU)
-tuning.register("dequant_4bit", block=1024, num_warps=4)
+# The dequantization's launch (benchmarks/dequant_4bit.py sweeps it against bitsandbytes' own
+# kernel on the GPU): packed bytes per program, warps, and the layout: "flat" (one scale load
+# per byte) or "rows" (a row per quantization block, one scale load per block; a power-of-two
+# blocksize only, "flat" otherwise).
+tuning.register("dequant_4bit", block=1024, num_warps=4, layout="flat")
 
 if HAVE_TRITON:
     import triton
@@ -75,6 +77,29 @@ if HAVE_TRITON:
         lo = tl.load(CODE + (q & 15)) * scale
         w = tl.reshape(tl.join(hi, lo), [2 * BLOCK])
         o = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        tl.store(OUT + o, rne(w, FIX_BF16).to(OUT.dtype.element_ty), mask=o < n_out)
+
+    @triton.jit
+    def _dequant_4bit_rows_kernel(Q, ABSMAX, ABSMAX2, CODE2, OFFSET, CODE, OUT, n_bytes, n_out,
+                                  n_blocks, NESTED: tl.constexpr, FIX_BF16: tl.constexpr,
+                                  HALF: tl.constexpr, ROWS: tl.constexpr):
+        """ROWS quantization blocks of HALF packed bytes (blocksize / 2) -> 2 * HALF * ROWS
+        weights. The same values as _dequant_4bit_kernel; each block's scale is loaded (and
+        double-dequantized) once and broadcast over its row, instead of once per byte."""
+        row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        i = row[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        q = tl.load(Q + i, mask=i < n_bytes, other=0).to(tl.int32)
+        row_ok = row < n_blocks
+        if NESTED:
+            code = tl.load(ABSMAX + row, mask=row_ok, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + code) * tl.load(ABSMAX2 + row // 256, mask=row_ok, other=0.0)
+            scale = scale + tl.load(OFFSET)  # product and sum rounded apart, as above
+        else:
+            scale = tl.load(ABSMAX + row, mask=row_ok, other=0.0)
+        hi = tl.load(CODE + ((q >> 4) & 15)) * scale[:, None]
+        lo = tl.load(CODE + (q & 15)) * scale[:, None]
+        w = tl.reshape(tl.join(hi, lo), [ROWS, 2 * HALF])
+        o = row[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
         tl.store(OUT + o, rne(w, FIX_BF16).to(OUT.dtype.element_ty), mask=o < n_out)
 
 
@@ -129,13 +154,20 @@ def dequantize_4bit_triton(qweight, absmax, absmax2, code2, offset, n, k, blocks
     cfg = tuning.get("dequant_4bit")
     block = cfg["block"]
     n_out = n * k
-    dummy = absmax
-    if n_out:
+    if not n_out:
+        return out
+    stats = (absmax, absmax2, code2, offset) if nested else (absmax,) * 4  # absmax: unread stand-ins
+    common = (q, *stats, code_table(quant_type, q.device), out, q.numel(), n_out)
+    half = blocksize // 2
+    if cfg["layout"] == "rows" and (half & (half - 1)) == 0:  # blocksize a power of two
+        rows = max(1, block // half)
+        launch(_dequant_4bit_rows_kernel)[(cdiv(absmax.numel(), rows),)](
+            *common, absmax.numel(), NESTED=nested, FIX_BF16=fix_bf16(out), HALF=half,
+            ROWS=rows, num_warps=cfg["num_warps"], enable_fp_fusion=False)
+    else:
         launch(_dequant_4bit_kernel)[(cdiv(q.numel(), block),)](
-            q, absmax, absmax2 if nested else dummy, code2 if nested else dummy,
-            offset if nested else dummy, code_table(quant_type, q.device), out, q.numel(), n_out,
-            blocksize, NESTED=nested, FIX_BF16=fix_bf16(out), BLOCK=block, num_warps=cfg["num_warps"],
-            enable_fp_fusion=False)
+            *common, blocksize, NESTED=nested, FIX_BF16=fix_bf16(out), BLOCK=block,
+            num_warps=cfg["num_warps"], enable_fp_fusion=False)
     return out
 
 
