@@ -100,8 +100,8 @@ INDUCTOR_PATCHES = {"comprehensive_padding": False} if any(
 # FASTLORA_FAKE_METADATA=1 (an experiment, off by default): where nothing is being recorded (no
 # proxy mode: AOTAutograd's metadata pass, which runs the graph once before the joint trace),
 # an op is not traced into its kernels; its ``register_fake`` answers, as Dynamo's trace uses it.
-# Pretend GPU, 16-layer tiny Llama: the metadata pass 4.8 -> 2.2 s, access analyses 165 -> 125
-# (benchmarks/pretend_gpu_compile.py). Off until the GPU tests pass with it on a GPU: the
+# Pretend GPU, 16-layer tiny Llama: the metadata pass 4.8 -> 2.2 s (benchmarks/
+# pretend_gpu_compile.py, 2026-12-06, before the access analyses were cached). Off until the GPU tests pass with it on a GPU: the
 # metadata then comes from the fakes, which have to match what the traced bodies return.
 FAKE_METADATA = os.environ.get("FASTLORA_FAKE_METADATA", "0") == "1"
 
