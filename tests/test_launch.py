@@ -95,6 +95,12 @@ def test_dense_on_a_difference_of_symbolic_sizes_adds_no_guard():
         assert "Max" in str(x.stride(0))
         assert _launch.dense(x) and _launch.dense(x.t())
         assert not any(_launch.dense(t) for t in slices)
+        # the H100's case (2026-12-07): the gradient kernel's per-split partial sums, [splits,
+        # M, width], strides (M * Max(1, w), Max(1, w), 1): the max sits inside the product
+        parts = torch.empty(9, m, hi - lo)
+        assert "Max" in str(parts.stride(0)) and _launch.dense(parts)
+        assert not _launch.dense(torch.empty(9, m, 2 * (hi - lo))[:, :, : hi - lo])
+        assert not _launch.dense(parts[::2])
     assert len(env.guards) == made
 
 

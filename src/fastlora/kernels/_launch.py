@@ -245,14 +245,17 @@ def dense(t: torch.Tensor) -> bool:
     dims = sorted(((t.stride(i), t.shape[i]) for i in range(t.dim())
                    if not statically_known_true(t.shape[i] == 1)),
                   key=lambda d: size_hint(d[0]))
-    expected = 1
+    # Two spellings of one number: the product of the smaller dimensions' sizes, and PyTorch's
+    # contiguous strides, a product of max(size, 1) (torch._prims_common.
+    # make_contiguous_strides_for): a width it cannot prove positive (s1 - s0) keeps its max,
+    # also inside a product (M * Max(1, s1 - s0)). Both are equal whenever every size is at
+    # least 1, and with a size 0 there is no element to read: either proves the layout.
+    plain, maxed = 1, 1
     for stride, size in dims:
-        # PyTorch gives a contiguous tensor the strides max(1, size) * ...: a width it cannot
-        # prove positive (s1 - s0) keeps the max; equal to the width whenever any element exists
-        if not (statically_known_true(stride == expected)
-                or statically_known_true(stride == torch.sym_max(1, expected))):
+        if not any(statically_known_true(stride == e)
+                   for e in (plain, maxed, torch.sym_max(1, plain))):
             return False
-        expected = expected * size
+        plain, maxed = plain * size, maxed * torch.sym_max(size, 1)
     return True
 
 
