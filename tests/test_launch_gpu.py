@@ -172,7 +172,8 @@ def test_inductor_route_mlp_block_backward_reuses_h_and_dh(dynamic):
     buffers above its inputs than its Python launcher does (at most 2: dh and d gate; base gate
     is a graph input here, which reuse_dead_inputs.py does not write over), and give the eager
     op's gradients. Static sizes, and every size dynamic (the op's buffers are then flat
-    allocations viewed, kernels/_buffers.py; a width of s1 - s0 once left the op opaque)."""
+    allocations viewed, kernels/_buffers.py; a width of s1 - s0 left the op opaque until
+    2026-12-07: _launch.dense did not prove M * Max(1, s1 - s0), a stride of its partial sums)."""
     m, k, f, r, dt = 4096, 256, 4096, 8, torch.bfloat16
     torch.manual_seed(0)
     c = mlp_block_case(m, k, f, r, dt)
