@@ -148,7 +148,14 @@ def _direct_factory_calls(path: pathlib.Path):
     for func_def in ast.walk(tree):
         if not isinstance(func_def, ast.FunctionDef) or func_def.name in skip:
             continue
+        called = {id(n.func) for n in ast.walk(func_def) if isinstance(n, ast.Call)}
         for node in ast.walk(func_def):
+            if isinstance(node, ast.Attribute) and id(node) not in called \
+                    and node.attr in FACTORIES and ast.unparse(node.value) == "torch":
+                # a factory taken as a value (alloc = torch.empty if M else torch.zeros) and
+                # called later: its sizes are out of sight here, so it counts as a direct call
+                yield f"{path.name}:{node.lineno} ({func_def.name}): {ast.unparse(node)}"
+                continue
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
                 continue
             name, owner = node.func.attr, ast.unparse(node.func.value)

@@ -335,8 +335,8 @@ def lora_grad_b_triton(g2, xa, scale, out_dtype):
     bm, bn = cfg["block_m"], cfg["block_n"]
     nb = cdiv(N, bn)
     splits, per = split_extent(M, bm, nb, cfg["per_sm"], g2)
-    alloc = torch.empty if M else torch.zeros  # every element written when M > 0
-    part = alloc((splits, N, R), dtype=torch.float32, device=g2.device)
+    alloc = _buffers.empty if M else _buffers.zeros  # every element written when M > 0
+    part = alloc((splits, N, R), torch.float32, g2.device)
     if M and N:
         launch(_lora_grad_b_kernel)[(nb, splits)](
             g2, xa, part, M, N, R, g2.stride(0), xa.stride(0), per,
@@ -366,8 +366,8 @@ def lora_grad_x_triton(x2, da, a_cat, seed, p, dx=None, accumulate=False, need_d
     def run(bk):
         nb = cdiv(K, bk)
         splits, per = split_extent(M, bm, nb, cfg["per_sm"], x2)
-        alloc = torch.empty if M else torch.zeros  # every element written when M > 0
-        part = alloc((splits, R, K) if need_da else (1,), dtype=torch.float32, device=x2.device)
+        alloc = _buffers.empty if M else _buffers.zeros  # every element written when M > 0
+        part = alloc((splits, R, K) if need_da else (1,), torch.float32, x2.device)
         if M and K and (dx is not None or need_da):
             launch(_lora_grad_x_kernel)[(nb, splits)](
                 x2, da, a_cat, dx if dx is not None else x2, part,
