@@ -101,8 +101,9 @@ INDUCTOR_PATCHES = {"comprehensive_padding": False} if any(
 # proxy mode: AOTAutograd's metadata pass, which runs the graph once before the joint trace),
 # an op is not traced into its kernels; its ``register_fake`` answers, as Dynamo's trace uses it.
 # Pretend GPU, 16-layer tiny Llama: the metadata pass 4.8 -> 2.2 s (benchmarks/
-# pretend_gpu_compile.py, 2026-12-06, before the access analyses were cached). Off until the GPU tests pass with it on a GPU: the
-# metadata then comes from the fakes, which have to match what the traced bodies return.
+# pretend_gpu_compile.py, 2026-12-06, before the access analyses were cached). Off until the
+# GPU tests pass with it on a GPU: the metadata then comes from the fakes, which have to match
+# what the traced bodies return.
 FAKE_METADATA = os.environ.get("FASTLORA_FAKE_METADATA", "0") == "1"
 
 OPS: set[str] = set()  # every op made by fused_op

@@ -28,8 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _buffers
-from . import tuning
+from . import _buffers, tuning
 from ._common import HAVE_TRITON, cdiv, check_float, require, rows2d, use_triton
 from ._launch import launch
 from ._dot_precision import fix_bf16
@@ -158,7 +157,8 @@ def dequantize_4bit_triton(qweight, absmax, absmax2, code2, offset, n, k, blocks
     n_out = n * k
     if not n_out:
         return out
-    stats = (absmax, absmax2, code2, offset) if nested else (absmax,) * 4  # absmax: unread stand-ins
+    # without double quantization absmax stands in for the three statistics the kernel skips
+    stats = (absmax, absmax2, code2, offset) if nested else (absmax,) * 4
     common = (q, *stats, code_table(quant_type, q.device), out, q.numel(), n_out)
     half = blocksize // 2
     if cfg["layout"] == "rows" and (half & (half - 1)) == 0:  # blocksize a power of two
