@@ -253,8 +253,7 @@ def dense(t: torch.Tensor) -> bool:
     # least 1, and with a size 0 there is no element to read: either proves the layout.
     plain, maxed = 1, 1
     for stride, size in dims:
-        if not any(statically_known_true(stride == e)
-                   for e in (plain, maxed, torch.sym_max(1, plain))):
+        if not any(statically_known_true(stride == e) for e in (plain, maxed)):
             return False
         plain, maxed = plain * size, maxed * torch.sym_max(size, 1)
     return True

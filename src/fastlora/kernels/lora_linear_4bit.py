@@ -160,11 +160,11 @@ def dequantize_4bit_triton(qweight, absmax, absmax2, code2, offset, n, k, blocks
     # without double quantization absmax stands in for the three statistics the kernel skips
     stats = (absmax, absmax2, code2, offset) if nested else (absmax,) * 4
     common = (q, *stats, code_table(quant_type, q.device), out, q.numel(), n_out)
-    half = blocksize // 2
+    half, n_blocks = blocksize // 2, absmax.numel()
     if cfg["layout"] == "rows" and (half & (half - 1)) == 0:  # blocksize a power of two
         rows = max(1, block // half)
-        launch(_dequant_4bit_rows_kernel)[(cdiv(absmax.numel(), rows),)](
-            *common, absmax.numel(), NESTED=nested, FIX_BF16=fix_bf16(out), HALF=half,
+        launch(_dequant_4bit_rows_kernel)[(cdiv(n_blocks, rows),)](
+            *common, n_blocks, NESTED=nested, FIX_BF16=fix_bf16(out), HALF=half,
             ROWS=rows, num_warps=cfg["num_warps"], enable_fp_fusion=False)
     else:
         launch(_dequant_4bit_kernel)[(cdiv(q.numel(), block),)](
