@@ -68,7 +68,7 @@ PEERS = ("liger", "unsloth")
 # (offload_lm_head: in pinned host memory, copied to the GPU for the loss only);
 # "-trainer": compile_for_trainer with its defaults (as a Trainer is compiled; with --gc on it
 # calls the embeddings' requires_grad_() hook outside Dynamo, which plain torch.compile traces
-# and retraces: compare the two warm-ups).
+# and retraces: compare the two warm-ups); "-trainer-cg": that with CUDA graphs.
 FASTLORA = {"fastlora": ({}, None),
             "fastlora-nooffload": ({"offload_activations": False}, None),
             "fastlora-cg": ({}, "reduce-overhead"),
@@ -79,8 +79,10 @@ FASTLORA = {"fastlora": ({}, None),
             "fastlora-noce": ({"disable": ["linear_cross_entropy"]}, None),
             "fastlora-hostemb": ({"offload_embeddings": True}, None),
             "fastlora-host": ({"offload_embeddings": True, "offload_lm_head": True}, None),
-            "fastlora-trainer": ({}, None)}
-TRAINER = {"fastlora-hostemb", "fastlora-host", "fastlora-trainer"}  # compile_for_trainer
+            "fastlora-trainer": ({}, None),
+            "fastlora-trainer-cg": ({"mode": "reduce-overhead"}, "reduce-overhead")}
+TRAINER = {"fastlora-hostemb", "fastlora-host", "fastlora-trainer",  # compile_for_trainer
+           "fastlora-trainer-cg"}
 
 
 def build_config(shape: str):
@@ -253,7 +255,8 @@ def worker(args) -> dict:
            "warmup_s": timing.warmup_s, "loss": float(timing.last),
            "device": torch.cuda.get_device_name() if cuda else "cpu"}
     progress(f"profiling {args.steps} steps, then the host time")
-    row["gpu_ms"] = h.gpu_ms_per_step([step] * args.steps, device)
+    row["top_kernels"] = []
+    row["gpu_ms"] = h.gpu_ms_per_step([step] * args.steps, device, row["top_kernels"])
     row["host_ms"] = h.host_ms_per_step(step, device, median)
     row["step_over_gpu"] = h.ratio(row["step_ms"], row["gpu_ms"])
     if args.variant in FASTLORA:

@@ -48,6 +48,21 @@ def test_auto_compiler_is_inductor_on_a_gpu_and_aot_eager_on_the_cpu():
         Options.parse({"offload_activations": 8, "compiler": "aot_eager"})
 
 
+def test_report_says_whether_cuda_graphs_are_on():
+    """Issue 17: the report says when CUDA graphs are off and why (a graph on a GPU that
+    inductor compiles); nothing on the CPU or under aot_eager, where there are none."""
+    from fastlora.backend import cuda_graphs_note
+
+    cpu, gpu = torch.zeros(1), types.SimpleNamespace(device=torch.device("cuda", 0))
+    off = cuda_graphs_note([cpu, gpu, 3], "inductor", None)
+    assert off.startswith("CUDA graphs off") and "'reduce-overhead'" in off, off
+    assert cuda_graphs_note([gpu], "inductor", "max-autotune").startswith("CUDA graphs off")
+    on = cuda_graphs_note([gpu], "inductor", "reduce-overhead")
+    assert on.startswith("CUDA graphs on") and "cudagraph_mark_step_begin" in on, on
+    assert cuda_graphs_note([cpu, 3], "inductor", "reduce-overhead") is None
+    assert cuda_graphs_note([gpu], "aot_eager", None) is None
+
+
 def test_report_records_the_compiler_used():
     torch.compile(torch.nn.Linear(2, 2), backend="fastlora")(torch.randn(1, 2))
     assert fastlora.last_report().options["compiler"] == "aot_eager"

@@ -84,6 +84,10 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         report.notes.append("offload_activations=True: this graph has no checkpointed regions "
                             "(gradient checkpointing off?), nothing to offload")
 
+    cuda_graphs = cuda_graphs_note(example_inputs, opts.compiler, opts.mode or mode)
+    if cuda_graphs:
+        report.notes.append(cuda_graphs)
+
     # 6. Publish the report (logger `fastlora`, tlparse artifact, stdout when asked).
     publish(report, example_inputs, opts.print_report, graph=gm)
 
@@ -103,6 +107,21 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
         report.notes.append(note)
         log.info("fastlora: graph %d: %s", report.index, note)
     return compiled
+
+
+def cuda_graphs_note(example_inputs, compiler: str, mode: str | None) -> str | None:
+    """The report's word on CUDA graphs for a graph on a GPU that inductor compiles: on where
+    the mode asks for them, else off and why (docs/options.md, "CUDA graphs"). None elsewhere."""
+    on_gpu = any(getattr(getattr(t, "device", None), "type", None) == "cuda"
+                 for t in example_inputs)
+    if compiler != "inductor" or not on_gpu:
+        return None
+    if mode == "reduce-overhead":
+        return ("CUDA graphs on (mode='reduce-overhead'): inductor records this graph once per "
+                "input size; start each step with torch.compiler.cudagraph_mark_step_begin()")
+    return ("CUDA graphs off: not asked for (options={'mode': 'reduce-overhead'}); not the "
+            "default because they need a call in the training loop and measured no faster "
+            "(docs/options.md, \"CUDA graphs\")")
 
 
 def _timed(key: str):
