@@ -177,7 +177,7 @@ def kernel_ms(prof, steps: int) -> float:
     return sum(e.self_device_time_total for e in kernels) / 1e3 / steps
 
 
-def top_kernels(prof, steps: int, top: int = 30) -> list[dict]:
+def top_kernels(prof, steps: int, top: int = 60) -> list[dict]:
     """The ``top`` kernels of a finished torch.profiler run by GPU time: name (cut to 90
     characters), ms and calls per step, so two variants' steps compare kernel by kernel."""
     import torch
