@@ -63,6 +63,19 @@ def test_report_says_whether_cuda_graphs_are_on():
     assert cuda_graphs_note([gpu], "aot_eager", None) is None
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,says", [(None, "CUDA graphs off"),
+                                       ("reduce-overhead", "CUDA graphs on")])
+def test_report_of_a_graph_on_the_gpu_says_whether_cuda_graphs_are_on(mode, says):
+    torch._dynamo.reset()
+    model = torch.nn.Linear(8, 8).cuda()
+    options = {"mode": mode} if mode else None
+    torch.compile(model, backend="fastlora", options=options)(torch.randn(2, 8, device="cuda"))
+    notes = fastlora.last_report().notes
+    assert [n for n in notes if n.startswith("CUDA graphs")] == [
+        n for n in notes if n.startswith(says)] and any(n.startswith(says) for n in notes), notes
+
+
 def test_report_records_the_compiler_used():
     torch.compile(torch.nn.Linear(2, 2), backend="fastlora")(torch.randn(1, 2))
     assert fastlora.last_report().options["compiler"] == "aot_eager"
