@@ -42,14 +42,30 @@ def _shared_bodies(reports) -> int:
     return sum(1 for r in reports for m in r.matches if m.get("calls", 1) > 1)
 
 
+_CASES = {}
+
+
+def _case(family):
+    """(model, inputs, eager loss, eager grads, the step with reuse_layers=False): built once per
+    family, launch route and process. The llama case is the same model, batch and compile in
+    test_layers_compiled_once_match_eager_and_counts and in test_auto_marks_..., which compared
+    their own run to the same reuse_layers=False step, each compiling it."""
+    key = (family, regions._launch.LAUNCH)
+    if key not in _CASES:
+        torch.manual_seed(0)  # what the autouse fixture sets for a test that builds it itself
+        model = with_lora(FAMILIES[family]())
+        model.train()
+        inputs = token_batch()
+        loss_e, grads_e = run_step(model, inputs)
+        _CASES[key] = (model, inputs, loss_e, grads_e,
+                       _trained(model, inputs, reuse_layers=False))
+    return _CASES[key]
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_layers_compiled_once_match_eager_and_counts(family):
-    model = with_lora(FAMILIES[family]())
-    model.train()
-    inputs = token_batch()
-    loss_e, grads_e = run_step(model, inputs)
+    model, inputs, loss_e, grads_e, (loss_off, _, reports_off) = _case(family)
     loss_on, grads_on, reports_on = _trained(model, inputs)
-    loss_off, _, reports_off = _trained(model, inputs, reuse_layers=False)
 
     assert _shared_bodies(reports_on) > 0, str(reports_on)  # the regions were really used
     assert _shared_bodies(reports_off) == 0
@@ -171,12 +187,8 @@ def test_auto_marks_on_the_inductor_route_but_runs_regions_only_on_a_gpu(monkeyp
     at each call: on the CPU the layers run unmarked (no shared body, no note about layers:
     the same graph as reuse_layers=False), on a GPU as regions (the GPU tests)."""
     monkeypatch.setattr(regions._launch, "LAUNCH", "inductor")
-    model = with_lora(tiny_llama(layers=LAYERS))
-    model.train()
-    inputs = token_batch()
-    loss_e, grads_e = run_step(model, inputs)
+    model, inputs, loss_e, grads_e, (_, _, reports_off) = _case("llama")
     loss_a, grads_a, reports_a = _trained(model, inputs, reuse_layers="auto")
-    _, _, reports_off = _trained(model, inputs, reuse_layers=False)
     compiled = copy.deepcopy(model)
     fastlora.compile_for_trainer(compiled)
     assert sum(getattr(m, regions._MARK, False) for m in compiled.modules()) == LAYERS
