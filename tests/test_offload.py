@@ -84,7 +84,9 @@ def test_checkpointed_layer_inputs_are_offloaded_by_default(no_cache):
 def test_off_and_size_threshold(no_cache):
     _step(layers=3, options={"offload_activations": False})
     assert _offloaded() == []
-    # 2 x 16 x 40 float32 = 5 KiB: a 1 MiB threshold offloads nothing
+    # 2 x 16 x 40 float32 = 5 KiB: a 4 KiB threshold offloads such activations, 1 MiB none
+    _step(layers=2, options={"offload_activations": 4 / 1024})
+    assert _offloaded() and all(o["shape"] == [2, 16, 40] for o in _offloaded()), _offloaded()
     _step(layers=2, options={"offload_activations": 1})
     assert _offloaded() == []
 
