@@ -111,7 +111,8 @@ def fastlora_backend(gm: fx.GraphModule, example_inputs, options: dict | None = 
 
 def cuda_graphs_note(example_inputs, compiler: str, mode: str | None) -> str | None:
     """The report's word on CUDA graphs for a graph on a GPU that inductor compiles: on where
-    the mode asks for them, else off and why (docs/options.md, "CUDA graphs"). None elsewhere."""
+    the mode asks for them, else off and why (docs/options.md, "On the GPU: CUDA graphs").
+    None elsewhere."""
     on_gpu = any(getattr(getattr(t, "device", None), "type", None) == "cuda"
                  for t in example_inputs)
     if compiler != "inductor" or not on_gpu:
@@ -121,7 +122,7 @@ def cuda_graphs_note(example_inputs, compiler: str, mode: str | None) -> str | N
                 "input size; start each step with torch.compiler.cudagraph_mark_step_begin()")
     return ("CUDA graphs off: not asked for (options={'mode': 'reduce-overhead'}); not the "
             "default because they need a call in the training loop and measured no faster "
-            "(docs/options.md, \"CUDA graphs\")")
+            "(docs/options.md, \"On the GPU: CUDA graphs\")")
 
 
 def _timed(key: str):
