@@ -4,10 +4,10 @@ their GPU time goes:
 
     python benchmarks/kernel_table.py benchmarks/results/train_step.jsonl [--kernels 12]
 
-Kinds are read off kernel names: 4-bit dequantization, attention (flash, cuDNN, fastlora's),
-cuBLAS/CUTLASS GEMMs, the optimizer, inductor's generated kernels, fastlora's Triton kernels
-(``_name_kernel``), other Triton kernels (a peer's ``_name``), PyTorch's own elementwise and
-reduction kernels, the rest. Only the top kernels of each row are kept, so
+Kinds are read off kernel names: 4-bit dequantization, hand-written Triton kernels (``_name``:
+fastlora's in a fastlora row, the peer's in a peer's row), attention (flash, cuDNN), cuBLAS and
+CUTLASS GEMMs, the optimizer, inductor's generated kernels (``triton_...``), PyTorch's own
+elementwise and reduction kernels, the rest. Only the top kernels of each row are kept, so
 each table's last line says how much of the step's GPU time they cover.
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ import re
 
 KINDS = [  # (kind, pattern on the kernel's name), first match wins
     ("4-bit dequantization", r"dequant"),
+    # Triton kernels written by hand: fastlora's in a fastlora row, the peer's in a peer's row
+    ("library Triton", r"^_\w+$"),
     ("attention", r"flash|fmha|attention|attn|sdpa|cudnn"),
     ("GEMM", r"gemm|sm\d+_xmma|cutlass|cublas|matmul|nvjet"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("inductor", r"^triton_"),
-    ("fastlora", r"^_\w+_kernel$"),
-    ("other Triton (peers')", r"^_\w+$"),
     ("PyTorch elementwise", r"elementwise|vectorized|reduce_kernel|index"),
 ]
 
