@@ -9,11 +9,10 @@ inductor run it, makes the GLU backward kernel write d gate over base gate. Vari
 
 - ``inputs`` / ``inputs-dynamic``: base gate and base up are inputs of the compiled function
   (as a tensor saved by the forward reaches the backward), every size static / dynamic. With
-  every size dynamic a width can be a difference of sizes (s1 - s0): PyTorch gives such a
-  contiguous tensor the row stride Max(1, s1 - s0), which kernels/_launch.dense has to accept
-  (the GPU runs of 2026-12-06 found the op opaque there; the H100 of 2026-12-07 showed where:
-  the gradient kernel's [9 splits, M, w] partial sums, stride M * Max(1, w), which a pretend
-  GPU with this script's sizes makes with one split; tests/test_launch.py has that shape).
+  every size dynamic a width is a difference of sizes (s1 - s0), which the shape environment
+  cannot prove >= 1: traced into its kernels, such a graph failed inside inductor's tiling
+  analysis on the H100 (torch 2.11, 2026-12-07), so the op stays opaque there
+  (kernels/_launch.py, UNPROVEN_SIZE).
 - ``made`` / ``made-dynamic``: base gate and base up are made inside it (x @ W^T, as a
   checkpointed layer recomputes them) and read by nothing after the op.
 - ``made-read-after``: made inside, and base gate is also returned.

@@ -46,21 +46,31 @@ def routes():
     return run_script("block_backward_route.py")  # five variants, one process
 
 
-@pytest.mark.parametrize("variant", ["inputs", "inputs-dynamic", "made", "made-dynamic"])
+@pytest.mark.parametrize("variant", ["inputs", "made"])
 def test_mlp_block_backward_is_traced_into_its_kernels(routes, variant):
-    """With every size dynamic (torch.compile(dynamic=True)) the op's widths include a
-    difference of sizes whose contiguous row stride is Max(1, s1 - s0): still traced into its
-    kernels, not left opaque (tests/block_backward_route.py)."""
     facts = routes[variant]
     assert facts["route"] == "kernels", facts
     assert {"_lora_glu_bwd_kernel", "_lora_grad_b_kernel", "_lora_grad_x_kernel"} <= set(
         facts["kernels"]), facts
 
 
+@pytest.mark.parametrize("variant", ["inputs-dynamic", "made-dynamic"])
+def test_mlp_block_backward_with_every_size_dynamic_stays_opaque(routes, variant):
+    """With every size dynamic (torch.compile(dynamic=True)) the op's widths include a
+    difference of sizes (s1 - s0), which the shape environment cannot prove >= 1. Traced into
+    its kernels, that graph made inductor's tiling analysis fail on the H100 (torch 2.11,
+    kernels/_launch.py, UNPROVEN_SIZE), so the op stays opaque there: its Python launcher
+    runs, and no kernel of it is in the graph."""
+    facts = routes[variant]
+    assert facts["route"] == "opaque", facts
+    assert not {"_lora_glu_bwd_kernel", "_lora_grad_b_kernel"} & set(facts["kernels"]), facts
+
+
 @pytest.mark.parametrize("variant,over", [("inputs", False), ("inputs-dynamic", False),
-                                          ("made", True), ("made-dynamic", True),
+                                          ("made", True), ("made-dynamic", False),
                                           ("made-read-after", False)])
 def test_d_gate_goes_over_base_gate_only_where_base_gate_is_dead(routes, variant, over):
     """reuse_dead_inputs.py: not over a graph input (a tensor saved by the forward), not over a
-    value read after the kernel; over a base gate made in the graph and read by nothing after."""
+    value read after the kernel; over a base gate made in the graph and read by nothing after
+    (with every size dynamic the op stays opaque: no kernel to write over it)."""
     assert routes[variant]["dg_over_bg"] is over, routes[variant]

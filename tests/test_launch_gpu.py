@@ -171,9 +171,10 @@ def test_inductor_route_mlp_block_backward_reuses_h_and_dh(dynamic):
     reinplaced where inductor proves the buffer dead: compiled, the op must hold no more [M, F]
     buffers above its inputs than its Python launcher does (at most 2: dh and d gate; base gate
     is a graph input here, which reuse_dead_inputs.py does not write over), and give the eager
-    op's gradients. Static sizes, and every size dynamic (the op's buffers are then flat
-    allocations viewed, kernels/_buffers.py; a width of s1 - s0 left the op opaque until
-    2026-12-07: _launch.dense did not prove M * Max(1, s1 - s0), a stride of its partial sums)."""
+    op's gradients. Static sizes, and every size dynamic, where a width is a difference of
+    sizes (s1 - s0): traced into its kernels, that graph failed inside inductor's tiling
+    analysis on the H100 (torch 2.11, 2026-12-07), so the op stays opaque there (its Python
+    launcher runs; kernels/_launch.py, UNPROVEN_SIZE) and must still compile and match."""
     m, k, f, r, dt = 4096, 256, 4096, 8, torch.bfloat16
     torch.manual_seed(0)
     c = mlp_block_case(m, k, f, r, dt)
@@ -184,7 +185,10 @@ def test_inductor_route_mlp_block_backward_reuses_h_and_dh(dynamic):
     compiled = torch.compile(backward, backend="inductor", dynamic=dynamic)
     _, code = run_and_get_code(compiled, dy, x, bg, bu, xa, xa_d)  # compiles
     code = "\n".join(code)
-    assert "torch.ops.fastlora" not in code
+    if dynamic:
+        assert "torch.ops.fastlora.lora_mlp_block_backward" in code
+    else:
+        assert "torch.ops.fastlora" not in code
     torch.cuda.synchronize()
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -210,7 +210,23 @@ class _Recorded:
 
 
 class NotDense(Exception):
-    """A kernel argument whose layout inductor could change: the op stays opaque."""
+    """A kernel argument whose layout inductor could change, or with a size inductor fails on
+    (``UNPROVEN_SIZE``): the op stays opaque."""
+
+
+# A size the shape environment cannot prove >= 1 (a difference of sizes, s1 - s0, as every
+# size dynamic makes of a width; never a parameter's, which Dynamo keeps static) keeps the op
+# opaque. Traced into its kernels, such a graph failed inside inductor (torch 2.11, H100,
+# 2026-12-07: lora_mlp_block_backward under torch.compile(dynamic=True), an AssertionError in
+# inductor's tiling analysis, tiling_utils.py, comparing size hints), where the opaque op
+# compiles and runs (benchmarks/RESULTS.md, "Thirty-second run").
+UNPROVEN_SIZE = "inductor's tiling analysis fails on such a traced graph (torch 2.11)"
+
+
+def _at_least_one(size) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return not isinstance(size, torch.SymInt) or statically_known_true(size >= 1)
 
 
 class _Traced:
@@ -220,7 +236,8 @@ class _Traced:
     layout exactly (its stride order is kept, and a dense layout of one order is unique), but a
     view with gaps (a column slice, a broadcast) may reach the kernel as a compact copy
     (torch 2.11 constrains only the stride order of a user kernel's arguments), and the kernel
-    would then read with the wrong strides. Such an argument makes the op opaque instead."""
+    would then read with the wrong strides. Such an argument makes the op opaque instead, as
+    does one with a size not provably >= 1 (``UNPROVEN_SIZE``)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -228,9 +245,13 @@ class _Traced:
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             for name, value in list(enumerate(args)) + list(kwargs.items()):
-                if isinstance(value, torch.Tensor) and not dense(value):
-                    raise NotDense(f"{getattr(self.kernel, '__name__', self.kernel)} argument "
-                                   f"{name}: sizes {tuple(value.shape)}, strides "
+                if not isinstance(value, torch.Tensor):
+                    continue
+                where = f"{getattr(self.kernel, '__name__', self.kernel)} argument {name}"
+                if not all(_at_least_one(size) for size in value.shape):
+                    raise NotDense(f"{where}: sizes {tuple(value.shape)}: {UNPROVEN_SIZE}")
+                if not dense(value):
+                    raise NotDense(f"{where}: sizes {tuple(value.shape)}, strides "
                                    f"{tuple(value.stride())}")
             return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
         return run
@@ -286,6 +307,7 @@ def _not_traced(types, args, kwargs):
     if any(not issubclass(t, (torch.Tensor, FunctionalTensor, FakeTensor)) for t in types):
         return f"tensor types {sorted(t.__name__ for t in types)}"
     return None
+
 
 
 def fused_op(name: str):
