@@ -39,13 +39,15 @@ def table(row: dict, top: int) -> str:
     kernels = row.get("top_kernels") or []
     by_kind: dict[str, float] = {}
     for k in kernels:
-        by_kind[kind(k["kernel"])] = by_kind.get(kind(k["kernel"]), 0.0) + k["ms"]
+        label = kind(k["kernel"])
+        by_kind[label] = by_kind.get(label, 0.0) + k["ms"]
+    gpu_ms = row.get("gpu_ms") or 0
     lines = [f"{row['shape']} {row['variant']}: step {row.get('step_ms', 0):.1f} ms, "
-             f"GPU {row.get('gpu_ms') or 0:.1f} ms"]
+             f"GPU {gpu_ms:.1f} ms"]
     lines += [f"  {label:20s} {ms:8.2f} ms" for label, ms in
               sorted(by_kind.items(), key=lambda item: -item[1])]
     covered = sum(by_kind.values())
-    lines.append(f"  {'(top kernels cover)':20s} {covered:8.2f} ms of {row.get('gpu_ms') or 0:.1f}")
+    lines.append(f"  {'(top kernels cover)':20s} {covered:8.2f} ms of {gpu_ms:.1f}")
     lines += [f"    {k['ms']:7.2f} ms {k['calls']:6.1f} calls  {k['kernel']}"
               for k in kernels[:top]]
     return "\n".join(lines)

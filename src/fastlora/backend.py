@@ -19,7 +19,7 @@ from torch import fx
 from . import compile_cache, distributed, dynamo_settings, hooked_embeddings, regions, warmup
 from . import kernels  # noqa: F401  (registers torch.ops.fastlora.*)
 from .canonicalize import canonicalize, restore_method_calls, sizes_from_inputs
-from .options import backend_options
+from .options import backend_options, device_types
 from .pattern import registered_patterns
 from .report import Report, log, module_path, publish
 from .rewriter import apply_patterns
@@ -113,9 +113,7 @@ def cuda_graphs_note(example_inputs, compiler: str, mode: str | None) -> str | N
     """The report's word on CUDA graphs for a graph on a GPU that inductor compiles: on where
     the mode asks for them, else off and why (docs/options.md, "On the GPU: CUDA graphs").
     None elsewhere."""
-    on_gpu = any(getattr(getattr(t, "device", None), "type", None) == "cuda"
-                 for t in example_inputs)
-    if compiler != "inductor" or not on_gpu:
+    if compiler != "inductor" or "cuda" not in device_types(example_inputs):
         return None
     if mode == "reduce-overhead":
         return ("CUDA graphs on (mode='reduce-overhead'): inductor records this graph once per "

@@ -209,9 +209,14 @@ def auto_compiler(opts: Options, example_inputs=(), mode: str | None = None,
             or _needs_inductor("memory_budget", opts.memory_budget):
         return "inductor"
     if on_gpu is None:
-        on_gpu = any(getattr(getattr(t, "device", None), "type", "cpu") != "cpu"
-                     for t in example_inputs)
+        on_gpu = bool(device_types(example_inputs) - {"cpu"})
     return "inductor" if on_gpu else "aot_eager"
+
+
+def device_types(example_inputs) -> set[str]:
+    """The device types (``"cuda"``, ``"cpu"``) of a graph's example inputs that have one."""
+    types = {getattr(getattr(t, "device", None), "type", None) for t in example_inputs}
+    return types - {None}
 
 
 def _dynamo_passes_on(error: OptionsError, frame) -> Exception:

@@ -309,7 +309,6 @@ def _not_traced(types, args, kwargs):
     return None
 
 
-
 def fused_op(name: str):
     """``torch.library.custom_op(name, mutates_args=())`` whose body inductor traces into its
     kernels on CUDA (see the module's docstring); use :func:`launch` for every kernel call in
