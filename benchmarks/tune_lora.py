@@ -71,7 +71,17 @@ def cases():
 
 def candidates(kernel: str, quick: bool):
     warps = (4, 8)
-    if kernel in ("glu_bwd", "grad_x", "grad_b", "down"):
+    if kernel == "glu_bwd":  # 8 warps measured twice as slow (results_h200/tune_lora_bf16x3.json)
+        combos = itertools.product(((32, 128), (64, 64), (64, 128)), (4, 8), (False, True),
+                                   (0, 2, 3))
+        out = [{"block_m": t[0], "block_n": t[1], "warps": 4, "per_sm": s, "one_b": b,
+                "stages": st} for t, s, b, st in combos]
+    elif kernel == "glu_fwd":
+        combos = itertools.product(((32, 64), (32, 128), (64, 64), (64, 128)), warps,
+                                   (1, 4, 8))
+        out = [{"block_m": t[0], "block_n": t[1], "warps": w, "row_blocks": rb}
+               for t, w, rb in combos]
+    elif kernel in ("grad_x", "grad_b", "down"):
         tiles = ((32, 128), (64, 64), (64, 128))
         per_sm = (0, 2, 4) if kernel == "down" else (2, 4, 8)
         key = "block_k" if kernel in ("down", "grad_x") else "block_n"

@@ -58,11 +58,21 @@ def test_lora_mlp_op_matches_float64(activation, p, dtype):
         assert rel_err(got, want) < TOL[dtype]
 
 
+# launch configurations of the two GLU kernels that change which program does what:
+# several column splits of 32 (the partial-sum path of large shapes); forward programs of
+# several row blocks (the last one partly past M) and the backward's B tiles loaded once
+CONFIGS = {"default": {},
+           "split": {"lora_glu_bwd": dict(block_m=32, block_n=32, warps=4, per_sm=8)},
+           "rows_one_b": {"lora_glu_fwd": dict(block_m=16, block_n=32, row_blocks=2),
+                          "lora_glu_bwd": dict(block_m=16, block_n=32, per_sm=8,
+                                               one_b=True)}}
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
-@pytest.mark.parametrize("split", [False, True])
-def test_glu_kernels_write_every_element(impl, split, tuned):
-    if split:  # several column splits of 32: the partial-sum path of large shapes
-        tuned("lora_glu_bwd", block_m=32, block_n=32, warps=4, per_sm=8)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_glu_kernels_write_every_element(impl, config, tuned):
+    for op, cfg in CONFIGS[config].items():
+        tuned(op, **cfg)
     M, N, rg, ru = 37, 72, 4, 8
     bg, bu = torch.randn(M, N, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
     xa, wg, wu = torch.randn(M, rg + ru), torch.randn(N, rg), torch.randn(N, ru)
@@ -91,15 +101,15 @@ def test_glu_kernels_write_every_element(impl, split, tuned):
     assert rel_err(da[:, rg:], 2.0 * du.double() @ wu.double()) < 1e-5
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_glu_backward_written_over_its_declared_inputs_gives_the_same_bits(split, tuned):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_glu_backward_written_over_its_declared_inputs_gives_the_same_bits(config, tuned):
     """_launch.WRITES_OVER: d gate over base gate, d up over base up (reuse_dead_inputs.py
     gives them those buffers in inductor's graphs): each tile is read before it is written."""
     from fastlora.kernels._launch import WRITES_OVER
 
     assert WRITES_OVER[G._lora_glu_bwd_kernel] == {"DG": "BG", "DU": "BU"}
-    if split:
-        tuned("lora_glu_bwd", block_m=32, block_n=32, warps=4, per_sm=8)
+    for op, cfg in CONFIGS[config].items():
+        tuned(op, **cfg)
     M, N, rg, ru = 37, 72, 4, 8
     bg, bu, dh = (torch.randn(M, N, dtype=torch.bfloat16) for _ in range(3))
     xa, wg, wu = torch.randn(M, rg + ru), torch.randn(N, rg), torch.randn(N, ru)
@@ -332,7 +342,11 @@ def test_qkv_dropout_seeded_twin():
 @pytest.mark.parametrize("m,k,f", [(37, 40, 56), (8192, 2048, 8192), (8192, 4096, 14336)])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_cuda_lora_mlp_matches_float64(m, k, f, activation, p):
+@pytest.mark.parametrize("config", ["default", "other"])
+def test_cuda_lora_mlp_matches_float64(m, k, f, activation, p, config, tuned):
+    if config == "other":  # the GLU kernels' other code paths (see CONFIGS), GPU-sized tiles
+        tuned("lora_glu_fwd", row_blocks=4, warps=8)
+        tuned("lora_glu_bwd", one_b=True, stages=3)
     torch.manual_seed(0)
     dev, dtype, r = "cuda", torch.bfloat16, 16
     x = torch.randn(m, k, device=dev, dtype=dtype, requires_grad=True)

@@ -40,8 +40,12 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 # Launch configurations of the two GLU kernels, chosen like the LoRA blocks'
 # (kernels/_lora_blocks.py: benchmarks/tune_lora.py on the H200, results_h200/tune_lora*.json).
-tuning.register("lora_glu_fwd", block_m=32, block_n=128, warps=4)
-tuning.register("lora_glu_bwd", block_m=64, block_n=64, warps=4, per_sm=8)
+# row_blocks: row blocks per forward program (its B tiles loaded once for all); one_b: the
+# backward loads each B tile once and transposes it for the up-product; stages: Triton's
+# num_stages (its default where 0).
+tuning.register("lora_glu_fwd", block_m=32, block_n=128, warps=4, row_blocks=1, stages=0)
+tuning.register("lora_glu_bwd", block_m=64, block_n=64, warps=4, per_sm=8, one_b=False,
+                stages=0)
 
 if HAVE_TRITON:
     import triton
@@ -68,15 +72,25 @@ if HAVE_TRITON:
             return g * c, c + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
 
     @triton.jit
-    def _branch(BASE, XA, B, rows, cols, row_ok, col_ok, stride_base, stride_xa, stride_b, R,
-                scale, MODE: tl.constexpr, FIX: tl.constexpr, OUT_TY: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-        """round(base + s * xa @ B^T) for one tile, rounded to OUT_TY and returned in float32."""
+    def _b_tile(B, cols, col_ok, stride_b, R, BLOCK_R: tl.constexpr):
+        """B [N, R] rows ``cols`` as the [BLOCK_R, BLOCK_N] tile the up-product multiplies."""
         rr = tl.arange(0, BLOCK_R)
-        xa = tl.load(XA + rows[:, None] * stride_xa + rr[None, :],
-                     mask=row_ok[:, None] & (rr < R)[None, :], other=0.0)
-        bt = tl.load(B + cols[None, :] * stride_b + rr[:, None],
-                     mask=(rr < R)[:, None] & col_ok[None, :], other=0.0)
+        return tl.load(B + cols[None, :] * stride_b + rr[:, None],
+                       mask=(rr < R)[:, None] & col_ok[None, :], other=0.0)
+
+    @triton.jit
+    def _xa_tile(XA, rows, row_ok, stride_xa, R, BLOCK_R: tl.constexpr):
+        """xa [M, R] (one branch's columns) rows ``rows``: a [BLOCK_M, BLOCK_R] tile."""
+        rr = tl.arange(0, BLOCK_R)
+        return tl.load(XA + rows[:, None] * stride_xa + rr[None, :],
+                       mask=row_ok[:, None] & (rr < R)[None, :], other=0.0)
+
+    @triton.jit
+    def _branch(BASE, xa, bt, rows, cols, row_ok, col_ok, stride_base, scale,
+                MODE: tl.constexpr, FIX: tl.constexpr, OUT_TY: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """round(base + s * xa @ B^T) for one tile (xa and B^T loaded by the caller, which may
+        keep them over several tiles), rounded to OUT_TY and returned in float32."""
         lora = dot(xa, bt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), MODE)
         base = tl.load(BASE + rows[:, None] * stride_base + cols[None, :],
                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
@@ -87,32 +101,46 @@ if HAVE_TRITON:
                              stride_xa, stride_wbg, stride_wbu, stride_h, sg, su,
                              ACT: tl.constexpr, MODE: tl.constexpr, FIX: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+                             BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr,
+                             ROW_BLOCKS: tl.constexpr):
+        """ROW_BLOCKS row blocks of one column block: the B tiles are loaded once for all."""
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok, col_ok = rows < M, cols < N
+        col_ok = cols < N
         ty = H.dtype.element_ty
-        gate = _branch(BG, XA, WBG, rows, cols, row_ok, col_ok, stride_bg, stride_xa, stride_wbg,
-                       RG, sg, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RG)
-        up = _branch(BU, XA + RG, WBU, rows, cols, row_ok, col_ok, stride_bu, stride_xa,
-                     stride_wbu, RU, su, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RU)
-        a, _ = _act(gate, ACT)
-        tl.store(H + rows[:, None] * stride_h + cols[None, :], rne(a * up, FIX).to(ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        bt_g = _b_tile(WBG, cols, col_ok, stride_wbg, RG, BLOCK_RG)
+        bt_u = _b_tile(WBU, cols, col_ok, stride_wbu, RU, BLOCK_RU)
+        first = tl.program_id(0).to(tl.int64) * (ROW_BLOCKS * BLOCK_M)
+        for i in range(ROW_BLOCKS):
+            rows = first + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < M
+            gate = _branch(BG, _xa_tile(XA, rows, row_ok, stride_xa, RG, BLOCK_RG), bt_g, rows,
+                           cols, row_ok, col_ok, stride_bg, sg, MODE, FIX, ty, BLOCK_M,
+                           BLOCK_N)
+            up = _branch(BU, _xa_tile(XA + RG, rows, row_ok, stride_xa, RU, BLOCK_RU), bt_u,
+                         rows, cols, row_ok, col_ok, stride_bu, su, MODE, FIX, ty, BLOCK_M,
+                         BLOCK_N)
+            a, _ = _act(gate, ACT)
+            tl.store(H + rows[:, None] * stride_h + cols[None, :], rne(a * up, FIX).to(ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit(do_not_specialize=["M"])
     def _lora_glu_bwd_kernel(DH, BG, BU, XA, WBG, WBU, DG, DU, DA_PART, M, N, RG, RU, stride_dh,
                              stride_bg, stride_bu, stride_xa, stride_wbg, stride_wbu, stride_d,
                              cols_per_split, sg, su, ACT: tl.constexpr, MODE: tl.constexpr,
                              FIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr):
+                             BLOCK_RG: tl.constexpr, BLOCK_RU: tl.constexpr,
+                             ONE_B: tl.constexpr):
         """One row block over one split of the columns: d gate, d up (stored) and the split's
-        part of da = s * d @ B (both branches) into DA_PART[split] ([M, RG + RU] float32)."""
+        part of da = s * d @ B (both branches) into DA_PART[split] ([M, RG + RU] float32). The
+        row block's xa is loaded once; each column block's B once (ONE_B: the up-product takes
+        its transpose) or twice (in both layouts)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         split = tl.program_id(1)
         row_ok = rows < M
         rg, ru = tl.arange(0, BLOCK_RG), tl.arange(0, BLOCK_RU)
         ty = DG.dtype.element_ty
+        xa_g = _xa_tile(XA, rows, row_ok, stride_xa, RG, BLOCK_RG)
+        xa_u = _xa_tile(XA + RG, rows, row_ok, stride_xa, RU, BLOCK_RU)
         acc_g = tl.zeros([BLOCK_M, BLOCK_RG], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_RU], dtype=tl.float32)
         col_start = split * cols_per_split
@@ -121,10 +149,19 @@ if HAVE_TRITON:
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < col_end
             mask = row_ok[:, None] & col_ok[None, :]
-            gate = _branch(BG, XA, WBG, rows, cols, row_ok, col_ok, stride_bg, stride_xa,
-                           stride_wbg, RG, sg, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RG)
-            up = _branch(BU, XA + RG, WBU, rows, cols, row_ok, col_ok, stride_bu, stride_xa,
-                         stride_wbu, RU, su, MODE, FIX, ty, BLOCK_M, BLOCK_N, BLOCK_RU)
+            wg = tl.load(WBG + cols[:, None] * stride_wbg + rg[None, :],
+                         mask=col_ok[:, None] & (rg < RG)[None, :], other=0.0)
+            wu = tl.load(WBU + cols[:, None] * stride_wbu + ru[None, :],
+                         mask=col_ok[:, None] & (ru < RU)[None, :], other=0.0)
+            if ONE_B:
+                bt_g, bt_u = tl.trans(wg), tl.trans(wu)
+            else:
+                bt_g = _b_tile(WBG, cols, col_ok, stride_wbg, RG, BLOCK_RG)
+                bt_u = _b_tile(WBU, cols, col_ok, stride_wbu, RU, BLOCK_RU)
+            gate = _branch(BG, xa_g, bt_g, rows, cols, row_ok, col_ok, stride_bg, sg, MODE, FIX,
+                           ty, BLOCK_M, BLOCK_N)
+            up = _branch(BU, xa_u, bt_u, rows, cols, row_ok, col_ok, stride_bu, su, MODE, FIX,
+                         ty, BLOCK_M, BLOCK_N)
             dh = tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask,
                          other=0.0).to(tl.float32)
             a, da = _act(gate, ACT)
@@ -132,10 +169,6 @@ if HAVE_TRITON:
             du = rne(dh * a, FIX).to(ty)
             tl.store(DG + rows[:, None] * stride_d + cols[None, :], dg, mask=mask)
             tl.store(DU + rows[:, None] * stride_d + cols[None, :], du, mask=mask)
-            wg = tl.load(WBG + cols[:, None] * stride_wbg + rg[None, :],
-                         mask=col_ok[:, None] & (rg < RG)[None, :], other=0.0)
-            wu = tl.load(WBU + cols[:, None] * stride_wbu + ru[None, :],
-                         mask=col_ok[:, None] & (ru < RU)[None, :], other=0.0)
             acc_g = dot(dg, wg, acc_g, MODE)
             acc_u = dot(du, wu, acc_u, MODE)
         part = DA_PART + (split * M + rows[:, None]) * (RG + RU)
@@ -159,20 +192,25 @@ def _act_reference(g: Tensor, activation: str):
     return g * c, c + g * torch.exp(-0.5 * g * g) * (2 * torch.pi) ** -0.5
 
 
+def _warps_stages(cfg: dict) -> dict:
+    """A tuning entry's warps and stages as launch keywords (no num_stages where 0)."""
+    return {"num_warps": cfg["warps"], **({"num_stages": cfg["stages"]} if cfg["stages"] else {})}
+
+
 def glu_forward_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, out_dtype, h=None):
     M, N = base_g.shape
     rg, ru = b_g.shape[1], b_u.shape[1]
     if h is None:
         h = _buffers.empty((M, N), out_dtype, base_g.device)
     cfg = tuning.get("lora_glu_fwd")
-    bm, bn = cfg["block_m"], cfg["block_n"]
+    bm, bn, blocks = cfg["block_m"], cfg["block_n"], cfg["row_blocks"]
     if M and N:
-        launch(_lora_glu_fwd_kernel)[(cdiv(M, bm), cdiv(N, bn))](
+        launch(_lora_glu_fwd_kernel)[(cdiv(M, bm * blocks), cdiv(N, bn))](
             base_g, base_u, xa, b_g, b_u, h, M, N, rg, ru, base_g.stride(0), base_u.stride(0),
             xa.stride(0), b_g.stride(0), b_u.stride(0), h.stride(0), sg, su,
             ACT=ACTIVATIONS[activation], MODE=dot_mode(h.device, h.dtype),
             FIX=fix_bf16(h), BLOCK_M=bm, BLOCK_N=bn, BLOCK_RG=block_r(rg), BLOCK_RU=block_r(ru),
-            num_warps=cfg["warps"])
+            ROW_BLOCKS=blocks, **_warps_stages(cfg))
     return h
 
 
@@ -198,7 +236,8 @@ def glu_backward_triton(dh, base_g, base_u, xa, b_g, b_u, sg, su, activation, dt
         base_g.stride(0), base_u.stride(0), xa.stride(0), b_g.stride(0), b_u.stride(0),
         dg.stride(0), per, sg, su, ACT=ACTIVATIONS[activation],
         MODE=dot_mode(dev, dg.dtype), FIX=fix_bf16(dg), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_RG=block_r(rg), BLOCK_RU=block_r(ru), num_warps=cfg["warps"])
+        BLOCK_RG=block_r(rg), BLOCK_RU=block_r(ru), ONE_B=bool(cfg["one_b"]),
+        **_warps_stages(cfg))
     torch.sum(part, 0, out=da)
     return dg, du, da
 
