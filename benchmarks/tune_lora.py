@@ -22,6 +22,7 @@ import pathlib
 import torch
 import triton.testing
 
+from fastlora.kernels import _glu_grad_a as GA
 from fastlora.kernels import _lora_blocks as K
 from fastlora.kernels import lora_mlp as G
 from fastlora.kernels import tuning
@@ -37,7 +38,8 @@ def _t(*shape, dtype=torch.bfloat16):
 
 def cases():
     """kernel -> list of (shape label, fn(): run the launcher, returns tensors to compare)."""
-    out = {k: [] for k in ("glu_bwd", "glu_fwd", "down", "grad_x", "grad_b", "up")}
+    out = {k: [] for k in ("glu_bwd", "glu_fwd", "glu_grad_a", "down", "grad_x", "grad_b",
+                           "up")}
     for model, (hidden, _, ffn) in MODELS.items():
         r = 16
         bg, bu, dh = _t(M, ffn), _t(M, ffn), _t(M, ffn)
@@ -49,6 +51,10 @@ def cases():
         out["glu_fwd"].append((f"{model} mlp {M}x{ffn}", lambda bg=bg, bu=bu, xa2=xa2, b_g=b_g,
                                b_u=b_u: G.glu_forward_triton(bg, bu, xa2, b_g, b_u, 2.0, 2.0,
                                                              "silu", torch.bfloat16)))
+        da_down = _t(M, r, dtype=torch.float32)
+        out["glu_grad_a"].append((f"{model} mlp {M}x{ffn}", lambda bg=bg, bu=bu, xa2=xa2,
+                                  b_g=b_g, b_u=b_u, da_down=da_down: GA.glu_grad_a_triton(
+                                      bg, bu, xa2, b_g, b_u, 2.0, 2.0, "silu", da_down)))
         for what, k_in, rank in (("qkv", hidden, 3 * r), ("mlp", hidden, 2 * r),
                                  ("down", ffn, r)):
             x, a = _t(M, k_in), _t(rank, k_in, dtype=torch.float32)
@@ -81,7 +87,7 @@ def candidates(kernel: str, quick: bool):
                                    (1, 4, 8))
         out = [{"block_m": t[0], "block_n": t[1], "warps": w, "row_blocks": rb}
                for t, w, rb in combos]
-    elif kernel in ("grad_x", "grad_b", "down"):
+    elif kernel in ("grad_x", "grad_b", "down", "glu_grad_a"):
         tiles = ((32, 128), (64, 64), (64, 128))
         per_sm = (0, 2, 4) if kernel == "down" else (2, 4, 8)
         key = "block_k" if kernel in ("down", "grad_x") else "block_n"
@@ -146,7 +152,7 @@ def sweep(kernel: str, shapes, quick: bool) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--kernels", default="glu_bwd,glu_fwd,down,grad_x,grad_b,up")
+    ap.add_argument("--kernels", default="glu_bwd,glu_fwd,glu_grad_a,down,grad_x,grad_b,up")
     ap.add_argument("--quick", action="store_true", help="every third candidate only")
     ap.add_argument("--split-bf16", type=int, default=1, choices=[0, 1],
                     help="1: float32 operands as bfloat16 hi + lo (MODE 3); 0: tf32x3")

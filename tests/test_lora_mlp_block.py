@@ -123,6 +123,27 @@ def test_op_equals_two_ops_and_float64(impl, dtype, r, bias, p, activation, monk
         assert rel_err(got[name], g) < TOL[dtype], name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [False, True])
+def test_down_grad_a_from_the_glu_inputs(dtype, splits, tuned):
+    """kernels/_glu_grad_a.py: dA_down = da_down^T @ h with h made in registers, against float64
+    on the forward kernel's h (the same bits); several row splits (partial sums) or one."""
+    from fastlora.kernels import _glu_grad_a, lora_mlp
+
+    if splits:
+        tuned("lora_glu_grad_a", block_m=16, block_n=32, per_sm=64)
+    rg, ru, rd = 4, 8, 5
+    bg, bu = (torch.randn(M, FFN, dtype=dtype) for _ in range(2))
+    xa, wg, wu = torch.randn(M, rg + ru), torch.randn(FFN, rg), torch.randn(FFN, ru)
+    da = torch.randn(M, rd)
+    args = (bg, bu, xa, wg, wu, 0.5, 2.0, "gelu_tanh")
+    got = _glu_grad_a.glu_grad_a_triton(*args, da)
+    h = lora_mlp.glu_forward_triton(*args, dtype)
+    assert got.shape == (rd, FFN) and got.dtype == torch.float32
+    assert rel_err(got, da.double().T @ h.double()) < 1e-5
+    assert _glu_grad_a.fusable(bg, dtype, 0.0) and not _glu_grad_a.fusable(bg, dtype, 0.1)
+
+
 def test_three_dim_input_and_needs_no_dx():
     t, seeds = _operands(torch.float32, 4, False, 0.1, lead=(3, 5))
     t["x"].requires_grad_(False)
@@ -303,9 +324,10 @@ def test_report_marks_the_matches_fused_further():
 
 @pytest.mark.gpu
 def test_backward_keeps_two_new_hidden_sized_buffers_cuda():
-    """The op's backward makes two [M, F] buffers (h recomputed, dh) and writes d gate / d up
-    into them: at its highest point it holds at most 2 [M, F] buffers more than its inputs (3
-    when d up had a buffer of its own), and the gradients are those of float32 autograd. The
+    """The op's backward makes at most two [M, F] buffers (dh, and h recomputed only with
+    dropout on h: kernels/_glu_grad_a.py) and writes d gate / d up into them: at its highest
+    point it holds at most 2 [M, F] buffers more than its inputs (3 when d up had a buffer of
+    its own), and the gradients are those of float32 autograd. The
     caching allocator is filled with NaN first, so a buffer read before written shows."""
     m, k, f, r, dt, dev = 4096, 256, 4096, 8, torch.bfloat16, "cuda"
     torch.manual_seed(0)

@@ -81,7 +81,7 @@ def lora_backward(g2, x2, weight, a, b, xa, seed, scale, p, needs_dx, needs_dw, 
               else _buffers.zeros((M, K), x2.dtype, x2.device))
         dx = dx if dx.dtype == x2.dtype else dx.to(x2.dtype)  # the backward of x.to(w.dtype)
     db_ = db if db is not None else lora_grad_b(g2, xa, scale, b.dtype)
-    da = _grad_down(g2, x2, a, b, scale)
+    da = grad_down(g2, x2, a, b, scale)
     dx, da_ = _grad_x(x2)(x2, da, a, seed, p, dx=dx, accumulate=True)  # one pass: dx += .., dA
     dw = gw.T @ x2 if needs_dw else None
     dbias = gw.sum(0) if needs_dbias else None
@@ -98,7 +98,7 @@ def _grad_x(t):
     return lora_grad_x_triton if use_triton(t) else lora_grad_x_reference
 
 
-def _grad_down(g2, x2, a, b, scale):
+def grad_down(g2, x2, a, b, scale):
     """da [M, r] float32 = s * g @ B: the gradient at xa = dropout(x) @ A^T."""
     if use_triton(x2):
         return lora_grad_down_triton(g2, b, scale, _buffers.empty((x2.shape[0], a.shape[0]),
@@ -115,7 +115,7 @@ def lora_grad_a(g2, x2, a, b, seed, scale, p):
     """The half of :func:`lora_backward` that reads x: (da [M, r] float32 = s * g @ B, dA).
     With :func:`lora_grad_input` after it, x can be freed before dx exists (lora_mlp_block's
     backward: its h is dead before dh is made)."""
-    da = _grad_down(g2, x2, a, b, scale)
+    da = grad_down(g2, x2, a, b, scale)
     return da, _grad_x(x2)(x2, da, a, seed, p)[1].to(a.dtype)
 
 

@@ -11,18 +11,21 @@ Math (x [M, K] rows; gate/up/down are peft LoRA linears, see the two op files):
     xa_down = dropout_{down_seed, slot 0}(h) @ A_down^T / (1 - p_down)           [M, r_d]
     y       = cast(h @ W_down^T + b_down + s_d xa_down @ B_down^T)               [M, N]
 
-Backward: dB_down first (it reads only dy and the saved xa_down, see below); h is recomputed
-by the same GLU forward kernel from the saved base outputs and xa (the same inputs through the
-same deterministic kernel: bit-identical to the forward's h); then lora_linear's backward in
-two halves: dA_down, the last read of h, then dh = dy @ W_down + adapter part (h and dh are
-never alive together); then lora_mlp's backward runs on dh, writing d up over dh itself. The
+Backward: dB_down first (it reads only dy and the saved xa_down, see below); then dA_down =
+da_down^T @ h: without dropout on h, by one kernel that makes h tile by tile in registers from
+the saved base outputs and xa, by the forward kernel's arithmetic, and never stores it
+(kernels/_glu_grad_a.py); with dropout, h is recomputed by the GLU forward kernel itself (the
+same inputs through the same deterministic kernel: bit-identical to the forward's h) and read
+by lora_linear's dA. Then dh = dy @ W_down + adapter part (h and dh are never alive
+together); then lora_mlp's backward runs on dh, writing d up over dh itself. The
 gradients are those of the two unfused ops: the same functions on the same values (bit for bit
 in the CPU tests). Dropout draws from two seeds, exactly as the two ops would.
 
 Memory saved for backward per layer (M tokens, F = ffn width, e = bytes of the model dtype):
 2 M F e (base_gate, base_up) + 4 M (r_g + r_u + r_d) (the float32 xa's) + x (kept anyway: it is
 the MLP's input). The two unfused ops keep M F e more (h, for dA_down = da^T @ h). The price is
-one GLU forward kernel in backward: reads 2 x [M, F], writes 1 x [M, F]. At the backward's
+a second read of base gate and base up in backward (plus, with dropout on h, a write of h and
+its read). At the backward's
 highest point 4 [M, F] buffers are alive (base_gate, base_up, dh, d gate), where the two ops'
 backwards have 5. Compiled by inductor in a checkpointed layer, 3: base gate is recomputed for
 this backward and dead after the GLU backward kernel, which may write d gate over it
@@ -48,7 +51,8 @@ from ._launch import fused_op
 from ._lora_blocks import lora_grad_b
 from ._lora_grouped import grouped_down
 from .lora_mlp import glu_forward_reference, glu_forward_triton, mlp_backward, validate_mlp
-from .lora_linear import (grad_bias, lora_forward, lora_grad_a, lora_grad_input,
+from ._glu_grad_a import fusable, glu_grad_a_triton
+from .lora_linear import (grad_bias, grad_down, lora_forward, lora_grad_a, lora_grad_input,
                           validate as validate_linear)
 
 
@@ -132,13 +136,21 @@ def lora_mlp_block_backward(
     # op's h and dh exist (after them: 5 [M, F] buffers at once, base gate, base up, both h's
     # and dh; tests/test_block_buffers.py)
     d_down_B = lora_grad_b(dy2, xa_d2, down_scale, down_B.dtype)
-    # 1. h again: the forward's kernel on the forward's inputs (bit-identical)
-    h = _glu(bg)(bg, bu, xa2, gate_B, up_B, gate_scale, up_scale, activation, hidden_dtype)
-    # 2. down's backward (lora_linear's) in two halves: dA_down reads h for the last time, then
-    # dh = dy @ W_down + adapter part is made: h and dh are never alive together
-    da_down, d_down_A = lora_grad_a(dy2, h, down_A, down_B, down_seed, down_scale,
-                                    down_dropout_p)
-    del h
+    if use_triton(bg) and fusable(bg, hidden_dtype, down_dropout_p):
+        # 1-2. dA_down = da_down^T @ h with h made tile by tile in registers, by the forward's
+        # arithmetic (kernels/_glu_grad_a.py): h is never stored
+        da_down = grad_down(dy2, bg, down_A, down_B, down_scale)
+        d_down_A = glu_grad_a_triton(bg, bu, xa2, gate_B, up_B, gate_scale, up_scale,
+                                     activation, da_down).to(down_A.dtype)
+    else:
+        # 1. h again: the forward's kernel on the forward's inputs (bit-identical)
+        h = _glu(bg)(bg, bu, xa2, gate_B, up_B, gate_scale, up_scale, activation,
+                     hidden_dtype)
+        # 2. down's backward (lora_linear's) in two halves: dA_down reads h for the last time,
+        # then dh = dy @ W_down + adapter part is made: h and dh are never alive together
+        da_down, d_down_A = lora_grad_a(dy2, h, down_A, down_B, down_seed, down_scale,
+                                        down_dropout_p)
+        del h
     dh = lora_grad_input(dy2, da_down, down_weight, down_A, down_seed, down_dropout_p,
                          hidden_dtype)
     d_down_bias = grad_bias(dy2, down_weight) if needs_down_dbias else None
