@@ -142,6 +142,8 @@ def test_down_grad_a_from_the_glu_inputs(dtype, splits, tuned):
     assert got.shape == (rd, FFN) and got.dtype == torch.float32
     assert rel_err(got, da.double().T @ h.double()) < 1e-5
     assert _glu_grad_a.fusable(bg, dtype, 0.0) and not _glu_grad_a.fusable(bg, dtype, 0.1)
+    tuned("lora_glu_grad_a", on=False)
+    assert not _glu_grad_a.fusable(bg, dtype, 0.0)
 
 
 def test_three_dim_input_and_needs_no_dx():

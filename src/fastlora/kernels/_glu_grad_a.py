@@ -29,7 +29,9 @@ from ._launch import launch
 from ._lora_blocks import block_r, split_extent
 from .lora_mlp import ACTIVATIONS
 
-tuning.register("lora_glu_grad_a", block_m=64, block_n=64, warps=4, per_sm=4)
+# on: lora_mlp_block's backward takes this kernel where it can (``fusable``); off: the GLU
+# forward kernel and the grad_x kernel, as before it (to compare the two)
+tuning.register("lora_glu_grad_a", on=True, block_m=64, block_n=64, warps=4, per_sm=4)
 
 if HAVE_TRITON:
     import triton
@@ -74,8 +76,10 @@ if HAVE_TRITON:
 
 def fusable(base_g: Tensor, hidden_dtype: torch.dtype, down_dropout_p: float) -> bool:
     """Whether :func:`glu_grad_a_triton` serves this backward: no dropout on h, and h in base
-    gate's dtype (the kernel rounds h to it, as the forward rounds to hidden_dtype)."""
-    return down_dropout_p == 0 and base_g.dtype == hidden_dtype
+    gate's dtype (the kernel rounds h to it, as the forward rounds to hidden_dtype); and the
+    tuning entry's ``on``."""
+    return (down_dropout_p == 0 and base_g.dtype == hidden_dtype
+            and tuning.get("lora_glu_grad_a")["on"])
 
 
 def glu_grad_a_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, da_down) -> Tensor:
