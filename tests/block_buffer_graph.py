@@ -131,10 +131,14 @@ def main():
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--no-checkpoint", action="store_true")
     parser.add_argument("--no-reuse", action="store_true", help="without reuse_dead_inputs.py")
+    parser.add_argument("--grad-a", action="store_true",
+                        help="dA_down with h made in registers (kernels/_glu_grad_a.py)")
     args = parser.parse_args()
     torch.manual_seed(0)
     pretend_gpu()
     import fastlora  # noqa: F401  (the ops)
+    from fastlora.kernels import tuning
+    tuning.set("lora_glu_grad_a", on=args.grad_a)
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 
     from fastlora.reuse_dead_inputs import ReuseDeadInputs

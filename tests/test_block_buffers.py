@@ -19,16 +19,20 @@ from pretend_gpu import run_script
 
 @pytest.mark.parametrize("args,most", [(["--layers", "2"], 3), (["--layers", "3"], 3),
                                        (["--layers", "2", "--no-reuse"], 4),
-                                       (["--layers", "2", "--no-checkpoint"], 2)])
+                                       (["--layers", "2", "--no-checkpoint"], 2),
+                                       (["--layers", "2", "--grad-a"], 3),
+                                       (["--layers", "2", "--no-checkpoint", "--grad-a"], 2)])
 def test_mlp_block_backward_buffers(args, most):
     facts = run_script("block_buffer_graph.py", *args)
-    # the op bodies were traced into their kernels (else there is nothing to count); dA_down
-    # makes h in registers (kernels/_glu_grad_a.py): the forward's GLU kernel runs in the
-    # backward graph only where the checkpointed forward is recomputed
+    # the op bodies were traced into their kernels (else there is nothing to count)
     kernels = set(facts["kernels"])
-    assert {"_glu_grad_a_kernel", "_lora_glu_bwd_kernel", "_lora_grad_b_kernel"} <= kernels, \
-        facts
-    assert ("_lora_glu_fwd_kernel" in kernels) == ("--no-checkpoint" not in args), facts
+    assert {"_lora_glu_bwd_kernel", "_lora_grad_b_kernel"} <= kernels, facts
+    # with --grad-a dA_down makes h in registers (kernels/_glu_grad_a.py): the forward's GLU
+    # kernel runs in the backward graph only where the checkpointed forward is recomputed
+    grad_a = "--grad-a" in args
+    assert ("_glu_grad_a_kernel" in kernels) == grad_a, facts
+    recomputed_forward = "--no-checkpoint" not in args
+    assert ("_lora_glu_fwd_kernel" in kernels) == (recomputed_forward or not grad_a), facts
     assert facts["peak"] == most, facts
 
 

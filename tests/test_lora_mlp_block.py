@@ -100,9 +100,12 @@ def _grads(t):
     (torch.bfloat16, 8, True, 0.0, "gelu"),
     (torch.bfloat16, 1, True, 0.2, "silu"),
 ])
-def test_op_equals_two_ops_and_float64(impl, dtype, r, bias, p, activation, monkeypatch):
+@pytest.mark.parametrize("grad_a", [False, True])
+def test_op_equals_two_ops_and_float64(impl, dtype, r, bias, p, activation, grad_a, monkeypatch,
+                                       tuned):
     if impl == "reference":  # CPU tensors take the PyTorch references instead of the kernels
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tuned("lora_glu_grad_a", on=grad_a)  # dA_down with h made in registers (p = 0 only)
     t, seeds = _operands(dtype, r, bias, p)
     y, bg, bu, xa, xa_d = _block(t, seeds, p, activation, dtype)
     dy = torch.randn_like(y)
@@ -141,6 +144,7 @@ def test_down_grad_a_from_the_glu_inputs(dtype, splits, tuned):
     h = lora_mlp.glu_forward_triton(*args, dtype)
     assert got.shape == (rd, FFN) and got.dtype == torch.float32
     assert rel_err(got, da.double().T @ h.double()) < 1e-5
+    tuned("lora_glu_grad_a", on=True)
     assert _glu_grad_a.fusable(bg, dtype, 0.0) and not _glu_grad_a.fusable(bg, dtype, 0.1)
     tuned("lora_glu_grad_a", on=False)
     assert not _glu_grad_a.fusable(bg, dtype, 0.0)

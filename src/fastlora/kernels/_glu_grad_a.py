@@ -30,8 +30,9 @@ from ._lora_blocks import block_r, split_extent
 from .lora_mlp import ACTIVATIONS
 
 # on: lora_mlp_block's backward takes this kernel where it can (``fusable``); off: the GLU
-# forward kernel and the grad_x kernel, as before it (to compare the two)
-tuning.register("lora_glu_grad_a", on=True, block_m=64, block_n=64, warps=4, per_sm=4)
+# forward kernel and the grad_x kernel. Off by default until measured on the GPU: compiled for
+# sm_90 (Triton 3.9, no GPU) and tested under the interpreter only (2026-12-07, no device time)
+tuning.register("lora_glu_grad_a", on=False, block_m=64, block_n=64, warps=4, per_sm=4)
 
 if HAVE_TRITON:
     import triton
