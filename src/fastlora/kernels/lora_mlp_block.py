@@ -12,11 +12,11 @@ Math (x [M, K] rows; gate/up/down are peft LoRA linears, see the two op files):
     y       = cast(h @ W_down^T + b_down + s_d xa_down @ B_down^T)               [M, N]
 
 Backward: dB_down first (it reads only dy and the saved xa_down, see below); then dA_down =
-da_down^T @ h: without dropout on h, by one kernel that makes h tile by tile in registers from
-the saved base outputs and xa, by the forward kernel's arithmetic, and never stores it
-(kernels/_glu_grad_a.py); with dropout, h is recomputed by the GLU forward kernel itself (the
-same inputs through the same deterministic kernel: bit-identical to the forward's h) and read
-by lora_linear's dA. Then dh = dy @ W_down + adapter part (h and dh are never alive
+da_down^T @ h: h is recomputed by the GLU forward kernel itself (the same inputs through the
+same deterministic kernel: bit-identical to the forward's h) and read by lora_linear's dA; or,
+with the tuning entry ``lora_glu_grad_a`` on (off until measured on a GPU) and no dropout on h,
+one kernel makes h tile by tile in registers by the forward kernel's arithmetic and never
+stores it (kernels/_glu_grad_a.py). Then dh = dy @ W_down + adapter part (h and dh are never alive
 together); then lora_mlp's backward runs on dh, writing d up over dh itself. The
 gradients are those of the two unfused ops: the same functions on the same values (bit for bit
 in the CPU tests). Dropout draws from two seeds, exactly as the two ops would.
@@ -24,8 +24,8 @@ in the CPU tests). Dropout draws from two seeds, exactly as the two ops would.
 Memory saved for backward per layer (M tokens, F = ffn width, e = bytes of the model dtype):
 2 M F e (base_gate, base_up) + 4 M (r_g + r_u + r_d) (the float32 xa's) + x (kept anyway: it is
 the MLP's input). The two unfused ops keep M F e more (h, for dA_down = da^T @ h). The price is
-a second read of base gate and base up in backward (plus, with dropout on h, a write of h and
-its read). At the backward's
+one GLU forward kernel in backward (reads 2 x [M, F], writes h) and a read of h for dA_down; the
+one-kernel dA_down only reads base gate and base up. At the backward's
 highest point 4 [M, F] buffers are alive (base_gate, base_up, dh, d gate), where the two ops'
 backwards have 5. Compiled by inductor in a checkpointed layer, 3: base gate is recomputed for
 this backward and dead after the GLU backward kernel, which may write d gate over it
