@@ -144,6 +144,9 @@ def test_down_grad_a_from_the_glu_inputs(dtype, splits, tuned):
     h = lora_mlp.glu_forward_triton(*args, dtype)
     assert got.shape == (rd, FFN) and got.dtype == torch.float32
     assert rel_err(got, da.double().T @ h.double()) < 1e-5
+    no_rows = _glu_grad_a.glu_grad_a_triton(*(t[:0] for t in (bg, bu, xa)), wg, wu, 0.5, 2.0,
+                                            "gelu_tanh", da[:0])
+    assert no_rows.shape == (rd, FFN) and not no_rows.any()
     tuned("lora_glu_grad_a", on=True)
     assert _glu_grad_a.fusable(bg, dtype, 0.0) and not _glu_grad_a.fusable(bg, dtype, 0.1)
     tuned("lora_glu_grad_a", on=False)

@@ -90,9 +90,9 @@ def glu_grad_a_triton(base_g, base_u, xa, b_g, b_u, sg, su, activation, da_down)
     dev = base_g.device
     cfg = tuning.get("lora_glu_grad_a")
     bm, bn = cfg["block_m"], cfg["block_n"]
-    out = _buffers.empty((rd, N), torch.float32, dev)
     if M == 0:
-        return out.zero_()
+        return _buffers.zeros((rd, N), torch.float32, dev)
+    out = _buffers.empty((rd, N), torch.float32, dev)
     splits, per = split_extent(M, bm, cdiv(N, bn), cfg["per_sm"], base_g)
     part = _buffers.empty((splits, rd, N), torch.float32, dev)
     launch(_glu_grad_a_kernel)[(cdiv(N, bn), splits)](
