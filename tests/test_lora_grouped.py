@@ -68,11 +68,16 @@ CONFIGS = {"default": {},
                                                one_b=True)}}
 
 
+def _use(config: str, tuned) -> None:
+    """The launch configuration CONFIGS[config], until the test ends."""
+    for op, cfg in CONFIGS[config].items():
+        tuned(op, **cfg)
+
+
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize("config", CONFIGS)
 def test_glu_kernels_write_every_element(impl, config, tuned):
-    for op, cfg in CONFIGS[config].items():
-        tuned(op, **cfg)
+    _use(config, tuned)
     M, N, rg, ru = 37, 72, 4, 8
     bg, bu = torch.randn(M, N, dtype=torch.bfloat16), torch.randn(M, N, dtype=torch.bfloat16)
     xa, wg, wu = torch.randn(M, rg + ru), torch.randn(N, rg), torch.randn(N, ru)
@@ -108,8 +113,7 @@ def test_glu_backward_written_over_its_declared_inputs_gives_the_same_bits(confi
     from fastlora.kernels._launch import WRITES_OVER
 
     assert WRITES_OVER[G._lora_glu_bwd_kernel] == {"DG": "BG", "DU": "BU"}
-    for op, cfg in CONFIGS[config].items():
-        tuned(op, **cfg)
+    _use(config, tuned)
     M, N, rg, ru = 37, 72, 4, 8
     bg, bu, dh = (torch.randn(M, N, dtype=torch.bfloat16) for _ in range(3))
     xa, wg, wu = torch.randn(M, rg + ru), torch.randn(N, rg), torch.randn(N, ru)

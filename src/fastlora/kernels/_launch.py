@@ -242,16 +242,19 @@ class _Traced:
     def __init__(self, kernel):
         self.kernel = kernel
 
+    def _where(self, argument) -> str:
+        return f"{getattr(self.kernel, '__name__', self.kernel)} argument {argument}"
+
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             for name, value in list(enumerate(args)) + list(kwargs.items()):
                 if not isinstance(value, torch.Tensor):
                     continue
-                where = f"{getattr(self.kernel, '__name__', self.kernel)} argument {name}"
                 if not all(_at_least_one(size) for size in value.shape):
-                    raise NotDense(f"{where}: sizes {tuple(value.shape)}: {UNPROVEN_SIZE}")
+                    raise NotDense(f"{self._where(name)}: sizes {tuple(value.shape)}: "
+                                   f"{UNPROVEN_SIZE}")
                 if not dense(value):
-                    raise NotDense(f"{where}: sizes {tuple(value.shape)}, strides "
+                    raise NotDense(f"{self._where(name)}: sizes {tuple(value.shape)}, strides "
                                    f"{tuple(value.stride())}")
             return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
         return run
